@@ -1,0 +1,1 @@
+"""Planning agents and the online RL loop."""

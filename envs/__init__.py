@@ -1,0 +1,1 @@
+"""Gymnasium side of loopwm: environment factory, wrappers and the world-model environment."""

@@ -1,0 +1,1 @@
+"""Stability analyses of trained looped world models."""

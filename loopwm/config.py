@@ -1,0 +1,333 @@
+"""Typed experiment configs: dataclasses loaded from YAML, with dotted overrides and strict validation.
+
+Every value is checked up front, so a typo or an out-of-range number fails before any work starts,
+with an error that names the key, the value and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value or key is invalid; the message names the key and what was expected."""
+
+
+def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> dict:
+    return {"range": (lo, hi, lo_open)}
+
+
+@dataclass
+class EnvConfig:
+    """Which Gymnasium environment to build, and how to wrap it."""
+
+    id: str = "Pendulum-v1"
+    num_envs: int = field(default=1, metadata=_range(1, 256))
+    vectorization: Literal["sync", "async"] = "sync"
+    max_episode_steps: Optional[int] = field(default=None, metadata=_range(1))
+    action_repeat: int = field(default=1, metadata=_range(1, 16))
+    # Atari preprocessing (ignored for other environments).
+    frame_skip: int = field(default=4, metadata=_range(1, 16))
+    frame_stack: int = field(default=4, metadata=_range(1, 16))
+    screen_size: int = field(default=84, metadata=_range(16, 256))
+    sticky_actions: float = field(default=0.25, metadata=_range(0.0, 1.0))
+    terminal_on_life_loss: bool = False
+    clip_rewards: bool = True
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the looped world model and its exit rule."""
+
+    latent_dim: int = field(default=64, metadata=_range(1))
+    hidden_dim: int = field(default=128, metadata=_range(1))
+    inject_dim: int = field(default=128, metadata=_range(1))
+    mlp_dim: int = field(default=256, metadata=_range(1))
+    block: Literal["mlp", "token"] = "mlp"
+    block_depth: int = field(default=1, metadata=_range(1, 8))
+    tokens: int = field(default=4, metadata=_range(1, 64))
+    activation: Literal["tanh", "relu", "leaky_relu"] = "tanh"
+    kappa_max: float = field(default=0.9, metadata=_range(0.0, 1.0, lo_open=True))
+    retention_max: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    constrain_block: bool = True
+    retention: bool = True
+    loops: int = field(default=4, metadata=_range(1, 256))
+    exit: Literal["fixed", "certified", "gate"] = "fixed"
+    min_loops: int = field(default=1, metadata=_range(1, 256))
+    max_loops: int = field(default=16, metadata=_range(1, 1024))
+    exit_tol: float = field(default=1e-2, metadata=_range(0.0, lo_open=True))
+    gate_threshold: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    reward_head: Literal["symlog", "twohot"] = "symlog"
+    reward_bins: int = field(default=101, metadata=_range(3))
+    encoder: Literal["auto", "mlp", "cnn"] = "auto"
+
+
+@dataclass
+class TrainConfig:
+    """World-model fitting: objective, loop sampling, optimiser and bookkeeping."""
+
+    updates: int = field(default=2000, metadata=_range(0))
+    batch_size: int = field(default=256, metadata=_range(1))
+    horizon: int = field(default=5, metadata=_range(1, 256))
+    optimizer: str = "adam"
+    lookahead: bool = False
+    lr: float = field(default=1e-3, metadata=_range(0.0, lo_open=True))
+    weight_decay: float = field(default=0.0, metadata=_range(0.0))
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup: int = field(default=0, metadata=_range(0))
+    grad_clip: float = field(default=10.0, metadata=_range(0.0))
+    rho: float = field(default=0.9, metadata=_range(0.0, 1.0))
+    w_consistency: float = field(default=1.0, metadata=_range(0.0))
+    w_obs: float = field(default=1.0, metadata=_range(0.0))
+    w_reward: float = field(default=0.5, metadata=_range(0.0))
+    w_continue: float = field(default=0.1, metadata=_range(0.0))
+    w_deep: float = field(default=0.1, metadata=_range(0.0))
+    w_gate: float = field(default=0.1, metadata=_range(0.0))
+    w_extra: float = field(default=0.5, metadata=_range(0.0))
+    loop_mean: float = field(default=4.0, metadata=_range(0.0))
+    bptt_loops: int = field(default=4, metadata=_range(1))
+    hard_quantile: float = field(default=0.9, metadata=_range(0.0, 1.0))
+    extra_loops: int = field(default=4, metadata=_range(0))
+    obs_inject_prob: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    val_fraction: float = field(default=0.1, metadata=_range(0.0, 0.9))
+    log_every: int = field(default=50, metadata=_range(1))
+    checkpoint_every: int = field(default=500, metadata=_range(1))
+
+
+@dataclass
+class DataConfig:
+    """Where datasets live and how `loopwm collect` fills them."""
+
+    path: str = "data/dataset.npz"
+    steps: int = field(default=20000, metadata=_range(1))
+    policy: Literal["random", "noisy_planner", "mixed"] = "random"
+    noise: float = field(default=0.3, metadata=_range(0.0))
+    capacity: int = field(default=1_000_000, metadata=_range(1))
+
+
+@dataclass
+class PlannerConfig:
+    """Latent MPPI/CEM planning."""
+
+    method: Literal["mppi", "cem"] = "mppi"
+    horizon: int = field(default=5, metadata=_range(1, 128))
+    iterations: int = field(default=4, metadata=_range(1, 64))
+    samples: int = field(default=256, metadata=_range(2))
+    elites: int = field(default=32, metadata=_range(1))
+    policy_samples: int = field(default=16, metadata=_range(0))
+    temperature: float = field(default=0.5, metadata=_range(0.0, lo_open=True))
+    min_std: float = field(default=0.05, metadata=_range(0.0))
+    max_std: float = field(default=2.0, metadata=_range(0.0, lo_open=True))
+    discount: float = field(default=0.99, metadata=_range(0.0, 1.0))
+    uncertainty_penalty: float = field(default=0.0, metadata=_range(0.0))
+    momentum: float = field(default=0.1, metadata=_range(0.0, 1.0))
+
+
+@dataclass
+class AgentConfig:
+    """The online loop: seeding, update ratio, value learning and evaluation."""
+
+    total_steps: int = field(default=5000, metadata=_range(1))
+    seed_steps: int = field(default=500, metadata=_range(0))
+    update_every: int = field(default=1, metadata=_range(1))
+    updates_per_step: float = field(default=1.0, metadata=_range(0.0))
+    eval_every: int = field(default=1000, metadata=_range(1))
+    eval_episodes: int = field(default=5, metadata=_range(1))
+    use_value: bool = True
+    use_policy_prior: bool = True
+    value_lr: float = field(default=3e-4, metadata=_range(0.0, lo_open=True))
+    tau: float = field(default=0.01, metadata=_range(0.0, 1.0))
+    discount: float = field(default=0.99, metadata=_range(0.0, 1.0))
+    exploration_std: float = field(default=0.1, metadata=_range(0.0))
+    record_video: bool = False
+
+
+@dataclass
+class Config:
+    """A whole experiment."""
+
+    name: str = "default"
+    seed: int = 0
+    device: str = "auto"
+    run_dir: str = "runs"
+    resume: bool = False
+    threads: int = field(default=0, metadata=_range(0))
+    env: EnvConfig = field(default_factory=EnvConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+
+    def validate(self) -> "Config":
+        """Cross-field checks that single-field ranges cannot express."""
+        m = self.model
+        if m.min_loops > m.max_loops:
+            raise ConfigError(f"model.min_loops={m.min_loops} must be <= model.max_loops={m.max_loops}")
+        if m.retention_max >= m.kappa_max:
+            raise ConfigError(
+                f"model.retention_max={m.retention_max} must be < model.kappa_max={m.kappa_max}: "
+                "the shared block needs a positive share of the contraction budget")
+        if m.block == "token" and m.hidden_dim % m.tokens:
+            raise ConfigError(f"model.hidden_dim={m.hidden_dim} must be divisible by model.tokens={m.tokens}")
+        if self.planner.elites > self.planner.samples:
+            raise ConfigError(
+                f"planner.elites={self.planner.elites} must be <= planner.samples={self.planner.samples}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ConfigError(f"device={self.device!r}: expected 'auto', 'cpu' or 'cuda[:N]'")
+        return self
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`, converting int->float only."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}={value!r}: expected {' or '.join(_type_name(a) for a in args)}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r}: expected one of {list(allowed)}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected a boolean (true/false)")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}={value!r}: expected an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}={value!r}: expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected a string")
+    raise ConfigError(f"{key}: unsupported annotation {tp}")
+
+
+def _check_range(key: str, value: Any, spec: tuple | None) -> None:
+    if spec is None or value is None:
+        return
+    lo, hi, lo_open = spec
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise ConfigError(f"{key}={value!r}: expected a value {'>' if lo_open else '>='} {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key}={value!r}: expected a value <= {hi}")
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown config key {where}{unknown[0]!s}; expected one of {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value if value is not None else {}, key)
+        else:
+            kwargs[name] = _coerce(key, value, tp)
+            _check_range(key, kwargs[name], fields[name].metadata.get("range"))
+    obj = cls(**kwargs)
+    for name, f in fields.items():
+        if name not in data and not dataclasses.is_dataclass(hints[name]):
+            _check_range(f"{prefix}.{name}" if prefix else name, getattr(obj, name), f.metadata.get("range"))
+    return obj
+
+
+def from_dict(data: dict) -> Config:
+    """Build and validate a Config from a plain nested dict."""
+    return _build(Config, data or {}, "").validate()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse a dotted `key=value` override; the value is read as YAML (so `true`, `3`, `1e-3` work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected the form key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: malformed key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Return a copy of `data` with each dotted override set."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping with `safe_load`, turning parse errors into ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when `path` is None) and apply dotted overrides."""
+    data = read_yaml(path) if path is not None else {}
+    return from_dict(apply_overrides(data, overrides or []))
+
+
+def to_dict(cfg: Config) -> dict:
+    """The config as a plain nested dict (what checkpoints and `config.yaml` hold)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
