@@ -239,7 +239,7 @@ def _check_range(key: str, value: Any, spec: tuple | None) -> None:
         raise ConfigError(f"{key}={value!r}: expected a value <= {hi}")
 
 
-def _build(cls: type, data: dict, prefix: str) -> Any:
+def build_dataclass(cls: type, data: dict, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -254,7 +254,7 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
         key = f"{prefix}.{name}" if prefix else name
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value if value is not None else {}, key)
+            kwargs[name] = build_dataclass(tp, value if value is not None else {}, key)
         else:
             kwargs[name] = _coerce(key, value, tp)
             _check_range(key, kwargs[name], fields[name].metadata.get("range"))
@@ -267,7 +267,7 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
 
 def from_dict(data: dict) -> Config:
     """Build and validate a Config from a plain nested dict."""
-    return _build(Config, data or {}, "").validate()
+    return build_dataclass(Config, data or {}, "").validate()
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -1,0 +1,260 @@
+"""Latent MPPI / CEM planning over a world model's imagined rollouts, TD-MPC2 style.
+
+One loop serves every method: sample action sequences from a distribution, score them
+with one batched `imagine` call, keep the elites, refit the distribution. The methods
+differ only in the elite weights (MPPI: softmax, CEM: uniform) and the action family
+(Gaussian for Box spaces, a categorical per step for Discrete ones).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from loopwm.config import PlannerConfig
+
+LatentFn = Callable[[Tensor], Tensor]
+Params = dict[str, Tensor]
+
+
+def discounted_return(rewards: Tensor, continues: Tensor, discount: float,
+                      terminal: Optional[Tensor] = None) -> Tensor:
+    """G = Σ_k γ^k (Π_{j<k} c_j) r_k + γ^H (Π_k c_k) V(z_H) over dim 0 of [H, B] tensors; differentiable."""
+    horizon = rewards.shape[0]
+    gamma = discount ** torch.arange(horizon + 1, device=rewards.device, dtype=rewards.dtype)
+    alive = torch.cat([torch.ones_like(continues[:1]), continues.cumprod(0)])
+    ret = (gamma[:horizon, None] * alive[:horizon] * rewards).sum(0)
+    if terminal is not None:
+        ret = ret + gamma[horizon] * alive[horizon] * terminal
+    return ret
+
+
+class GaussianSampler:
+    """Box actions: an independent Gaussian per step and dimension, samples clamped to [-1, 1]."""
+
+    def __init__(self, cfg: PlannerConfig, action_dim: int):
+        self.cfg, self.action_dim = cfg, action_dim
+
+    def init(self, n: int, horizon: int, device: torch.device) -> Params:
+        """Uninformed start: zero mean, widest std."""
+        mean = torch.zeros(n, horizon, self.action_dim, device=device)
+        return {"mean": mean, "std": torch.full_like(mean, self.cfg.max_std)}
+
+    def warm(self, prev: Params) -> Params:
+        """Previous mean shifted one step (last step zero), std reset to max_std as in TD-MPC2."""
+        mean = torch.cat([prev["mean"][:, 1:], torch.zeros_like(prev["mean"][:, :1])], 1)
+        return {"mean": mean, "std": torch.full_like(mean, self.cfg.max_std)}
+
+    def sample(self, params: Params, k: int, gen: torch.Generator) -> Tensor:
+        """k sequences per env: [H, N, k, A]."""
+        mean, std = params["mean"][:, None], params["std"][:, None]
+        eps = torch.randn((mean.shape[0], k, *mean.shape[2:]), generator=gen, device=mean.device)
+        return (mean + std * eps).clamp(-1, 1).permute(2, 0, 1, 3)
+
+    def fit(self, elites: Tensor, weights: Tensor) -> Params:
+        """Weighted mean and std of elites [H, N, E, A] under weights [N, E]."""
+        w = weights[None, :, :, None]
+        mean = (w * elites).sum(2)
+        std = ((w * (elites - mean[:, :, None]) ** 2).sum(2)).sqrt()
+        std = std.clamp(self.cfg.min_std, self.cfg.max_std)
+        return {"mean": mean.transpose(0, 1), "std": std.transpose(0, 1)}
+
+    def first(self, params: Params, eval_mode: bool, exploration: float, gen: torch.Generator) -> Tensor:
+        """First action per env: the mean in eval, else a sample with extra Gaussian noise `exploration`."""
+        mean, std = params["mean"][:, 0], params["std"][:, 0]
+        if eval_mode:
+            return mean
+        std = (std ** 2 + exploration ** 2).sqrt()
+        return (mean + std * torch.randn(mean.shape, generator=gen, device=mean.device)).clamp(-1, 1)
+
+    def spread(self, params: Params) -> Tensor:
+        """Mean std of the first action, per env."""
+        return params["std"][:, 0].mean(-1)
+
+
+class CategoricalSampler:
+    """Discrete actions: a categorical per step with probabilities floored at `min_prob`; samples are one-hot."""
+
+    def __init__(self, cfg: PlannerConfig, action_dim: int, min_prob: float):
+        if not 0.0 <= min_prob * action_dim < 1.0:
+            raise ValueError(f"min_prob={min_prob} must be in [0, 1/{action_dim}) for {action_dim} actions")
+        self.cfg, self.action_dim, self.min_prob = cfg, action_dim, min_prob
+
+    def init(self, n: int, horizon: int, device: torch.device) -> Params:
+        """Uniform over actions at every step."""
+        return {"probs": torch.full((n, horizon, self.action_dim), 1.0 / self.action_dim, device=device)}
+
+    def warm(self, prev: Params) -> Params:
+        """Previous probabilities shifted one step (last step uniform), then mixed half-way back to uniform.
+
+        The mixing is the categorical analogue of resetting the Gaussian std: keep the preference,
+        restore the spread.
+        """
+        uniform = torch.full_like(prev["probs"][:, :1], 1.0 / self.action_dim)
+        probs = torch.cat([prev["probs"][:, 1:], uniform], 1)
+        return {"probs": 0.5 * probs + 0.5 / self.action_dim}
+
+    def sample(self, params: Params, k: int, gen: torch.Generator) -> Tensor:
+        """k one-hot sequences per env: [H, N, k, A]."""
+        probs = params["probs"]
+        idx = torch.multinomial(probs.reshape(-1, self.action_dim), k, replacement=True, generator=gen)
+        return F.one_hot(idx.view(*probs.shape[:2], k), self.action_dim).to(probs.dtype).permute(1, 0, 2, 3)
+
+    def fit(self, elites: Tensor, weights: Tensor) -> Params:
+        """Weighted action counts of the elites, floored at min_prob (still summing to one)."""
+        counts = (weights[None, :, :, None] * elites).sum(2).transpose(0, 1)
+        return {"probs": self.min_prob + (1.0 - self.action_dim * self.min_prob) * counts}
+
+    def first(self, params: Params, eval_mode: bool, exploration: float, gen: torch.Generator) -> Tensor:
+        """First action per env, one-hot: argmax in eval, else a sample mixed ε=`exploration` with uniform."""
+        probs = params["probs"][:, 0]
+        if eval_mode:
+            idx = probs.argmax(-1)
+        else:
+            probs = (1.0 - exploration) * probs + exploration / self.action_dim
+            idx = torch.multinomial(probs, 1, generator=gen)[:, 0]
+        return F.one_hot(idx, self.action_dim).to(probs.dtype)
+
+    def spread(self, params: Params) -> Tensor:
+        """Entropy (nats) of the first-step categorical, per env."""
+        probs = params["probs"][:, 0]
+        return -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+
+
+def _device_of(wm: Any) -> torch.device:
+    try:
+        return next(wm.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+class Planner:
+    """Plans in the world model's latent space; one `imagine` call per iteration over all samples and envs.
+
+    Scores are G = Σ γ^k Πc r_k + γ^H Πc V(z_H) − λ Σ γ^k u_k with λ = cfg.uncertainty_penalty and
+    u_k the loop's certified residual (`uncertainty="residual"`) or 1 − converged (`"unconverged"`).
+    MPPI weights elites by exp(temperature · (G − max G)) (temperature multiplies, as in TD-MPC2);
+    CEM weights them uniformly. The mean/std (or probabilities) move to the refit with
+    new = momentum · old + (1 − momentum) · fit.
+    """
+
+    def __init__(self, wm: Any, cfg: PlannerConfig, value: Optional[LatentFn] = None,
+                 prior: Optional[LatentFn] = None, *,
+                 uncertainty: Literal["residual", "unconverged"] = "residual",
+                 exploration: float = 0.0, min_prob: float = 0.01, seed: Optional[int] = None,
+                 device: Optional[torch.device | str] = None):
+        if cfg.elites > cfg.samples:
+            raise ValueError(f"planner.elites={cfg.elites} must be <= planner.samples={cfg.samples}")
+        self.policy_samples = cfg.policy_samples if prior is not None else 0
+        if self.policy_samples >= cfg.samples:
+            raise ValueError(f"planner.policy_samples={cfg.policy_samples} must be < planner.samples={cfg.samples}")
+        if uncertainty not in ("residual", "unconverged"):
+            raise ValueError(f"uncertainty={uncertainty!r}: expected 'residual' or 'unconverged'")
+        if exploration < 0 or (wm.discrete and exploration > 1):
+            raise ValueError(f"exploration={exploration}: expected a std >= 0 (Box) or a probability (Discrete)")
+        self.wm, self.cfg, self.value, self.prior = wm, cfg, value, prior
+        self.uncertainty, self.exploration = uncertainty, exploration
+        self.sampler = (CategoricalSampler(cfg, wm.action_dim, min_prob) if wm.discrete
+                        else GaussianSampler(cfg, wm.action_dim))
+        self.device = torch.device(device) if device is not None else _device_of(wm)
+        self.gen = torch.Generator(device=self.device)
+        if seed is None:
+            self.gen.seed()
+        else:
+            self.gen.manual_seed(seed)
+        self.prev: Optional[Params] = None
+        self.last_stats: dict[str, float] = {}
+
+    def reset(self) -> None:
+        """Forget the warm start (a new episode in every env)."""
+        self.prev = None
+
+    @torch.no_grad()
+    def act(self, obs: Any, *, eval_mode: bool = False, t0: bool | np.ndarray = False,
+            batched: bool = False) -> np.ndarray | int:
+        """Env action for one observation (or a batch when `batched`): Box -> array in [-1, 1], Discrete -> int."""
+        x = torch.as_tensor(np.asarray(obs), device=self.device)
+        if x.is_floating_point():
+            x = x.float()
+        action = self.plan(self.wm.encode(x if batched else x[None]), eval_mode=eval_mode, t0=t0)
+        if self.wm.discrete:
+            idx = action.argmax(-1).cpu().numpy()
+            return idx if batched else int(idx[0])
+        action = action.cpu().numpy()
+        return action if batched else action[0]
+
+    def start_distribution(self, n: int, t0: bool | np.ndarray | Tensor = False) -> Params:
+        """The distribution planning starts from: the shifted previous plan, or uninformed where t0 is set."""
+        init = self.sampler.init(n, self.cfg.horizon, self.device)
+        if self.prev is None or next(iter(self.prev.values())).shape[0] != n:
+            return init
+        warm = self.sampler.warm(self.prev)
+        reset = torch.as_tensor(t0, dtype=torch.bool, device=self.device).expand(n)[:, None, None]
+        return {k: torch.where(reset, init[k], warm[k]) for k in init}
+
+    def score(self, z: Tensor, actions: Tensor) -> tuple[Tensor, Any]:
+        """Score action sequences [H, B, A] from latents [B, Z]; returns (G [B], the ImagineOutput)."""
+        out = self.wm.imagine(z, actions, decode="none")
+        terminal = self.value(out.latents[-1]) if self.value is not None else None
+        ret = discounted_return(out.rewards, out.continues, self.cfg.discount, terminal)
+        if self.cfg.uncertainty_penalty > 0:
+            unc = out.residual if self.uncertainty == "residual" else (~out.converged).to(ret.dtype)
+            ret = ret - self.cfg.uncertainty_penalty * discounted_return(unc, torch.ones_like(unc), self.cfg.discount)
+        return ret, out
+
+    def _prior_rollout(self, z: Tensor) -> Optional[Tensor]:
+        """Roll the policy prior through the model from each env's latent: [H, N, P, A], or None."""
+        if self.policy_samples == 0:
+            return None
+        zk, actions = z.repeat_interleave(self.policy_samples, 0), []
+        for k in range(self.cfg.horizon):
+            a = self.prior(zk)
+            actions.append(a if self.wm.discrete else a.clamp(-1, 1))
+            if k + 1 < self.cfg.horizon:
+                zk = self.wm.imagine(zk, a[None], decode="none").latents[-1]
+        return torch.stack(actions).view(self.cfg.horizon, z.shape[0], self.policy_samples, -1)
+
+    def _weights(self, elite_scores: Tensor) -> Tensor:
+        """Elite weights [N, E]: MPPI softmax of temperature · (G − max G), CEM uniform."""
+        if self.cfg.method == "cem":
+            return torch.full_like(elite_scores, 1.0 / elite_scores.shape[1])
+        return torch.softmax(self.cfg.temperature * (elite_scores - elite_scores[:, :1]), dim=1)
+
+    @torch.no_grad()
+    def plan(self, z: Tensor, *, eval_mode: bool = False, t0: bool | np.ndarray | Tensor = False) -> Tensor:
+        """First action for latents [Z] or [N, Z] -> [A] or [N, A] (one-hot for Discrete); fills `last_stats`."""
+        single = z.dim() == 1
+        z = z[None] if single else z
+        cfg, n = self.cfg, z.shape[0]
+        params = self.start_distribution(n, t0)
+        prior_actions = self._prior_rollout(z)
+        zs = z.repeat_interleave(cfg.samples, 0)
+        loops = residual = converged = 0.0
+        for _ in range(cfg.iterations):
+            actions = self.sampler.sample(params, cfg.samples - self.policy_samples, self.gen)
+            if prior_actions is not None:
+                actions = torch.cat([prior_actions, actions], 2)
+            ret, out = self.score(zs, actions.flatten(1, 2))
+            lowest = torch.finfo(ret.dtype).min
+            elite_scores, idx = ret.nan_to_num(nan=lowest, neginf=lowest).view(n, cfg.samples).topk(cfg.elites, 1)
+            elites = actions.gather(2, idx[None, :, :, None].expand(cfg.horizon, -1, -1, actions.shape[-1]))
+            weights = self._weights(elite_scores)
+            fit = self.sampler.fit(elites, weights)
+            params = {k: cfg.momentum * params[k] + (1 - cfg.momentum) * fit[k] for k in params}
+            loops = loops + out.loops.float().mean()
+            residual = residual + out.residual.float().mean()
+            converged = converged + out.converged.float().mean()
+        self.prev = params
+        action = self.sampler.first(params, eval_mode, self.exploration, self.gen)
+        self.last_stats = {
+            "return": (weights * elite_scores).sum(1).mean().item(),
+            "elite_max": elite_scores[:, 0].mean().item(),
+            "spread": self.sampler.spread(params).mean().item(),
+            "loops": float(loops) / cfg.iterations,
+            "residual": float(residual) / cfg.iterations,
+            "converged": float(converged) / cfg.iterations,
+        }
+        return action[0] if single else action

@@ -1,0 +1,151 @@
+"""Build seeded Gymnasium environments from an `EnvConfig`, and map actions to and from the world model.
+
+Classic control, MuJoCo v5 and Atari (`ALE/*-v5`) are supported. The world model sees Box observations
+and works in normalised actions: a Box action is scaled to [-1, 1], a Discrete action is one-hot.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+from functools import partial
+from types import ModuleType
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.envs.registration import EnvSpec
+from gymnasium.spaces import Box, Discrete, Space
+from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation, TimeLimit, TransformReward
+
+from loopwm.config import EnvConfig
+from loopwm.envs.wrappers import ActionRepeat
+
+
+def _require(module: str, extra: str, env_id: str, what: str) -> ModuleType:
+    """Import an optional dependency, or fail with the pip extra that provides it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"{env_id} needs {what}: pip install 'loopwm[{extra}]' ({exc})") from exc
+
+
+def _spec(env_id: str) -> EnvSpec:
+    """Look up a registered environment, suggesting close ids when it is unknown."""
+    try:
+        return gym.spec(env_id)
+    except gym.error.Error as exc:
+        close = difflib.get_close_matches(env_id, list(gym.registry), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown environment id {env_id!r}{hint} ({exc})") from None
+
+
+def _make_atari(cfg: EnvConfig, render_mode: str | None, training: bool) -> gym.Env:
+    """Atari with the standard preprocessing: no-op starts, frame skip, 84x84 grayscale, frame stack."""
+    ale_py = _require("ale_py", "atari", cfg.id, "the Arcade Learning Environment")
+    _require("cv2", "atari", cfg.id, "OpenCV")
+    gym.register_envs(ale_py)
+    _spec(cfg.id)
+    env = gym.make(cfg.id, frameskip=1, repeat_action_probability=cfg.sticky_actions, render_mode=render_mode)
+    env = AtariPreprocessing(
+        env,
+        noop_max=30,
+        frame_skip=cfg.frame_skip,
+        screen_size=cfg.screen_size,
+        terminal_on_life_loss=cfg.terminal_on_life_loss,
+        grayscale_obs=True,
+    )
+    if cfg.max_episode_steps is not None:
+        env = TimeLimit(env, cfg.max_episode_steps)
+    env = FrameStackObservation(env, cfg.frame_stack)
+    if training and cfg.clip_rewards:
+        env = TransformReward(env, np.sign)
+    return env
+
+
+def make_env(
+    cfg: EnvConfig, seed: int | None = None, *, render_mode: str | None = None, training: bool = True
+) -> gym.Env:
+    """Make one wrapped environment; with a seed, its first reset and its spaces are seeded.
+
+    `cfg.max_episode_steps` counts environment steps before action repeat (for Atari, after frame skip).
+    Reward clipping applies to Atari only, and only when `training` is true.
+    """
+    if cfg.id.startswith("ALE/"):
+        env = _make_atari(cfg, render_mode, training)
+    else:
+        if str(_spec(cfg.id).entry_point).startswith("gymnasium.envs.mujoco"):
+            _require("mujoco", "mujoco", cfg.id, "MuJoCo")
+        env = gym.make(cfg.id, render_mode=render_mode, max_episode_steps=cfg.max_episode_steps)
+    try:
+        check_spaces(env.observation_space, env.action_space)
+    except ValueError:
+        env.close()
+        raise
+    if cfg.action_repeat > 1:
+        env = ActionRepeat(env, cfg.action_repeat)
+    if seed is not None:
+        env.reset(seed=seed)
+        env.action_space.seed(seed)
+        env.observation_space.seed(seed)
+    return env
+
+
+def make_vector_env(cfg: EnvConfig, seed: int | None = None, *, training: bool = True) -> gym.vector.VectorEnv:
+    """`cfg.num_envs` copies of `make_env` in a Sync/AsyncVectorEnv; sub-env i is seeded with seed + i.
+
+    Autoreset is Gymnasium's NEXT_STEP mode, which `ReplayBuffer.add_batch` expects by default.
+    """
+    fns = [
+        partial(make_env, cfg, None if seed is None else seed + i, training=training) for i in range(cfg.num_envs)
+    ]
+    vector_cls = gym.vector.SyncVectorEnv if cfg.vectorization == "sync" else gym.vector.AsyncVectorEnv
+    envs = vector_cls(fns, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+    if seed is not None:
+        envs.reset(seed=seed)
+        envs.action_space.seed(seed)
+        envs.observation_space.seed(seed)
+    return envs
+
+
+def check_spaces(obs_space: Space, act_space: Space) -> None:
+    """Raise a ValueError naming the space when the world model cannot handle it.
+
+    Observations must be a Box; actions a Discrete or a 1-D Box with finite bounds (they are normalised).
+    """
+    if not isinstance(obs_space, Box):
+        raise ValueError(
+            f"observation space {obs_space} is not supported by the world model: expected a Box "
+            "(vector or image observations)")
+    if isinstance(act_space, Discrete):
+        return
+    if not isinstance(act_space, Box) or len(act_space.shape) != 1:
+        raise ValueError(
+            f"action space {act_space} is not supported by the world model: expected Discrete or a 1-D Box")
+    if not (np.all(np.isfinite(act_space.low)) and np.all(np.isfinite(act_space.high))):
+        raise ValueError(f"action space {act_space} needs finite bounds to be normalised to [-1, 1]")
+    if np.any(act_space.high <= act_space.low):
+        raise ValueError(f"action space {act_space} has a dimension with high <= low")
+
+
+def action_dim(space: Space) -> int:
+    """Width of the model's action vector: the Box dimension, or the number of Discrete actions."""
+    check_spaces(Box(0.0, 1.0), space)
+    return int(space.n) if isinstance(space, Discrete) else int(space.shape[0])
+
+
+def action_to_model(action: np.ndarray, space: Space) -> np.ndarray:
+    """Env actions (batched or not) to model actions: Box scaled to [-1, 1], Discrete one-hot; float32."""
+    if isinstance(space, Discrete):
+        index = np.asarray(action, dtype=np.int64) - int(space.start)
+        return np.eye(int(space.n), dtype=np.float32)[index]
+    low, high = space.low.astype(np.float64), space.high.astype(np.float64)
+    return (2.0 * (np.asarray(action, dtype=np.float64) - low) / (high - low) - 1.0).astype(np.float32)
+
+
+def action_from_model(x: np.ndarray, space: Space) -> np.ndarray:
+    """Model actions back to env actions: clip to [-1, 1] and rescale, or take the argmax for Discrete."""
+    x = np.asarray(x)
+    if isinstance(space, Discrete):
+        return (np.argmax(x, axis=-1) + int(space.start)).astype(space.dtype)
+    low, high = space.low.astype(np.float64), space.high.astype(np.float64)
+    unit = (np.clip(x.astype(np.float64), -1.0, 1.0) + 1.0) / 2.0
+    return np.clip(low + unit * (high - low), low, high).astype(space.dtype)

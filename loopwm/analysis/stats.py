@@ -1,0 +1,63 @@
+"""Rank statistics without sklearn or scipy: average ranks, AUROC, Spearman correlation, robust summaries."""
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+
+def as_numpy(x: ArrayLike) -> np.ndarray:
+    """A float64 numpy copy of an array, list or (possibly grad-tracking) torch tensor."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def rankdata(x: ArrayLike) -> np.ndarray:
+    """1-based ranks of a 1-D array, ties sharing the average of the ranks they span."""
+    x = as_numpy(x).ravel()
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    starts = np.r_[0, np.flatnonzero(sorted_x[1:] != sorted_x[:-1]) + 1]
+    ends = np.r_[starts[1:], x.size]
+    avg = (starts + ends + 1) / 2.0
+    ranks = np.empty(x.size)
+    ranks[order] = np.repeat(avg, ends - starts)
+    return ranks
+
+
+def auroc(scores: ArrayLike, labels: ArrayLike) -> float:
+    """Area under the ROC curve of `scores` for binary `labels` (Mann–Whitney U); ties count one half. NaN if a class is empty."""
+    s = as_numpy(scores).ravel()
+    y = as_numpy(labels).ravel().astype(bool)
+    if s.shape != y.shape:
+        raise ValueError(f"auroc: scores {s.shape} and labels {y.shape} differ in shape")
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    r = rankdata(s)
+    return float((r[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def spearman(x: ArrayLike, y: ArrayLike) -> float:
+    """Spearman rank correlation (Pearson correlation of average ranks); NaN when either input is constant."""
+    rx, ry = rankdata(x), rankdata(y)
+    if rx.shape != ry.shape:
+        raise ValueError(f"spearman: inputs of sizes {rx.size} and {ry.size} differ")
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    den = np.sqrt((rx ** 2).sum() * (ry ** 2).sum())
+    return float((rx * ry).sum() / den) if den > 0 else float("nan")
+
+
+def top_fraction(x: ArrayLike, fraction: float) -> np.ndarray:
+    """Boolean mask of the entries in the top `fraction` of `x` (at least one), e.g. the 10% largest true errors."""
+    x = as_numpy(x).ravel()
+    k = max(1, int(round(fraction * x.size)))
+    mask = np.zeros(x.size, dtype=bool)
+    mask[np.argsort(-x, kind="mergesort")[:k]] = True
+    return mask
+
+
+def quartiles(x: ArrayLike, axis: int = -1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lower quartile, median and upper quartile along `axis`, ignoring NaN (a median + IQR summary)."""
+    q = np.nanquantile(as_numpy(x), [0.25, 0.5, 0.75], axis=axis)
+    return q[0], q[1], q[2]

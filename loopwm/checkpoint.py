@@ -1,0 +1,96 @@
+"""Atomic, versioned checkpoints that load with `torch.load(weights_only=True)`.
+
+A checkpoint is a dict of tensors and plain data: the model's weights, its config and space spec,
+a format tag and version, plus whatever extras the caller adds (optimiser, replay, RNG, counters).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loopwm.config import ConfigError, ModelConfig, build_dataclass
+from loopwm.nets import SpaceSpec
+from loopwm.world_model import WorldModel
+
+FORMAT = "loopwm-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, corrupt, foreign or from an unknown format version."""
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save(path: str | Path, wm: WorldModel, **extras: Any) -> None:
+    """Save a world model (and any checkpointable extras) atomically."""
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_config": dataclasses.asdict(wm.cfg),
+        "spec": wm.spec.to_dict(),
+        "model": wm.state_dict(),
+        **extras,
+    }
+    atomic_torch_save(payload, path)
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load and check a checkpoint's payload, with a clear error for anything that is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated or garbage files
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is truncated, corrupt or not a safe torch file: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a loopwm checkpoint (no '{FORMAT}' format tag)")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has format version {payload.get('version')!r}; "
+            f"this loopwm reads version {VERSION}")
+    return payload
+
+
+def model_from_payload(payload: dict, path: str | Path = "<memory>") -> WorldModel:
+    """Rebuild the world model stored in a checkpoint payload."""
+    try:
+        cfg = build_dataclass(ModelConfig, payload["model_config"], "model")
+        wm = WorldModel(cfg, SpaceSpec.from_dict(payload["spec"]))
+        wm.load_state_dict(payload["model"])
+    except (KeyError, TypeError, ConfigError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} has an invalid model section: {exc}") from None
+    return wm
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> WorldModel:
+    """Load the world model from a checkpoint written by `save` (or by a training run)."""
+    return model_from_payload(read_checkpoint(path, map_location), path)

@@ -1,0 +1,194 @@
+"""`WorldModel`: encoder, prelude, certified loop, coda and heads, with one method per verb.
+
+Per environment step k the prelude forms e_k = RMSNorm(P([z_{k−1}; E(o_k) or 0; U(a_k)])), the
+core loops h(t+1) = Ā⊙h(t) + B̄e + R̄(h(t), e), and the coda maps h(T) to the next latent z_k.
+Heads decode observation, reward and continue from z_k.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from loopwm.config import Config, ModelConfig
+from loopwm.loop import LoopCore, LoopTrace
+from loopwm.nets import SpaceSpec, RewardHead, build_decoder, build_encoder, mlp, optional, rms_normalize
+
+Decode = Literal["final", "all", "none"]
+
+
+@dataclass
+class ImagineOutput:
+    """A latent rollout: latents, predicted rewards/continues, per-step loop statistics, decoded obs."""
+
+    latents: Tensor       # [H+1, B, Z], latents[0] is the start
+    rewards: Tensor       # [H, B]
+    continues: Tensor     # [H, B] probability the episode continues after step k
+    residual: Tensor      # [H, B] certified distance to the fixed point at exit
+    converged: Tensor     # [H, B] bool
+    loops: Tensor         # [H, B] loops used
+    obs: Optional[Tensor] = None             # [B, ...] ("final") or [H, B, ...] ("all")
+    traces: Optional[list[LoopTrace]] = None
+
+
+class WorldModel(nn.Module):
+    """A looped latent world model for one pair of observation/action spaces."""
+
+    def __init__(self, cfg: ModelConfig, spec: SpaceSpec):
+        super().__init__()
+        self.cfg, self.spec = cfg, spec
+        z, m = cfg.latent_dim, cfg.mlp_dim
+        self.encoder = build_encoder(spec, cfg.encoder, m, z)
+        self.action_embed = nn.Linear(spec.action_dim, z)
+        self.prelude = nn.Linear(3 * z, cfg.inject_dim)
+        self.core = LoopCore(cfg)
+        self.coda = mlp(cfg.hidden_dim, m, z)
+        self.decoder = build_decoder(spec, z, m)
+        self.reward_head = RewardHead(z, m, cfg.reward_head, cfg.reward_bins)
+        self.continue_head = mlp(z, m, 1)
+        obs_dim = spec.obs_shape[0] if not spec.pixels else 1
+        self.register_buffer("obs_mean", torch.zeros(obs_dim))
+        self.register_buffer("obs_std", torch.ones(obs_dim))
+
+    @classmethod
+    def from_config(cls, cfg: Config | ModelConfig, obs_space: Any, act_space: Any) -> "WorldModel":
+        """Build from a config (whole or its `model` section) and Box/Discrete spaces."""
+        model_cfg = cfg.model if isinstance(cfg, Config) else cfg
+        return cls(model_cfg, SpaceSpec.from_spaces(obs_space, act_space))
+
+    @property
+    def discrete(self) -> bool:
+        return self.spec.discrete
+
+    @property
+    def action_dim(self) -> int:
+        return self.spec.action_dim
+
+    @property
+    def latent_dim(self) -> int:
+        return self.cfg.latent_dim
+
+    # ---- observations and actions ------------------------------------------------------
+    def set_obs_stats(self, mean: Tensor, std: Tensor) -> None:
+        """Per-dimension normalisation of vector observations, taken from the training data."""
+        if self.spec.pixels:
+            return
+        self.obs_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.obs_std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-3))
+
+    def normalize_obs(self, obs: Tensor) -> Tensor:
+        """Check shape and finiteness, then map observations to the model's units."""
+        obs = torch.as_tensor(obs, device=self.obs_mean.device)
+        shape = tuple(self.spec.obs_shape)
+        if obs.dim() < len(shape) or tuple(obs.shape[-len(shape):]) != shape:
+            raise ValueError(f"obs has shape {tuple(obs.shape)}; expected (..., {', '.join(map(str, shape))})")
+        if self.spec.pixels:
+            return obs.float() / 255.0 - 0.5
+        obs = obs.float()
+        if not torch.isfinite(obs).all():
+            raise ValueError("obs contains NaN or infinite values")
+        return (obs - self.obs_mean) / self.obs_std
+
+    def denormalize_obs(self, x: Tensor) -> Tensor:
+        """Inverse of `normalize_obs` (pixels come back as floats in [0, 255])."""
+        if self.spec.pixels:
+            return ((x + 0.5) * 255.0).clamp(0, 255)
+        return x * self.obs_std + self.obs_mean
+
+    def action_input(self, action: Tensor, batch: tuple[int, ...]) -> Tensor:
+        """Validate an action batch: Box actions normalised to [−1, 1], Discrete as indices or one-hot."""
+        action = torch.as_tensor(action, device=self.obs_mean.device)
+        n = self.spec.action_dim
+        if self.discrete and action.shape == batch:
+            if action.is_floating_point() or int(action.min()) < 0 or int(action.max()) >= n:
+                raise ValueError(f"discrete action indices must be integers in [0, {n})")
+            return F.one_hot(action.long(), n).float()
+        if tuple(action.shape) != (*batch, n):
+            raise ValueError(f"action has shape {tuple(action.shape)}; expected {(*batch, n)}")
+        action = action.float()
+        if not torch.isfinite(action).all():
+            raise ValueError("action contains NaN or infinite values")
+        return action if self.discrete else action.clamp(-1.0, 1.0)
+
+    # ---- the verbs ---------------------------------------------------------------------
+    def encode(self, obs: Tensor) -> Tensor:
+        """Observations -> latents (LayerNorm-scaled, the space the loop predicts into)."""
+        return self._latent(self.encoder(self.normalize_obs(obs)))
+
+    def _latent(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, (x.shape[-1],))
+
+    def readout(self, h: Tensor) -> Tensor:
+        """Coda: a loop state -> a latent. Applied after every loop for intermediate predictions."""
+        return self._latent(self.coda(h))
+
+    def injection(self, z: Tensor, action: Tensor, obs: Optional[Tensor] = None) -> Tensor:
+        """e = RMSNorm(P([z; E(o) or 0; U(a)])), so ‖e‖ = √inject_dim whatever the inputs."""
+        if z.dim() != 2 or z.shape[-1] != self.latent_dim:
+            raise ValueError(f"z has shape {tuple(z.shape)}; expected (batch, {self.latent_dim})")
+        if not torch.isfinite(z).all():
+            raise ValueError("z contains NaN or infinite values")
+        a = self.action_embed(self.action_input(action, z.shape[:1]))
+        o = self.encode(obs) if obs is not None else None
+        return rms_normalize(self.prelude(torch.cat([z, optional(o, z, self.latent_dim), a], -1)))
+
+    def step(self, z: Tensor, action: Tensor, obs: Optional[Tensor] = None, *, h0: Optional[Tensor] = None,
+             readouts: bool = False, **loop: Any) -> tuple[Tensor, LoopTrace]:
+        """One environment step through the loop: (z_{k−1}, a_k[, o_k]) -> z_k and its LoopTrace.
+
+        `loop` takes LoopCore.run's options (exit, loops, tol, min_loops, max_loops, bptt, ...).
+        With `readouts=True` the trace holds the latent read out after every loop.
+        """
+        ctx = self.core.prepare(self.injection(z, action, obs))
+        h, trace = self.core.run(ctx, h0, readout=self.readout if readouts else None, **loop)
+        return self.readout(h), trace
+
+    def predict_reward(self, z: Tensor) -> Tensor:
+        return self.reward_head(z)
+
+    def predict_continue(self, z: Tensor) -> Tensor:
+        """Probability that the episode goes on after reaching latent z."""
+        return torch.sigmoid(self.continue_head(z).squeeze(-1))
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Latents -> observations in the environment's units."""
+        return self.denormalize_obs(self.decoder(z))
+
+    def imagine(self, z: Tensor, actions: Tensor, decode: Decode = "final", keep_traces: bool = False,
+                **loop: Any) -> ImagineOutput:
+        """Roll out `actions` [H, B, A] from z in latent space only; decode observations only where asked."""
+        if decode not in ("final", "all", "none"):
+            raise ValueError(f"decode={decode!r}: expected 'final', 'all' or 'none'")
+        actions = torch.as_tensor(actions, device=z.device)
+        if actions.dim() < 2 or actions.shape[1] != z.shape[0]:
+            raise ValueError(f"actions has shape {tuple(actions.shape)}; expected (horizon, {z.shape[0]}, ...)")
+        latents, traces = [z], []
+        with self.core.weight_scope():
+            for a in actions:
+                z, trace = self.step(z, a, **loop)
+                latents.append(z)
+                traces.append(trace)
+        lat = torch.stack(latents)
+        obs = None
+        if decode == "all":
+            obs = self.decode(lat[1:])
+        elif decode == "final":
+            obs = self.decode(lat[-1])
+        return ImagineOutput(
+            latents=lat,
+            rewards=self.predict_reward(lat[1:]),
+            continues=self.predict_continue(lat[1:]),
+            residual=torch.stack([t.bound for t in traces]),
+            converged=torch.stack([t.converged for t in traces]),
+            loops=torch.stack([t.loops_used for t in traces]),
+            obs=obs,
+            traces=traces if keep_traces else None,
+        )
+
+    def certified_lipschitz(self) -> float:
+        """κ = max Ā + Lip_h(R̄), computed from the parameters: < 1 unless in paper mode."""
+        with torch.no_grad():
+            return float(self.core.kappa())
