@@ -14,7 +14,13 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.envs.registration import EnvSpec
 from gymnasium.spaces import Box, Discrete, Space
-from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation, TimeLimit, TransformReward
+from gymnasium.wrappers import (
+    AtariPreprocessing,
+    DtypeObservation,
+    FrameStackObservation,
+    TimeLimit,
+    TransformReward,
+)
 
 from loopwm.config import EnvConfig
 from loopwm.envs.wrappers import ActionRepeat
@@ -66,6 +72,7 @@ def make_env(
 ) -> gym.Env:
     """Make one wrapped environment; with a seed, its first reset and its spaces are seeded.
 
+    Float64 observations (MuJoCo) are cast to float32, the dtype the world model trains in.
     `cfg.max_episode_steps` counts environment steps before action repeat (for Atari, after frame skip).
     Reward clipping applies to Atari only, and only when `training` is true.
     """
@@ -75,6 +82,8 @@ def make_env(
         if str(_spec(cfg.id).entry_point).startswith("gymnasium.envs.mujoco"):
             _require("mujoco", "mujoco", cfg.id, "MuJoCo")
         env = gym.make(cfg.id, render_mode=render_mode, max_episode_steps=cfg.max_episode_steps)
+        if isinstance(env.observation_space, Box) and env.observation_space.dtype == np.float64:
+            env = DtypeObservation(env, np.float32)
     try:
         check_spaces(env.observation_space, env.action_space)
     except ValueError:
@@ -115,20 +124,24 @@ def check_spaces(obs_space: Space, act_space: Space) -> None:
         raise ValueError(
             f"observation space {obs_space} is not supported by the world model: expected a Box "
             "(vector or image observations)")
-    if isinstance(act_space, Discrete):
+    _check_action_space(act_space)
+
+
+def _check_action_space(space: Space) -> None:
+    if isinstance(space, Discrete):
         return
-    if not isinstance(act_space, Box) or len(act_space.shape) != 1:
+    if not isinstance(space, Box) or len(space.shape) != 1:
         raise ValueError(
-            f"action space {act_space} is not supported by the world model: expected Discrete or a 1-D Box")
-    if not (np.all(np.isfinite(act_space.low)) and np.all(np.isfinite(act_space.high))):
-        raise ValueError(f"action space {act_space} needs finite bounds to be normalised to [-1, 1]")
-    if np.any(act_space.high <= act_space.low):
-        raise ValueError(f"action space {act_space} has a dimension with high <= low")
+            f"action space {space} is not supported by the world model: expected Discrete or a 1-D Box")
+    if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
+        raise ValueError(f"action space {space} needs finite bounds to be normalised to [-1, 1]")
+    if np.any(space.high <= space.low):
+        raise ValueError(f"action space {space} has a dimension with high <= low")
 
 
 def action_dim(space: Space) -> int:
     """Width of the model's action vector: the Box dimension, or the number of Discrete actions."""
-    check_spaces(Box(0.0, 1.0), space)
+    _check_action_space(space)
     return int(space.n) if isinstance(space, Discrete) else int(space.shape[0])
 
 

@@ -133,6 +133,11 @@ class LoopCore(nn.Module):
         """One loop: F(h) = Ā ⊙ h + B̄ e + s·R(h, e)."""
         return ctx.retention * h + ctx.drive + ctx.scale * self.block(h, ctx.block_ctx, ctx.weights)
 
+    def state_bound(self, ctx: StepContext) -> Tensor:
+        """Per-sample bound on every loop state started from zero: ‖h(t)‖ ≤ ‖F(0)‖/(1−κ)."""
+        f0 = self.loop_map(torch.zeros_like(ctx.drive), ctx)
+        return f0.norm(dim=-1) / (1.0 - ctx.kappa)
+
     def exit_probability(self, h: Tensor, residual: Tensor) -> Tensor:
         """Learned exit gate λ(t) = σ(w·[h; log‖Δ‖] + b) (Ouro-style), trained on improvement targets."""
         feats = torch.cat([h, torch.log(residual.unsqueeze(-1) + 1e-6)], dim=-1)
@@ -169,6 +174,7 @@ class LoopCore(nn.Module):
         gate_threshold = cfg.gate_threshold if gate_threshold is None else gate_threshold
         batch, device = ctx.drive.shape[0], ctx.drive.device
         h = torch.zeros_like(ctx.drive) if h0 is None else h0
+        uniform = exit == "fixed" and not isinstance(loops, Tensor)
         if exit == "fixed":
             target = torch.as_tensor(cfg.loops if loops is None else loops, device=device).long()
             target = target.expand(batch).clamp_min(1)
@@ -178,8 +184,8 @@ class LoopCore(nn.Module):
         kappa = float(ctx.kappa.detach())
         coef = kappa / (1.0 - kappa) if kappa < 1.0 else math.inf
         active = torch.ones(batch, dtype=torch.bool, device=device)
-        used = torch.zeros(batch, dtype=torch.long, device=device)
-        last = torch.zeros(batch, device=device)
+        used = target if uniform else torch.zeros(batch, dtype=torch.long, device=device)
+        last = torch.zeros(batch, device=device, dtype=h.dtype)
         residuals, states, readouts, gates = [], [h] if keep_states else None, [] if readout else None, []
         for t in range(t_max):
             if bptt is not None and target is not None:
@@ -187,27 +193,30 @@ class LoopCore(nn.Module):
                 h = torch.where(cut, h.detach(), h)
             h_next = self.loop_map(h, ctx)
             delta = (h_next - h).norm(dim=-1)
-            h = torch.where(active.unsqueeze(-1), h_next, h)
-            residuals.append(torch.where(active, delta, torch.zeros_like(delta)))
-            last = torch.where(active, delta, last)
-            used = used + active.long()
-            if exit == "fixed":
-                done = used >= target
+            if uniform:  # every sample runs the same loops: no masking needed
+                h, last = h_next, delta
+                residuals.append(delta)
             else:
-                at_max = used >= max_loops
-                if exit == "certified":
-                    fire = coef * delta.detach() <= tol
+                h = torch.where(active.unsqueeze(-1), h_next, h)
+                residuals.append(torch.where(active, delta, torch.zeros_like(delta)))
+                last = torch.where(active, delta, last)
+                used = used + active.long()
+                if exit == "fixed":
+                    done = used >= target
                 else:
-                    prob = self.exit_probability(h, delta.detach())
-                    gates.append(prob)
-                    fire = prob.detach() > gate_threshold
-                done = (fire & (used >= min_loops)) | at_max
+                    if exit == "certified":
+                        fire = coef * delta.detach() <= tol
+                    else:
+                        prob = self.exit_probability(h, delta.detach())
+                        gates.append(prob)
+                        fire = prob.detach() > gate_threshold
+                    done = (fire & (used >= min_loops)) | (used >= max_loops)
+                active = active & ~done
             if keep_states:
                 states.append(h)
             if readout is not None:
                 readouts.append(readout(h))
-            active = active & ~done
-            if not bool(active.any()):
+            if not uniform and not bool(active.any()):
                 break
         bound = coef * last.detach()
         trace = LoopTrace(

@@ -174,7 +174,7 @@ class WorldModel(nn.Module):
         lat = torch.stack(latents)
         obs = None
         if decode == "all":
-            obs = self.decode(lat[1:])
+            obs = torch.stack([self.decode(z_k) for z_k in lat[1:]])
         elif decode == "final":
             obs = self.decode(lat[-1])
         return ImagineOutput(

@@ -222,3 +222,10 @@ def test_lyapunov_rate_of_linear_contraction_is_log_kappa():
     torch.testing.assert_close(lyapunov_rate(a, b), torch.full((3,), math.log(kappa), dtype=torch.float32))
     same = lyapunov_rate(a, a.clone())
     assert torch.isnan(same).all()
+
+
+def test_contraction_ratios_floor_masks_rounding_noise():
+    h = torch.tensor([1.0, 2.0, 2.0 + 1e-9, 2.0], dtype=torch.float64).reshape(4, 1, 1)
+    assert contraction_ratios(h).isfinite().all()
+    r = contraction_ratios(h, floor=1e-6)
+    assert r[0].isfinite().all() and r[1].isnan().all()

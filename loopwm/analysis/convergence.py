@@ -37,10 +37,16 @@ def safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.full_like(num, float("nan")))
 
 
-def contraction_ratios(states: States) -> torch.Tensor:
-    """Empirical per-loop contraction `‖Δ_{t+1}‖ / ‖Δ_t‖`, shape `[T−1, B]`; a contraction keeps it below κ."""
-    n = step_norms(states)
-    return safe_ratio(n[1:], n[:-1])
+def contraction_ratios(states: States, floor: float = 0.0) -> torch.Tensor:
+    """Empirical per-loop contraction `‖Δ_{t+1}‖ / ‖Δ_t‖`, shape `[T−1, B]`; a contraction keeps it below κ.
+
+    Ratios whose denominator `‖Δ_t‖` is at most `floor·‖h_t‖` are NaN: once updates reach rounding noise their
+    ratio measures the arithmetic, not the map.
+    """
+    h = stack_states(states)
+    n = (h[1:] - h[:-1]).norm(dim=-1)
+    den = torch.where(n[:-1] > floor * h[1:-1].norm(dim=-1), n[:-1], torch.zeros_like(n[:-1]))
+    return safe_ratio(n[1:], den)
 
 
 def relative_residuals(states: States) -> torch.Tensor:

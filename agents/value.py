@@ -1,0 +1,169 @@
+"""A latent value function and a policy prior: they let the planner see past its horizon and seed its samples.
+
+Both learn on world-model latents only. Shapes, with T the replay sequence length and B the batch:
+    latents    [T+1, B, Z]  wm.encode of o_0..o_T, no gradient needed (they are detached here)
+    rewards    [T, B]       r_t received after action a_t, i.e. on the transition o_t -> o_{t+1}
+    continues  [T, B]       1 - terminated_{t+1}; a time-limit truncation is not a termination
+    mask       [T, B]       optional, 0 where o_{t+1} does not follow o_t (an episode boundary inside the sequence)
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from loopwm.config import AgentConfig
+
+from .planner import LatentFn, discounted_return
+
+_LOG_STD_MIN, _LOG_STD_MAX = -5.0, 1.0
+
+
+def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """Two hidden layers with LayerNorm and Mish, as in TD-MPC2."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.Mish(),
+                         nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.Mish(),
+                         nn.Linear(hidden_dim, out_dim))
+
+
+def _step(optim: torch.optim.Optimizer, params: list[Tensor], grads: tuple[Tensor, ...], clip: float) -> float:
+    """Apply precomputed gradients with norm clipping (none when clip <= 0); returns the pre-clip norm."""
+    for p, g in zip(params, grads):
+        p.grad = g
+    norm = nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+    optim.step()
+    optim.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+class ValueFunction:
+    """V(z): an MLP on latents fitted by TD(0), target r_t + γ c_t V_target(z_{t+1}), with a Polyak target copy."""
+
+    def __init__(self, latent_dim: int, cfg: AgentConfig, *, hidden_dim: int = 256, grad_clip: float = 10.0,
+                 device: torch.device | str = "cpu"):
+        self.cfg, self.grad_clip = cfg, grad_clip
+        self.net = _mlp(latent_dim, hidden_dim, 1).to(device)
+        nn.init.zeros_(self.net[-1].weight)  # V starts at exactly zero: no spurious optimism before any data
+        nn.init.zeros_(self.net[-1].bias)
+        self.target = copy.deepcopy(self.net).requires_grad_(False)
+        self.optim = torch.optim.Adam(self.net.parameters(), lr=cfg.value_lr)
+
+    def __call__(self, z: Tensor) -> Tensor:
+        """V(z) for latents [..., Z] -> [...]; differentiable in z."""
+        return self.net(z).squeeze(-1)
+
+    def update(self, latents: Tensor, rewards: Tensor, continues: Tensor,
+               mask: Optional[Tensor] = None) -> dict[str, float]:
+        """One TD(0) step on a replay batch (shapes in the module docstring), then a Polyak target update."""
+        latents = latents.detach()
+        with torch.no_grad():
+            target = rewards + self.cfg.discount * continues * self.target(latents[1:]).squeeze(-1)
+        pred = self(latents[:-1])
+        err = (pred - target) ** 2
+        loss = err.mean() if mask is None else (err * mask).sum() / mask.sum().clamp_min(1.0)
+        params = list(self.net.parameters())
+        norm = _step(self.optim, params, torch.autograd.grad(loss, params), self.grad_clip)
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.target.parameters()), params, self.cfg.tau)
+        return {"value_loss": loss.item(), "value_mean": pred.mean().item(), "value_grad_norm": norm}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Network, target network and optimiser state."""
+        return {"net": self.net.state_dict(), "target": self.target.state_dict(), "optim": self.optim.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+        self.net.load_state_dict(state["net"])
+        self.target.load_state_dict(state["target"])
+        self.optim.load_state_dict(state["optim"])
+
+
+class PolicyPrior:
+    """A stochastic actor π(a|z): tanh-Gaussian for Box (actions in [-1, 1]), categorical for Discrete (one-hot).
+
+    Trained by backpropagating the imagined return Σ γ^k Πc r_k + γ^H Πc V(z_H) of its own rollouts
+    through the world model (straight-through one-hot samples for Discrete), plus an entropy bonus.
+    Returns are divided by a running scale, max(1, EMA of the 5-95 percentile range), so the entropy
+    coefficient means the same for any reward scale. Only the actor's parameters are updated.
+    """
+
+    def __init__(self, latent_dim: int, action_dim: int, discrete: bool, cfg: AgentConfig, *,
+                 horizon: int = 3, entropy_coef: float = 1e-3, lr: Optional[float] = None,
+                 hidden_dim: int = 256, grad_clip: float = 10.0, scale_decay: float = 0.99,
+                 device: torch.device | str = "cpu"):
+        self.cfg, self.discrete, self.action_dim = cfg, discrete, action_dim
+        self.horizon, self.entropy_coef, self.grad_clip, self.scale_decay = horizon, entropy_coef, grad_clip, scale_decay
+        self.net = _mlp(latent_dim, hidden_dim, action_dim if discrete else 2 * action_dim).to(device)
+        self.optim = torch.optim.Adam(self.net.parameters(), lr=lr if lr is not None else cfg.value_lr)
+        self.scale = torch.ones((), device=device)
+
+    def sample(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """A reparameterised action [B, A] and its entropy estimate [B] (−log π(a|z) for Box, exact for Discrete)."""
+        out = self.net(z)
+        if self.discrete:
+            logits = out.log_softmax(-1)
+            probs = logits.exp()
+            idx = torch.multinomial(probs.detach(), 1)[:, 0]
+            action = F.one_hot(idx, self.action_dim).to(probs.dtype) + probs - probs.detach()
+            return action, -(probs * logits).sum(-1)
+        mu, log_std = out.chunk(2, -1)
+        log_std = _LOG_STD_MIN + 0.5 * (_LOG_STD_MAX - _LOG_STD_MIN) * (torch.tanh(log_std) + 1)
+        eps = torch.randn_like(mu)
+        action = torch.tanh(mu + log_std.exp() * eps)
+        log_prob = (-0.5 * eps ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        log_prob = log_prob - torch.log((1 - action ** 2).clamp_min(1e-6)).sum(-1)
+        return action, -log_prob
+
+    @torch.no_grad()
+    def __call__(self, z: Tensor) -> Tensor:
+        """A sampled action [B, A] (what the planner seeds its samples with)."""
+        return self.sample(z)[0]
+
+    @torch.no_grad()
+    def mode(self, z: Tensor) -> Tensor:
+        """The most likely action [B, A]: tanh(μ) for Box, the argmax one-hot for Discrete."""
+        out = self.net(z)
+        if self.discrete:
+            return F.one_hot(out.argmax(-1), self.action_dim).to(out.dtype)
+        return torch.tanh(out.chunk(2, -1)[0])
+
+    def imagined_return(self, wm: Any, z: Tensor, value: Optional[LatentFn] = None) -> tuple[Tensor, Tensor]:
+        """Roll the actor `horizon` steps through `wm` from latents [B, Z]; returns (G [B], mean entropy [B])."""
+        rewards, continues, entropy = [], [], []
+        for _ in range(self.horizon):
+            action, ent = self.sample(z)
+            out = wm.imagine(z, action[None], decode="none")
+            z = out.latents[-1]
+            rewards.append(out.rewards[0])
+            continues.append(out.continues[0])
+            entropy.append(ent)
+        terminal = value(z) if value is not None else None
+        ret = discounted_return(torch.stack(rewards), torch.stack(continues), self.cfg.discount, terminal)
+        return ret, torch.stack(entropy).mean(0)
+
+    def update(self, wm: Any, latents: Tensor, value: Optional[LatentFn] = None) -> dict[str, float]:
+        """One actor step from start latents [..., Z] (e.g. all replay latents flattened); `wm.imagine` must be
+        differentiable in z and actions. Neither `wm` nor `value` receives gradients."""
+        ret, entropy = self.imagined_return(wm, latents.detach().reshape(-1, latents.shape[-1]), value)
+        with torch.no_grad():
+            lo, hi = torch.quantile(ret.detach(), torch.tensor([0.05, 0.95], device=ret.device, dtype=ret.dtype))
+            self.scale.lerp_((hi - lo).to(self.scale.dtype), 1 - self.scale_decay)
+        loss = -(ret / self.scale.clamp_min(1.0)).mean() - self.entropy_coef * entropy.mean()
+        params = list(self.net.parameters())
+        norm = _step(self.optim, params, torch.autograd.grad(loss, params), self.grad_clip)
+        return {"prior_loss": loss.item(), "prior_return": ret.mean().item(),
+                "prior_entropy": entropy.mean().item(), "prior_grad_norm": norm}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Network, optimiser state and the running return scale."""
+        return {"net": self.net.state_dict(), "optim": self.optim.state_dict(), "scale": self.scale.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+        self.net.load_state_dict(state["net"])
+        self.optim.load_state_dict(state["optim"])
+        self.scale.copy_(state["scale"])

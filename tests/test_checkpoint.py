@@ -1,0 +1,76 @@
+"""Checkpoints round-trip exactly, and bad files get clear errors without losing good ones."""
+import pytest
+import torch
+
+import loopwm
+from loopwm import checkpoint
+from loopwm.checkpoint import CheckpointError
+from tests.helpers import tiny_model
+
+
+def test_round_trip_is_exact(tmp_path):
+    model = tiny_model(block="token")
+    model.set_obs_stats(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 1.0, 2.0]))
+    path = tmp_path / "wm.pt"
+    loopwm.save(path, model, step=7)
+    loaded = loopwm.load(path)
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    obs = torch.randn(4, 3)
+    with torch.no_grad():
+        out_a = model.imagine(model.encode(obs), torch.zeros(3, 4, 1), decode="all")
+        out_b = loaded.imagine(loaded.encode(obs), torch.zeros(3, 4, 1), decode="all")
+    assert torch.equal(out_a.obs, out_b.obs)
+    assert checkpoint.read_checkpoint(path)["step"] == 7
+
+
+def test_truncated_and_corrupt_files_get_clear_errors(tmp_path):
+    path = tmp_path / "wm.pt"
+    loopwm.save(path, tiny_model())
+    data = path.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated, corrupt"):
+        loopwm.load(tmp_path / "trunc.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all" * 10)
+    with pytest.raises(CheckpointError, match="truncated, corrupt"):
+        loopwm.load(tmp_path / "junk.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        loopwm.load(tmp_path / "missing.pt")
+
+
+def test_foreign_and_future_files_are_refused(tmp_path):
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a loopwm checkpoint"):
+        loopwm.load(tmp_path / "foreign.pt")
+    torch.save({"format": checkpoint.FORMAT, "version": 99}, tmp_path / "future.pt")
+    with pytest.raises(CheckpointError, match="version 99"):
+        loopwm.load(tmp_path / "future.pt")
+
+
+def test_pickled_code_is_not_executed(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"format": checkpoint.FORMAT, "version": 1, "x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="not a safe torch file|truncated, corrupt"):
+        loopwm.load(tmp_path / "evil.pt")
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "wm.pt"
+    good = tiny_model()
+    loopwm.save(path, good)
+    before = path.read_bytes()
+
+    def exploding_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.torch, "save", exploding_save)
+    with pytest.raises(OSError, match="disk full"):
+        loopwm.save(path, tiny_model(latent_dim=8))
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["wm.pt"]
+    loopwm.load(path)

@@ -1,0 +1,42 @@
+"""Config files and overrides are validated up front, with errors that name the key."""
+import pytest
+
+from loopwm.config import ConfigError, load_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_overrides_resolve(tmp_path):
+    cfg = load_config(write(tmp_path, "model:\n  latent_dim: 32\ntrain:\n  lr: 1e-3\n"),
+                      ["model.block=token", "train.horizon=7", "seed=3"])
+    assert (cfg.model.latent_dim, cfg.model.block, cfg.train.horizon, cfg.seed) == (32, "token", 7, 3)
+    assert cfg.train.lr == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model:\n  latnt_dim: 3\n", "unknown config key model.latnt_dim"),
+    ("modle: {}\n", "unknown config key modle"),
+    ("model:\n  latent_dim: many\n", r"model.latent_dim='many': expected an integer"),
+    ("model:\n  kappa_max: 1.5\n", r"model.kappa_max=1.5: expected a value <= 1.0"),
+    ("train:\n  lr: 0\n", r"train.lr=0.0: expected a value > 0.0"),
+    ("model:\n  block: conv\n", r"model.block='conv': expected one of \['mlp', 'token'\]"),
+    ("model:\n  min_loops: 9\n  max_loops: 4\n", "model.min_loops=9 must be <= model.max_loops=4"),
+    ("model: [1, 2\n", "is not valid YAML"),
+    ("- a\n- b\n", "expected a mapping"),
+])
+def test_bad_configs_name_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
+
+
+def test_bad_overrides_name_the_key():
+    with pytest.raises(ConfigError, match="unknown config key train.lrr"):
+        load_config(None, ["train.lrr=1"])
+    with pytest.raises(ConfigError, match="expected the form"):
+        load_config(None, ["train.lr"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/config.yaml")

@@ -1,0 +1,238 @@
+"""The certificate of the looped core holds numerically, and the loop behaves as the maths says."""
+import pytest
+import torch
+
+from loopwm import lipschitz
+from loopwm.lipschitz import exact_spectral_norm, spectral_norm_bound
+from tests.helpers import tiny_model
+
+
+def randomize(model, std=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g).to(p.dtype) * std)
+
+
+def context(model, batch=64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    e = torch.randn(batch, model.cfg.inject_dim, generator=g).to(model.core.rho.dtype)
+    return model.core.prepare(e * 3.0)
+
+
+def max_ratio(model, ctx, seed=2, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(ctx.drive.shape, generator=g).to(ctx.drive.dtype) * scale
+    h2 = h + torch.randn(ctx.drive.shape, generator=g).to(ctx.drive.dtype) * scale * 0.1
+    num = (model.core.loop_map(h, ctx) - model.core.loop_map(h2, ctx)).norm(dim=-1)
+    return float((num / (h - h2).norm(dim=-1)).max())
+
+
+def test_bound_is_an_upper_bound_and_tight():
+    g = torch.Generator().manual_seed(0)
+    for shape in [(32, 32), (64, 16), (16, 64), (128, 128)]:
+        w = torch.randn(shape, generator=g)
+        exact = exact_spectral_norm(w)
+        bound = float(spectral_norm_bound(w))
+        assert exact <= bound <= 1.12 * exact
+
+
+@pytest.mark.parametrize("block", ["mlp", "token"])
+@pytest.mark.parametrize("depth", [1, 2])
+def test_contraction_by_ratio_for_random_parameters(block, depth):
+    torch.manual_seed(0)
+    for seed in range(3):
+        model = tiny_model(block=block, block_depth=depth, activation="tanh").double()
+        randomize(model, std=2.0, seed=seed)
+        kappa = model.certified_lipschitz()
+        assert kappa < 1.0
+        with torch.no_grad():
+            ctx = context(model.double(), seed=seed)
+            for scale in (0.01, 1.0, 30.0):
+                assert max_ratio(model, ctx, seed=seed, scale=scale) <= kappa + 1e-9
+
+
+def test_contraction_survives_aggressive_optimisation():
+    torch.manual_seed(0)
+    model = tiny_model(activation="relu")
+    opt = torch.optim.Adam(model.parameters(), lr=1.0)
+    for _ in range(100):
+        ctx = context(model, batch=16)
+        h = torch.randn(16, model.cfg.hidden_dim)
+        loss = -(model.core.loop_map(h, ctx) - model.core.loop_map(torch.zeros_like(h), ctx)).norm()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    kappa = model.certified_lipschitz()
+    assert kappa < 1.0
+    with torch.no_grad():
+        ctx = context(model)
+        assert max_ratio(model, ctx, scale=1.0) <= kappa + 1e-5
+
+
+def jacobian_spectral_norm(model, ctx, h, iters=60):
+    """‖J‖₂ of the loop map at h, by power iteration on JᵀJ with JVP/VJP."""
+    v = torch.randn_like(h)
+    f = lambda x: model.core.loop_map(x, ctx)  # noqa: E731
+    sigma = torch.zeros(h.shape[0])
+    for _ in range(iters):
+        v = v / v.norm(dim=-1, keepdim=True)
+        _, jv = torch.func.jvp(f, (h,), (v,))
+        _, vjp = torch.func.vjp(f, h)
+        (v,) = vjp(jv)
+        sigma = jv.norm(dim=-1)
+    return sigma
+
+
+def test_jacobian_spectral_radius_below_certificate():
+    torch.manual_seed(0)
+    model = tiny_model(block="token", block_depth=2).double()
+    randomize(model, std=1.5)
+    kappa = model.certified_lipschitz()
+    with torch.no_grad():
+        ctx = context(model, batch=8)
+        h = torch.randn(8, model.cfg.hidden_dim, dtype=torch.float64)
+        sigma = jacobian_spectral_norm(model, ctx, h)
+    assert float(sigma.max()) <= kappa + 1e-9
+    assert float(sigma.max()) > 0.05
+
+
+def test_loop_converges_geometrically_and_bound_holds():
+    torch.manual_seed(0)
+    model = tiny_model().double()
+    randomize(model, std=1.0)
+    kappa = model.certified_lipschitz()
+    with torch.no_grad():
+        ctx = context(model, batch=16)
+        h_star = model.core.fixed_point(ctx, tol=1e-12)
+        _, trace = model.core.run(ctx, exit="fixed", loops=30, keep_states=True)
+    res = trace.residuals
+    assert torch.all(res[1:] <= kappa * res[:-1] + 1e-12)
+    for t in range(1, 31):
+        true_dist = (trace.states[t] - h_star).norm(dim=-1)
+        bound = kappa / (1 - kappa) * res[t - 1]
+        assert torch.all(true_dist <= bound + 1e-10)
+    assert float((trace.states[-1] - h_star).norm(dim=-1).max()) < float(res[0].max()) * kappa ** 29 / (1 - kappa)
+
+
+def test_bounded_rollouts_over_10k_steps():
+    torch.manual_seed(0)
+    model = tiny_model(activation="tanh")
+    randomize(model, std=1.0)
+    core = model.core
+    kappa = model.certified_lipschitz()
+    with torch.no_grad():
+        delta = torch.nn.functional.softplus(core.delta_raw)
+        drive_gain = exact_spectral_norm(delta[:, None] * core.inject.weight)
+        width = core.block.out.weight.shape[1]
+        scale = float(core.block_scale(core.retention().max()))
+        sup_bound = (drive_gain * model.cfg.inject_dim ** 0.5 + scale * width ** 0.5) / (1 - kappa)
+        z = model.encode(torch.randn(4, 3))
+        worst, worst_ratio = 0.0, 0.0
+        for _ in range(10_000):
+            a = torch.rand(4, 1) * 2 - 1
+            ctx = core.prepare(model.injection(z, a))
+            h, trace = core.run(ctx, exit="fixed", loops=3)
+            assert torch.isfinite(h).all()
+            worst = max(worst, float(h.norm(dim=-1).max()))
+            worst_ratio = max(worst_ratio, float((h.norm(dim=-1) / core.state_bound(ctx)).max()))
+            z = model.readout(h)
+    assert worst <= sup_bound
+    assert worst_ratio <= 1.0 + 1e-5
+
+
+def test_paper_mode_can_break_the_certificate():
+    model = tiny_model(constrain_block=False, activation="relu").double()
+    with torch.no_grad():
+        for lin in model.core.block.linears():
+            lin.weight.mul_(3.0)
+    kappa = model.certified_lipschitz()
+    assert kappa > 1.0
+    with torch.no_grad():
+        ctx = context(model)
+        assert max_ratio(model, ctx, scale=1.0) > 1.0
+    constrained = tiny_model(constrain_block=True, activation="relu")
+    with torch.no_grad():
+        for lin in constrained.core.block.linears():
+            lin.weight.mul_(3.0)
+    assert constrained.certified_lipschitz() < 1.0
+
+
+def test_no_retention_ablation_zeroes_retention():
+    model = tiny_model(retention=False)
+    assert float(model.core.retention().abs().max()) == 0.0
+    assert model.certified_lipschitz() < 1.0
+
+
+def test_exit_policy_respects_min_and_max_loops():
+    torch.manual_seed(0)
+    model = tiny_model()
+    with torch.no_grad():
+        ctx = context(model, batch=8)
+        _, tight = model.core.run(ctx, exit="certified", tol=1e-30, min_loops=2, max_loops=7)
+        _, loose = model.core.run(ctx, exit="certified", tol=1e30, min_loops=3, max_loops=7)
+        _, gated = model.core.run(ctx, exit="gate", gate_threshold=0.0, min_loops=2, max_loops=7)
+    assert torch.all(tight.loops_used == 7)
+    assert torch.all(loose.loops_used == 3)
+    assert torch.all(gated.loops_used == 2)
+
+
+def test_certified_exit_gives_each_sample_its_own_loop_count():
+    torch.manual_seed(0)
+    model = tiny_model().double()
+    with torch.no_grad():
+        ctx = context(model, batch=8)
+        h_star = model.core.fixed_point(ctx, tol=1e-12)
+        h0 = torch.zeros_like(h_star)
+        h0[:4] = h_star[:4]
+        h, trace = model.core.run(ctx, h0, exit="certified", tol=1e-6, min_loops=1, max_loops=200)
+        dist = (h - h_star).norm(dim=-1)
+    assert torch.all(trace.loops_used[:4] == 1)
+    assert torch.all(trace.loops_used[4:] > 5)
+    assert torch.all(dist <= 1e-6 + 1e-12)
+    assert torch.all(trace.converged)
+
+
+def test_spectral_norm_is_computed_once_per_forward_not_per_loop(monkeypatch):
+    model = tiny_model(block_depth=2)
+    calls = []
+    real = lipschitz.spectral_norm_bound
+    monkeypatch.setattr(lipschitz, "spectral_norm_bound", lambda w, *a: calls.append(1) or real(w, *a))
+    z = model.encode(torch.randn(4, 3))
+    model.step(z, torch.zeros(4, 1), exit="fixed", loops=12)
+    n_linears = len(model.core.block.linears())
+    assert len(calls) == n_linears
+    calls.clear()
+    model.imagine(z, torch.zeros(6, 4, 1), decode="none", exit="fixed", loops=12)
+    assert len(calls) == n_linears
+
+
+def test_deferred_decoding_final_equals_last_of_all():
+    torch.manual_seed(0)
+    model = tiny_model()
+    z = model.encode(torch.randn(5, 3))
+    actions = torch.rand(7, 5, 1) * 2 - 1
+    with torch.no_grad():
+        final = model.imagine(z, actions, decode="final")
+        every = model.imagine(z, actions, decode="all")
+        none = model.imagine(z, actions, decode="none")
+    assert every.obs.shape == (7, 5, 3)
+    assert torch.equal(final.obs, every.obs[-1])
+    assert none.obs is None
+    assert torch.equal(none.latents, final.latents)
+    assert final.rewards.shape == final.continues.shape == final.loops.shape == (7, 5)
+
+
+def test_bad_inputs_get_clear_errors():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="obs has shape"):
+        model.encode(torch.randn(4, 5))
+    with pytest.raises(ValueError, match="NaN"):
+        model.encode(torch.tensor([[0.0, float("nan"), 1.0]]))
+    z = model.encode(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="action has shape"):
+        model.step(z, torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="decode="):
+        model.imagine(z, torch.zeros(2, 4, 1), decode="sometimes")
+    with pytest.raises(ValueError, match="exit="):
+        model.step(z, torch.zeros(4, 1), exit="never")

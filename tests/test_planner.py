@@ -1,0 +1,203 @@
+"""Planner behaviour on analytic world models whose optimal actions are known in closed form."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from loopwm.agents import Planner
+from loopwm.agents.planner import discounted_return
+from loopwm.config import PlannerConfig
+
+TARGET = torch.tensor([0.5, -0.3])
+
+
+@dataclass
+class Imagined:
+    latents: Tensor
+    rewards: Tensor
+    continues: Tensor
+    residual: Tensor
+    converged: Tensor
+    loops: Tensor
+    obs: Optional[Tensor] = None
+
+
+class Analytic:
+    """A world model given by closed forms: z' = step(z, a), r = reward(z, a, z'), residual = residual(z, a)."""
+
+    def __init__(self, action_dim: int, latent_dim: int, step: Callable, reward: Callable,
+                 residual: Optional[Callable] = None, discrete: bool = False):
+        self.action_dim, self.latent_dim, self.discrete = action_dim, latent_dim, discrete
+        self.step, self.reward = step, reward
+        self.residual = residual or (lambda z, a: torch.zeros(z.shape[0]))
+        self.calls = 0
+
+    def encode(self, obs: Tensor) -> Tensor:
+        return obs.float()
+
+    def imagine(self, z: Tensor, actions: Tensor, decode: str = "none") -> Imagined:
+        assert decode == "none" and actions.shape[1] == z.shape[0]
+        self.calls += 1
+        latents, rewards, residuals = [z], [], []
+        for a in actions:
+            nxt = self.step(z, a)
+            rewards.append(self.reward(z, a, nxt))
+            residuals.append(self.residual(z, a))
+            z = nxt
+            latents.append(z)
+        rewards, residual = torch.stack(rewards), torch.stack(residuals)
+        converged = residual < 1e-3
+        return Imagined(torch.stack(latents), rewards, torch.ones_like(rewards), residual, converged,
+                        torch.where(converged, 2, 16))
+
+
+def point_model() -> Analytic:
+    """z' = z + a, r = -|z' - target|^2: from z the best first action is target - z, then zero."""
+    return Analytic(2, 2, lambda z, a: z + a, lambda z, a, n: -((n - TARGET) ** 2).sum(-1))
+
+
+def bandit(values: list[float], residuals: Optional[list[float]] = None) -> Analytic:
+    """Discrete arms with fixed rewards; the latent records the last arm pulled (one-hot)."""
+    vals = torch.tensor(values)
+    res = torch.tensor(residuals or [0.0] * len(values))
+    return Analytic(len(values), len(values), lambda z, a: a, lambda z, a, n: a @ vals,
+                    lambda z, a: a @ res, discrete=True)
+
+
+def cfg(**kw) -> PlannerConfig:
+    base = dict(horizon=3, iterations=8, samples=256, elites=32, policy_samples=0, temperature=0.5,
+                min_std=0.02, max_std=1.0, discount=0.95, momentum=0.1)
+    return PlannerConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("method", ["mppi", "cem"])
+def test_finds_known_optimum(method):
+    wm = point_model()
+    planner = Planner(wm, cfg(method=method), seed=0)
+    action = planner.act(np.zeros(2, dtype=np.float32), eval_mode=True)
+    assert isinstance(action, np.ndarray) and action.shape == (2,)
+    np.testing.assert_allclose(action, TARGET.numpy(), atol=0.05)
+    assert wm.calls == planner.cfg.iterations
+    assert set(planner.last_stats) == {"return", "elite_max", "spread", "loops", "residual", "converged"}
+    assert planner.last_stats["return"] > -0.1 and planner.last_stats["loops"] == 2.0
+
+
+def test_batched_envs_plan_independently():
+    wm = point_model()
+    starts = np.array([[0.0, 0.0], [0.8, 0.2], [-0.2, -0.9]], dtype=np.float32)
+    actions = Planner(wm, cfg(), seed=0).act(starts, eval_mode=True, batched=True)
+    assert actions.shape == (3, 2) and wm.calls == 8
+    np.testing.assert_allclose(actions, TARGET.numpy() - starts, atol=0.1)
+
+
+def test_training_actions_are_seeded_bounded_samples():
+    def run(seed):
+        return Planner(point_model(), cfg(iterations=2), exploration=0.5, seed=seed).act(np.zeros(2))
+    first, again, other = run(1), run(1), run(2)
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, other)
+    assert np.all(np.abs(first) <= 1.0)
+
+
+@pytest.mark.parametrize("method", ["mppi", "cem"])
+def test_discrete_picks_best_arm(method):
+    planner = Planner(bandit([0.1, 0.5, 0.9, 0.3]), cfg(method=method, samples=64, elites=8), seed=0)
+    action = planner.act(np.zeros(4), eval_mode=True)
+    assert isinstance(action, int) and action == 2
+    assert planner.prev["probs"][0, :, 2].min() > 0.9
+    assert planner.prev["probs"].min() >= 0.01 - 1e-6
+
+
+def test_value_extends_the_horizon():
+    # Arm 0 pays now and leads to a worthless latent; arm 1 pays nothing now but V says its latent is worth 10.
+    wm = bandit([1.0, 0.0])
+    c = cfg(horizon=1, samples=32, elites=4)
+    assert Planner(wm, c, seed=0).act(np.zeros(2), eval_mode=True) == 0
+    assert Planner(wm, c, value=lambda z: 10.0 * z[:, 1], seed=0).act(np.zeros(2), eval_mode=True) == 1
+
+
+def test_warm_start_shifts_previous_plan():
+    wm = point_model()
+    planner = Planner(wm, cfg(horizon=4), seed=0)
+    planner.plan(torch.zeros(2))
+    prev = planner.prev["mean"].clone()
+    start = planner.start_distribution(1)
+    torch.testing.assert_close(start["mean"][:, :-1], prev[:, 1:])
+    assert torch.all(start["mean"][:, -1] == 0)
+    assert torch.all(start["std"] == planner.cfg.max_std)
+    assert torch.all(planner.start_distribution(1, t0=True)["mean"] == 0)
+
+    # With momentum 1 the distribution never moves, so the eval action is exactly the start mean's first step.
+    frozen = Planner(wm, cfg(horizon=4, momentum=1.0), seed=0)
+    frozen.prev = {"mean": torch.arange(8.0).view(1, 4, 2) / 10, "std": torch.ones(1, 4, 2)}
+    torch.testing.assert_close(frozen.plan(torch.zeros(2), eval_mode=True), torch.tensor([0.2, 0.3]))
+    torch.testing.assert_close(frozen.plan(torch.zeros(2), eval_mode=True), torch.tensor([0.4, 0.5]))
+    assert torch.all(frozen.plan(torch.zeros(2), eval_mode=True, t0=True) == 0)
+    frozen.reset()
+    assert frozen.prev is None
+
+
+def test_warm_start_per_env_reset_and_discrete_shift():
+    planner = Planner(bandit([0.1, 0.5, 0.9, 0.3]), cfg(samples=64, elites=8), seed=0)
+    planner.plan(torch.zeros(2, 4))
+    prev = planner.prev["probs"]
+    start = planner.start_distribution(2, t0=np.array([False, True]))
+    torch.testing.assert_close(start["probs"][0, :-1], 0.5 * prev[0, 1:] + 0.125)
+    torch.testing.assert_close(start["probs"][0, -1], torch.full((4,), 0.25))
+    torch.testing.assert_close(start["probs"][1], torch.full((3, 4), 0.25))
+
+
+@pytest.mark.parametrize("uncertainty", ["residual", "unconverged"])
+def test_uncertainty_penalty_avoids_unconverged_arm(uncertainty):
+    wm = bandit([1.0, 0.6], residuals=[2.0, 0.0])
+    act = lambda lam: Planner(wm, cfg(uncertainty_penalty=lam, samples=32, elites=4), uncertainty=uncertainty,
+                              seed=0).act(np.zeros(2), eval_mode=True)
+    assert act(0.0) == 0
+    assert act(1.0) == 1
+
+
+def test_uncertainty_penalty_shifts_continuous_optimum():
+    # r = a and residual = 2 max(a, 0)^2: λ=0 goes to the bound, λ=1 to the maximiser of a - 2a², a = 0.25.
+    wm = Analytic(1, 1, lambda z, a: z, lambda z, a, n: a[:, 0], lambda z, a: 2 * a[:, 0].clamp_min(0) ** 2)
+    act = lambda lam: Planner(wm, cfg(horizon=1, uncertainty_penalty=lam), seed=0).act(np.zeros(1), eval_mode=True)
+    assert act(0.0)[0] > 0.9
+    assert abs(act(1.0)[0] - 0.25) < 0.05
+
+
+def test_policy_prior_seeds_samples():
+    # One CEM iteration with few random samples is poor; an optimal prior in the sample set fixes it.
+    wm = point_model()
+    c = cfg(method="cem", iterations=1, samples=16, elites=2, policy_samples=2, momentum=0.0)
+    optimal = lambda z: TARGET - z
+    without = Planner(wm, c, seed=0).act(np.zeros(2), eval_mode=True)
+    with_prior = Planner(wm, c, prior=optimal, seed=0).act(np.zeros(2), eval_mode=True)
+    assert np.abs(with_prior - TARGET.numpy()).max() < 0.02 < np.abs(without - TARGET.numpy()).max()
+    with pytest.raises(ValueError, match="policy_samples"):
+        Planner(wm, cfg(samples=16, elites=2, policy_samples=16), prior=optimal)
+
+
+def test_nan_predictions_are_never_chosen():
+    wm = Analytic(1, 1, lambda z, a: z, lambda z, a, n: torch.where(a[:, 0] > 0, torch.nan, -a[:, 0]))
+    action = Planner(wm, cfg(horizon=1), seed=0).act(np.zeros(1), eval_mode=True)
+    assert -1.0 <= action[0] <= 0.0 and np.isfinite(action[0])
+
+
+def test_discounted_return_matches_hand_computation():
+    rewards = torch.tensor([[1.0], [2.0], [4.0]])
+    continues = torch.tensor([[1.0], [0.5], [0.0]])
+    expected = 1.0 + 0.9 * 2.0 + 0.81 * 0.5 * 4.0 + 0.729 * 0.0 * 7.0
+    torch.testing.assert_close(discounted_return(rewards, continues, 0.9, torch.tensor([7.0])),
+                               torch.tensor([expected]))
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValueError, match="elites"):
+        Planner(point_model(), dataclasses.replace(cfg(), elites=300))
+    with pytest.raises(ValueError, match="min_prob"):
+        Planner(bandit([0.0, 1.0]), cfg(), min_prob=0.5)
