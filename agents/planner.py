@@ -211,8 +211,8 @@ class Planner:
             return None
         zk, actions = z.repeat_interleave(self.policy_samples, 0), []
         for k in range(self.cfg.horizon):
-            a = self.prior(zk)
-            actions.append(a if self.wm.discrete else a.clamp(-1, 1))
+            a = self.prior(zk) if self.wm.discrete else self.prior(zk).clamp(-1, 1)
+            actions.append(a)
             if k + 1 < self.cfg.horizon:
                 zk = self.wm.imagine(zk, a[None], decode="none").latents[-1]
         return torch.stack(actions).view(self.cfg.horizon, z.shape[0], self.policy_samples, -1)

@@ -16,9 +16,9 @@ from gymnasium.envs.registration import EnvSpec
 from gymnasium.spaces import Box, Discrete, Space
 from gymnasium.wrappers import (
     AtariPreprocessing,
-    DtypeObservation,
     FrameStackObservation,
     TimeLimit,
+    TransformObservation,
     TransformReward,
 )
 
@@ -42,6 +42,10 @@ def _spec(env_id: str) -> EnvSpec:
         close = difflib.get_close_matches(env_id, list(gym.registry), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown environment id {env_id!r}{hint} ({exc})") from None
+
+
+def _to_float32(obs: np.ndarray) -> np.ndarray:
+    return obs.astype(np.float32)
 
 
 def _make_atari(cfg: EnvConfig, render_mode: str | None, training: bool) -> gym.Env:
@@ -82,8 +86,10 @@ def make_env(
         if str(_spec(cfg.id).entry_point).startswith("gymnasium.envs.mujoco"):
             _require("mujoco", "mujoco", cfg.id, "MuJoCo")
         env = gym.make(cfg.id, render_mode=render_mode, max_episode_steps=cfg.max_episode_steps)
-        if isinstance(env.observation_space, Box) and env.observation_space.dtype == np.float64:
-            env = DtypeObservation(env, np.float32)
+        space = env.observation_space
+        if isinstance(space, Box) and space.dtype == np.float64:
+            bounds = (space.low.astype(np.float32), space.high.astype(np.float32))
+            env = TransformObservation(env, _to_float32, Box(*bounds, dtype=np.float32))
     try:
         check_spaces(env.observation_space, env.action_space)
     except ValueError:
@@ -147,6 +153,7 @@ def action_dim(space: Space) -> int:
 
 def action_to_model(action: np.ndarray, space: Space) -> np.ndarray:
     """Env actions (batched or not) to model actions: Box scaled to [-1, 1], Discrete one-hot; float32."""
+    _check_action_space(space)
     if isinstance(space, Discrete):
         index = np.asarray(action, dtype=np.int64) - int(space.start)
         return np.eye(int(space.n), dtype=np.float32)[index]
@@ -156,6 +163,7 @@ def action_to_model(action: np.ndarray, space: Space) -> np.ndarray:
 
 def action_from_model(x: np.ndarray, space: Space) -> np.ndarray:
     """Model actions back to env actions: clip to [-1, 1] and rescale, or take the argmax for Discrete."""
+    _check_action_space(space)
     x = np.asarray(x)
     if isinstance(space, Discrete):
         return (np.argmax(x, axis=-1) + int(space.start)).astype(space.dtype)

@@ -108,6 +108,7 @@ class DataConfig:
     steps: int = field(default=20000, metadata=_range(1))
     policy: Literal["random", "noisy_planner", "mixed"] = "random"
     noise: float = field(default=0.3, metadata=_range(0.0))
+    planner_checkpoint: Optional[str] = None
     capacity: int = field(default=1_000_000, metadata=_range(1))
 
 

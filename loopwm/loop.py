@@ -34,6 +34,11 @@ class StepContext:
     scale: Tensor            # s, the block's output gain
     kappa: Tensor            # certified Lipschitz constant of h ↦ F(h, e)
 
+    def select(self, index: Tensor) -> "StepContext":
+        """The context of a subset of the batch (shared parts are kept as they are)."""
+        return StepContext(self.retention, self.drive[index], [c[index] for c in self.block_ctx],
+                           self.weights, self.scale, self.kappa)
+
 
 @dataclass
 class LoopTrace:

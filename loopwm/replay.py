@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 FORMAT = "loopwm.replay"
@@ -39,6 +40,7 @@ def _flat_index(rows: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def _castable(src: np.dtype, dst: np.dtype) -> bool:
+    """Same-kind casts, plus any integer to integer (frames often arrive as int64 from Python code)."""
     return np.can_cast(src, dst, "same_kind") or (np.issubdtype(src, np.integer) and np.issubdtype(dst, np.integer))
 
 
@@ -49,14 +51,8 @@ class ReplayBuffer:
     actions are the model's float vectors of width `action_dim`; `capacity` counts transitions.
     """
 
-    def __init__(
-        self,
-        obs_shape: tuple[int, ...],
-        action_dim: int,
-        capacity: int,
-        obs_dtype: np.dtype | type = np.float32,
-        frame_stack: int = 1,
-    ):
+    def __init__(self, obs_shape: tuple[int, ...], action_dim: int, capacity: int,
+                 obs_dtype: npt.DTypeLike = np.float32, frame_stack: int = 1):
         self.obs_shape = tuple(int(d) for d in obs_shape)
         self.action_dim = int(action_dim)
         self.capacity = int(capacity)
@@ -73,22 +69,15 @@ class ReplayBuffer:
 
     def _clear(self) -> None:
         """Empty the storage; arrays grow on demand up to `capacity` rows."""
-        self._ring = {
-            "obs": np.empty((0, *self._frame_shape), self.obs_dtype),
-            "actions": np.empty((0, self.action_dim), np.float32),
-            "rewards": np.empty(0, np.float32),
-            "terminated": np.empty(0, bool),
-            "truncated": np.empty(0, bool),
-        }
-        self._head = 0  # ring slot of the oldest stored transition
-        self._size = 0  # transitions stored
-        self._eps = {
-            "slot": np.empty(0, np.int64),
-            "length": np.empty(0, np.int64),
-            "final": np.empty((0, *self._frame_shape), self.obs_dtype),
-        }
-        self._ep_head = 0  # table row of the oldest live episode
-        self._ep_count = 0
+        frame = (0, *self._frame_shape)
+        self._ring = {"obs": np.empty(frame, self.obs_dtype), "actions": np.empty((0, self.action_dim), np.float32),
+                      "rewards": np.empty(0, np.float32), "terminated": np.empty(0, bool),
+                      "truncated": np.empty(0, bool)}
+        self._head, self._size = 0, 0  # ring slot of the oldest transition; transitions stored
+        # episode table, live rows [_ep_head, _ep_head + _ep_count): first ring slot, length, final obs o_T
+        self._eps = {"slot": np.empty(0, np.int64), "length": np.empty(0, np.int64),
+                     "final": np.empty(frame, self.obs_dtype)}
+        self._ep_head, self._ep_count = 0, 0
         self._open: dict[int, dict[str, list]] = {}  # episodes being streamed in, by env index
         self._after_done: set[int] = set()  # envs whose next vector step is a NEXT_STEP autoreset
 
@@ -105,16 +94,8 @@ class ReplayBuffer:
         """Bytes held by the storage arrays."""
         return sum(a.nbytes for a in (*self._ring.values(), *self._eps.values()))
 
-    # ---- writing -------------------------------------------------------------------------------------
-
-    def add_episode(
-        self,
-        obs: np.ndarray,
-        actions: np.ndarray,
-        rewards: np.ndarray,
-        terminated: np.ndarray,
-        truncated: np.ndarray,
-    ) -> None:
+    def add_episode(self, obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
+                    terminated: np.ndarray, truncated: np.ndarray) -> None:
         """Store one episode: obs [T+1, *obs_shape], actions [T, A], rewards/terminated/truncated [T]."""
         actions = np.asarray(actions)
         steps = len(actions)
@@ -131,16 +112,8 @@ class ReplayBuffer:
                 f"transition {int(np.argmax(done))} is terminated/truncated but is not the last of the episode")
         self._store(self._to_frames(obs, starts_episode=True), actions, *flags)
 
-    def add(
-        self,
-        obs: np.ndarray,
-        action: np.ndarray,
-        reward: float,
-        next_obs: np.ndarray,
-        terminated: bool,
-        truncated: bool,
-        env: int = 0,
-    ) -> None:
+    def add(self, obs: np.ndarray, action: np.ndarray, reward: float, next_obs: np.ndarray,
+            terminated: bool, truncated: bool, env: int = 0) -> None:
         """Stream one transition of environment `env`; its episode is stored when it ends.
 
         `obs` must be the `next_obs` of the env's previous transition, or the first obs of a new episode.
@@ -152,29 +125,21 @@ class ReplayBuffer:
             raise ValueError(f"action: expected shape ({self.action_dim},), got {action.shape}")
         episode = self._open.get(env)
         if episode is None:
-            first = self._to_frames(stacked[:1], starts_episode=True)
-            episode = self._open[env] = {"frames": [first[0]], "actions": [], "rewards": [], "flags": []}
+            first = self._to_frames(stacked[:1], starts_episode=True)[0].copy()
+            episode = self._open[env] = {"frames": [first], "actions": [], "rewards": [], "flags": []}
         elif not np.array_equal(pair[0], episode["frames"][-1]):
             raise ValueError(
                 f"env {env}: obs does not continue the open episode (it differs from the previous next_obs); "
                 "for vector envs with NEXT_STEP autoreset use add_batch")
-        episode["frames"].append(pair[1])
+        episode["frames"].append(pair[1].copy())  # a copy, so the stacks it came from are freed
         episode["actions"].append(action)
         episode["rewards"].append(float(reward))
         episode["flags"].append((bool(terminated), bool(truncated)))
         if terminated or truncated:
             self._close(env)
 
-    def add_batch(
-        self,
-        obs: np.ndarray,
-        actions: np.ndarray,
-        rewards: np.ndarray,
-        next_obs: np.ndarray,
-        terminated: np.ndarray,
-        truncated: np.ndarray,
-        autoreset: str = "next_step",
-    ) -> None:
+    def add_batch(self, obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, next_obs: np.ndarray,
+                  terminated: np.ndarray, truncated: np.ndarray, autoreset: str = "next_step") -> None:
         """Stream one step of a vector env: row i of each argument is env i.
 
         With Gymnasium's default "next_step" autoreset, the step after an env's episode ends only resets that
@@ -226,8 +191,11 @@ class ReplayBuffer:
         steps = len(actions)
         if not 1 <= steps <= self.capacity:
             raise ValueError(f"an episode must have between 1 and capacity={self.capacity} transitions, got {steps}")
-        while self._size + steps > self.capacity:
-            self._evict_oldest()
+        while self._size + steps > self.capacity:  # drop the oldest episode
+            oldest = int(self._eps["length"][self._ep_head])
+            self._head = (self._head + oldest) % len(self._ring["rewards"])
+            self._size -= oldest
+            self._ep_head, self._ep_count = self._ep_head + 1, self._ep_count - 1
         if self._size + steps > len(self._ring["rewards"]):
             self._grow_ring(min(self.capacity, max(2 * len(self._ring["rewards"]), self._size + steps)))
         slots = (self._head + self._size + np.arange(steps)) % len(self._ring["rewards"])
@@ -235,13 +203,6 @@ class ReplayBuffer:
             self._ring[key][slots] = value
         self._append_episode(int(slots[0]), steps, frames[-1])
         self._size += steps
-
-    def _evict_oldest(self) -> None:
-        length = int(self._eps["length"][self._ep_head])
-        self._head = (self._head + length) % len(self._ring["rewards"])
-        self._size -= length
-        self._ep_head += 1
-        self._ep_count -= 1
 
     def _grow_ring(self, length: int) -> None:
         alloc = len(self._ring["rewards"])
@@ -255,14 +216,13 @@ class ReplayBuffer:
     def _append_episode(self, slot: int, length: int, final: np.ndarray) -> None:
         end = self._ep_head + self._ep_count
         if end == len(self._eps["length"]):
-            self._eps = {k: _resize(v, self._live_rows(), max(16, 2 * self._ep_count + 2)) for k, v in self._eps.items()}
+            rows, size = self._live_rows(), max(16, 2 * self._ep_count + 2)
+            self._eps = {k: _resize(v, rows, size) for k, v in self._eps.items()}
             self._ep_head, end = 0, self._ep_count
         self._eps["slot"][end] = slot
         self._eps["length"][end] = length
         self._eps["final"][end] = final
         self._ep_count += 1
-
-    # ---- reading -------------------------------------------------------------------------------------
 
     def _live_rows(self) -> np.ndarray:
         return np.arange(self._ep_head, self._ep_head + self._ep_count)
@@ -292,7 +252,8 @@ class ReplayBuffer:
         """Uniformly sample `batch_size` sequences of `length` transitions, each inside one episode.
 
         Returns time-major tensors: obs [L+1, B, *obs_shape], actions [L, B, A], rewards, terminated and
-        truncated [L, B]. Episodes shorter than `length` are never sampled.
+        truncated [L, B] (bool). Obs keep the stored dtype (uint8 pixels stay uint8). Episodes shorter than
+        `length` are never sampled.
         """
         if not isinstance(rng, np.random.Generator):
             raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
@@ -338,15 +299,9 @@ class ReplayBuffer:
         mean = sum(x.sum(0) for x in self._obs_chunks()) / count
         std = np.sqrt(sum(((x - mean) ** 2).sum(0) for x in self._obs_chunks()) / count)
         rewards = self._ring["rewards"][(self._head + np.arange(self._size)) % len(self._ring["rewards"])]
-        out = {
-            "obs_mean": np.broadcast_to(mean, self.obs_shape),
-            "obs_std": np.broadcast_to(std, self.obs_shape),
-            "reward_mean": rewards.mean(dtype=np.float64),
-            "reward_std": rewards.std(dtype=np.float64),
-        }
+        out = {"obs_mean": np.broadcast_to(mean, self.obs_shape), "obs_std": np.broadcast_to(std, self.obs_shape),
+               "reward_mean": rewards.mean(dtype=np.float64), "reward_std": rewards.std(dtype=np.float64)}
         return {k: torch.tensor(np.asarray(v, np.float32)) for k, v in out.items()}
-
-    # ---- splitting and persistence --------------------------------------------------------------------
 
     def _arrays(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Episodes `rows` as flat arrays: obs frames [sum(T+1), ...] and transitions [sum(T), ...]."""
@@ -379,9 +334,6 @@ class ReplayBuffer:
             o0, t0 = o1 - n - 1, t1 - n
             self._store(arrays["obs"][o0:o1], *(arrays[k][t0:t1] for k in _RING[1:]))
 
-    def _empty_like(self) -> "ReplayBuffer":
-        return ReplayBuffer(self.obs_shape, self.action_dim, self.capacity, self.obs_dtype, self.frame_stack)
-
     def split(self, val_fraction: float, seed: int = 0) -> tuple["ReplayBuffer", "ReplayBuffer"]:
         """(train, val) buffers holding disjoint whole episodes; the same seed gives the same split.
 
@@ -395,7 +347,7 @@ class ReplayBuffer:
         rows = self._live_rows()
         held_out = np.zeros(len(rows), bool)
         held_out[np.random.default_rng(seed).permutation(len(rows))[:n_val]] = True
-        train, val = self._empty_like(), self._empty_like()
+        train, val = (self._from_meta(self._meta(), "split") for _ in range(2))
         train._load_arrays(self._arrays(rows[~held_out]), "split")
         val._load_arrays(self._arrays(rows[held_out]), "split")
         return train, val
@@ -429,8 +381,6 @@ class ReplayBuffer:
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
-                if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-                    raise ValueError("no loopwm replay header")
                 arrays = {k: data[k] for k in _ARRAYS}
             buffer = cls._from_meta(meta, str(path))
         except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile) as exc:
@@ -440,6 +390,8 @@ class ReplayBuffer:
 
     @classmethod
     def _from_meta(cls, meta: dict[str, Any], source: str) -> "ReplayBuffer":
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(f"{source}: no {FORMAT!r} header")
         if meta.get("version") != VERSION:
             raise ValueError(f"{source}: replay format version {meta.get('version')!r}, expected {VERSION}")
         return cls(meta["obs_shape"], meta["action_dim"], meta["capacity"], np.dtype(meta["obs_dtype"]),

@@ -229,3 +229,18 @@ def test_contraction_ratios_floor_masks_rounding_noise():
     assert contraction_ratios(h).isfinite().all()
     r = contraction_ratios(h, floor=1e-6)
     assert r[0].isfinite().all() and r[1].isnan().all()
+
+
+def test_step_cosines_floor_masks_converged_loops():
+    h = torch.tensor([0.0, 1.0, 1.5, 1.5, 1.5], dtype=torch.float64).reshape(5, 1, 1)
+    cos = step_cosines(h, floor=1e-9)
+    assert cos[0].item() == pytest.approx(1.0) and cos[1:].isnan().all()
+
+
+def test_lyapunov_rate_fits_only_inside_the_window():
+    t = torch.arange(30, dtype=torch.float64)
+    delta = (1e-3 * 2.0 ** t).clamp_max(1.0)
+    a = torch.zeros(30, 1, 1, dtype=torch.float64)
+    b = delta.reshape(30, 1, 1)
+    assert lyapunov_rate(a, b, ceiling=0.5).item() == pytest.approx(math.log(2.0), rel=1e-5)
+    assert lyapunov_rate(a, b).item() < 0.9 * math.log(2.0)

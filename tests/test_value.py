@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from loopwm.agents import PolicyPrior, ValueFunction
-from loopwm.config import AgentConfig
+from loopwm.agents import Planner, PolicyPrior, ValueFunction
+from loopwm.config import AgentConfig, PlannerConfig
 
 TARGET = torch.tensor([0.5, -0.3])
 
@@ -117,3 +117,15 @@ def test_prior_backprops_through_value_without_updating_it():
     assert all(torch.equal(p, q) for p, q in zip(before, value.net.parameters()))
     sample = prior(torch.zeros(5, 2))
     assert sample.shape == (5, 2) and sample.abs().max() <= 1
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+def test_planner_uses_learned_value_and_prior(discrete):
+    torch.manual_seed(0)
+    wm, cfg = PointModel(discrete), AgentConfig()
+    value = ValueFunction(wm.latent_dim, cfg, hidden_dim=16)
+    prior = PolicyPrior(wm.latent_dim, wm.action_dim, discrete, cfg, hidden_dim=16)
+    planner = Planner(wm, PlannerConfig(horizon=2, iterations=2, samples=32, elites=4, policy_samples=4),
+                      value=value, prior=prior, seed=0)
+    actions = planner.plan(torch.zeros(3, wm.latent_dim))
+    assert actions.shape == (3, wm.action_dim) and actions.abs().max() <= 1

@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import torch
 
-from loopwm.analysis.convergence import States, stack_states, steps
+from loopwm.analysis.convergence import States, stack_states
 
 
-def step_cosines(states: States) -> torch.Tensor:
-    """Cosine between successive updates `cos(Δ_t, Δ_{t−1})` for t = 2..T, `[T−1, B]`: +1 steady, −1 flipping."""
-    d = steps(states)
-    return torch.nn.functional.cosine_similarity(d[1:], d[:-1], dim=-1, eps=1e-30)
+def step_cosines(states: States, floor: float = 0.0) -> torch.Tensor:
+    """Cosine between successive updates `cos(Δ_t, Δ_{t−1})` for t = 2..T, `[T−1, B]`: +1 steady, −1 flipping.
+
+    Entries where either update is at most `floor·‖h_t‖` are NaN: the direction of rounding noise means nothing.
+    """
+    h = stack_states(states)
+    d = h[1:] - h[:-1]
+    n = d.norm(dim=-1)
+    cos = torch.nn.functional.cosine_similarity(d[1:], d[:-1], dim=-1, eps=1e-30)
+    resolved = torch.minimum(n[1:], n[:-1]) > floor * h[1:-1].norm(dim=-1)
+    return torch.where(resolved, cos, torch.full_like(cos, float("nan")))
 
 
 def recurrence_matrix(states: States) -> torch.Tensor:

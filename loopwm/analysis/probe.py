@@ -28,6 +28,7 @@ class Transitions:
     next_obs: Tensor   # [N, ...] next observation, environment units
     prev_z: Tensor     # [N, Z] latent one step earlier (for warm starts)
     prev_action: Tensor  # [N, A]
+    reward: Optional[Tensor] = None  # [N] reward of the transition, when given
 
 
 @dataclass
@@ -49,17 +50,20 @@ def check_sequences(obs: Tensor, actions: Tensor) -> None:
 
 
 @torch.no_grad()
-def transitions(wm: WorldModel, obs: Tensor, actions: Tensor, n: int, seed: int = 0) -> Transitions:
+def transitions(wm: WorldModel, obs: Tensor, actions: Tensor, n: int, seed: int = 0,
+                rewards: Optional[Tensor] = None) -> Transitions:
     """A seeded sample of `n` transitions from steps k ≥ 1 of the sequences (so each has a previous step)."""
     check_sequences(obs, actions)
     device = wm.obs_mean.device
     obs, actions = torch.as_tensor(obs).to(device), torch.as_tensor(actions).to(device)
     L, B = actions.shape[:2]
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm((L - 1) * B, generator=g)[:n]
+    idx = torch.randperm((L - 1) * B, generator=g)[:n].to(device)
     k, b = idx // B + 1, idx % B
+    reward = torch.as_tensor(rewards).to(device)[k, b].float() if rewards is not None else None
     return Transitions(z=wm.encode(obs[k, b]), action=actions[k, b], target=wm.encode(obs[k + 1, b]),
-                       next_obs=obs[k + 1, b].float(), prev_z=wm.encode(obs[k - 1, b]), prev_action=actions[k - 1, b])
+                       next_obs=obs[k + 1, b].float(), prev_z=wm.encode(obs[k - 1, b]), prev_action=actions[k - 1, b],
+                       reward=reward)
 
 
 def random_actions(wm: WorldModel, like: Tensor, steps: int, generator: torch.Generator) -> Tensor:
@@ -92,18 +96,19 @@ def run_loops(wm: WorldModel, ctx: StepContext, loops: int, h0: Optional[Tensor]
 
 
 @torch.no_grad()
-def fixed_point(wm: WorldModel, ctx: StepContext, h0: Tensor, loops: int) -> Tensor:
-    """A far-converged state: `loops` more loops from `h0` (works in paper mode too, where no tolerance is certified)."""
+def final_state(wm: WorldModel, ctx: StepContext, h0: Tensor, loops: int) -> Tensor:
+    """The state after `loops` loops from `h0`; with many loops, a far-converged h* (in paper mode too, with no tolerance)."""
     _, trace = wm.core.run(ctx, h0, exit="fixed", loops=loops)
     return trace.final_state
 
 
 @torch.no_grad()
 def obs_errors(wm: WorldModel, latents: Tensor, next_obs: Tensor) -> Tensor:
-    """RMS error of decoded latents `[..., N, Z]` against observations `[N, ...]`, in environment units, `[..., N]`."""
+    """RMS error of decoded latents `[..., Z]` against observations `[..., *obs_shape]` (broadcast), in environment units."""
     lead = latents.shape[:-1]
     decoded = wm.decode(latents.reshape(-1, latents.shape[-1])).reshape(*lead, -1)
-    return rms_distance(decoded, next_obs.reshape(lead[-1], -1).to(decoded.dtype))
+    obs_lead = next_obs.shape[:next_obs.dim() - len(wm.spec.obs_shape)]
+    return rms_distance(decoded, next_obs.reshape(*obs_lead, -1).to(decoded.dtype))
 
 
 @torch.no_grad()

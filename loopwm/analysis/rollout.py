@@ -1,20 +1,24 @@
 """Long-horizon behaviour of latent rollouts: a Lyapunov-like divergence rate of two nearby trajectories."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 
-def lyapunov_rate(traj_a: torch.Tensor, traj_b: torch.Tensor, floor: float = 1e-12) -> torch.Tensor:
-    """Least-squares slope of `log‖δ_t‖` against horizon t for two rollouts `[H, B, d]`, per sample `[B]`.
+def lyapunov_rate(traj_a: torch.Tensor, traj_b: torch.Tensor, floor: float = 1e-12,
+                  ceiling: float = math.inf) -> torch.Tensor:
+    """Least-squares slope of `log‖δ_t‖` against horizon t for two rollouts `[H, B, d]`, per sample `[B]`; NaN if < 2 steps.
 
-    Negative means nearby latents converge (a contracting imagination), positive that errors compound. Steps where
-    `‖δ_t‖` has fallen to `floor` (numerically identical trajectories) are left out of the fit.
+    Negative means nearby latents converge (a contracting imagination), positive that errors compound. The fit
+    stops at the first step where `‖δ_t‖` leaves (floor, ceiling): below, rounding noise; above, the divergence
+    has saturated at the size of the attractor.
     """
     if traj_a.shape != traj_b.shape:
         raise ValueError(f"lyapunov_rate: trajectories differ in shape, {tuple(traj_a.shape)} vs {tuple(traj_b.shape)}")
     delta = (traj_a.detach() - traj_b.detach()).flatten(2).double().norm(dim=-1)
-    w = (delta > floor).double()
-    y = delta.clamp_min(floor).log()
+    w = ((delta > floor) & (delta < ceiling)).double().cumprod(0)
+    y = torch.where(w > 0, delta, torch.ones_like(delta)).log()
     t = torch.arange(delta.shape[0], dtype=torch.float64).unsqueeze(1).expand_as(delta)
     n = w.sum(0)
     t_mean = (w * t).sum(0) / n.clamp_min(1)

@@ -1,6 +1,8 @@
 """Rank statistics without sklearn or scipy: average ranks, AUROC, Spearman correlation, robust summaries."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from numpy.typing import ArrayLike
 
@@ -58,6 +60,8 @@ def top_fraction(x: ArrayLike, fraction: float) -> np.ndarray:
 
 
 def quartiles(x: ArrayLike, axis: int = -1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Lower quartile, median and upper quartile along `axis`, ignoring NaN (a median + IQR summary)."""
-    q = np.nanquantile(as_numpy(x), [0.25, 0.5, 0.75], axis=axis)
+    """Lower quartile, median and upper quartile along `axis`, ignoring NaN (a median + IQR summary; all-NaN gives NaN)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        q = np.nanquantile(as_numpy(x), [0.25, 0.5, 0.75], axis=axis)
     return q[0], q[1], q[2]

@@ -1,0 +1,108 @@
+"""The `loopwm` command: run, train, collect, eval and analyze. Heavy imports happen inside each command."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def _config(args: argparse.Namespace):
+    from loopwm.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from loopwm.agents.online import run
+
+    run(_config(args), progress=not args.quiet)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from loopwm.workflows import train
+
+    train(_config(args), progress=not args.quiet)
+
+
+def cmd_collect(args: argparse.Namespace) -> None:
+    from loopwm.workflows import collect
+
+    buffer = collect(_config(args), progress=not args.quiet)
+    print(f"wrote {len(buffer)} transitions in {buffer.num_episodes} episodes")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from loopwm.evaluate import format_table
+    from loopwm.workflows import evaluate_checkpoint
+
+    if args.episodes:
+        from loopwm.agents.online import evaluate_planner
+
+        result = evaluate_planner(args.checkpoint, args.episodes, video_dir=args.video)
+        print(f"return {result['return_mean']:.1f} ± {result['return_std']:.1f} over {args.episodes} episodes; "
+              f"{result['ms_per_decision']:.1f} ms per decision")
+    else:
+        result = evaluate_checkpoint(args.checkpoint, args.data, args.exit)
+        print(format_table(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from loopwm.analysis.report import analyze_checkpoint
+
+    report = analyze_checkpoint(args.checkpoint, data=args.data, out_dir=args.out, compare=args.compare)
+    print(f"wrote {Path(args.out) / 'report.md'} ({len(report)} sections)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loopwm", description="Looped latent world models for Gymnasium.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(name: str, help_text: str, fn) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("config", help="YAML config (see configs/)")
+        p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=3e-4")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
+        p.set_defaults(fn=fn)
+        return p
+
+    with_config("run", "Online loop: collect, fit the world model, plan and evaluate.", cmd_run)
+    with_config("train", "Fit a world model on a saved dataset (data.path).", cmd_train)
+    with_config("collect", "Write a dataset of environment transitions to data.path.", cmd_collect)
+    p = sub.add_parser("eval", help="Prediction errors of a checkpoint, or planner returns with --episodes.",
+                       description="Prediction errors of a checkpoint, or planner returns with --episodes.")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", help="held-out dataset (.npz); default: the run's own held-out split")
+    p.add_argument("--exit", choices=["fixed", "certified", "gate"], help="override the exit rule")
+    p.add_argument("--episodes", type=int, default=0, help="run the planner for N episodes instead")
+    p.add_argument("--video", help="folder for episode videos (rgb-capable envs)")
+    p.add_argument("--out", help="write the JSON result here")
+    p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("analyze", help="Stability report: figures, report.json and report.md.",
+                       description="Stability report: figures, report.json and report.md.")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", help="dataset (.npz); default: the run's held-out split")
+    p.add_argument("--out", default="analysis", help="output folder")
+    p.add_argument("--compare", help="a paper-mode checkpoint to compare long-horizon behaviour with")
+    p.set_defaults(fn=cmd_analyze)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from loopwm.checkpoint import CheckpointError
+    from loopwm.config import ConfigError
+
+    try:
+        args.fn(args)
+    except (ConfigError, CheckpointError, FileNotFoundError) as exc:
+        print(f"loopwm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

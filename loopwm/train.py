@@ -1,0 +1,153 @@
+"""`Trainer`: fits a world model on a replay buffer, logs, checkpoints and resumes exactly."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from loopwm.checkpoint import atomic_torch_save, model_from_payload, read_checkpoint
+from loopwm.config import Config, to_dict
+from loopwm.logger import RunLogger
+from loopwm.objective import TERMS, QuantileTracker, sequence_loss
+from loopwm.optim import build_optimizer, build_schedule, load_optimizer_state, optimizer_state
+from loopwm.replay import ReplayBuffer
+from loopwm.world_model import WorldModel
+from loopwm import checkpoint as ckpt
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, threads: int = 0) -> None:
+    """Seed torch and numpy's global state (our own generators are seeded separately)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+class Trainer:
+    """Owns the model's optimiser, schedule, sampling RNGs and counters; `fit` runs updates."""
+
+    def __init__(self, wm: WorldModel, cfg: Config, replay: ReplayBuffer, logger: Optional[RunLogger] = None):
+        self.wm, self.cfg, self.replay, self.logger = wm, cfg, replay, logger
+        t = cfg.train
+        self.opt = build_optimizer(t.optimizer, wm.parameters(), t.lr, t.weight_decay, t.lookahead)
+        self.schedule = build_schedule(self.opt, t.lr_schedule, t.updates, t.warmup)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.tracker = QuantileTracker(t.hard_quantile)
+        self.updates = 0
+        self._window: dict[str, list[float]] = {}
+
+    # ---- one update ----------------------------------------------------------------------
+    def update(self) -> dict[str, float]:
+        """One gradient step on a freshly sampled batch; returns the step's scalars."""
+        t = self.cfg.train
+        start = time.perf_counter()
+        batch = self.replay.sample(t.batch_size, t.horizon, self.rng)
+        device = self.wm.obs_mean.device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        self.wm.train()
+        loss, terms, stats = sequence_loss(self.wm, batch, t, self.generator, self.tracker)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {float(loss)} at update {self.updates}")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.wm.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+        self.opt.step()
+        self.schedule.step()
+        self.updates += 1
+        loops = torch.stack(stats.loops).float()
+        elapsed = time.perf_counter() - start
+        out = {f"loss/{k}": float(v) for k, v in terms.items()}
+        out.update({
+            "loss/total": float(loss), "train/grad_norm": float(grad_norm), "train/lr": self.schedule.get_last_lr()[0],
+            "loops/mean": float(loops.mean()), "loops/max": float(loops.max()),
+            "loops/hard_fraction": stats.hard_fraction, "loops/hard_threshold": self.tracker.value or 0.0,
+            "certificate/kappa": self.wm.certified_lipschitz(),
+            "certificate/residual_at_exit": float(torch.stack(stats.bounds).mean()),
+            "perf/transitions_per_s": t.batch_size * t.horizon / max(elapsed, 1e-9),
+        })
+        self._last_loops = loops.flatten()
+        return out
+
+    def fit(self, updates: Optional[int] = None, progress: bool = True,
+            on_checkpoint: Optional[Callable[[], None]] = None) -> dict[str, float]:
+        """Run updates until `updates` in total, logging and checkpointing along the way."""
+        from tqdm.auto import tqdm
+
+        t = self.cfg.train
+        target = t.updates if updates is None else updates
+        bar = tqdm(total=target, initial=self.updates, disable=not progress, desc="fit", dynamic_ncols=True)
+        last: dict[str, float] = {}
+        while self.updates < target:
+            last = self.update()
+            for k, v in last.items():
+                self._window.setdefault(k, []).append(v)
+            if self.updates % t.log_every == 0 or self.updates == target:
+                self.flush_logs()
+                bar.set_postfix(loss=f"{last['loss/total']:.3f}", loops=f"{last['loops/mean']:.1f}",
+                                kappa=f"{last['certificate/kappa']:.3f}", tps=f"{last['perf/transitions_per_s']:.0f}")
+            if on_checkpoint is not None and (self.updates % t.checkpoint_every == 0 or self.updates == target):
+                on_checkpoint()
+            bar.update(1)
+        bar.close()
+        return last
+
+    def flush_logs(self) -> None:
+        """Log the mean of each scalar since the last flush, plus the loops-used histogram."""
+        if self.logger is not None and self._window:
+            means = {k: float(np.mean(v)) for k, v in self._window.items()}
+            self.logger.log(means, self.updates, histograms={"loops/used": self._last_loops})
+        self._window = {}
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: optimiser, schedule, RNGs and counters."""
+        return {
+            "optimizer": optimizer_state(self.opt),
+            "schedule": self.schedule.state_dict(),
+            "numpy_rng": self.rng.bit_generator.state,
+            "torch_generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "tracker": self.tracker.value,
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_optimizer_state(self.opt, state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.rng.bit_generator.state = state["numpy_rng"]
+        self.generator.set_state(state["torch_generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.tracker.value = state["tracker"]
+        self.updates = int(state["updates"])
+
+
+def save_run(path: str | Path, trainer: Trainer, **extras: Any) -> None:
+    """A resumable checkpoint: model, config, trainer state and the replay buffer."""
+    ckpt.save(path, trainer.wm, config=to_dict(trainer.cfg), trainer=trainer.state_dict(),
+              replay=trainer.replay.state_dict(), **extras)
+
+
+def restore_run(path: str | Path, trainer: Trainer) -> dict[str, Any]:
+    """Load a checkpoint written by `save_run` into an existing trainer (and its model and replay)."""
+    payload = read_checkpoint(path)
+    if "trainer" not in payload:
+        raise ckpt.CheckpointError(f"checkpoint {str(path)!r} has no trainer state: it cannot be resumed")
+    trainer.wm.load_state_dict(model_from_payload(payload, path).state_dict())
+    trainer.load_state_dict(payload["trainer"])
+    if "replay" in payload:
+        trainer.replay.load_state_dict(payload["replay"])
+    return payload
+
+
+__all__ = ["Trainer", "save_run", "restore_run", "resolve_device", "seed_everything", "TERMS"]
