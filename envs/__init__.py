@@ -7,10 +7,12 @@ from loopwm.envs.factory import (
     make_env,
     make_vector_env,
 )
+from loopwm.envs.world_model_env import WorldModelEnv
 from loopwm.envs.wrappers import ActionRepeat
 
 __all__ = [
     "ActionRepeat",
+    "WorldModelEnv",
     "action_dim",
     "action_from_model",
     "action_to_model",

@@ -12,6 +12,8 @@ import torch
 import torch_optimizer
 from torch import nn
 
+from loopwm.config import ConfigError
+
 _TORCH = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam,
           "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}
 _EXTRA = {"lamb": torch_optimizer.Lamb, "yogi": torch_optimizer.Yogi, "adabelief": torch_optimizer.AdaBelief,
@@ -25,7 +27,7 @@ def build_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight
     key = name.lower()
     cls = _TORCH.get(key) or _EXTRA.get(key)
     if cls is None:
-        raise ValueError(f"train.optimizer={name!r}: expected one of {OPTIMIZERS}")
+        raise ConfigError(f"train.optimizer={name!r}: expected one of {OPTIMIZERS}")
     opt = cls(params, lr=lr, weight_decay=weight_decay)
     return torch_optimizer.Lookahead(opt, k=5, alpha=0.5) if lookahead else opt
 
@@ -70,6 +72,10 @@ def load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any]) -> N
         opt.load_state_dict(state["state"])
         return
     opt.optimizer.load_state_dict(state["inner"])
+    # torch's load_state_dict replaces the inner optimiser's param_groups (and state) with new objects;
+    # re-share them, as Lookahead.__init__ does, or the Lookahead keeps stale groups (lr, counters).
+    opt.param_groups = opt.optimizer.param_groups
+    opt.fast_state = opt.optimizer.state
     params = [p for group in opt.param_groups for p in group["params"]]
     for p, slow in zip(params, state["slow"]):
         if slow is not None:

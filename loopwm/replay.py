@@ -410,6 +410,11 @@ class ReplayBuffer:
         state["after_done"] = sorted(self._after_done)
         return state
 
+    def discard_open(self) -> None:
+        """Drop episodes still being streamed in (e.g. when a resumed run restarts its environments)."""
+        self._open.clear()
+        self._after_done.clear()
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from `state_dict()`; the layout (shape, action width, dtype, stack) must match, capacity is kept."""
         other = self._from_meta(state, "replay state")

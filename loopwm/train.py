@@ -69,7 +69,7 @@ class Trainer:
         elapsed = time.perf_counter() - start
         out = {f"loss/{k}": float(v) for k, v in terms.items()}
         out.update({
-            "loss/total": float(loss), "train/grad_norm": float(grad_norm), "train/lr": self.schedule.get_last_lr()[0],
+            "loss/total": float(loss.detach()), "train/grad_norm": float(grad_norm), "train/lr": self.schedule.get_last_lr()[0],
             "loops/mean": float(loops.mean()), "loops/max": float(loops.max()),
             "loops/hard_fraction": stats.hard_fraction, "loops/hard_threshold": self.tracker.value or 0.0,
             "certificate/kappa": self.wm.certified_lipschitz(),
@@ -91,7 +91,7 @@ class Trainer:
         while self.updates < target:
             last = self.update()
             for k, v in last.items():
-                self._window.setdefault(k, []).append(v)
+                self.record(k, v)
             if self.updates % t.log_every == 0 or self.updates == target:
                 self.flush_logs()
                 bar.set_postfix(loss=f"{last['loss/total']:.3f}", loops=f"{last['loops/mean']:.1f}",
@@ -101,6 +101,10 @@ class Trainer:
             bar.update(1)
         bar.close()
         return last
+
+    def record(self, key: str, value: float) -> None:
+        """Add a scalar to the current logging window (averaged at the next flush)."""
+        self._window.setdefault(key, []).append(value)
 
     def flush_logs(self) -> None:
         """Log the mean of each scalar since the last flush, plus the loops-used histogram."""

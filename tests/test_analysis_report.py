@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from loopwm.analysis import probe as P
 from loopwm.analysis.agreement import readout_errors
 from loopwm.analysis.convergence import relative_residuals, step_norms
 from loopwm.analysis.fit import fit_saturating
 from loopwm.analysis.geometry import effective_rank
-from loopwm.analysis.report import SECTIONS, analyze, analyze_checkpoint
-from loopwm.analysis.sections import Settings, build_probe
+from loopwm.analysis.report import analyze, analyze_checkpoint
+from loopwm.analysis.sections import SECTIONS, Settings, build_probe
 from loopwm.analysis.stats import auroc, quartiles, spearman, top_fraction
 from loopwm.checkpoint import save
+from loopwm.config import ConfigError, from_dict, to_dict
 from loopwm.lipschitz import exact_spectral_norm
 from loopwm.replay import ReplayBuffer
 from loopwm.world_model import WorldModel
@@ -94,25 +94,29 @@ def test_analyze_writes_files_and_reports_recomputed_values(tmp_path):
     assert horizon["model"]["lyapunov_median"] < 0
 
 
-def test_analyze_checkpoint_reads_saved_files_and_handles_uncertified_model(tmp_path):
-    wm = _model(constrain_block=False)
+def test_analyze_checkpoint_uses_the_runs_held_out_split_and_handles_uncertified_model(tmp_path):
+    cfg = from_dict({"model": {"latent_dim": 16, "hidden_dim": 32, "inject_dim": 32, "mlp_dim": 64,
+                               "constrain_block": False},
+                     "data": {"path": str(tmp_path / "data.npz")}, "train": {"val_fraction": 0.34, "loop_mean": 2.0}})
+    wm = WorldModel.from_config(cfg, *box_spaces())
     with torch.no_grad():
         wm.core.rho.fill_(3.0)
     assert wm.certified_lipschitz() > 1.0
-    save(tmp_path / "model.pt", wm)
+    save(tmp_path / "run.pt", wm, config=to_dict(cfg))
+    save(tmp_path / "bare.pt", wm)
     obs, actions, rewards = _data(length=10, batch=3, seed=1)
     buffer = ReplayBuffer((3,), 1, capacity=100)
+    done = np.eye(10, dtype=bool)[-1]
     for b in range(3):
-        done = np.zeros(10, bool)
-        done[-1] = True
         buffer.add_episode(obs[:, b].numpy(), actions[:, b].numpy(), rewards[:, b].numpy(), done, np.zeros(10, bool))
     buffer.save(tmp_path / "data.npz")
     fields = {k: getattr(SMALL, k) for k in ("samples", "convergence_loops", "reference_loops", "jacobian_samples",
                                                "power_iters", "probes", "starts", "horizon", "rollouts")}
-    report = analyze_checkpoint(tmp_path / "model.pt", tmp_path / "data.npz", tmp_path / "out", sequences=3,
-                                **fields)
+    report = analyze_checkpoint(tmp_path / "run.pt", None, tmp_path / "out", sequences=3, **fields)
     assert (tmp_path / "out" / "report.json").is_file()
     assert report["convergence"]["bound"] is None and report["long_horizon"]["model"]["known_steps"] == 10
-    assert report["meta"]["sequences"] == [10, 3]
+    assert report["meta"]["sequences"] == [10, 3] and report["meta"]["train_loops"] == 2
     with pytest.raises(ValueError, match="unknown analysis setting 'loopz'"):
-        analyze_checkpoint(tmp_path / "model.pt", tmp_path / "data.npz", tmp_path / "out", loopz=3)
+        analyze_checkpoint(tmp_path / "run.pt", None, tmp_path / "out", loopz=3)
+    with pytest.raises(ConfigError, match="pass --data"):
+        analyze_checkpoint(tmp_path / "bare.pt", None, tmp_path / "out")

@@ -13,7 +13,7 @@ Readouts = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
 def stack_readouts(readouts: Readouts) -> torch.Tensor:
-    """Stack per-loop readouts into a floating tensor `[T, B, D]`, flattening trailing dims (a scalar readout gets D = 1)."""
+    """Stack per-loop readouts into a floating tensor `[T, B, D]`, flattening trailing dims (scalars get D = 1)."""
     r = readouts if isinstance(readouts, torch.Tensor) else torch.stack(list(readouts))
     if r.dim() < 2:
         raise ValueError(f"readouts: expected [T, B, ...], got shape {tuple(r.shape)}")
@@ -44,7 +44,8 @@ def prediction_depth(readouts: Readouts, delta: float) -> torch.Tensor:
 
 
 def agreement_score(readouts: Readouts, last: Optional[int] = None) -> torch.Tensor:
-    """Confidence from agreement, `[B]`: minus the mean RMS distance of the last `last` intermediate readouts to the final.
+    """Confidence from agreement, `[B]`: minus the mean RMS distance of the last `last` intermediate readouts to
+    the final one.
 
     PABEE-style: predictions that stopped changing are trusted; higher is more confident, 0 is full agreement.
     """

@@ -38,7 +38,7 @@ def safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 
 
 def contraction_ratios(states: States, floor: float = 0.0) -> torch.Tensor:
-    """Empirical per-loop contraction `‖Δ_{t+1}‖ / ‖Δ_t‖`, shape `[T−1, B]`; a contraction keeps it below κ.
+    """Empirical per-loop contraction `‖Δ_{t+1}‖ / ‖Δ_t‖`, `[T−1, B]`; a contraction keeps it below κ.
 
     Ratios whose denominator `‖Δ_t‖` is at most `floor·‖h_t‖` are NaN: once updates reach rounding noise their
     ratio measures the arithmetic, not the map.
@@ -50,7 +50,7 @@ def contraction_ratios(states: States, floor: float = 0.0) -> torch.Tensor:
 
 
 def relative_residuals(states: States) -> torch.Tensor:
-    """Relative latent change `‖Δ_t‖ / ‖h_t‖`, shape `[T, B]` (the exit criterion of Huginn, arXiv 2502.05171)."""
+    """Relative latent change `‖Δ_t‖ / ‖h_t‖`, `[T, B]` (the exit criterion of Huginn, arXiv 2502.05171)."""
     h = stack_states(states)
     return safe_ratio((h[1:] - h[:-1]).norm(dim=-1), h[1:].norm(dim=-1))
 
@@ -58,7 +58,8 @@ def relative_residuals(states: States) -> torch.Tensor:
 def aposteriori_bound(states: States, kappa: float, h_star: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Banach a-posteriori bound `κ/(1−κ)·‖h_t − h_{t−1}‖` and true distance `‖h_t − h*‖`, both `[T, B]`.
 
-    `h_star` `[B, d]` (or one `[d]` for all) is a far-converged state; a valid certificate gives bound ≥ distance at every loop.
+    `h_star` `[B, d]` (or one `[d]` for all) is a far-converged state; a valid certificate gives
+    bound ≥ distance at every loop.
     """
     if not 0.0 <= kappa < 1.0:
         raise ValueError(f"kappa={kappa}: the a-posteriori bound needs 0 <= kappa < 1")

@@ -31,7 +31,7 @@ def recurrence_matrix(states: States) -> torch.Tensor:
 
 
 def lag_distances(states: States, max_lag: int) -> torch.Tensor:
-    """Tail recurrence `max_{t in last k loops} ‖h_t − h_{t−k}‖ / ‖h_T‖` for each lag k = 1..max_lag, `[max_lag, B]`.
+    """Tail recurrence `max_{t in last k loops} ‖h_t − h_{t−k}‖ / ‖h_T‖` per lag k = 1..max_lag, `[max_lag, B]`.
 
     Taking the worst case over the last k loops makes a period-k orbit read near 0 at lag k and its multiples only.
     """

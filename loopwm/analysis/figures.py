@@ -168,7 +168,8 @@ def long_horizon_figure(sec: dict[str, Any], path: Path) -> Path:
     ax1.set(yscale="log", xlabel="rollout step", ylabel="‖h‖ at exit (latent units)", title="state norm")
     ax2.set(xlabel="rollout step", ylabel="RMS latent prediction error (latent units)",
             title="open-loop prediction error")
-    ax3.set(xlabel="rollout step", ylabel="log ‖z_t − z'_t‖ (log latent units)", title="divergence of nearby rollouts")
+    ax3.set(xlabel="rollout step", ylabel="log ‖z_t − z'_t‖ (log latent units)",
+            title="divergence of nearby rollouts")
     for ax in (ax1, ax2, ax3):
         ax.legend(fontsize=8)
     return _save(fig, path)

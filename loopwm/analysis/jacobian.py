@@ -23,8 +23,9 @@ def _start(h: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tenso
     return _unit(v)
 
 
-def spectral_norm(f: Map, h: torch.Tensor, iters: int = 30, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Largest singular value `‖J_f(h_b)‖_2` per sample `[B]`, by power iteration on `JᵀJ` (one JVP + one VJP a step)."""
+def spectral_norm(f: Map, h: torch.Tensor, iters: int = 30,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Largest singular value `‖J_f(h_b)‖_2` per sample `[B]`, by power iteration on `JᵀJ` (a JVP and a VJP a step)."""
     h = h.detach()
     _, pullback = vjp(f, h)
     v = _start(h, generator)
@@ -36,7 +37,8 @@ def spectral_norm(f: Map, h: torch.Tensor, iters: int = 30, generator: Optional[
     return sigma.detach()
 
 
-def spectral_radius(f: Map, h: torch.Tensor, iters: int = 60, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def spectral_radius(f: Map, h: torch.Tensor, iters: int = 60,
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Spectral radius `ρ(J_f(h_b))` per sample `[B]`, by power iteration on `J` (Gelfand: ρ = lim ‖Jᵏv‖^{1/k}).
 
     The growth factor is averaged geometrically over the second half of the iterations, which also converges
@@ -56,7 +58,7 @@ def spectral_radius(f: Map, h: torch.Tensor, iters: int = 60, generator: Optiona
 
 def hutchinson_frobenius(f: Map, h: torch.Tensor, probes: int = 8,
                          generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Hutchinson estimate of `‖J_f(h_b)‖_F² / d` per sample `[B]`: the mean of `‖vᵀJ‖²/d` over Rademacher probes `v`."""
+    """Hutchinson estimate of `‖J_f(h_b)‖_F² / d` per sample `[B]`: mean of `‖vᵀJ‖²/d` over Rademacher probes `v`."""
     h = h.detach()
     _, pullback = vjp(f, h)
     d = h[0].numel()

@@ -1,8 +1,9 @@
 """Model-facing probes: turn transition tensors into the latents, loop maps and traces the analyses consume.
 
 Data convention: `obs[k]` is seen, `actions[k]` is taken, `obs[k + 1]` follows; shapes `[L+1, B, ...]` and
-`[L, B, A]` (or `[L, B]` discrete indices), actions in the model's input units. A one-step prediction runs the loop on `(encode(obs[k]), actions[k])` and is scored against
-`encode(obs[k + 1])` in latent space and against `obs[k + 1]` in observation units.
+`[L, B, A]` (or `[L, B]` discrete indices), actions in the model's input units. A one-step prediction runs the
+loop on `(encode(obs[k]), actions[k])` and is scored against `encode(obs[k + 1])` in latent space and against
+`obs[k + 1]` in observation units.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ class Transitions:
 
 @dataclass
 class LoopRun:
-    """One fixed-length loop run: states h(0..T), per-loop readout latents and decoded observations."""
+    """One fixed-length loop run: states h(0..T) and the latent read out after each loop."""
 
     ctx: StepContext
     states: Tensor     # [T+1, N, H]
@@ -42,7 +43,8 @@ class LoopRun:
 
 def check_sequences(obs: Tensor, actions: Tensor) -> None:
     """Validate the `[L+1, B, ...]` / `[L, B, A]` sequence convention with an error naming the shapes."""
-    if obs.dim() < 3 or actions.dim() not in (2, 3) or obs.shape[0] != actions.shape[0] + 1 or obs.shape[1] != actions.shape[1]:
+    aligned = obs.dim() >= 3 and obs.shape[0] == actions.shape[0] + 1 and obs.shape[1] == actions.shape[1]
+    if not aligned or actions.dim() not in (2, 3):
         raise ValueError(f"expected obs [L+1, B, ...] and actions [L, B, A]; got obs {tuple(obs.shape)} and "
                          f"actions {tuple(actions.shape)}")
     if actions.shape[0] < 2:
@@ -67,7 +69,7 @@ def transitions(wm: WorldModel, obs: Tensor, actions: Tensor, n: int, seed: int 
 
 
 def random_actions(wm: WorldModel, like: Tensor, steps: int, generator: torch.Generator) -> Tensor:
-    """`steps` uniformly random actions `[steps, B, ...]` in the format of `like`: indices, one-hot, or Box in [−1, 1]."""
+    """`steps` uniform random actions `[steps, B, ...]` in the format of `like`: indices, one-hot or Box in [−1, 1]."""
     batch = like.shape[1]
     if wm.discrete:
         idx = torch.randint(wm.action_dim, (steps, batch), generator=generator)
@@ -79,7 +81,7 @@ def random_actions(wm: WorldModel, like: Tensor, steps: int, generator: torch.Ge
 
 @torch.no_grad()
 def context(wm: WorldModel, z: Tensor, action: Tensor) -> StepContext:
-    """The per-step loop context (retention, drive, block context, weights, κ) for a prediction without an observation."""
+    """The loop context of one step (retention, drive, block context, weights, κ), predicting without an observation."""
     return wm.core.prepare(wm.injection(z, action))
 
 
@@ -97,14 +99,14 @@ def run_loops(wm: WorldModel, ctx: StepContext, loops: int, h0: Optional[Tensor]
 
 @torch.no_grad()
 def final_state(wm: WorldModel, ctx: StepContext, h0: Tensor, loops: int) -> Tensor:
-    """The state after `loops` loops from `h0`; with many loops, a far-converged h* (in paper mode too, with no tolerance)."""
+    """The state after `loops` loops from `h0`; with many loops, a far-converged h* (also in paper mode)."""
     _, trace = wm.core.run(ctx, h0, exit="fixed", loops=loops)
     return trace.final_state
 
 
 @torch.no_grad()
 def obs_errors(wm: WorldModel, latents: Tensor, next_obs: Tensor) -> Tensor:
-    """RMS error of decoded latents `[..., Z]` against observations `[..., *obs_shape]` (broadcast), in environment units."""
+    """RMS error of decoded latents `[..., Z]` against observations `[..., *obs_shape]`, in environment units."""
     lead = latents.shape[:-1]
     decoded = wm.decode(latents.reshape(-1, latents.shape[-1])).reshape(*lead, -1)
     obs_lead = next_obs.shape[:next_obs.dim() - len(wm.spec.obs_shape)]

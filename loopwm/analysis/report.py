@@ -5,12 +5,13 @@ entry point that loads a checkpoint and a saved replay buffer first.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -19,11 +20,9 @@ from torch import Tensor
 from loopwm.analysis import sections as S
 from loopwm.analysis.figures import FIGURES
 from loopwm.analysis.sections import Settings
+from loopwm.config import Config, ConfigError, build_dataclass
+from loopwm.replay import ReplayBuffer
 from loopwm.world_model import WorldModel
-
-SECTIONS = ("certificate", "convergence", "agreement", "loop_sweep", "oscillation", "effective_rank",
-            "path_independence", "long_horizon", "pareto")
-
 
 def to_json(value: Any) -> Any:
     """Plain JSON types, with NaN and infinities as null (strict JSON has no NaN)."""
@@ -38,6 +37,26 @@ def to_json(value: Any) -> Any:
     return value
 
 
+@contextlib.contextmanager
+def _analysis_mode(threads: int, *models: Optional[torch.nn.Module]) -> Iterator[None]:
+    """Models in eval mode and torch on `threads` intra-op threads for the duration; both restored after.
+
+    The analyses run many small batched ops, for which extra threads mostly add contention on a shared CPU.
+    """
+    present = [m for m in models if m is not None]
+    modes, before = [m.training for m in present], torch.get_num_threads()
+    for m in present:
+        m.eval()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        for m, mode in zip(present, modes):
+            m.train(mode)
+
+
 @torch.no_grad()
 def analyze(wm: WorldModel, obs: Tensor, actions: Tensor, out_dir: str | Path, *,
             rewards: Optional[Tensor] = None, compare: Optional[WorldModel] = None,
@@ -50,32 +69,23 @@ def analyze(wm: WorldModel, obs: Tensor, actions: Tensor, out_dir: str | Path, *
     settings = settings or Settings()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    was_training = wm.training
-    wm.eval()
-    if compare is not None:
-        compare.eval()
-    torch.manual_seed(settings.seed)
     start = time.perf_counter()
-    try:
-        probe = S.build_probe(wm, obs, actions, settings, rewards)
-        report: dict[str, Any] = {
-            "certificate": S.certificate_section(probe),
-            "convergence": S.convergence_section(probe),
-            "agreement": S.agreement_section(probe),
-            "loop_sweep": S.sweep_section(probe),
-            "oscillation": S.oscillation_section(probe),
-            "effective_rank": S.effective_rank_section(probe),
-            "path_independence": S.path_independence_section(probe),
-            "long_horizon": S.long_horizon_section(wm, obs, actions, settings, compare),
-            "pareto": S.pareto_section(probe),
-        }
-    finally:
-        wm.train(was_training)
+    report: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    with _analysis_mode(settings.threads, wm, compare):
+        probe = S.build_probe(wm, obs, actions, settings, rewards, compare)
+        seconds["probe"] = time.perf_counter() - start
+        for name, section in S.SECTIONS.items():
+            tick = time.perf_counter()
+            report[name] = section(probe)
+            seconds[name] = time.perf_counter() - tick
     report["meta"] = {"settings": dataclasses.asdict(settings), "samples": int(probe.tr.z.shape[0]),
                       "sequences": list(actions.shape[:2]), "train_loops": probe.T0, "sweep_max_loops": probe.T_max,
-                      "block_depth": wm.cfg.block_depth, "seconds": time.perf_counter() - start}
+                      "block_depth": wm.cfg.block_depth, "seconds": time.perf_counter() - start,
+                      "section_seconds": seconds}
     if figures:
-        report["meta"]["figures"] = {name: FIGURES[name](report[name], out / f"{name}.png").name for name in SECTIONS}
+        report["meta"]["figures"] = {name: draw(report[name], out / f"{name}.png").name
+                                     for name, draw in FIGURES.items()}
     report = to_json(report)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(markdown(report))
@@ -96,29 +106,36 @@ def markdown(report: dict[str, Any]) -> str:
     lines = {
         "certificate": [
             f"Certified κ = {_f(c['kappa'], '.4f')} (max Ā = {_f(c['max_retention'], '.4f')}, block gain "
-            f"s = {_f(c['block_scale'], '.4f')}, per-layer σ_max = {', '.join(_f(x, '.4f') for x in c['layer_sigma'])}).",
+            f"s = {_f(c['block_scale'], '.4f')}, per-layer σ_max = "
+            f"{', '.join(_f(x, '.4f') for x in c['layer_sigma'])}).",
             f"Empirical contraction ratio: median {_f(c['ratio_median'])}, max {_f(c['ratio_max'])}; "
             f"fraction above κ {_f(c['ratio_above_kappa'])}.",
             f"At h*: max ‖J‖₂ = {_f(c['jacobian_norm_max'])}, max ρ(J) = {_f(c['jacobian_radius_max'])}, "
             f"Hutchinson ‖J‖²_F/d = {_f(c['hutchinson_mean'])} (STARS, arXiv 2605.26733)."],
         "convergence": [
-            f"Median loops until ‖Δ_t‖/‖h_t‖ ≤ 0.03 (Huginn, arXiv 2502.05171): {_f(v['loops_to_3pct_median'])}.",
+            f"Median loops until ‖Δ_t‖/‖h_t‖ ≤ 0.03 (Huginn, arXiv 2502.05171): "
+            f"{_f(v['loops_to_3pct_median'])}.",
             f"A-posteriori bound ≥ true distance in {_f(v['bound_valid_fraction'])} of (loop, sample) pairs; "
             f"median bound/distance {_f(v['bound_tightness_median'])}."],
         "agreement": [
             f"Median prediction depth {_f(a['depth_median'])} of {len(a['loops'])} loops (δ = {a['delta']}).",
             f"AUROC for flagging the top-10% errors at {a['operating_loops']} loops: residual "
-            f"{_f(a['auroc_residual'], '.3f')}, intermediate/final disagreement (PABEE) {_f(a['auroc_agreement'], '.3f')}.",
+            f"{_f(a['auroc_residual'], '.3f')}, intermediate/final disagreement (PABEE) "
+            f"{_f(a['auroc_agreement'], '.3f')}.",
             f"Certified exit: {_f(a['certified_mean_loops'])} loops on average; Spearman(loops used, error) = "
             f"{_f(a['spearman_loops_error'], '.3f')}."],
         "loop_sweep": [
-            f"Latent error fit a + b·exp(−T/τ): a = {_f(fit['a'])}, b = {_f(fit['b'])}, τ = {_f(fit['tau'])} loops.",
+            f"Latent error fit a + b·exp(−T/τ): a = {_f(fit['a'])}, b = {_f(fit['b'])}, "
+            f"τ = {_f(fit['tau'])} loops.",
             f"Best T = {_f(fit['best_T'])} (trained around {sw['train_loops']}); error "
-            f"{'regresses' if fit['regresses'] else 'does not regress'} past it (by {_f(fit['regression'])})."],
+            f"{'regresses' if fit['regresses'] else 'does not regress'} past it (by {_f(fit['regression'])})."]
+        + ([f"Reward RMS error at T = 1 / {len(sw['loops'])}: {_f(sw['reward_error'][0])} / "
+            f"{_f(sw['reward_error'][-1])}."] if sw["reward_error"] else []),
         "oscillation": [
             f"Step cosine over resolved loops: median {_f(o['cosine_median'], '.3f')}, negative (flipping) in "
             f"{_f(o['negative_cosine_fraction'])} of them; fraction of samples at a fixed "
-            f"point (period 1) {_f(o['fixed_point_fraction'])}; period counts (0 = none ≤ max) {o['period_counts']}."],
+            f"point (period 1) {_f(o['fixed_point_fraction'])}; period counts (0 = none ≤ max) "
+            f"{o['period_counts']}."],
         "effective_rank": [
             f"Effective rank (Roy & Vetterli 2007) of loop states at the last loop {_f(er['state_rank'][-1])} of "
             f"{er['state_dim']}; readouts {_f(er['readout_rank'][-1])}; true next latents {_f(er['target_rank'])}."],
@@ -141,18 +158,15 @@ def markdown(report: dict[str, Any]) -> str:
     out = ["# Stability report", "",
            f"{report['meta']['samples']} one-step transitions; trained around {report['meta']['train_loops']} loops; "
            f"analysis took {report['meta']['seconds']:.1f} s.", ""]
-    for i, name in enumerate(SECTIONS, 1):
+    for i, name in enumerate(S.SECTIONS, 1):
         out += [f"## {i}. {name.replace('_', ' ')}", ""] + [f"- {line}" for line in lines[name]] + [""]
         if name in figs:
             out += [f"![{name}]({figs[name]})", ""]
     return "\n".join(out)
 
 
-def load_sequences(path: str | Path, batch: int, length: int, seed: int = 0) -> dict[str, Tensor]:
-    """Sample `batch` sequences from a saved replay buffer, as long as its episodes allow up to `length` transitions."""
-    from loopwm.replay import ReplayBuffer
-
-    buffer = ReplayBuffer.load(path)
+def sample_sequences(buffer: ReplayBuffer, batch: int, length: int, seed: int = 0) -> dict[str, Tensor]:
+    """Sample `batch` sequences from a replay buffer, as long as its episodes allow up to `length` transitions."""
     lo, hi = 2, length
     while lo < hi:  # the longest sequence length some stored episode still supports
         mid = (lo + hi + 1) // 2
@@ -164,19 +178,35 @@ def load_sequences(path: str | Path, batch: int, length: int, seed: int = 0) -> 
     return buffer.sample(batch, lo, np.random.default_rng(seed))
 
 
-def analyze_checkpoint(checkpoint: str | Path, data: str | Path, out_dir: str | Path, *,
+def analyze_checkpoint(checkpoint: str | Path, data: Optional[str | Path], out_dir: str | Path, *,
                        compare: Optional[str | Path] = None, sequences: int = 64,
                        device: str = "cpu", **overrides: Any) -> dict[str, Any]:
-    """Load a checkpoint and a saved replay buffer, then `analyze`; `overrides` set `Settings` fields by name."""
-    from loopwm.checkpoint import load
+    """Load a checkpoint and a saved replay buffer (default: the run's held-out split), then `analyze`.
+
+    `overrides` set `Settings` fields by name; `train_loops` defaults to the run's `train.loop_mean`.
+    """
+    from loopwm.checkpoint import model_from_payload, read_checkpoint
 
     names = {f.name for f in dataclasses.fields(Settings)}
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise ValueError(f"unknown analysis setting {unknown[0]!r}; expected one of {sorted(names)}")
+    payload = read_checkpoint(checkpoint, map_location=device)
+    wm = model_from_payload(payload, checkpoint)
+    cfg = build_dataclass(Config, payload["config"], "") if "config" in payload else None
+    if data is not None:
+        buffer = ReplayBuffer.load(data)
+    elif cfg is not None:
+        from loopwm.workflows import load_dataset
+
+        buffer = load_dataset(cfg)[1]
+    else:
+        raise ConfigError(f"checkpoint {str(checkpoint)!r} holds no run config, so there is no default dataset: "
+                          "pass --data")
+    if cfg is not None and "train_loops" not in overrides:
+        overrides["train_loops"] = max(1, round(cfg.train.loop_mean))
     settings = Settings(**overrides)
-    wm = load(checkpoint, map_location=device)
-    other = load(compare, map_location=device) if compare is not None else None
-    batch = load_sequences(data, sequences, settings.horizon, settings.seed)
+    other = model_from_payload(read_checkpoint(compare, map_location=device), compare) if compare else None
+    batch = sample_sequences(buffer, sequences, settings.horizon, settings.seed)
     return analyze(wm, batch["obs"], batch["actions"], out_dir, rewards=batch["rewards"], compare=other,
                    settings=settings)

@@ -8,11 +8,11 @@ import torch
 
 def lyapunov_rate(traj_a: torch.Tensor, traj_b: torch.Tensor, floor: float = 1e-12,
                   ceiling: float = math.inf) -> torch.Tensor:
-    """Least-squares slope of `log‖δ_t‖` against horizon t for two rollouts `[H, B, d]`, per sample `[B]`; NaN if < 2 steps.
+    """Least-squares slope of `log‖δ_t‖` against horizon t for two rollouts `[H, B, d]`, per sample `[B]`.
 
     Negative means nearby latents converge (a contracting imagination), positive that errors compound. The fit
     stops at the first step where `‖δ_t‖` leaves (floor, ceiling): below, rounding noise; above, the divergence
-    has saturated at the size of the attractor.
+    has saturated at the size of the attractor. A sample with fewer than two steps in the window gets NaN.
     """
     if traj_a.shape != traj_b.shape:
         raise ValueError(f"lyapunov_rate: trajectories differ in shape, {tuple(traj_a.shape)} vs {tuple(traj_b.shape)}")

@@ -5,8 +5,8 @@ state and readout kept, and a far-converged reference state h* with the last loo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ class Settings:
     tolerances: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
     gate_thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     seed: int = 0
+    threads: int = 1                   # torch intra-op threads while analysing (0: leave as is); the ops are small
 
 
 @dataclass
@@ -60,9 +61,12 @@ class Probe:
     run: P.LoopRun          # T_run = max(sweep, convergence_loops) loops from zeros
     tail: Tensor            # the last 2·max_period + 1 states before h*, [2p+1, N, H]
     h_star: Tensor          # [N, H]
+    errors: Tensor          # [T_max, N] RMS latent error of the readout after each loop
     T0: int
     T_max: int
-    cache: dict[str, Any] = field(default_factory=dict)
+    obs: Tensor             # the sequences themselves, for the long-horizon rollouts
+    actions: Tensor
+    compare: Optional[WorldModel] = None
 
     @property
     def floor(self) -> float:
@@ -71,7 +75,7 @@ class Probe:
 
 
 def build_probe(wm: WorldModel, obs: Tensor, actions: Tensor, settings: Settings,
-                rewards: Optional[Tensor] = None) -> Probe:
+                rewards: Optional[Tensor] = None, compare: Optional[WorldModel] = None) -> Probe:
     """Sample transitions, run the long loop and converge to h*: the shared work of every section."""
     tr = P.transitions(wm, obs, actions, settings.samples, settings.seed, rewards)
     T0 = settings.train_loops or wm.cfg.loops
@@ -81,7 +85,8 @@ def build_probe(wm: WorldModel, obs: Tensor, actions: Tensor, settings: Settings
     tail_len = 2 * settings.max_period
     far = P.final_state(wm, ctx, run.states[-1], max(1, settings.reference_loops - tail_len))
     tail = P.run_loops(wm, ctx, tail_len, far).states
-    return Probe(wm, settings, tr, run, tail, tail[-1], T0, T_max)
+    errors = readout_errors(run.readouts[:T_max], tr.target)
+    return Probe(wm, settings, tr, run, tail, tail[-1], errors, T0, T_max, obs, actions, compare)
 
 
 def _q(x: Tensor) -> dict[str, list[float]]:
@@ -107,7 +112,8 @@ def certificate_section(p: Probe) -> dict[str, Any]:
             "ratio_median": float(r.median()), "ratio_max": float(r.max()),
             "ratio_above_kappa": float((r > cert["kappa"]).float().mean()),
             "ratio_hist": {"counts": counts.tolist(), "edges": edges.tolist()},
-            "jacobian_norm": norm.tolist(), "jacobian_radius": radius.tolist(), "hutchinson_frob2_per_dim": frob.tolist(),
+            "jacobian_norm": norm.tolist(), "jacobian_radius": radius.tolist(),
+            "hutchinson_frob2_per_dim": frob.tolist(),
             "jacobian_norm_max": float(norm.max()), "jacobian_radius_max": float(radius.max()),
             "hutchinson_mean": float(frob.mean())}
 
@@ -116,10 +122,10 @@ def convergence_section(p: Probe) -> dict[str, Any]:
     """(2) Relative residual per loop and the a-posteriori bound against the true distance to h*."""
     kappa = p.wm.certified_lipschitz()
     rel = relative_residuals(p.run.states)
-    below = (rel <= 0.03).float()
+    below = rel <= 0.03
+    first = torch.where(below.any(0), below.float().argmax(0) + 1.0, torch.full_like(rel[0], float("nan")))
     out: dict[str, Any] = {"loops": list(range(1, rel.shape[0] + 1)), "relative_residual": _q(rel),
-                           "loops_to_3pct_median": float(torch.where(below.any(0), below.argmax(0) + 1.0,
-                                                                     torch.full_like(below[0], float("nan"))).nanmedian())}
+                           "loops_to_3pct_median": float(first.nanmedian())}
     bound, dist = aposteriori_bound(p.run.states, kappa if kappa < 1.0 else 0.0, p.h_star)
     out["distance"] = _q(dist)
     if kappa >= 1.0:  # paper mode: no certificate, so no bound to audit
@@ -132,17 +138,11 @@ def convergence_section(p: Probe) -> dict[str, Any]:
     return out
 
 
-def _readout_errors(p: Probe) -> Tensor:
-    if "err" not in p.cache:
-        p.cache["err"] = readout_errors(p.run.readouts[:p.T_max], p.tr.target)
-    return p.cache["err"]
-
-
 def agreement_section(p: Probe) -> dict[str, Any]:
     """(3) Per-loop readout error vs the final readout and vs the truth; prediction depth; confidence signals."""
     s, T0 = p.settings, p.T0
     R = p.run.readouts[:p.T_max]
-    err = _readout_errors(p)
+    err = p.errors
     depth = prediction_depth(R, s.delta)
     err0 = err[T0 - 1]
     flags = top_fraction(err0, s.flag_fraction)
@@ -161,7 +161,7 @@ def agreement_section(p: Probe) -> dict[str, Any]:
 def sweep_section(p: Probe) -> dict[str, Any]:
     """(4) Error against loop count T = 1..T_max with a saturating fit, the best T and any regression past it."""
     R = p.run.readouts[:p.T_max]
-    latent = _readout_errors(p).mean(1)
+    latent = p.errors.mean(1)
     obs = P.obs_errors(p.wm, R, p.tr.next_obs).mean(1)
     loops = list(range(1, p.T_max + 1))
     reward = None
@@ -209,12 +209,12 @@ def path_independence_section(p: Probe) -> dict[str, Any]:
     noise = noise / noise.norm(dim=-1, keepdim=True) * p.h_star.norm(dim=-1, keepdim=True)
     warm = P.final_state(wm, P.context(wm, tr.prev_z, tr.prev_action), torch.zeros_like(p.h_star), p.T0)
     h0 = torch.cat([torch.zeros_like(p.h_star)[None], warm[None], noise]).reshape(k * n, -1)
-    ctx = P.context(wm, tr.z.repeat(k, 1), tr.action.repeat(k, 1))
+    ctx = P.context(wm, torch.cat([tr.z] * k), torch.cat([tr.action] * k))
     run = P.run_loops(wm, ctx, p.T_max, h0)
     states = run.states.reshape(p.T_max + 1, k, n, -1)
     spread = [path_independence(h).pairwise for h in states[1:]]
     err = readout_errors(run.readouts[p.T0 - 1].reshape(k, n, -1), tr.target).reshape(k, n)
-    err0 = _readout_errors(p)[p.T0 - 1]
+    err0 = p.errors[p.T0 - 1]
     flags = top_fraction(err0, s.flag_fraction)
     return {"loops": list(range(1, p.T_max + 1)), "spread": _q(torch.stack(spread)), "starts": s.starts,
             "spread_at_operating": float(spread[p.T0 - 1].median()), "spread_final": float(spread[-1].median()),
@@ -239,7 +239,8 @@ def rollout_stats(wm: WorldModel, obs: Tensor, actions: Tensor, settings: Settin
     obs_err = P.obs_errors(wm, out.latents[1:known + 1], obs[1:known + 1])
     delta = (out.latents - near.latents).norm(dim=-1).clamp_min(1e-30)
     lo, hi = settings.divergence_window
-    rate = lyapunov_rate(out.latents, near.latents, floor=lo * float(scale.median()), ceiling=hi * float(scale.median()))
+    size = float(scale.median())
+    rate = lyapunov_rate(out.latents, near.latents, floor=lo * size, ceiling=hi * size)
     return {"steps": list(range(1, actions.shape[0] + 1)), "state_norm": _q(h_norm),
             "loops_mean": out.loops.float().mean(1).tolist(), "known_steps": known,
             "latent_error": _q(latent_err), "obs_error": _q(obs_err), "log_delta": _q(delta.log()),
@@ -247,21 +248,21 @@ def rollout_stats(wm: WorldModel, obs: Tensor, actions: Tensor, settings: Settin
             "state_norm_max": float(h_norm.max()), "finite": bool(torch.isfinite(out.latents).all())}
 
 
-def long_horizon_section(wm: WorldModel, obs: Tensor, actions: Tensor, settings: Settings,
-                         compare: Optional[WorldModel] = None) -> dict[str, Any]:
+def long_horizon_section(p: Probe) -> dict[str, Any]:
     """(8) Rollouts to `horizon` steps: data actions while the sequences last, then random ones; optional comparison."""
+    wm, settings = p.wm, p.settings
     device = wm.obs_mean.device
-    b = min(settings.rollouts, obs.shape[1])
-    obs, acts = torch.as_tensor(obs)[:, :b].to(device), torch.as_tensor(actions)[:, :b].to(device)
+    b = min(settings.rollouts, p.obs.shape[1])
+    obs, acts = torch.as_tensor(p.obs)[:, :b].to(device), torch.as_tensor(p.actions)[:, :b].to(device)
     if acts.shape[0] < settings.horizon:
         g = torch.Generator().manual_seed(settings.seed + 3)
         acts = torch.cat([acts, P.random_actions(wm, acts, settings.horizon - acts.shape[0], g)])
     acts = acts[:settings.horizon]
     out = {"model": rollout_stats(wm, obs, acts, settings), "kappa": wm.certified_lipschitz()}
-    if compare is not None:
-        out["compare"] = rollout_stats(compare, obs.to(compare.obs_mean.device), acts.to(compare.obs_mean.device),
-                                       settings)
-        out["compare_kappa"] = compare.certified_lipschitz()
+    if p.compare is not None:
+        other = p.compare.obs_mean.device
+        out["compare"] = rollout_stats(p.compare, obs.to(other), acts.to(other), settings)
+        out["compare_kappa"] = p.compare.certified_lipschitz()
     return out
 
 
@@ -271,10 +272,10 @@ def _front(points: list[tuple[float, float]]) -> list[bool]:
 
 
 def pareto_section(p: Probe) -> dict[str, Any]:
-    """(9) Compute (mean loops) against accuracy for fixed loop counts, certified exit tolerances and gate thresholds."""
+    """(9) Compute (mean loops) against accuracy: fixed loop counts, certified exit tolerances, gate thresholds."""
     s = p.settings
     series: dict[str, list[dict[str, float]]] = {"fixed": [], "certified": [], "gate": []}
-    for t, e in zip(range(1, p.T_max + 1), _readout_errors(p).mean(1).tolist()):
+    for t, e in zip(range(1, p.T_max + 1), p.errors.mean(1).tolist()):
         series["fixed"].append({"setting": float(t), "mean_loops": float(t), "error": e})
     for name, key, values in (("certified", "tol", s.tolerances), ("gate", "gate_threshold", s.gate_thresholds)):
         for v in values:
@@ -287,3 +288,10 @@ def pareto_section(p: Probe) -> dict[str, Any]:
         for q in rows:
             q["pareto"] = next(front)
     return series
+
+
+SECTIONS: dict[str, Callable[[Probe], dict[str, Any]]] = {
+    "certificate": certificate_section, "convergence": convergence_section, "agreement": agreement_section,
+    "loop_sweep": sweep_section, "oscillation": oscillation_section, "effective_rank": effective_rank_section,
+    "path_independence": path_independence_section, "long_horizon": long_horizon_section, "pareto": pareto_section,
+}

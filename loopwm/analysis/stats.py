@@ -28,7 +28,10 @@ def rankdata(x: ArrayLike) -> np.ndarray:
 
 
 def auroc(scores: ArrayLike, labels: ArrayLike) -> float:
-    """Area under the ROC curve of `scores` for binary `labels` (Mann–Whitney U); ties count one half. NaN if a class is empty."""
+    """Area under the ROC curve of `scores` for binary `labels` (Mann–Whitney U); ties count one half.
+
+    NaN when one class is empty.
+    """
     s = as_numpy(scores).ravel()
     y = as_numpy(labels).ravel().astype(bool)
     if s.shape != y.shape:
@@ -60,7 +63,7 @@ def top_fraction(x: ArrayLike, fraction: float) -> np.ndarray:
 
 
 def quartiles(x: ArrayLike, axis: int = -1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Lower quartile, median and upper quartile along `axis`, ignoring NaN (a median + IQR summary; all-NaN gives NaN)."""
+    """Lower quartile, median and upper quartile along `axis`, ignoring NaN (all-NaN slices give NaN)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         q = np.nanquantile(as_numpy(x), [0.25, 0.5, 0.75], axis=axis)
