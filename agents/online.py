@@ -82,7 +82,8 @@ class Agent:
             out.update({f"value/{k}": v for k, v in
                         self.value.update(latents, batch["rewards"].to(device), continues).items()})
         if self.prior is not None:
-            out.update({f"prior/{k}": v for k, v in self.prior.update(self.wm, latents, self.value).items()})
+            starts = latents[0]  # one start latent per sequence keeps the actor update cheap
+            out.update({f"prior/{k}": v for k, v in self.prior.update(self.wm, starts, self.value).items()})
         return out
 
     def state_dict(self) -> dict[str, Any]:

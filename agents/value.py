@@ -24,9 +24,9 @@ _LOG_STD_MIN, _LOG_STD_MAX = -5.0, 1.0
 
 
 def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """Two hidden layers with LayerNorm and Mish, as in TD-MPC2."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.Mish(),
-                         nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.Mish(),
+    """Two hidden layers with LayerNorm and SiLU (the TD-MPC2 layout)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.SiLU(),
+                         nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.SiLU(),
                          nn.Linear(hidden_dim, out_dim))
 
 

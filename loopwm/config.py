@@ -52,7 +52,7 @@ class ModelConfig:
     block: Literal["mlp", "token"] = "mlp"
     block_depth: int = field(default=1, metadata=_range(1, 8))
     tokens: int = field(default=4, metadata=_range(1, 64))
-    activation: Literal["tanh", "relu", "leaky_relu"] = "tanh"
+    activation: Literal["relu", "leaky_relu", "tanh"] = "relu"
     kappa_max: float = field(default=0.9, metadata=_range(0.0, 1.0, lo_open=True))
     retention_max: float = field(default=0.5, metadata=_range(0.0, 1.0))
     constrain_block: bool = True
@@ -117,8 +117,8 @@ class PlannerConfig:
     """Latent MPPI/CEM planning."""
 
     method: Literal["mppi", "cem"] = "mppi"
-    horizon: int = field(default=5, metadata=_range(1, 128))
-    iterations: int = field(default=4, metadata=_range(1, 64))
+    horizon: int = field(default=3, metadata=_range(1, 128))
+    iterations: int = field(default=3, metadata=_range(1, 64))
     samples: int = field(default=256, metadata=_range(2))
     elites: int = field(default=32, metadata=_range(1))
     policy_samples: int = field(default=16, metadata=_range(0))

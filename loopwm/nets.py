@@ -57,11 +57,11 @@ class SpaceSpec:
 
 
 def mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 2) -> nn.Sequential:
-    """Linear-LayerNorm-Mish stacks (TD-MPC2 style), ending in a plain linear layer."""
+    """Linear-LayerNorm-SiLU stacks (TD-MPC2 layout; SiLU is ~10x faster than Mish on CPU), ending in a plain linear layer."""
     mods: list[nn.Module] = []
     d = in_dim
     for _ in range(layers - 1):
-        mods += [nn.Linear(d, hidden), nn.LayerNorm(hidden), nn.Mish()]
+        mods += [nn.Linear(d, hidden), nn.LayerNorm(hidden), nn.SiLU()]
         d = hidden
     mods.append(nn.Linear(d, out_dim))
     return nn.Sequential(*mods)
@@ -85,9 +85,9 @@ class PixelEncoder(nn.Module):
         super().__init__()
         c = shape[0]
         self.conv = nn.Sequential(
-            nn.Conv2d(c, channels, 4, stride=2), nn.Mish(),
-            nn.Conv2d(channels, 2 * channels, 4, stride=2), nn.Mish(),
-            nn.Conv2d(2 * channels, 2 * channels, 4, stride=2), nn.Mish(),
+            nn.Conv2d(c, channels, 4, stride=2), nn.SiLU(),
+            nn.Conv2d(channels, 2 * channels, 4, stride=2), nn.SiLU(),
+            nn.Conv2d(2 * channels, 2 * channels, 4, stride=2), nn.SiLU(),
             nn.Flatten(),
         )
         with torch.no_grad():
@@ -109,9 +109,9 @@ class PixelDecoder(nn.Module):
         self.base = max(shape[-1] // 8, 1)
         self.fc = nn.Linear(latent, 2 * channels * self.base * self.base)
         self.deconv = nn.Sequential(
-            nn.Mish(), nn.ConvTranspose2d(2 * channels, 2 * channels, 4, stride=2, padding=1),
-            nn.Mish(), nn.ConvTranspose2d(2 * channels, channels, 4, stride=2, padding=1),
-            nn.Mish(), nn.ConvTranspose2d(channels, shape[0], 4, stride=2, padding=1),
+            nn.SiLU(), nn.ConvTranspose2d(2 * channels, 2 * channels, 4, stride=2, padding=1),
+            nn.SiLU(), nn.ConvTranspose2d(2 * channels, channels, 4, stride=2, padding=1),
+            nn.SiLU(), nn.ConvTranspose2d(channels, shape[0], 4, stride=2, padding=1),
         )
         self.channels = channels
 

@@ -23,6 +23,13 @@ def _band(ax: Axes, x: list, q: Optional[dict], label: str, color: Optional[str]
                     color=line.get_color(), alpha=0.25, linewidth=0)
 
 
+def _log_scale(ax: Axes) -> None:
+    """Log y-axis when the plotted data has positive finite values (not, e.g., an undefined bound at κ ≥ 1)."""
+    ys = [np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()]
+    if any(np.any(np.isfinite(y) & (y > 0)) for y in ys):
+        ax.set_yscale("log")
+
+
 def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -60,11 +67,13 @@ def convergence_figure(sec: dict[str, Any], path: Path) -> Path:
     ax1, ax2 = fig.subplots(1, 2)
     _band(ax1, sec["loops"], sec["relative_residual"], "‖Δ_t‖/‖h_t‖")
     ax1.axhline(0.03, color="k", linestyle=":", label="Huginn exit threshold 0.03")
-    ax1.set(yscale="log", xlabel="loop t", ylabel="relative residual (dimensionless)", title="convergence per loop")
+    _log_scale(ax1)
+    ax1.set(xlabel="loop t", ylabel="relative residual (dimensionless)", title="convergence per loop")
     ax1.legend(fontsize=8)
     _band(ax2, sec["loops"], sec["bound"], "a-posteriori bound κ/(1−κ)‖Δ_t‖")
     _band(ax2, sec["loops"], sec["distance"], "true distance ‖h_t − h*‖")
-    ax2.set(yscale="log", xlabel="loop t", ylabel="distance to fixed point (latent units)",
+    _log_scale(ax2)
+    ax2.set(xlabel="loop t", ylabel="distance to fixed point (latent units)",
             title="certified bound vs true distance")
     ax2.legend(fontsize=8)
     return _save(fig, path)
@@ -78,7 +87,8 @@ def agreement_figure(sec: dict[str, Any], path: Path) -> Path:
     before_final = {k: v[:-1] for k, v in sec["error_vs_final"].items()}
     _band(ax1, sec["loops"], before_final, "vs final readout")
     ax1.axvline(sec["operating_loops"], color="k", linestyle=":", label="training loop count")
-    ax1.set(yscale="log", xlabel="loop t", ylabel="RMS latent error (latent units)",
+    _log_scale(ax1)
+    ax1.set(xlabel="loop t", ylabel="RMS latent error (latent units)",
             title=f"AUROC top-10% errors: residual {sec['auroc_residual']:.2f}, agreement {sec['auroc_agreement']:.2f}")
     ax1.legend(fontsize=8)
     ax2.bar(sec["loops"], sec["depth_counts"])
@@ -119,7 +129,8 @@ def oscillation_figure(sec: dict[str, Any], path: Path) -> Path:
     ax2.set(xlabel="loop j", ylabel="loop i", title="recurrence plot (sample 0)")
     for i, med in enumerate(sec["layer_relative_residual_median"]):
         ax3.plot(range(1, len(med) + 1), med, label=f"layer {i + 1}")
-    ax3.set(yscale="log", xlabel="loop t", ylabel="median relative change of layer output",
+    _log_scale(ax3)
+    ax3.set(xlabel="loop t", ylabel="median relative change of layer output",
             title="per-layer fixed points")
     ax3.legend(fontsize=8)
     return _save(fig, path)
@@ -142,7 +153,8 @@ def path_independence_figure(sec: dict[str, Any], path: Path) -> Path:
     fig = Figure(figsize=(11, 4))
     ax1, ax2 = fig.subplots(1, 2)
     _band(ax1, sec["loops"], sec["spread"], f"{sec['starts']} random + zero + warm starts")
-    ax1.set(yscale="log", xlabel="loop t", ylabel="mean pairwise distance / ‖h‖ (dimensionless)",
+    _log_scale(ax1)
+    ax1.set(xlabel="loop t", ylabel="mean pairwise distance / ‖h‖ (dimensionless)",
             title=f"path independence (Spearman with error {sec['spearman_spread_error']:.2f})")
     ax1.legend(fontsize=8)
     names = ["zero", "warm", "random"]
@@ -165,7 +177,8 @@ def long_horizon_figure(sec: dict[str, Any], path: Path) -> Path:
         _band(ax1, steps, run["state_norm"], label)
         _band(ax2, steps, run["latent_error"], label)
         _band(ax3, [0] + steps, run["log_delta"], f"{label}, rate {run['lyapunov_median']:.3g}/step")
-    ax1.set(yscale="log", xlabel="rollout step", ylabel="‖h‖ at exit (latent units)", title="state norm")
+    _log_scale(ax1)
+    ax1.set(xlabel="rollout step", ylabel="‖h‖ at exit (latent units)", title="state norm")
     ax2.set(xlabel="rollout step", ylabel="RMS latent prediction error (latent units)",
             title="open-loop prediction error")
     ax3.set(xlabel="rollout step", ylabel="log ‖z_t − z'_t‖ (log latent units)",
