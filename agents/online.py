@@ -175,8 +175,8 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
                         metrics = agent.update()
                         state.updates_due -= 1.0
                     agent.trainer.record("agent/plan_loops", agent.planner.last_stats.get("loops", 0.0))
-                    if agent.trainer.updates % cfg.train.log_every == 0:
-                        agent.trainer.flush_logs()
+                    if state.step % cfg.train.log_every == 0:
+                        agent.trainer.flush_logs(step=state.step)
             if terminated or truncated:
                 state.episode_returns.append(episode_return)
                 logger.log({"episode/return": episode_return}, state.step)

@@ -106,11 +106,12 @@ class Trainer:
         """Add a scalar to the current logging window (averaged at the next flush)."""
         self._window.setdefault(key, []).append(value)
 
-    def flush_logs(self) -> None:
-        """Log the mean of each scalar since the last flush, plus the loops-used histogram."""
+    def flush_logs(self, step: Optional[int] = None) -> None:
+        """Log the mean of each scalar since the last flush, plus the loops-used histogram, at `step` (default: updates)."""
         if self.logger is not None and self._window:
             means = {k: float(np.mean(v)) for k, v in self._window.items()}
-            self.logger.log(means, self.updates, histograms={"loops/used": self._last_loops})
+            self.logger.log(means, self.updates if step is None else step,
+                            histograms={"loops/used": self._last_loops})
         self._window = {}
 
     # ---- checkpoints ---------------------------------------------------------------------

@@ -40,3 +40,13 @@ def test_bad_overrides_name_the_key():
         load_config(None, ["train.lr"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent/config.yaml")
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    configs = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml"))
+    assert len(configs) >= 5
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.name == path.stem
