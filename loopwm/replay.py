@@ -85,6 +85,11 @@ class ReplayBuffer:
         return self._size
 
     @property
+    def open_transitions(self) -> int:
+        """Transitions of episodes still streaming in (not yet sampleable)."""
+        return sum(len(ep["actions"]) for ep in self._open.values())
+
+    @property
     def num_episodes(self) -> int:
         """Number of complete episodes stored (episodes still being streamed in are not counted)."""
         return self._ep_count
@@ -409,6 +414,15 @@ class ReplayBuffer:
         ]
         state["after_done"] = sorted(self._after_done)
         return state
+
+    def truncate_open(self) -> None:
+        """Store the episodes still streaming in, marked truncated at their last step (collection stopped there)."""
+        for env in sorted(self._open):
+            episode = self._open[env]
+            if episode["actions"]:
+                episode["flags"][-1] = (episode["flags"][-1][0], True)
+                self._close(env)
+        self.discard_open()
 
     def discard_open(self) -> None:
         """Drop episodes still being streamed in (e.g. when a resumed run restarts its environments)."""

@@ -51,7 +51,10 @@ def new_buffer(cfg: Config, obs_space: Any, act_space: Any) -> ReplayBuffer:
 
 
 def collect(cfg: Config, progress: bool = True) -> ReplayBuffer:
-    """Fill a dataset with `data.steps` transitions from vectorised envs and save it to `data.path`."""
+    """Fill a dataset with at least `data.steps` transitions from vectorised envs and save it to `data.path`.
+
+    Episodes still running when the count is reached are stored as truncated there.
+    """
     from tqdm.auto import tqdm
 
     from loopwm.envs.factory import action_from_model, action_to_model, make_vector_env
@@ -64,8 +67,7 @@ def collect(cfg: Config, progress: bool = True) -> ReplayBuffer:
     obs, _ = envs.reset(seed=cfg.seed)
     starts = np.ones(cfg.env.num_envs, dtype=bool)
     bar = tqdm(total=cfg.data.steps, disable=not progress, desc="collect", dynamic_ncols=True)
-    steps = 0
-    while steps < cfg.data.steps:
+    while len(buffer) + buffer.open_transitions < cfg.data.steps:
         use_planner = planner is not None and (cfg.data.policy == "noisy_planner" or steps >= cfg.data.steps // 2)
         if use_planner:
             model_action = _planned(planner, obs, starts, space, cfg.data.noise, rng)
@@ -75,10 +77,10 @@ def collect(cfg: Config, progress: bool = True) -> ReplayBuffer:
         buffer.add_batch(obs, model_action, reward, next_obs, terminated, truncated)
         starts = terminated | truncated
         obs = next_obs
-        steps += cfg.env.num_envs
-        bar.update(cfg.env.num_envs)
+        bar.update(len(buffer) + buffer.open_transitions - bar.n)
     bar.close()
     envs.close()
+    buffer.truncate_open()
     buffer.save(cfg.data.path)
     return buffer
 

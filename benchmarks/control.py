@@ -1,0 +1,112 @@
+"""Online control: loopwm's planning agent against stable-baselines3 SAC at equal environment steps.
+
+Runs `loopwm run` (the same code path as the CLI) for each seed and, with --sac, SB3's SAC with
+the same step budgets and seeds on the same machine, evaluating both with deterministic policies
+on fresh episodes. stable-baselines3 is a benchmark-only dependency (`pip install stable-baselines3`).
+
+    python benchmarks/control.py --env pendulum --seeds 0 1 --steps 2000 4000 --sac
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from loopwm.agents.online import run
+from loopwm.config import load_config
+
+CONFIGS = {"pendulum": "configs/pendulum.yaml", "inverted_pendulum": "configs/inverted_pendulum.yaml",
+           "halfcheetah": "configs/halfcheetah.yaml"}
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def loopwm_curve(env: str, seed: int, steps: list[int], eval_episodes: int, out: Path) -> dict:
+    """One online run to max(steps), evaluated at every budget; returns {budget: (mean, std)} and timing."""
+    every = int(np.gcd.reduce(steps))
+    cfg = load_config(CONFIGS[env], [f"seed={seed}", f"name={env}-s{seed}", f"run_dir={out}",
+                                      f"agent.total_steps={max(steps)}", f"agent.eval_every={every}",
+                                      f"agent.eval_episodes={eval_episodes}"])
+    start = time.perf_counter()
+    summary = run(cfg, progress=False)
+    curve = {int(s): (m, sd) for s, m, sd in summary["curve"]}
+    return {"curve": {s: curve[s] for s in steps if s in curve}, "seconds": time.perf_counter() - start,
+            "kappa": summary["kappa"]}
+
+
+def sac_curve(env: str, seed: int, steps: list[int], eval_episodes: int) -> dict:
+    """SB3 SAC (default hyper-parameters) on the same env, evaluated at the same budgets."""
+    from stable_baselines3 import SAC
+    from stable_baselines3.common.evaluation import evaluate_policy
+
+    from loopwm.envs.factory import make_env
+
+    cfg = load_config(CONFIGS[env], [f"seed={seed}"])
+    model = SAC("MlpPolicy", make_env(cfg.env, seed), seed=seed, verbose=0, device="cpu")
+    curve, done, start = {}, 0, time.perf_counter()
+    for budget in sorted(steps):
+        model.learn(total_timesteps=budget - done, reset_num_timesteps=False)
+        done = budget
+        eval_env = make_env(cfg.env, 10_000 + budget, training=False)
+        mean, std = evaluate_policy(model, eval_env, n_eval_episodes=eval_episodes, deterministic=True)
+        curve[budget] = (float(mean), float(std))
+    return {"curve": curve, "seconds": time.perf_counter() - start}
+
+
+def table(results: dict, steps: list[int]) -> str:
+    lines = ["| method | seed | " + " | ".join(f"{s} steps" for s in steps) + " | wall s |",
+             "| --- | --- | " + " | ".join("---" for _ in steps) + " | --- |"]
+    for method, runs in results.items():
+        for seed, r in runs.items():
+            cells = [f"{r['curve'][s][0]:.0f} ± {r['curve'][s][1]:.0f}" if s in r["curve"] else "–" for s in steps]
+            lines.append(f"| {method} | {seed} | " + " | ".join(cells) + f" | {r['seconds']:.0f} |")
+        means = [np.mean([r["curve"][s][0] for r in runs.values() if s in r["curve"]] or [np.nan]) for s in steps]
+        lines.append(f"| {method} | mean | " + " | ".join(f"{m:.0f}" for m in means) + " | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--env", choices=sorted(CONFIGS), default="pendulum")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, nargs="+", default=[2000, 4000, 10000])
+    parser.add_argument("--eval-episodes", type=int, default=5)
+    parser.add_argument("--sac", action="store_true", help="also run stable-baselines3 SAC")
+    parser.add_argument("--out", default="docs/benchmarks")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    work = Path("benchmarks/out/control")
+    results: dict = {"loopwm": {}}
+    for seed in args.seeds:
+        results["loopwm"][seed] = loopwm_curve(args.env, seed, args.steps, args.eval_episodes, work)
+        print(f"loopwm seed {seed}: {results['loopwm'][seed]['curve']}", flush=True)
+    if args.sac:
+        results["sac"] = {}
+        for seed in args.seeds:
+            results["sac"][seed] = sac_curve(args.env, seed, args.steps, args.eval_episodes)
+            print(f"sac seed {seed}: {results['sac'][seed]['curve']}", flush=True)
+    command = "python benchmarks/control.py " + " ".join(
+        [f"--env {args.env}", "--seeds " + " ".join(map(str, args.seeds)), "--steps " + " ".join(map(str, args.steps)),
+         f"--eval-episodes {args.eval_episodes}"] + (["--sac"] if args.sac else []))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"env": args.env, "command": command, "machine": machine(), "results": results}
+    (out / f"control_{args.env}.json").write_text(json.dumps(record, indent=2))
+    md = (f"# Online control on {args.env}\n\nEval return (mean ± std over {args.eval_episodes} deterministic "
+          f"episodes) at each environment-step budget.\n\nMachine: {record['machine']}\n\nCommand: `{command}`\n\n"
+          + table(results, args.steps) + "\n")
+    (out / f"control_{args.env}.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
