@@ -102,7 +102,18 @@ class Agent:
 
 
 def evaluate(agent: Agent, episodes: int, seed: int, video_dir: Optional[str] = None) -> dict[str, Any]:
-    """Return of the deterministic planner over `episodes` fresh evaluation episodes (rewards unclipped)."""
+    """Return of the deterministic planner over `episodes` fresh evaluation episodes (rewards unclipped).
+
+    Evaluation leaves every training RNG as it found it, so evaluating never changes what training does.
+    """
+    gen_state = agent.planner.gen.get_state()
+    with torch.random.fork_rng(devices=[]):
+        result = _evaluate(agent, episodes, seed, video_dir)
+    agent.planner.gen.set_state(gen_state)
+    return result
+
+
+def _evaluate(agent: Agent, episodes: int, seed: int, video_dir: Optional[str]) -> dict[str, Any]:
     env = make_env(agent.cfg.env, render_mode="rgb_array" if video_dir else None, training=False)
     if video_dir:
         from gymnasium.wrappers import RecordVideo

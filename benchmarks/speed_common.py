@@ -33,6 +33,14 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+THREADING_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "KMP_BLOCKTIME", "GOMP_SPINCOUNT")
+
+
+def threading_env() -> dict[str, str]:
+    """Environment variables that change how the thread pools wait and scale (only those set)."""
+    return {k: os.environ[k] for k in THREADING_ENV if k in os.environ}
+
+
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on."""
     return {
@@ -40,14 +48,16 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": cpu_model(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "threading_env": threading_env(),
         "load_average_start": load_average(),
     }
 
 
 def command() -> str:
-    """The exact command line that produced the outputs, relative to the repository root."""
+    """The exact command line that produced the outputs (threading variables included), from the repo root."""
     script = os.path.relpath(sys.argv[0], REPO)
-    return shlex.join([".venv/bin/python", script, *sys.argv[1:]])
+    env = [f"{k}={v}" for k, v in threading_env().items()]
+    return shlex.join([*env, ".venv/bin/python", script, *sys.argv[1:]])
 
 
 def time_call(fn: Callable[[], Any]) -> float:
@@ -96,9 +106,11 @@ def matmul_peak(threads: int, repeats: int, sizes: Sequence[int] = (256, 512, 10
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub markdown table; floats get three significant digits."""
+    """A GitHub markdown table; floats from 100 up print as integers, smaller ones with three significant digits."""
     def cell(x: Any) -> str:
-        return f"{x:.3g}" if isinstance(x, float) else str(x)
+        if isinstance(x, float):
+            return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
+        return str(x)
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -108,7 +120,7 @@ def machine_md(info: dict[str, Any]) -> str:
     """The machine section of a markdown report."""
     return "\n".join([
         f"- CPU: {info['cpu_model']}, `nproc` = {info['nproc']}",
-        f"- torch {info['torch']}, Python {info['python']}",
+        f"- torch {info['torch']}, Python {info['python']}; threading variables: {info['threading_env'] or 'none set'}",
         f"- load average (1/5/15 min) at start {info['load_average_start']}, "
         f"at end {info['load_average_end']}: other processes shared the cores, so timings are noisy",
         f"- command: `{info['command']}`",

@@ -26,6 +26,9 @@ import argparse
 import json
 import math
 import os
+import platform
+import resource
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -34,14 +37,53 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, machine_info, peak_rss_mb, update_json  # noqa: E402
-
-from loopwm.config import Config, dump_yaml, load_config  # noqa: E402
+from loopwm.config import Config, dump_yaml, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 ENVS = {"pendulum": "configs/pendulum.yaml", "halfcheetah": "configs/halfcheetah.yaml"}
 TARGET_STEP1_FACTOR = 5.0
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    """nproc, CPU model, memory, Python/torch versions and the load average when called."""
+    try:
+        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gb = float("nan")
+    return {"nproc": os.cpu_count(), "cpu_model": cpu_model(), "memory_gb": round(mem_gb, 1),
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "loadavg": list(os.getloadavg())}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MB (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in ["python", *sys.argv])
+
+
+def update_json(path: Path, key: str, value: Any, **top: Any) -> dict[str, Any]:
+    """Merge `value` under results[key] of the JSON file at `path` (created if absent); returns the whole file."""
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.update(top)
+    data.setdefault("results", {})[key] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+    return data
 
 
 def log(msg: str) -> None:
@@ -70,15 +112,14 @@ def collect_part(cfg: Config, policy: str, transitions: int, path: Path, seed: i
                  planner_ckpt: Path | None, extra: list[str]) -> tuple[Any, dict[str, Any]]:
     """`workflows.collect` sized so that every env finishes whole episodes (none is cut off and dropped).
 
-    With NEXT_STEP autoreset each episode of T transitions takes T + 1 vector steps (the reset step is
-    skipped by the buffer); `collect` counts num_envs per vector step and stops at data.steps.
+    `collect` stops once stored + still-open transitions reach data.steps and stores the open ones as truncated
+    episodes; asking for num_envs x whole episodes means every env stops exactly at an episode end.
     """
     from loopwm import workflows
 
     n, t = cfg.env.num_envs, episode_steps(cfg)
     per_env = max(1, math.ceil(transitions / (n * t)))
-    vector_steps = per_env * (t + 1) - 1
-    overrides = [f"data.policy={policy}", f"data.steps={n * vector_steps}", f"data.path={path}", f"seed={seed}",
+    overrides = [f"data.policy={policy}", f"data.steps={n * per_env * t}", f"data.path={path}", f"seed={seed}",
                  *extra]
     if planner_ckpt is not None:
         overrides.append(f"data.planner_checkpoint={planner_ckpt}")
@@ -87,7 +128,9 @@ def collect_part(cfg: Config, policy: str, transitions: int, path: Path, seed: i
     start = time.perf_counter()
     buffer = workflows.collect(part_cfg, progress=False)
     seconds = time.perf_counter() - start
+    lengths = [len(ep["rewards"]) for ep in buffer.episodes()]
     info = {"policy": policy, "transitions": len(buffer), "episodes": buffer.num_episodes, "num_envs": n,
+            "episode_length_min": min(lengths), "episode_length_max": max(lengths),
             "episodes_per_env": per_env, "seconds": round(seconds, 1), "seed": seed, "path": rel(path),
             "overrides": overrides}
     if policy != "random":
@@ -181,7 +224,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = Path(args.out) / args.env
     data_path = out_dir / "dataset.npz"
     BASE_OVERRIDES = [f"name={args.env}", f"run_dir={rel(Path(args.out))}", f"data.path={rel(data_path)}",
-                      f"env.num_envs={args.num_envs}", f"seed={args.seed}"]
+                      f"env.num_envs={args.num_envs}", f"seed={args.seed}", f"threads={args.threads}"]
     cfg = load_config(ROOT / ENVS_ACTIVE, BASE_OVERRIDES)
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     machine = machine_info()
@@ -339,6 +382,8 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.3, help="data.noise: Gaussian std added to planner actions")
     parser.add_argument("--tols", type=float, nargs="+", default=[0.3, 0.1, 0.03, 0.01, 0.003])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (configs say 2; on a shared 2-core machine 2 OpenMP threads were ~100x slower)")
     parser.add_argument("--out", default="benchmarks/out")
     parser.add_argument("--docs", default="docs/benchmarks")
     args = parser.parse_args()

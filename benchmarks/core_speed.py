@@ -1,0 +1,227 @@
+"""One loop iteration of the certified core against a plain torch MLP of the same shape, at batch 512.
+
+For T loops we time, interleaved in the same rounds:
+  run        core.run(ctx, exit="fixed", loops=T), ctx prepared beforehand (the loops alone);
+  call       core.prepare(e) then core.run(...): one whole forward call, certified weights included;
+  mlp        T applications of nn.Sequential(Linear(H, W, bias=False), ReLU, Linear(W, H, bias=False));
+  mlp+update T applications of h ← Ā⊙h + d + s·mlp(h, u): the same matmuls and elementwise maths as
+             the loop map, written with plain tensors (no residual norms, no trace).
+in two modes: `no_grad` (inference) and `grad` (autograd on, forward only, as in training, where the
+normalised weights are recomputed on every call). The target is run/T ≤ 1.5 × mlp/T. A fit
+call(T) ≈ a + b·T and a count of spectral_norm_bound calls show that the weights cost is paid once
+per call, never once per loop.
+
+    .venv/bin/python benchmarks/core_speed.py --repeats 20
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from unittest import mock
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+import loopwm.lipschitz as lipschitz
+from loopwm.config import load_config
+from loopwm.loop import LoopCore
+from speed_common import (DEFAULT_OUT, REPO, command, interleaved, load_average, machine_info, machine_md,
+                          md_table, median, paired_ratio, write_outputs)
+
+CONFIG = REPO / "configs" / "pendulum.yaml"
+MODES = ("no_grad", "grad")
+
+
+def build_core(hidden: int) -> LoopCore:
+    """The Pendulum config's loop core, with `model.hidden_dim` set to `hidden`."""
+    return LoopCore(load_config(CONFIG, [f"model.hidden_dim={hidden}"]).model)
+
+
+def mode_context(mode: str) -> contextlib.AbstractContextManager:
+    return torch.no_grad() if mode == "no_grad" else torch.enable_grad()
+
+
+@contextlib.contextmanager
+def count_bounds() -> Iterator[list[int]]:
+    """Count calls of spectral_norm_bound (the certified weights' cost) inside the block."""
+    calls = [0]
+    original = lipschitz.spectral_norm_bound
+
+    def counted(*args: Any, **kwargs: Any) -> Tensor:
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    with mock.patch.object(lipschitz, "spectral_norm_bound", counted):
+        yield calls
+
+
+def plain_mlp(hidden: int, width: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(hidden, width, bias=False), nn.ReLU(), nn.Linear(width, hidden, bias=False))
+
+
+def loop_variants(core: LoopCore, e: Tensor, loops: int) -> dict[str, Callable[[], Any]]:
+    """The four timed functions for `loops` iterations (see the module docstring)."""
+    hidden, width = core.cfg.hidden_dim, core.block.out.weight.shape[1]
+    mlp = plain_mlp(hidden, width)
+    ctx = core.prepare(e)
+    h0 = torch.randn(e.shape[0], hidden)
+    a, d, u, s = torch.rand(hidden), torch.randn_like(h0), torch.randn(e.shape[0], width), torch.rand(())
+
+    def run() -> Tensor:
+        return core.run(ctx, exit="fixed", loops=loops)[0]
+
+    def call() -> Tensor:
+        return core.run(core.prepare(e), exit="fixed", loops=loops)[0]
+
+    def mlp_only() -> Tensor:
+        h = h0
+        for _ in range(loops):
+            h = mlp(h)
+        return h
+
+    def mlp_update() -> Tensor:
+        h = h0
+        for _ in range(loops):
+            h = a * h + d + s * mlp[2](F.relu(mlp[0](h) + u))
+        return h
+
+    return {"run": run, "call": call, "mlp": mlp_only, "mlp+update": mlp_update}
+
+
+def weight_costs(core: LoopCore, repeats: int) -> dict[str, float]:
+    """Median seconds to produce the normalised h-path weights, by path."""
+    linears = core.block.linears()
+
+    def fresh() -> list[Tensor]:
+        return [lin.effective_weight() for lin in linears]
+
+    with torch.no_grad():
+        no_grad = interleaved({"fresh": fresh, "cached": core.effective_weights}, repeats)
+    with torch.enable_grad():
+        grad = interleaved({"fresh": fresh}, repeats)
+    return {"no_grad_fresh": median(no_grad["fresh"]), "no_grad_cached": median(no_grad["cached"]),
+            "grad_fresh": median(grad["fresh"])}
+
+
+def measure(hidden: int, threads: int, loops: list[int], batch: int, repeats: int) -> dict[str, Any]:
+    """Per-loop times, ratios, fit and weight-call counts for one hidden size and thread count."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    core = build_core(hidden)
+    e = torch.randn(batch, core.cfg.inject_dim)
+    weights = weight_costs(core, repeats)
+    result: dict[str, Any] = {"hidden": hidden, "width": core.block.out.weight.shape[1], "threads": threads,
+                              "weights_s": weights, "modes": {}}
+    for mode in MODES:
+        with mode_context(mode):
+            fns = {f"{name}@{t}": fn for t in loops for name, fn in loop_variants(core, e, t).items()}
+            fns["prepare"] = lambda: core.prepare(e)
+            samples = interleaved(fns, repeats)
+            counts = {}
+            for t in loops:
+                with count_bounds() as calls:
+                    fns[f"call@{t}"]()
+                counts[t] = calls[0]
+        rows = []
+        for t in loops:
+            med = {name: median(samples[f"{name}@{t}"]) for name in ("run", "call", "mlp", "mlp+update")}
+            rows.append({
+                "loops": t,
+                **{f"{name}_per_loop_us": 1e6 * v / t for name, v in med.items()},
+                "ratio_run_vs_mlp": paired_ratio(samples[f"run@{t}"], samples[f"mlp@{t}"]),
+                "ratio_call_vs_mlp": paired_ratio(samples[f"call@{t}"], samples[f"mlp@{t}"]),
+                "ratio_run_vs_mlp_update": paired_ratio(samples[f"run@{t}"], samples[f"mlp+update@{t}"]),
+                "bound_calls_per_call": counts[t],
+            })
+        call_times = np.array([median(samples[f"call@{t}"]) for t in loops])
+        slope, intercept = np.polyfit(np.array(loops, dtype=float), call_times, 1)
+        weight_s = weights["no_grad_cached" if mode == "no_grad" else "grad_fresh"]
+        result["modes"][mode] = {
+            "rows": rows,
+            "fit_intercept_us": 1e6 * intercept,
+            "fit_slope_us": 1e6 * slope,
+            "prepare_us": 1e6 * median(samples["prepare"]),
+            "weights_per_call_us": 1e6 * weight_s,
+            "per_loop_recompute_ratio": median([(r["run_per_loop_us"] + 1e6 * weight_s) / r["mlp_per_loop_us"]
+                                                for r in rows]),
+        }
+        print(f"hidden {hidden} threads {threads} {mode}: "
+              + ", ".join(f"T={r['loops']} run/mlp {r['ratio_run_vs_mlp']:.2f}" for r in rows), flush=True)
+    return result
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    lines = [
+        "# Loop core speed",
+        "",
+        "One loop iteration of `LoopCore.run(ctx, exit=\"fixed\", loops=T)` at batch "
+        f"{payload['batch']}, against a plain torch MLP with the same matmul shapes "
+        "(`Linear(H, W, bias=False) → ReLU → Linear(W, H, bias=False)`), measured in the same rounds. "
+        f"Medians of {payload['repeats']} timings per point; ratios are medians of per-round ratios. "
+        "Target: run/mlp ≤ 1.5.",
+        "",
+        "- **run**: `core.run` with the step context prepared beforehand (the loops alone).",
+        "- **call**: `core.prepare(e)` + `core.run`: one forward call, certified weights included; "
+        "`prepare` (retention, injection drive, block context, weights) is also timed alone.",
+        "- **mlp+update**: the plain MLP plus the loop map's elementwise update "
+        "`h ← Ā⊙h + d + s·W₂ relu(W₁h + u)`, without residual norms or trace bookkeeping.",
+        "- **no_grad**: inference; **grad**: autograd enabled, forward only (training), where the "
+        "normalised weights are recomputed on each call.",
+        "",
+        "## Machine",
+        "",
+        machine_md(payload["machine"]),
+        "",
+    ]
+    for res in payload["results"]:
+        lines += [f"## H = {res['hidden']}, W = {res['width']}, {res['threads']} thread(s)", ""]
+        w = res["weights_s"]
+        lines += [
+            f"Certified weights (spectral_norm_bound on every h-path map): "
+            f"{1e6 * w['no_grad_fresh']:.0f} µs fresh under no_grad, {1e6 * w['grad_fresh']:.0f} µs with grad, "
+            f"{1e6 * w['no_grad_cached']:.1f} µs from the no_grad cache.",
+            "",
+        ]
+        for mode, m in res["modes"].items():
+            rows = [[r["loops"], r["run_per_loop_us"], r["call_per_loop_us"], r["mlp_per_loop_us"],
+                     r["mlp+update_per_loop_us"], r["ratio_run_vs_mlp"], r["ratio_call_vs_mlp"],
+                     r["ratio_run_vs_mlp_update"], r["bound_calls_per_call"]] for r in m["rows"]]
+            lines += [
+                f"### {mode}",
+                "",
+                md_table(["T", "run µs/loop", "call µs/loop", "mlp µs/loop", "mlp+update µs/loop",
+                          "run/mlp", "call/mlp", "run/(mlp+update)", "bound calls per call"], rows),
+                "",
+                f"Fit call(T) ≈ a + b·T: a = {m['fit_intercept_us']:.0f} µs, b = {m['fit_slope_us']:.0f} µs/loop; "
+                f"`prepare` alone {m['prepare_us']:.0f} µs, of which the weights {m['weights_per_call_us']:.0f} µs. "
+                "Had the weights been recomputed every loop, "
+                f"run/mlp would be about {m['per_loop_recompute_ratio']:.2f}.",
+                "",
+            ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=20, help="timings per point (median reported)")
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--loops", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--hidden", type=int, nargs="+", default=[128, 256], help="model.hidden_dim values")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for core_speed.json/.md")
+    args = parser.parse_args()
+    info = machine_info()
+    results = [measure(h, n, args.loops, args.batch, args.repeats) for n in args.threads for h in args.hidden]
+    info["load_average_end"] = load_average()
+    info["command"] = command()
+    payload = {"machine": info, "batch": args.batch, "repeats": args.repeats, "config": "configs/pendulum.yaml",
+               "results": results}
+    write_outputs(args.out, "core_speed", payload, markdown(payload))
+
+
+if __name__ == "__main__":
+    main()

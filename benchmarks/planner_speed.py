@@ -1,0 +1,301 @@
+"""Planner latency per decision, where the time goes, and achieved GFLOP/s against this machine's matmul peak.
+
+(a) The default Pendulum config (configs/pendulum.yaml: MPPI, horizon 3, 3 iterations, 256 samples,
+    32 elites, 16 policy samples from a PolicyPrior, a ValueFunction at the horizon). Target: ≤ 20 ms
+    per decision on 2 cores.
+(b) TD-MPC2's planning config on the same task: 512 samples, horizon 3, 6 iterations, 64 elites,
+    latent 128, MLP width 384 (model.latent_dim=128, model.mlp_dim=384, model.hidden_dim=384, so the
+    loop block is 384 → 768 → 384; model.loops 4), without prior or value. Reference: TD-MPC2's own planner
+    on this CPU reached about 30% of the matmul peak; target ≥ 1.5 × that fraction.
+
+Models are untrained (the cost of a decision does not depend on the weights). Observations come from a
+real environment rollout driven by the planner. FLOPs are counted analytically: 2·rows·in·out for every
+linear map on the decision's path; elementwise work and the certified-weight computation are excluded
+from the useful count (the latter is reported separately). The peak is the median rate of float32
+torch.mm on 1024×1024 matrices at the same thread count, measured in the same run (smaller sizes also shown).
+
+    .venv/bin/python benchmarks/planner_speed.py --repeats 20
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+from unittest import mock
+
+import numpy as np
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+import loopwm.lipschitz as lipschitz
+from loopwm.agents import Planner, PolicyPrior, ValueFunction
+from loopwm.config import Config, load_config
+from loopwm.envs.factory import action_from_model, make_env
+from loopwm.lipschitz import CertifiedLinear
+from loopwm.world_model import WorldModel
+from speed_common import (DEFAULT_OUT, REPO, command, load_average, machine_info, machine_md, matmul_peak,
+                          md_table, median, write_outputs)
+
+CONFIG = REPO / "configs" / "pendulum.yaml"
+TDMPC2_OVERRIDES = ["planner.samples=512", "planner.horizon=3", "planner.iterations=6", "planner.elites=64",
+                    "model.latent_dim=128", "model.mlp_dim=384", "model.hidden_dim=384"]
+TDMPC2_FRACTION = 0.30  # TD-MPC2's planner on this CPU: ~50 GFLOP/s of a ~170 GFLOP/s peak, 255-268 ms/decision
+LATENCY_TARGET_MS = 20.0
+
+
+def macs(*modules: nn.Module) -> int:
+    """Multiply-adds per input row of every linear map inside `modules`."""
+    return sum(m.weight.numel() for mod in modules for m in mod.modules()
+               if isinstance(m, (nn.Linear, CertifiedLinear)))
+
+
+def bound_flops(wm: WorldModel) -> int:
+    """FLOPs of one set of certified weights: the Gram matrix and its squarings, per h-path map."""
+    total = 0
+    for lin in wm.core.block.linears():
+        rows, cols = lin.weight.shape
+        k = min(rows, cols)
+        total += 2 * k * k * max(rows, cols) + 4 * 2 * k ** 3  # spectral_norm_bound's default 4 squarings
+    return total
+
+
+def decision_flops(wm: WorldModel, planner: Planner) -> dict[str, float]:
+    """Analytic FLOPs of one decision for one environment, split into useful work and weight overhead."""
+    cfg, loops = planner.cfg, wm.cfg.loops
+    block = wm.core.block
+    step = (macs(wm.action_embed, wm.prelude, wm.core.inject, block.e_path, wm.coda)
+            + loops * macs(block.h_path, block.out) + macs(wm.reward_head, wm.continue_head))
+    value = macs(planner.value.net) if planner.value is not None else 0
+    total = macs(wm.encoder) + cfg.iterations * cfg.samples * (cfg.horizon * step + value)
+    imagine_calls = cfg.iterations
+    if planner.prior is not None:
+        p = planner.policy_samples
+        total += cfg.horizon * p * macs(planner.prior.net) + (cfg.horizon - 1) * p * step
+        imagine_calls += cfg.horizon - 1
+    return {"useful_gflop": 2 * total / 1e9, "model_step_mflop_per_sample": 2 * step / 1e6,
+            "weights_gflop": imagine_calls * bound_flops(wm) / 1e9, "imagine_calls": imagine_calls}
+
+
+def build(cfg: Config, with_prior_value: bool, seed: int) -> tuple[Any, WorldModel, Planner]:
+    """Environment, untrained world model and planner for `cfg`."""
+    torch.manual_seed(seed)
+    env = make_env(cfg.env, seed)
+    wm = WorldModel.from_config(cfg, env.observation_space, env.action_space).eval()
+    value = prior = None
+    if with_prior_value:
+        value = ValueFunction(wm.latent_dim, cfg.agent)
+        prior = PolicyPrior(wm.latent_dim, wm.action_dim, wm.discrete, cfg.agent)
+    planner = Planner(wm, cfg.planner, value=value, prior=prior, seed=seed,
+                      exploration=cfg.agent.exploration_std)
+    return env, wm, planner
+
+
+class Timers:
+    """Seconds spent inside wrapped callables, accumulated per label."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def wrap(self, label: str, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - start
+        return timed
+
+    def take(self) -> dict[str, float]:
+        out, self.seconds = self.seconds, {}
+        return out
+
+
+@contextlib.contextmanager
+def instrumented(wm: WorldModel, planner: Planner, timers: Timers) -> Iterator[None]:
+    """Time model forwards (wm.imagine), the certified weights inside them, the value net and the prior net."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(wm, "imagine", timers.wrap("imagine", wm.imagine)))
+        stack.enter_context(mock.patch.object(
+            lipschitz, "spectral_norm_bound", timers.wrap("weights", lipschitz.spectral_norm_bound)))
+        for name in ("value", "prior"):
+            fn: Optional[Callable] = getattr(planner, name)
+            if fn is not None:
+                stack.enter_context(mock.patch.object(planner, name, timers.wrap(name, fn)))
+        yield
+
+
+def decisions(env: Any, wm: WorldModel, planner: Planner, repeats: int, warmup: int,
+              budget_s: float) -> dict[str, Any]:
+    """Time up to `repeats` decisions along a real rollout, warm-up included in `budget_s` (past it, stop
+    once 3 are timed); per-decision wall time, process CPU time and shares of the instrumented parts."""
+    timers = Timers()
+    obs, _ = env.reset(seed=0)
+    planner.reset()
+    latency, cpu, shares = [], [], {k: [] for k in ("imagine", "weights", "value", "prior")}
+    t0, deadline = True, time.perf_counter() + budget_s
+    with instrumented(wm, planner, timers):
+        for i in range(warmup + repeats):
+            if len(latency) >= 3 and time.perf_counter() > deadline:
+                break
+            start, start_cpu = time.perf_counter(), time.process_time()
+            action = planner.act(obs, t0=t0)
+            elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+            parts = timers.take()
+            if i >= warmup:
+                latency.append(elapsed)
+                cpu.append(elapsed_cpu)
+                for k in shares:
+                    shares[k].append(parts.get(k, 0.0) / elapsed)
+            obs, _, terminated, truncated, _ = env.step(action_from_model(action, env.action_space))
+            t0 = terminated or truncated
+            if t0:
+                obs, _ = env.reset()
+    return {"decisions": len(latency), "latency_ms": 1e3 * median(latency), "cpu_ms": 1e3 * median(cpu), "latency_p10_ms": 1e3 * float(np.percentile(latency, 10)),
+            "latency_p90_ms": 1e3 * float(np.percentile(latency, 90)),
+            "share": {k: median(v) for k, v in shares.items()}}
+
+
+def top_ops(env: Any, planner: Planner, n_decisions: int, rows: int = 8) -> list[dict[str, Any]]:
+    """The operators with the most self CPU time over a few decisions (torch.profiler)."""
+    obs, _ = env.reset(seed=1)
+    planner.act(obs)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n_decisions):
+            planner.act(obs)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [{"op": e.key, "calls_per_decision": e.count / n_decisions,
+             "self_ms_per_decision": e.self_cpu_time_total / 1e3 / n_decisions,
+             "self_share": e.self_cpu_time_total / total} for e in events[:rows]]
+
+
+def run_config(name: str, cfg: Config, with_prior_value: bool, args: argparse.Namespace,
+               profile: bool) -> dict[str, Any]:
+    """Latency, shares and throughput of one planner config at each thread count."""
+    env, wm, planner = build(cfg, with_prior_value, cfg.seed)
+    flops = decision_flops(wm, planner)
+    out: dict[str, Any] = {"name": name, "flops": flops, "prior_and_value": with_prior_value, "threads": {}}
+    for n in args.threads:
+        torch.set_num_threads(n)
+        res = decisions(env, wm, planner, args.repeats, args.warmup, args.budget_s)
+        res["gflops_per_s"] = flops["useful_gflop"] / (res["latency_ms"] / 1e3)
+        if profile and n in args.profile_threads and args.profile_decisions:
+            res["top_ops"] = top_ops(env, planner, args.profile_decisions)
+        out["threads"][n] = res
+        print(f"{name} threads {n}: {res['latency_ms']:.1f} ms/decision, {res['gflops_per_s']:.1f} GFLOP/s", flush=True)
+    env.close()
+    return out
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    peaks = payload["matmul_peak_gflops"]
+    a, b = payload["configs"]["pendulum"], payload["configs"]["tdmpc2"]
+    lines = [
+        "# Planner speed",
+        "",
+        "Median wall-clock latency of `Planner.act` per decision (one environment), untrained models, "
+        f"up to {payload['repeats']} decisions (fewer where a point ran past {payload['budget_s']:.0f} s) after "
+        f"{payload['warmup']} warm-up ones along a real Pendulum-v1 rollout. "
+        "Shares are per-decision medians of time inside `wm.imagine` (every model forward: injection, loops, "
+        "coda, reward and continue heads, certified weights), inside `spectral_norm_bound` (part of imagine), "
+        "and inside the value and policy-prior networks. CPU ms is the process CPU time per decision (median): "
+        "with 1 thread it is the latency net of time the scheduler gave to other processes; with more threads it "
+        "also counts threads spinning while they wait. GFLOP/s and the ≤ 20 ms check use wall-clock medians.",
+        "",
+        "## Machine",
+        "",
+        machine_md(payload["machine"]),
+        "",
+        "Matmul peak: median GFLOP/s of float32 `torch.mm` on n×n matrices, measured before and after the "
+        "planner runs; the better of the two medians is shown and used:",
+        "",
+        md_table(["threads", *[f"n = {k}" for k in next(iter(peaks.values()))]],
+                 [[n, *p.values()] for n, p in peaks.items()]),
+        "",
+        "## (a) Default Pendulum config",
+        "",
+        f"configs/pendulum.yaml: horizon 3, 3 iterations, 256 samples, 32 elites, 16 policy samples from a "
+        f"PolicyPrior, ValueFunction at the horizon. Useful work {a['flops']['useful_gflop']:.2f} GFLOP per decision "
+        f"({a['flops']['model_step_mflop_per_sample']:.2f} MFLOP per model step and sample); the certified weights "
+        f"add {a['flops']['weights_gflop']:.2f} GFLOP ({a['flops']['imagine_calls']} imagine calls, each recomputes them).",
+        "",
+        md_table(["threads", "decisions", "median ms", "p10 ms", "p90 ms", "CPU ms", f"≤ {LATENCY_TARGET_MS:.0f} ms?",
+                  "imagine share", "of which weights", "value share", "prior share", "GFLOP/s", "of 1024² peak"],
+                 [[n, r["decisions"], r["latency_ms"], r["latency_p10_ms"], r["latency_p90_ms"], r["cpu_ms"],
+                   "yes" if r["latency_ms"] <= LATENCY_TARGET_MS else "no", r["share"]["imagine"],
+                   r["share"]["weights"], r["share"]["value"], r["share"]["prior"], r["gflops_per_s"],
+                   r["fraction_of_peak_1024"]] for n, r in a["threads"].items()]),
+        "",
+    ]
+    for n, r in a["threads"].items():
+        if "top_ops" in r:
+            lines += [f"Top operators by self CPU time, {n} thread(s) (torch.profiler):", "",
+                      md_table(["op", "calls/decision", "self ms/decision", "share"],
+                               [[o["op"], o["calls_per_decision"], o["self_ms_per_decision"], o["self_share"]]
+                                for o in r["top_ops"]]), ""]
+    target = 1.5 * TDMPC2_FRACTION
+    lines += [
+        "## (b) TD-MPC2 planning config",
+        "",
+        "512 samples, horizon 3, 6 iterations, 64 elites; model.latent_dim = 128, model.mlp_dim = 384, "
+        "model.hidden_dim = 384 (loop block 384 → 768 → 384, inject_dim 128), model.loops = 4; no policy prior, "
+        f"no value. Useful work {b['flops']['useful_gflop']:.1f} GFLOP per decision "
+        f"({b['flops']['model_step_mflop_per_sample']:.2f} MFLOP per model step and sample); the certified weights "
+        f"add {b['flops']['weights_gflop']:.1f} GFLOP. Reference: TD-MPC2's planner on this CPU, 255–268 ms per "
+        f"decision, about 50 GFLOP/s = {TDMPC2_FRACTION:.0%} of a ~170 GFLOP/s peak; target ≥ {target:.0%} of peak.",
+        "",
+        md_table(["threads", "decisions", "median ms", "CPU ms", "GFLOP/s", "GFLOP per CPU-s", "of 1024² peak",
+                  "of best square peak", f"≥ {target:.0%}?"],
+                 [[n, r["decisions"], r["latency_ms"], r["cpu_ms"], r["gflops_per_s"],
+                   b["flops"]["useful_gflop"] / (r["cpu_ms"] / 1e3), r["fraction_of_peak_1024"],
+                   r["fraction_of_best_square_peak"], "yes" if r["fraction_of_peak_1024"] >= target else "no"]
+                  for n, r in b["threads"].items()]),
+        "",
+        "GFLOP per CPU-s: the useful work divided by process CPU time; with 1 thread it is the rate the planner "
+        "reaches while it actually runs, to set against the 1-thread peak.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=20, help="timed decisions per point (median reported)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--budget-s", type=float, default=30.0,
+                        help="seconds per (config, threads) point after which timing stops early (keeps >= 5 decisions)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    parser.add_argument("--profile-decisions", type=int, default=5, help="decisions profiled for (a); 0 skips")
+    parser.add_argument("--profile-threads", type=int, nargs="+", default=[1], help="thread counts profiled for (a)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
+    parser.add_argument("--name", default="planner_speed", help="stem of the JSON and markdown files")
+    args = parser.parse_args()
+    info = machine_info()
+    before = {n: matmul_peak(n, args.repeats) for n in args.threads}
+    configs = {
+        "pendulum": run_config("pendulum", load_config(CONFIG), True, args, profile=True),
+        "tdmpc2": run_config("tdmpc2", load_config(CONFIG, TDMPC2_OVERRIDES), False, args, profile=False),
+    }
+    after = {n: matmul_peak(n, args.repeats) for n in args.threads}
+    peaks = {n: {k: max(before[n][k], after[n][k]) for k in before[n]} for n in args.threads}  # the better median
+    for res in configs.values():
+        for n, r in res["threads"].items():
+            r["fraction_of_peak_1024"] = r["gflops_per_s"] / peaks[n]["1024"]
+            r["fraction_of_best_square_peak"] = r["gflops_per_s"] / max(peaks[n].values())
+    info["load_average_end"] = load_average()
+    info["command"] = command()
+    payload = {"machine": info, "repeats": args.repeats, "warmup": args.warmup, "budget_s": args.budget_s,
+               "config": "configs/pendulum.yaml",
+               "tdmpc2_overrides": TDMPC2_OVERRIDES, "tdmpc2_reference_fraction": TDMPC2_FRACTION,
+               "matmul_peak_gflops": peaks, "matmul_peak_before": before, "matmul_peak_after": after,
+               "configs": configs}
+    write_outputs(args.out, args.name, payload, markdown(payload))
+
+
+if __name__ == "__main__":
+    main()
