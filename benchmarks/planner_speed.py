@@ -155,7 +155,8 @@ def decisions(env: Any, wm: WorldModel, planner: Planner, repeats: int, warmup: 
             t0 = terminated or truncated
             if t0:
                 obs, _ = env.reset()
-    return {"decisions": len(latency), "latency_ms": 1e3 * median(latency), "cpu_ms": 1e3 * median(cpu), "latency_p10_ms": 1e3 * float(np.percentile(latency, 10)),
+    return {"decisions": len(latency), "latency_ms": 1e3 * median(latency), "cpu_ms": 1e3 * median(cpu),
+            "latency_p10_ms": 1e3 * float(np.percentile(latency, 10)),
             "latency_p90_ms": 1e3 * float(np.percentile(latency, 90)),
             "share": {k: median(v) for k, v in shares.items()}}
 
@@ -222,7 +223,8 @@ def markdown(payload: dict[str, Any]) -> str:
         f"configs/pendulum.yaml: horizon 3, 3 iterations, 256 samples, 32 elites, 16 policy samples from a "
         f"PolicyPrior, ValueFunction at the horizon. Useful work {a['flops']['useful_gflop']:.2f} GFLOP per decision "
         f"({a['flops']['model_step_mflop_per_sample']:.2f} MFLOP per model step and sample); the certified weights "
-        f"add {a['flops']['weights_gflop']:.2f} GFLOP ({a['flops']['imagine_calls']} imagine calls, each recomputes them).",
+        f"add {a['flops']['weights_gflop']:.2f} GFLOP ({a['flops']['imagine_calls']} imagine calls, each "
+        "recomputes them).",
         "",
         md_table(["threads", "decisions", "median ms", "p10 ms", "p90 ms", "CPU ms", f"≤ {LATENCY_TARGET_MS:.0f} ms?",
                   "imagine share", "of which weights", "value share", "prior share", "GFLOP/s", "of 1024² peak"],
@@ -268,7 +270,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20, help="timed decisions per point (median reported)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=30.0,
-                        help="seconds per (config, threads) point after which timing stops early (keeps >= 5 decisions)")
+                        help="seconds per (config, threads) point after which timing stops (keeps >= 3 decisions)")
     parser.add_argument("--threads", type=int, nargs="+", default=[2, 1])
     parser.add_argument("--profile-decisions", type=int, default=5, help="decisions profiled for (a); 0 skips")
     parser.add_argument("--profile-threads", type=int, nargs="+", default=[1], help="thread counts profiled for (a)")

@@ -49,7 +49,7 @@ class QuantileTracker:
     """An exponential moving average of a batch quantile of per-sample errors."""
 
     q: float
-    decay: float = 0.98
+    decay: float = 0.9
     value: Optional[float] = None
 
     def update(self, errors: Tensor) -> float:

@@ -101,7 +101,7 @@ def test_quantile_tracker_tracks_a_known_quantile():
     first = torch.rand(2000, generator=g)
     assert tracker.update(first) == pytest.approx(float(torch.quantile(first, 0.9)))
     second = torch.rand(2000, generator=g)
-    expected = 0.98 * tracker.value + 0.02 * float(torch.quantile(second, 0.9))
+    expected = tracker.decay * tracker.value + (1 - tracker.decay) * float(torch.quantile(second, 0.9))
     assert tracker.update(second) == pytest.approx(expected)
     for _ in range(300):
         tracker.update(torch.rand(2000, generator=g))
