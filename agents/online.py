@@ -79,8 +79,14 @@ class Agent:
             latents = self.wm.encode(batch["obs"].to(device))
         continues = 1.0 - batch["terminated"].float().to(device)
         if self.value is not None:
+            imagined = None
+            if self.prior is not None:  # value of the improving prior, from its imagined rollouts
+                with torch.no_grad():
+                    starts = latents[:-1].reshape(-1, latents.shape[-1])
+                    imagined, _ = self.prior.imagined_return(self.wm, starts, self.value.target_value)
+                imagined = imagined.view(latents.shape[0] - 1, -1)
             out.update({f"value/{k}": v for k, v in
-                        self.value.update(latents, batch["rewards"].to(device), continues).items()})
+                        self.value.update(latents, batch["rewards"].to(device), continues, imagined=imagined).items()})
         if self.prior is not None:
             starts = latents[0]  # one start latent per sequence keeps the actor update cheap
             out.update({f"prior/{k}": v for k, v in self.prior.update(self.wm, starts, self.value).items()})

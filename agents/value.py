@@ -56,14 +56,25 @@ class ValueFunction:
         """V(z) for latents [..., Z] -> [...]; differentiable in z."""
         return self.net(z).squeeze(-1)
 
+    @torch.no_grad()
+    def target_value(self, z: Tensor) -> Tensor:
+        """V_target(z): the slow copy, for bootstrapped targets."""
+        return self.target(z).squeeze(-1)
+
     def update(self, latents: Tensor, rewards: Tensor, continues: Tensor,
-               mask: Optional[Tensor] = None) -> dict[str, float]:
-        """One TD(0) step on a replay batch (shapes in the module docstring), then a Polyak target update."""
+               mask: Optional[Tensor] = None, imagined: Optional[Tensor] = None) -> dict[str, float]:
+        """One TD(0) step on a replay batch (shapes in the module docstring), then a Polyak target update.
+
+        `imagined` [T, B], if given, adds a second regression target for V(z_t): the policy prior's imagined
+        return from z_t (Dreamer-style), which evaluates the improving policy rather than the data's.
+        """
         latents = latents.detach()
         with torch.no_grad():
             target = rewards + self.cfg.discount * continues * self.target(latents[1:]).squeeze(-1)
         pred = self(latents[:-1])
         err = (pred - target) ** 2
+        if imagined is not None:
+            err = err + (pred - imagined.detach()) ** 2
         loss = err.mean() if mask is None else (err * mask).sum() / mask.sum().clamp_min(1.0)
         params = list(self.net.parameters())
         norm = _step(self.optim, params, torch.autograd.grad(loss, params), self.grad_clip)

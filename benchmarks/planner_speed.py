@@ -11,8 +11,9 @@
 Models are untrained (the cost of a decision does not depend on the weights). Observations come from a
 real environment rollout driven by the planner. FLOPs are counted analytically: 2·rows·in·out for every
 linear map on the decision's path; elementwise work and the certified-weight computation are excluded
-from the useful count (the latter is reported separately). The peak is the median rate of float32
-torch.mm on 1024×1024 matrices at the same thread count, measured in the same run (smaller sizes also shown).
+from the useful count (the latter is reported separately). The peak is the best median rate of float32
+torch.mm on n×n matrices (n = 256, 512, 1024) at the same thread count, measured in the same run; the
+1024×1024 rate alone is also shown, as it can fall well below the smaller sizes here.
 
     .venv/bin/python benchmarks/planner_speed.py --repeats 20
 """
@@ -227,11 +228,11 @@ def markdown(payload: dict[str, Any]) -> str:
         "recomputes them).",
         "",
         md_table(["threads", "decisions", "median ms", "p10 ms", "p90 ms", "CPU ms", f"≤ {LATENCY_TARGET_MS:.0f} ms?",
-                  "imagine share", "of which weights", "value share", "prior share", "GFLOP/s", "of 1024² peak"],
+                  "imagine share", "of which weights", "value share", "prior share", "GFLOP/s", "of best square peak"],
                  [[n, r["decisions"], r["latency_ms"], r["latency_p10_ms"], r["latency_p90_ms"], r["cpu_ms"],
                    "yes" if r["latency_ms"] <= LATENCY_TARGET_MS else "no", r["share"]["imagine"],
                    r["share"]["weights"], r["share"]["value"], r["share"]["prior"], r["gflops_per_s"],
-                   r["fraction_of_peak_1024"]] for n, r in a["threads"].items()]),
+                   r["fraction_of_best_square_peak"]] for n, r in a["threads"].items()]),
         "",
     ]
     for n, r in a["threads"].items():
@@ -251,15 +252,16 @@ def markdown(payload: dict[str, Any]) -> str:
         f"add {b['flops']['weights_gflop']:.1f} GFLOP. Reference: TD-MPC2's planner on this CPU, 255–268 ms per "
         f"decision, about 50 GFLOP/s = {TDMPC2_FRACTION:.0%} of a ~170 GFLOP/s peak; target ≥ {target:.0%} of peak.",
         "",
-        md_table(["threads", "decisions", "median ms", "CPU ms", "GFLOP/s", "GFLOP per CPU-s", "of 1024² peak",
-                  "of best square peak", f"≥ {target:.0%}?"],
+        md_table(["threads", "decisions", "median ms", "CPU ms", "GFLOP/s", "GFLOP per CPU-s", "of best square peak",
+                  f"≥ {target:.0%}?", "of 1024² peak"],
                  [[n, r["decisions"], r["latency_ms"], r["cpu_ms"], r["gflops_per_s"],
-                   b["flops"]["useful_gflop"] / (r["cpu_ms"] / 1e3), r["fraction_of_peak_1024"],
-                   r["fraction_of_best_square_peak"], "yes" if r["fraction_of_peak_1024"] >= target else "no"]
+                   b["flops"]["useful_gflop"] / (r["cpu_ms"] / 1e3), r["fraction_of_best_square_peak"],
+                   "yes" if r["fraction_of_best_square_peak"] >= target else "no", r["fraction_of_peak_1024"]]
                   for n, r in b["threads"].items()]),
         "",
         "GFLOP per CPU-s: the useful work divided by process CPU time; with 1 thread it is the rate the planner "
-        "reaches while it actually runs, to set against the 1-thread peak.",
+        "reaches while it actually runs, to set against the 1-thread peak. The target is judged against the best "
+        "square peak, the stricter of the two.",
         "",
     ]
     return "\n".join(lines)

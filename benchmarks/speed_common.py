@@ -8,6 +8,7 @@ import shlex
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -60,14 +61,21 @@ def command() -> str:
     return shlex.join([*env, ".venv/bin/python", script, *sys.argv[1:]])
 
 
-def time_call(fn: Callable[[], Any]) -> float:
-    """Wall-clock seconds of one call."""
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+@dataclass
+class Samples:
+    """Timings of one function: wall-clock seconds and process CPU seconds (all threads) per call."""
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+    def add(self, fn: Callable[[], Any]) -> None:
+        start, start_cpu = time.perf_counter(), time.process_time()
+        fn()
+        self.wall.append(time.perf_counter() - start)
+        self.cpu.append(time.process_time() - start_cpu)
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> dict[str, Samples]:
     """`repeats` timings of each function, taken in rounds (one call of each per round, order rotated).
 
     Interleaving exposes every variant to the same background load, so ratios between them are
@@ -77,11 +85,11 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2
     for _ in range(warmup):
         for name in names:
             fns[name]()
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    samples = {name: Samples() for name in names}
     for r in range(repeats):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            samples[name].append(time_call(fns[name]))
+            samples[name].add(fns[name])
     return samples
 
 
@@ -100,7 +108,7 @@ def matmul_peak(threads: int, repeats: int, sizes: Sequence[int] = (256, 512, 10
     out = {}
     for n in sizes:
         a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-        t = interleaved({"mm": lambda: torch.mm(a, b, out=c)}, repeats, warmup=3)["mm"]
+        t = interleaved({"mm": lambda: torch.mm(a, b, out=c)}, repeats, warmup=3)["mm"].wall
         out[str(n)] = 2 * n ** 3 / median(t) / 1e9
     return out
 
