@@ -189,7 +189,8 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
                 state.updates_due += a.updates_per_step
                 if state.step % a.update_every == 0:
                     while state.updates_due >= 1.0:
-                        metrics = agent.update()
+                        for key, value in agent.update().items():
+                            agent.trainer.record(key, value)
                         state.updates_due -= 1.0
                     agent.trainer.record("agent/plan_loops", agent.planner.last_stats.get("loops", 0.0))
                     if state.step % cfg.train.log_every == 0:
