@@ -65,17 +65,18 @@ def collect(cfg: Config, progress: bool = True) -> ReplayBuffer:
     planner = _noisy_planner(cfg) if cfg.data.policy != "random" else None
     rng = np.random.default_rng(cfg.seed)
     obs, _ = envs.reset(seed=cfg.seed)
-    starts = np.ones(cfg.env.num_envs, dtype=bool)
+    starts = np.ones(cfg.env.num_envs, dtype=bool)     # obs is the first of an episode: plan from scratch
+    resetting = np.zeros(cfg.env.num_envs, dtype=bool)  # this step only resets the env (NEXT_STEP autoreset)
     bar = tqdm(total=cfg.data.steps, disable=not progress, desc="collect", dynamic_ncols=True)
-    while len(buffer) + buffer.open_transitions < cfg.data.steps:
-        use_planner = planner is not None and (cfg.data.policy == "noisy_planner" or steps >= cfg.data.steps // 2)
+    while (count := len(buffer) + buffer.open_transitions) < cfg.data.steps:
+        use_planner = planner is not None and (cfg.data.policy == "noisy_planner" or count >= cfg.data.steps // 2)
         if use_planner:
             model_action = _planned(planner, obs, starts, space, cfg.data.noise, rng)
         else:
             model_action = action_to_model(envs.action_space.sample(), space)
         next_obs, reward, terminated, truncated, _ = envs.step(action_from_model(model_action, space))
         buffer.add_batch(obs, model_action, reward, next_obs, terminated, truncated)
-        starts = terminated | truncated
+        starts, resetting = resetting, terminated | truncated
         obs = next_obs
         bar.update(len(buffer) + buffer.open_transitions - bar.n)
     bar.close()
