@@ -117,7 +117,7 @@ class LoopCore(nn.Module):
     def weight_scope(self) -> Iterator[None]:
         """Share one weight computation across every step inside the scope (a rollout, a loss)."""
         outer = self._scope
-        self._scope = outer if outer is not None else [lin.effective_weight() for lin in self.block.linears()]
+        self._scope = outer if outer is not None else self.effective_weights()
         try:
             yield
         finally:
