@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(VENV)/bin/loopwm run configs/pendulum.yaml
+	$(VENV)/bin/loopwm run configs/pendulum.yaml name=pendulum-$$(date +%Y%m%d-%H%M%S)
 
 clean:
 	rm -rf $(VENV) runs *.egg-info
