@@ -92,7 +92,7 @@ def agreement_figure(sec: dict[str, Any], path: Path) -> Path:
             title=f"AUROC top-10% errors: residual {sec['auroc_residual']:.2f}, agreement {sec['auroc_agreement']:.2f}")
     ax1.legend(fontsize=8)
     ax2.bar(sec["loops"], sec["depth_counts"])
-    ax2.set(xlabel=f"prediction depth (first loop within δ={sec['delta']} of final)", ylabel="count (samples)",
+    ax2.set(xlabel=f"prediction depth (first loop within δ={sec['delta']:.2g} of final)", ylabel="count (samples)",
             title=f"Spearman(loops used, error) under certified exit: {sec['spearman_loops_error']:.2f}")
     return _save(fig, path)
 

@@ -36,7 +36,7 @@ class Settings:
     jacobian_samples: int = 64
     power_iters: int = 30
     probes: int = 8                    # Hutchinson probes
-    delta: float = 0.05                # RMS latent tolerance for prediction depth
+    delta: float = 0.1                 # prediction-depth tolerance, as a fraction of the median final error vs truth
     flag_fraction: float = 0.1         # "true errors" to flag: the top 10%
     starts: int = 8                    # random initial states for path independence
     horizon: int = 1000
@@ -143,14 +143,15 @@ def agreement_section(p: Probe) -> dict[str, Any]:
     s, T0 = p.settings, p.T0
     R = p.run.readouts[:p.T_max]
     err = p.errors
-    depth = prediction_depth(R, s.delta)
+    tol = s.delta * float(err[-1].median())  # relative, so depth is informative whatever the error scale
+    depth = prediction_depth(R, tol)
     err0 = err[T0 - 1]
     flags = top_fraction(err0, s.flag_fraction)
     residual = step_norms(p.run.states)[T0 - 1]
     agree = agreement_score(R[:max(T0, 2)])
     err_c, loops_c = P.step_with(p.wm, p.tr, exit="certified")
     return {"loops": list(range(1, p.T_max + 1)), "error_vs_truth": _q(err),
-            "error_vs_final": _q(readout_errors(R, R[-1])), "delta": s.delta,
+            "error_vs_final": _q(readout_errors(R, R[-1])), "delta": tol, "delta_rel": s.delta,
             "depth_counts": torch.bincount(depth - 1, minlength=p.T_max).tolist(),
             "depth_median": float(depth.float().median()),
             "operating_loops": T0, "auroc_residual": auroc(residual, flags), "auroc_agreement": auroc(-agree, flags),
