@@ -1,8 +1,9 @@
 """Shared blocks R̄(h, e) for the loop, each with a certified Lipschitz bound in h.
 
 A block splits into `context(e)` (everything that depends on the injection only, computed once
-per environment step) and `forward(h, ctx, weights)` (the h-path, run once per loop). Every map
-on the h-path is a `CertifiedLinear` or a 1-Lipschitz activation, so Lip_h(block) ≤ Π‖W_i‖₂.
+per environment step) and `forward(h, ctx, weights, base)` = base + R(h) (the h-path, run once per
+loop, fused into addmm calls). Every map on the h-path is a `CertifiedLinear` or a 1-Lipschitz
+activation, so Lip_h(block) ≤ Π‖W_i‖₂; the loop passes the output map pre-multiplied by its gain s.
 """
 from __future__ import annotations
 
@@ -32,11 +33,11 @@ class MLPBlock(nn.Module):
         """The injection's contribution to each layer, fixed across the loops of one step."""
         return [lin(e) for lin in self.e_path]
 
-    def forward(self, h: Tensor, ctx: list[Tensor], weights: list[Tensor]) -> Tensor:
+    def forward(self, h: Tensor, ctx: list[Tensor], weights: list[Tensor], base: Tensor) -> Tensor:
         x = h
-        for lin, w, u in zip(self.h_path, weights, ctx):
-            x = self.act(lin.forward_with(x, w) + u)
-        return self.out.forward_with(x, weights[-1])
+        for w, u in zip(weights, ctx):
+            x = self.act(torch.addmm(u, x, w.t()))
+        return torch.addmm(base, x, weights[-1].t())
 
     def layer_outputs(self, h: Tensor, ctx: list[Tensor], weights: list[Tensor]) -> list[Tensor]:
         """Each layer's activation, for per-layer fixed-point analyses."""
@@ -84,8 +85,8 @@ class TokenBlock(nn.Module):
             x = self.down[i].forward_with(self.act(self.up[i].forward_with(x, w_up) + u), w_down)
             yield x
 
-    def forward(self, h: Tensor, ctx: list[Tensor], weights: list[Tensor]) -> Tensor:
-        return self.layer_outputs(h, ctx, weights)[-1]
+    def forward(self, h: Tensor, ctx: list[Tensor], weights: list[Tensor], base: Tensor) -> Tensor:
+        return base + self.layer_outputs(h, ctx, weights)[-1]
 
     def layer_outputs(self, h: Tensor, ctx: list[Tensor], weights: list[Tensor]) -> list[Tensor]:
         return [x.reshape(h.shape[0], -1) for x in self._layers(h, ctx, weights)]

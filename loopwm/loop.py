@@ -30,7 +30,7 @@ class StepContext:
     retention: Tensor        # Ā, [H]
     drive: Tensor            # B̄ e, [B, H]
     block_ctx: list[Tensor]  # the injection's share of each block layer
-    weights: list[Tensor]    # effective h-path weights, computed once per forward
+    weights: list[Tensor]    # effective h-path weights (output map × s), computed once per forward
     scale: Tensor            # s, the block's output gain
     kappa: Tensor            # certified Lipschitz constant of h ↦ F(h, e)
 
@@ -132,11 +132,12 @@ class LoopCore(nn.Module):
         weights = self.effective_weights()
         scale = self.block_scale(a_max)
         kappa = self.kappa() if not self.cfg.constrain_block else a_max + scale
+        weights = [*weights[:-1], weights[-1] * scale]  # fold the gain into the output map once per call
         return StepContext(a_bar, delta * self.inject(e), self.block.context(e), weights, scale, kappa)
 
     def loop_map(self, h: Tensor, ctx: StepContext) -> Tensor:
         """One loop: F(h) = Ā ⊙ h + B̄ e + s·R(h, e)."""
-        return ctx.retention * h + ctx.drive + ctx.scale * self.block(h, ctx.block_ctx, ctx.weights)
+        return self.block(h, ctx.block_ctx, ctx.weights, ctx.drive).addcmul_(ctx.retention, h)
 
     def state_bound(self, ctx: StepContext) -> Tensor:
         """Per-sample bound on every loop state started from zero: ‖h(t)‖ ≤ ‖F(0)‖/(1−κ)."""
