@@ -10,24 +10,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from common import machine_info
 from loopwm.agents.online import run
 from loopwm.config import load_config
 
 CONFIGS = {"pendulum": "configs/pendulum.yaml", "inverted_pendulum": "configs/inverted_pendulum.yaml",
            "halfcheetah": "configs/halfcheetah.yaml"}
-
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
 
 
 def loopwm_curve(env: str, seed: int, steps: list[int], eval_episodes: int, out: Path, threads: int) -> dict:
@@ -100,7 +94,7 @@ def main() -> None:
          f"--eval-episodes {args.eval_episodes}", f"--threads {args.threads}"] + (["--sac"] if args.sac else []))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"env": args.env, "command": command, "machine": machine(), "results": results}
+    record = {"env": args.env, "command": command, "machine": machine_info(), "results": results}
     (out / f"control_{args.env}.json").write_text(json.dumps(record, indent=2))
     md = (f"# Online control on {args.env}\n\nEval return (mean ± std over {args.eval_episodes} deterministic "
           f"episodes) at each environment-step budget.\n\nMachine: {record['machine']}\n\nCommand: `{command}`\n\n"

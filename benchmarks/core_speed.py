@@ -29,7 +29,7 @@ from torch.nn import functional as F
 import loopwm.lipschitz as lipschitz
 from loopwm.config import load_config
 from loopwm.loop import LoopCore
-from speed_common import (DEFAULT_OUT, REPO, command, interleaved, load_average, machine_info, machine_md,
+from common import (DEFAULT_OUT, REPO, command, interleaved, load_average, machine_info, machine_md,
                           md_table, median, paired_ratio, write_outputs)
 
 CONFIG = REPO / "configs" / "pendulum.yaml"

@@ -38,7 +38,7 @@ from loopwm.config import Config, load_config
 from loopwm.envs.factory import action_from_model, make_env
 from loopwm.lipschitz import CertifiedLinear
 from loopwm.world_model import WorldModel
-from speed_common import (DEFAULT_OUT, REPO, command, load_average, machine_info, machine_md, matmul_peak,
+from common import (DEFAULT_OUT, REPO, command, load_average, machine_info, machine_md, matmul_peak,
                           md_table, median, write_outputs)
 
 CONFIG = REPO / "configs" / "pendulum.yaml"

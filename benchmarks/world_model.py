@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import shlex
 import sys
@@ -37,32 +36,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from common import machine_info
 from loopwm.config import Config, dump_yaml, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 ENVS = {"pendulum": "configs/pendulum.yaml", "halfcheetah": "configs/halfcheetah.yaml"}
 TARGET_STEP1_FACTOR = 5.0
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info() -> dict[str, Any]:
-    """nproc, CPU model, memory, Python/torch versions and the load average when called."""
-    try:
-        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError):
-        mem_gb = float("nan")
-    return {"nproc": os.cpu_count(), "cpu_model": cpu_model(), "memory_gb": round(mem_gb, 1),
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "loadavg": list(os.getloadavg())}
 
 
 def peak_rss_mb() -> float:
@@ -216,7 +195,6 @@ def verdict(result: dict[str, Any]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     global ENVS_ACTIVE, BASE_OVERRIDES
     from loopwm.evaluate import prediction_errors
-    from loopwm.replay import ReplayBuffer
     from loopwm.train import save_run
     from loopwm.workflows import load_dataset, new_buffer, env_spaces
 
@@ -229,7 +207,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     machine = machine_info()
     log(f"{args.env}: {machine['nproc']} CPUs ({machine['cpu_model']}), torch {machine['torch']}, "
-        f"load {machine['loadavg']}")
+        f"load {machine['load_average_start']}")
     record: dict[str, Any] = {"env": cfg.env.id, "config": ENVS_ACTIVE, "command": command_line(),
                               "machine_at_start": machine, "overrides": BASE_OVERRIDES}
     wall0 = time.perf_counter()

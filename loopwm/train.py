@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from loopwm.checkpoint import atomic_torch_save, model_from_payload, read_checkpoint
+from loopwm.checkpoint import model_from_payload, read_checkpoint
 from loopwm.config import Config, to_dict
 from loopwm.logger import RunLogger
 from loopwm.objective import TERMS, QuantileTracker, sequence_loss

@@ -44,9 +44,14 @@ def threading_env() -> dict[str, str]:
 
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on."""
+    try:
+        mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        mem_gb = float("nan")
     return {
         "nproc": len(os.sched_getaffinity(0)),
         "cpu_model": cpu_model(),
+        "memory_gb": mem_gb,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threading_env": threading_env(),
