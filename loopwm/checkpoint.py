@@ -6,13 +6,12 @@ a format tag and version, plus whatever extras the caller adds (optimiser, repla
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from loopwm.atomic import atomic_write
 from loopwm.config import ConfigError, ModelConfig, build_dataclass
 from loopwm.nets import SpaceSpec
 from loopwm.world_model import WorldModel
@@ -26,25 +25,8 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """`torch.save` through `atomic_write`."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save(path: str | Path, wm: WorldModel, **extras: Any) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,6 +18,8 @@ from typing import Any, Iterator
 import numpy as np
 import numpy.typing as npt
 import torch
+
+from loopwm.atomic import atomic_write
 
 FORMAT = "loopwm.replay"
 VERSION = 1
@@ -366,16 +367,7 @@ class ReplayBuffer:
         """Write the stored episodes to an .npz file atomically (temp file, fsync, rename)."""
         path = Path(path)
         arrays = self._arrays(self._live_rows())
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, meta=np.array(json.dumps(self._meta())), **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda f: np.savez(f, meta=np.array(json.dumps(self._meta())), **arrays))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ReplayBuffer":
