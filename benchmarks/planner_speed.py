@@ -223,9 +223,9 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         f"configs/pendulum.yaml: horizon 3, 3 iterations, 256 samples, 32 elites, 16 policy samples from a "
         f"PolicyPrior, ValueFunction at the horizon. Useful work {a['flops']['useful_gflop']:.2f} GFLOP per decision "
-        f"({a['flops']['model_step_mflop_per_sample']:.2f} MFLOP per model step and sample); the certified weights "
-        f"add {a['flops']['weights_gflop']:.2f} GFLOP ({a['flops']['imagine_calls']} imagine calls, each "
-        "recomputes them).",
+        f"({a['flops']['model_step_mflop_per_sample']:.2f} MFLOP per model step and sample); recomputing the certified "
+        f"weights would add {a['flops']['weights_gflop']:.2f} GFLOP over {a['flops']['imagine_calls']} imagine calls, "
+        "but under no_grad they come from a cache keyed on the parameters' versions (the 'of which weights' column).",
         "",
         md_table(["threads", "decisions", "median ms", "p10 ms", "p90 ms", "CPU ms", f"≤ {LATENCY_TARGET_MS:.0f} ms?",
                   "imagine share", "of which weights", "value share", "prior share", "GFLOP/s", "of best square peak"],
@@ -249,7 +249,7 @@ def markdown(payload: dict[str, Any]) -> str:
         "model.hidden_dim = 384 (loop block 384 → 768 → 384, inject_dim 128), model.loops = 4; no policy prior, "
         f"no value. Useful work {b['flops']['useful_gflop']:.1f} GFLOP per decision "
         f"({b['flops']['model_step_mflop_per_sample']:.2f} MFLOP per model step and sample); the certified weights "
-        f"add {b['flops']['weights_gflop']:.1f} GFLOP. Reference: TD-MPC2's planner on this CPU, 255–268 ms per "
+        f"would add {b['flops']['weights_gflop']:.1f} GFLOP if recomputed (cached under no_grad). Reference: TD-MPC2's planner on this CPU, 255–268 ms per "
         f"decision, about 50 GFLOP/s = {TDMPC2_FRACTION:.0%} of a ~170 GFLOP/s peak; target ≥ {target:.0%} of peak.",
         "",
         md_table(["threads", "decisions", "median ms", "CPU ms", "GFLOP/s", "GFLOP per CPU-s", "of best square peak",
