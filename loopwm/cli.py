@@ -107,7 +107,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         args.fn(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as exc:
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, ImportError) as exc:
         print(f"loopwm {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0
