@@ -1,7 +1,8 @@
 """Open-loop prediction error on held-out sequences, next to the predict-mean and no-change baselines.
 
 Errors are mean squared errors divided, per observation dimension, by the data's variance and then
-averaged over dimensions: 1.0 is what always predicting the mean scores.
+averaged over dimensions: 1.0 is what always predicting the mean scores. Frames are divided by the
+variance over all pixels instead, since background pixels never vary.
 """
 from __future__ import annotations
 
@@ -39,7 +40,10 @@ def prediction_errors(wm: WorldModel, data: ReplayBuffer, horizons: Sequence[int
     obs = batch["obs"].to(device).float()
     stats = data.stats()
     mean = (obs_mean if obs_mean is not None else stats["obs_mean"]).to(device)
-    var = (obs_var if obs_var is not None else stats["obs_std"].pow(2)).to(device).clamp_min(1e-8)
+    var = (obs_var if obs_var is not None else stats["obs_std"].pow(2)).to(device)
+    if wm.spec.pixels:  # many pixels never change: normalise frames by the variance over all pixels
+        var = var.expand(wm.spec.obs_shape).mean().expand(wm.spec.obs_shape)
+    var = var.clamp_min(1e-8)
     out = wm.imagine(wm.encode(obs[0]), batch["actions"].to(device).float(), decode="all", keep_traces=True, **loop)
     true = obs[1:]
     model_err = _norm_sq_error(out.obs, true, var)                          # [H, B]
