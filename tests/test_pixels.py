@@ -1,6 +1,7 @@
 """Pixel observations go through the same training and evaluation path as vectors."""
 import gymnasium as gym
 import numpy as np
+import torch
 
 from loopwm.config import from_dict
 from loopwm.evaluate import prediction_errors
