@@ -18,6 +18,8 @@ from torch import Tensor, nn
 
 from loopwm.config import AgentConfig
 
+from loopwm.nets import symexp, symlog
+
 from .planner import LatentFn, discounted_return
 
 _LOG_STD_MIN, _LOG_STD_MAX = -5.0, 1.0
@@ -40,8 +42,30 @@ def _step(optim: torch.optim.Optimizer, params: list[Tensor], grads: tuple[Tenso
     return float(norm)
 
 
+def lambda_returns(rewards: Tensor, continues: Tensor, next_values: Tensor, discount: float, lam: float,
+                   mask: Optional[Tensor] = None) -> Tensor:
+    """λ-returns G_t = r_t + γ c_t ((1 − λ) V(z_{t+1}) + λ G_{t+1}) over [T, B] tensors, G_T = V(z_T).
+
+    λ = 0 is TD(0); λ = 1 sums the sequence's rewards and bootstraps only at its end. Where mask_{t+1} is 0
+    the next transition does not follow, so G_t bootstraps from V(z_{t+1}) alone.
+    """
+    returns = torch.empty_like(rewards)
+    ahead = next_values[-1]
+    for t in reversed(range(rewards.shape[0])):
+        if t + 1 < rewards.shape[0]:
+            follow = lam if mask is None else lam * mask[t + 1]
+            ahead = (1 - follow) * next_values[t] + follow * returns[t + 1]
+        returns[t] = rewards[t] + discount * continues[t] * ahead
+    return returns
+
+
 class ValueFunction:
-    """V(z): an MLP on latents fitted by TD(0), target r_t + γ c_t V_target(z_{t+1}), with a Polyak target copy."""
+    """V(z): an MLP on latents fitted to λ-returns of replay sequences, bootstrapped from a Polyak target copy.
+
+    The network predicts symlog(V), as DreamerV3 and TD-MPC2 do for their values: returns of a few hundred
+    are then a few units away from the zero start, where Adam's bounded steps reach them in tens of
+    updates rather than thousands.
+    """
 
     def __init__(self, latent_dim: int, cfg: AgentConfig, *, hidden_dim: int = 256, grad_clip: float = 10.0,
                  device: torch.device | str = "cpu"):
@@ -54,33 +78,34 @@ class ValueFunction:
 
     def __call__(self, z: Tensor) -> Tensor:
         """V(z) for latents [..., Z] -> [...]; differentiable in z."""
-        return self.net(z).squeeze(-1)
+        return symexp(self.net(z).squeeze(-1))
 
     @torch.no_grad()
     def target_value(self, z: Tensor) -> Tensor:
         """V_target(z): the slow copy, for bootstrapped targets."""
-        return self.target(z).squeeze(-1)
+        return symexp(self.target(z).squeeze(-1))
 
     def update(self, latents: Tensor, rewards: Tensor, continues: Tensor,
                mask: Optional[Tensor] = None, imagined: Optional[Tensor] = None) -> dict[str, float]:
-        """One TD(0) step on a replay batch (shapes in the module docstring), then a Polyak target update.
+        """One regression step towards λ-returns of a replay batch (shapes in the module docstring), then a
+        Polyak target update. Errors are measured in symlog units.
 
         `imagined` [T, B], if given, adds a second regression target for V(z_t): the policy prior's imagined
         return from z_t (Dreamer-style), which evaluates the improving policy rather than the data's.
         """
         latents = latents.detach()
-        with torch.no_grad():
-            target = rewards + self.cfg.discount * continues * self.target(latents[1:]).squeeze(-1)
-        pred = self(latents[:-1])
-        err = (pred - target) ** 2
+        target = lambda_returns(rewards, continues, self.target_value(latents[1:]), self.cfg.discount,
+                                self.cfg.value_lambda, mask)
+        pred = self.net(latents[:-1]).squeeze(-1)
+        err = (pred - symlog(target)) ** 2
         if imagined is not None:
-            err = err + (pred - imagined.detach()) ** 2
+            err = err + (pred - symlog(imagined.detach())) ** 2
         loss = err.mean() if mask is None else (err * mask).sum() / mask.sum().clamp_min(1.0)
         params = list(self.net.parameters())
         norm = _step(self.optim, params, torch.autograd.grad(loss, params), self.grad_clip)
         with torch.no_grad():
             torch._foreach_lerp_(list(self.target.parameters()), params, self.cfg.tau)
-        return {"value_loss": loss.item(), "value_mean": pred.mean().item(), "value_grad_norm": norm}
+        return {"value_loss": loss.item(), "value_mean": symexp(pred).mean().item(), "value_grad_norm": norm}
 
     def state_dict(self) -> dict[str, Any]:
         """Network, target network and optimiser state."""

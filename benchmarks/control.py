@@ -24,12 +24,17 @@ CONFIGS = {"pendulum": "configs/pendulum.yaml", "inverted_pendulum": "configs/in
            "halfcheetah": "configs/halfcheetah.yaml"}
 
 
-def loopwm_curve(env: str, seed: int, steps: list[int], eval_episodes: int, out: Path, threads: int) -> dict:
-    """One online run to max(steps), evaluated at every budget; returns {budget: (mean, std)} and timing."""
+def loopwm_curve(env: str, seed: int, steps: list[int], eval_episodes: int, out: Path, threads: int,
+                 overrides: list[str], resume: bool) -> dict:
+    """One online run to max(steps), evaluated at every budget; returns {budget: (mean, std)} and timing.
+
+    With `resume`, a run interrupted earlier continues from its last checkpoint (the wall time then
+    counts this invocation only)."""
     every = int(np.gcd.reduce(steps))
     cfg = load_config(CONFIGS[env], [f"seed={seed}", f"name={env}-s{seed}", f"run_dir={out}",
                                       f"agent.total_steps={max(steps)}", f"agent.eval_every={every}",
-                                      f"agent.eval_episodes={eval_episodes}", f"threads={threads}"])
+                                      f"agent.eval_episodes={eval_episodes}", f"threads={threads}",
+                                      f"resume={str(resume).lower()}", *overrides])
     start = time.perf_counter()
     summary = run(cfg, progress=False)
     curve = {int(s): (m, sd) for s, m, sd in summary["curve"]}
@@ -76,13 +81,17 @@ def main() -> None:
     parser.add_argument("--eval-episodes", type=int, default=5)
     parser.add_argument("--sac", action="store_true", help="also run stable-baselines3 SAC")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is robust on a shared machine)")
+    parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for the loopwm runs, e.g. planner.samples=128")
+    parser.add_argument("--resume", action="store_true", help="continue interrupted loopwm runs from their checkpoints")
     parser.add_argument("--out", default="docs/benchmarks")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path("benchmarks/out/control")
     results: dict = {"loopwm": {}}
     for seed in args.seeds:
-        results["loopwm"][seed] = loopwm_curve(args.env, seed, args.steps, args.eval_episodes, work, args.threads)
+        results["loopwm"][seed] = loopwm_curve(args.env, seed, args.steps, args.eval_episodes, work, args.threads,
+                                                 args.override, args.resume)
         print(f"loopwm seed {seed}: {results['loopwm'][seed]['curve']}", flush=True)
     if args.sac:
         results["sac"] = {}
@@ -91,7 +100,8 @@ def main() -> None:
             print(f"sac seed {seed}: {results['sac'][seed]['curve']}", flush=True)
     command = "python benchmarks/control.py " + " ".join(
         [f"--env {args.env}", "--seeds " + " ".join(map(str, args.seeds)), "--steps " + " ".join(map(str, args.steps)),
-         f"--eval-episodes {args.eval_episodes}", f"--threads {args.threads}"] + (["--sac"] if args.sac else []))
+         f"--eval-episodes {args.eval_episodes}", f"--threads {args.threads}"] + (["--sac"] if args.sac else [])
+        + (["--override " + " ".join(args.override)] if args.override else []) + (["--resume"] if args.resume else []))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"env": args.env, "command": command, "machine": machine_info(), "results": results}

@@ -7,6 +7,8 @@ activation, so Lip_h(block) ≤ Π‖W_i‖₂; the loop passes the output map p
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
@@ -33,9 +35,10 @@ class MLPBlock(nn.Module):
         """The injection's contribution to each layer, fixed across the loops of one step."""
         return [lin(e) for lin in self.e_path]
 
-    def forward(self, h: Tensor, ctx: list[Tensor], weights: list[Tensor], base: Tensor) -> Tensor:
-        x = h
-        for w, u in zip(weights, ctx):
+    def forward(self, h: Optional[Tensor], ctx: list[Tensor], weights: list[Tensor], base: Tensor) -> Tensor:
+        """base + R(h); h=None stands for h = 0, where the first layer is φ(U e + b) and its matmul is skipped."""
+        x = self.act(ctx[0] if h is None else torch.addmm(ctx[0], h, weights[0].t()))
+        for w, u in zip(weights[1:-1], ctx[1:]):
             x = self.act(torch.addmm(u, x, w.t()))
         return torch.addmm(base, x, weights[-1].t())
 
@@ -85,7 +88,9 @@ class TokenBlock(nn.Module):
             x = self.down[i].forward_with(self.act(self.up[i].forward_with(x, w_up) + u), w_down)
             yield x
 
-    def forward(self, h: Tensor, ctx: list[Tensor], weights: list[Tensor], base: Tensor) -> Tensor:
+    def forward(self, h: Optional[Tensor], ctx: list[Tensor], weights: list[Tensor], base: Tensor) -> Tensor:
+        """base + R(h); h=None stands for h = 0."""
+        h = torch.zeros_like(base) if h is None else h
         return base + self.layer_outputs(h, ctx, weights)[-1]
 
     def layer_outputs(self, h: Tensor, ctx: list[Tensor], weights: list[Tensor]) -> list[Tensor]:

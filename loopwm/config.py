@@ -144,6 +144,7 @@ class AgentConfig:
     use_policy_prior: bool = True
     value_lr: float = field(default=3e-4, metadata=_range(0.0, lo_open=True))
     tau: float = field(default=0.01, metadata=_range(0.0, 1.0))
+    value_lambda: float = field(default=0.95, metadata=_range(0.0, 1.0))
     discount: float = field(default=0.99, metadata=_range(0.0, 1.0))
     exploration_std: float = field(default=0.1, metadata=_range(0.0))
     record_video: bool = False

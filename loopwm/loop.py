@@ -41,6 +41,17 @@ class StepContext:
 
 
 @dataclass
+class LoopParams:
+    """The parameter-only part of a step's context: one computation serves a whole rollout (`weight_scope`)."""
+
+    retention: Tensor      # Ā, [H]
+    delta: Tensor          # the injection's step size softplus(δ), [H]
+    weights: list[Tensor]  # effective h-path weights, the output map pre-multiplied by s
+    scale: Tensor          # s
+    kappa: Tensor          # κ
+
+
+@dataclass
 class LoopTrace:
     """What the loop did for each sample: residuals, loops used, the certified distance at exit."""
 
@@ -77,7 +88,7 @@ class LoopCore(nn.Module):
         self.gate = nn.Linear(h + 1, 1)
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, -2.0)
-        self._scope: Optional[list[Tensor]] = None
+        self._scope: Optional[LoopParams] = None
         self._cache: tuple[tuple, list[Tensor]] | None = None
 
     # ---- parameters -> certificate -------------------------------------------------------
@@ -103,8 +114,6 @@ class LoopCore(nn.Module):
 
     def effective_weights(self) -> list[Tensor]:
         """The normalised h-path weights: computed once per forward call, never once per loop."""
-        if self._scope is not None:
-            return self._scope
         linears = self.block.linears()
         if torch.is_grad_enabled():
             return [lin.effective_weight() for lin in linears]
@@ -113,11 +122,21 @@ class LoopCore(nn.Module):
             self._cache = (key, [lin.effective_weight().detach() for lin in linears])
         return self._cache[1]
 
+    def loop_params(self) -> LoopParams:
+        """Retention, step size, scaled weights, gain and κ: everything a step needs that is not the input."""
+        a_bar = self.retention()
+        a_max = a_bar.max()
+        delta = F.softplus(self.delta_raw) if self.use_retention else torch.ones_like(self.delta_raw)
+        weights = self.effective_weights()
+        scale = self.block_scale(a_max)
+        kappa = self.kappa() if not self.cfg.constrain_block else a_max + scale
+        return LoopParams(a_bar, delta, [*weights[:-1], weights[-1] * scale], scale, kappa)
+
     @contextlib.contextmanager
     def weight_scope(self) -> Iterator[None]:
-        """Share one weight computation across every step inside the scope (a rollout, a loss)."""
+        """Share one `loop_params` computation across every step inside the scope (a rollout, a loss)."""
         outer = self._scope
-        self._scope = outer if outer is not None else self.effective_weights()
+        self._scope = outer if outer is not None else self.loop_params()
         try:
             yield
         finally:
@@ -125,23 +144,18 @@ class LoopCore(nn.Module):
 
     # ---- the loop ------------------------------------------------------------------------
     def prepare(self, e: Tensor) -> StepContext:
-        """Precompute the injection's contributions and the weights for one environment step."""
-        a_bar = self.retention()
-        a_max = a_bar.max()
-        delta = F.softplus(self.delta_raw) if self.use_retention else torch.ones_like(self.delta_raw)
-        weights = self.effective_weights()
-        scale = self.block_scale(a_max)
-        kappa = self.kappa() if not self.cfg.constrain_block else a_max + scale
-        weights = [*weights[:-1], weights[-1] * scale]  # fold the gain into the output map once per call
-        return StepContext(a_bar, delta * self.inject(e), self.block.context(e), weights, scale, kappa)
+        """Precompute the injection's contributions for one environment step."""
+        p = self._scope if self._scope is not None else self.loop_params()
+        return StepContext(p.retention, p.delta * self.inject(e), self.block.context(e), p.weights, p.scale, p.kappa)
 
-    def loop_map(self, h: Tensor, ctx: StepContext) -> Tensor:
-        """One loop: F(h) = Ā ⊙ h + B̄ e + s·R(h, e)."""
-        return self.block(h, ctx.block_ctx, ctx.weights, ctx.drive).addcmul_(ctx.retention, h)
+    def loop_map(self, h: Optional[Tensor], ctx: StepContext) -> Tensor:
+        """One loop: F(h) = Ā ⊙ h + B̄ e + s·R(h, e); h=None is the zero state, F(0) = B̄ e + s·R(0, e)."""
+        out = self.block(h, ctx.block_ctx, ctx.weights, ctx.drive)
+        return out if h is None else out.addcmul_(ctx.retention, h)
 
     def state_bound(self, ctx: StepContext) -> Tensor:
         """Per-sample bound on every loop state started from zero: ‖h(t)‖ ≤ ‖F(0)‖/(1−κ)."""
-        f0 = self.loop_map(torch.zeros_like(ctx.drive), ctx)
+        f0 = self.loop_map(None, ctx)
         return f0.norm(dim=-1) / (1.0 - ctx.kappa)
 
     def exit_probability(self, h: Tensor, residual: Tensor) -> Tensor:
@@ -197,7 +211,7 @@ class LoopCore(nn.Module):
             if bptt is not None and target is not None:
                 cut = (t < target - bptt).unsqueeze(-1)
                 h = torch.where(cut, h.detach(), h)
-            h_next = self.loop_map(h, ctx)
+            h_next = self.loop_map(None if t == 0 and h0 is None else h, ctx)
             delta = (h_next - h).norm(dim=-1)
             if uniform:  # every sample runs the same loops: no masking needed
                 h, last = h_next, delta

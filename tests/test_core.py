@@ -236,3 +236,22 @@ def test_bad_inputs_get_clear_errors():
         model.imagine(z, torch.zeros(2, 4, 1), decode="sometimes")
     with pytest.raises(ValueError, match="exit="):
         model.step(z, torch.zeros(4, 1), exit="never")
+
+
+@pytest.mark.parametrize("block", ["mlp", "token"])
+@pytest.mark.parametrize("depth", [1, 2])
+def test_zero_state_shortcut_equals_the_loop_map_at_zero(block, depth):
+    """The first loop from h = 0 skips the h-path matmul; it must give exactly F(0), gradients included."""
+    model = tiny_model(block=block, block_depth=depth)
+    randomize(model, std=0.3)
+    ctx = context(model)
+    zero = torch.zeros_like(ctx.drive)
+    assert torch.equal(model.core.loop_map(None, ctx), model.core.loop_map(zero, ctx))
+    h_short, _ = model.core.run(ctx, exit="fixed", loops=3)
+    h_full, _ = model.core.run(ctx, zero, exit="fixed", loops=3)
+    assert torch.equal(h_short, h_full)
+    g_short = torch.autograd.grad(h_short.square().sum(), list(model.core.parameters()), allow_unused=True,
+                                  retain_graph=True)
+    g_full = torch.autograd.grad(h_full.square().sum(), list(model.core.parameters()), allow_unused=True)
+    for a, b in zip(g_short, g_full):
+        assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-5, atol=1e-6)
