@@ -1,8 +1,8 @@
 """Planner latency per decision, where the time goes, and achieved GFLOP/s against this machine's matmul peak.
 
-(a) The default Pendulum config (configs/pendulum.yaml: MPPI, horizon 3, 3 iterations, 256 samples,
-    32 elites, 16 policy samples from a PolicyPrior, a ValueFunction at the horizon). Target: ≤ 20 ms
-    per decision on 2 cores.
+(a) The default Pendulum config (configs/pendulum.yaml: MPPI with its horizon, iterations, samples and
+    elites, policy samples from a PolicyPrior, a ValueFunction at the horizon). Target: ≤ 20 ms per
+    decision on 2 cores.
 (b) TD-MPC2's planning config on the same task: 512 samples, horizon 3, 6 iterations, 64 elites,
     latent 128, MLP width 384 (model.latent_dim=128, model.mlp_dim=384, model.hidden_dim=384, so the
     loop block is 384 → 768 → 384; model.loops 4), without prior or value. Reference: TD-MPC2's own planner
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import time
 from pathlib import Path
@@ -69,7 +70,8 @@ def decision_flops(wm: WorldModel, planner: Planner) -> dict[str, float]:
     cfg, loops = planner.cfg, wm.cfg.loops
     block = wm.core.block
     step = (macs(wm.action_embed, wm.prelude, wm.core.inject, block.e_path, wm.coda)
-            + loops * macs(block.h_path, block.out) + macs(wm.reward_head, wm.continue_head))
+            + (loops - 1) * macs(block.h_path[0]) + loops * macs(block.h_path[1:], block.out)
+            + macs(wm.reward_head, wm.continue_head))  # the first loop starts from h = 0 and skips h_path[0]
     value = macs(planner.value.net) if planner.value is not None else 0
     total = macs(wm.encoder) + cfg.iterations * cfg.samples * (cfg.horizon * step + value)
     imagine_calls = cfg.iterations
@@ -181,7 +183,8 @@ def run_config(name: str, cfg: Config, with_prior_value: bool, args: argparse.Na
     """Latency, shares and throughput of one planner config at each thread count."""
     env, wm, planner = build(cfg, with_prior_value, cfg.seed)
     flops = decision_flops(wm, planner)
-    out: dict[str, Any] = {"name": name, "flops": flops, "prior_and_value": with_prior_value, "threads": {}}
+    out: dict[str, Any] = {"name": name, "flops": flops, "prior_and_value": with_prior_value,
+                           "planner": dataclasses.asdict(cfg.planner), "threads": {}}
     for n in args.threads:
         torch.set_num_threads(n)
         res = decisions(env, wm, planner, args.repeats, args.warmup, args.budget_s)
@@ -221,8 +224,9 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         "## (a) Default Pendulum config",
         "",
-        f"configs/pendulum.yaml: horizon 3, 3 iterations, 256 samples, 32 elites, 16 policy samples from a "
-        f"PolicyPrior, ValueFunction at the horizon. Useful work {a['flops']['useful_gflop']:.2f} GFLOP per decision "
+        f"configs/pendulum.yaml: horizon {a['planner']['horizon']}, {a['planner']['iterations']} iterations, "
+        f"{a['planner']['samples']} samples, {a['planner']['elites']} elites, {a['planner']['policy_samples']} "
+        f"policy samples from a PolicyPrior, ValueFunction at the horizon. Useful work {a['flops']['useful_gflop']:.2f} GFLOP per decision "
         f"({a['flops']['model_step_mflop_per_sample']:.2f} MFLOP per model step and sample); recomputing the certified "
         f"weights would add {a['flops']['weights_gflop']:.2f} GFLOP over {a['flops']['imagine_calls']} imagine calls, "
         "but under no_grad they come from a cache keyed on the parameters' versions (the 'of which weights' column).",

@@ -96,6 +96,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # OpenMP threads that spin while waiting collapse throughput when anything else shares the cores;
     # passive waiting costs little when idle. Set before torch is first imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Videos are rendered off-screen (rgb_array); without a display SDL would complain on stderr.
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # overrides given after an option, e.g. `loopwm run cfg.yaml -q seed=1`
