@@ -165,7 +165,17 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
     def checkpoint() -> None:
         save_run(latest, agent.trainer, agent=agent.state_dict(), progress=vars(state))
 
+    def evaluation() -> None:
+        result = evaluate(agent, a.eval_episodes, seed=10_000 + state.step)
+        state.curve.append([state.step, result["return_mean"], result["return_std"]])
+        logger.log({"eval/return_mean": result["return_mean"], "eval/return_std": result["return_std"],
+                    "eval/ms_per_decision": result["ms_per_decision"]}, state.step)
+        bar.write(f"step {state.step:>7}: eval return {result['return_mean']:9.1f} ± "
+                  f"{result['return_std']:.1f}  ({result['ms_per_decision']:.1f} ms/decision)")
+
     bar = tqdm(total=a.total_steps, initial=state.step, disable=not progress, desc="run", dynamic_ncols=True)
+    if state.step == 0 and not state.curve:  # where learning starts: the planner on the untrained model
+        evaluation()
     obs, _ = env.reset(seed=cfg.seed + state.episode)
     episode_return, t0, stats_set = 0.0, True, state.step >= a.seed_steps
     last_saved = agent.trainer.updates
@@ -206,12 +216,7 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
                     checkpoint()
                     last_saved = agent.trainer.updates
             if state.step % a.eval_every == 0 or state.step == a.total_steps:
-                result = evaluate(agent, a.eval_episodes, seed=10_000 + state.step)
-                state.curve.append([state.step, result["return_mean"], result["return_std"]])
-                logger.log({"eval/return_mean": result["return_mean"], "eval/return_std": result["return_std"],
-                            "eval/ms_per_decision": result["ms_per_decision"]}, state.step)
-                bar.write(f"step {state.step:>7}: eval return {result['return_mean']:9.1f} ± "
-                          f"{result['return_std']:.1f}  ({result['ms_per_decision']:.1f} ms/decision)")
+                evaluation()
             bar.update(1)
     finally:
         bar.close()
