@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loopwm.config import AgentConfig
-
 from loopwm.nets import symexp, symlog
 
 from .planner import LatentFn, discounted_return
