@@ -178,6 +178,11 @@ class Config:
                 "the shared block needs a positive share of the contraction budget")
         if m.block == "token" and m.hidden_dim % m.tokens:
             raise ConfigError(f"model.hidden_dim={m.hidden_dim} must be divisible by model.tokens={m.tokens}")
+        if self.train.w_continue == 0:
+            raise ConfigError(
+                "train.w_continue=0 leaves the continue head untrained: its outputs stay near 0.5, and every "
+                "imagined return (planner, value, prior) would be discounted by them; keep it > 0, even for "
+                "environments that never terminate")
         if self.planner.elites > self.planner.samples:
             raise ConfigError(
                 f"planner.elites={self.planner.elites} must be <= planner.samples={self.planner.samples}")
