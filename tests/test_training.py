@@ -380,10 +380,18 @@ def test_model_beats_both_baselines_on_pendulum(tmp_path):
     wm.set_obs_stats(stats["obs_mean"], stats["obs_std"])
     kwargs = dict(horizons=(1,), sequences=128, obs_mean=stats["obs_mean"], obs_var=stats["obs_std"].pow(2))
 
+    seqs = held_out.sample(64, 5, np.random.default_rng(0))  # Pendulum never terminates, only truncates
+
+    def continues() -> torch.Tensor:
+        with torch.no_grad():
+            return wm.imagine(wm.encode(seqs["obs"][0]), seqs["actions"], decode="none").continues
+
     before = prediction_errors(wm, held_out, **kwargs)["horizons"]["1"]
     assert before["model"] > before["no_change"]  # untrained, it does not beat the trivial baseline
+    assert continues().mean() < 0.9  # an untrained continue head would discount every imagined return
     Trainer(wm, cfg, train_data).fit(progress=False)
     after = prediction_errors(wm, held_out, **kwargs)["horizons"]["1"]
+    assert continues().min() > 0.95, continues().min()
     assert after["model"] < after["no_change"], after
     assert after["model"] < after["predict_mean"], after
     assert after["model"] < 0.5 * before["model"]
