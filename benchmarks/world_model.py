@@ -41,6 +41,9 @@ from loopwm.config import Config, dump_yaml, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 ENVS = {"pendulum": "configs/pendulum.yaml", "halfcheetah": "configs/halfcheetah.yaml"}
+# The offline fit uses a wider HalfCheetah model than the online config, which is sized for planning speed.
+WIDER = {"halfcheetah": ["model.latent_dim=128", "model.hidden_dim=256", "model.inject_dim=256",
+                         "train.batch_size=256"]}
 TARGET_STEP1_FACTOR = 5.0
 
 
@@ -202,7 +205,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = Path(args.out) / args.env
     data_path = out_dir / "dataset.npz"
     BASE_OVERRIDES = [f"name={args.env}", f"run_dir={rel(Path(args.out))}", f"data.path={rel(data_path)}",
-                      f"env.num_envs={args.num_envs}", f"seed={args.seed}", f"threads={args.threads}"]
+                      f"env.num_envs={args.num_envs}", f"seed={args.seed}", f"threads={args.threads}",
+                      *WIDER.get(args.env, [])]
     cfg = load_config(ROOT / ENVS_ACTIVE, BASE_OVERRIDES)
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     machine = machine_info()
