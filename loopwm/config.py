@@ -168,7 +168,7 @@ class Config:
     agent: AgentConfig = field(default_factory=AgentConfig)
 
     def validate(self) -> "Config":
-        """Cross-field checks that single-field ranges cannot express."""
+        """Checks that single-field ranges cannot express: across fields, or needing a reason in the message."""
         m = self.model
         if m.min_loops > m.max_loops:
             raise ConfigError(f"model.min_loops={m.min_loops} must be <= model.max_loops={m.max_loops}")
