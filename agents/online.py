@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -15,7 +16,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from loopwm.config import Config, build_dataclass
+from loopwm.config import Config
 from loopwm.envs.factory import action_from_model, make_env
 from loopwm.logger import RunLogger
 from loopwm.train import Trainer, resolve_device, restore_run, save_run, seed_everything
@@ -160,6 +161,7 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
         agent.load_state_dict(payload["agent"])
         state = Progress(**payload["progress"])
         agent.replay.discard_open()
+        logger.rewind(state.step)
     a = cfg.agent
 
     def checkpoint() -> None:
@@ -212,11 +214,11 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
                 state.episode += 1
                 obs, _ = env.reset(seed=cfg.seed + state.episode)
                 episode_return, t0 = 0.0, True
-                if agent.trainer.updates - last_saved >= cfg.train.checkpoint_every:
-                    checkpoint()
-                    last_saved = agent.trainer.updates
             if state.step % a.eval_every == 0 or state.step == a.total_steps:
                 evaluation()
+            if (terminated or truncated) and agent.trainer.updates - last_saved >= cfg.train.checkpoint_every:
+                checkpoint()  # after this step's evaluation, so a resumed run neither repeats nor skips it
+                last_saved = agent.trainer.updates
             bar.update(1)
     finally:
         bar.close()
@@ -240,10 +242,14 @@ def format_curve(curve: list) -> str:
 
 def evaluate_planner(path: str | Path, episodes: int, video_dir: Optional[str] = None) -> dict[str, Any]:
     """`loopwm eval CKPT --episodes N`: run the saved agent's planner (with its value and prior)."""
-    from loopwm.checkpoint import read_checkpoint
+    from loopwm.checkpoint import config_from_payload, read_checkpoint
 
     payload = read_checkpoint(path)
-    cfg = build_dataclass(Config, payload["config"], "") if "config" in payload else Config()
+    cfg = config_from_payload(payload, path) or Config()
+    if cfg.train.w_continue == 0:
+        warnings.warn(f"{str(path)!r} was trained with train.w_continue=0: its continue head is untrained, so the "
+                      "planner discounts every imagined step by about 0.5 and plans as if one step deep; retrain it",
+                      stacklevel=2)
     env = make_env(cfg.env)
     agent = Agent(cfg, env.observation_space, env.action_space)
     env.close()

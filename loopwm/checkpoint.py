@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from loopwm.atomic import atomic_write
-from loopwm.config import ConfigError, ModelConfig, build_dataclass
+from loopwm.config import Config, ConfigError, ModelConfig, build_dataclass
 from loopwm.nets import SpaceSpec
 from loopwm.world_model import WorldModel
 
@@ -71,6 +71,16 @@ def model_from_payload(payload: dict, path: str | Path = "<memory>") -> WorldMod
     except (KeyError, TypeError, ConfigError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint {str(path)!r} has an invalid model section: {exc}") from None
     return wm
+
+
+def config_from_payload(payload: dict, path: str | Path = "<memory>") -> Config | None:
+    """The run config a checkpoint was saved with, or None for a bare model checkpoint."""
+    if "config" not in payload:
+        return None
+    try:
+        return build_dataclass(Config, payload["config"], "")
+    except (TypeError, ConfigError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} has an invalid config section: {exc}") from None
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> WorldModel:

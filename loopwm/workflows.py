@@ -12,7 +12,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from loopwm.config import Config, ConfigError, build_dataclass, dump_yaml
+from loopwm.config import Config, ConfigError, dump_yaml
 from loopwm.replay import ReplayBuffer
 from loopwm.world_model import WorldModel
 
@@ -132,6 +132,7 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
     trainer = Trainer(wm, cfg, train_data, logger)
     if cfg.resume and latest.exists():
         restore_run(latest, trainer)
+        logger.rewind(trainer.updates)
     try:
         trainer.fit(progress=progress, on_checkpoint=lambda: save_run(latest, trainer))
     finally:
@@ -147,12 +148,12 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
 def evaluate_checkpoint(path: str | Path, data: Optional[str] = None, exit: Optional[str] = None,
                         horizons: tuple[int, ...] = (1, 10, 50)) -> dict[str, Any]:
     """Held-out prediction errors of a saved model, on its own dataset split or on `data`."""
-    from loopwm.checkpoint import model_from_payload, read_checkpoint
+    from loopwm.checkpoint import config_from_payload, model_from_payload, read_checkpoint
     from loopwm.evaluate import prediction_errors
 
     payload = read_checkpoint(path)
     wm = model_from_payload(payload, path)
-    cfg = build_dataclass(Config, payload["config"], "") if "config" in payload else Config()
+    cfg = config_from_payload(payload, path) or Config()
     if data is not None:
         held_out = ReplayBuffer.load(data)
     else:

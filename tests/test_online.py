@@ -1,4 +1,6 @@
 """The online loop learns a tiny seeded task, beats a random policy, and resumes exactly."""
+import json
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -80,6 +82,9 @@ def test_run_resumes_after_interruption(tmp_path):
     run(straight, progress=False)
     first = tiny(tmp_path / "b", total_steps=120)
     run(first, progress=False)
+    metrics = tmp_path / "b" / "pm" / "metrics.jsonl"
+    with metrics.open("a") as f:  # what a killed run logged after its last checkpoint
+        f.write(json.dumps({"step": 130, "episode/return": 12345.0}) + "\n")
     resumed = tiny(tmp_path / "b", total_steps=200)
     resumed.resume = True
     run(resumed, progress=False)
@@ -87,6 +92,39 @@ def test_run_resumes_after_interruption(tmp_path):
                     params(tmp_path / "b" / "pm" / "checkpoints" / "latest.pt")):
         for key in a:
             assert torch.equal(a[key], b[key]), key
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    straight_rows = [json.loads(line) for line in (tmp_path / "a" / "pm" / "metrics.jsonl").read_text().splitlines()]
+    assert 12345.0 not in [r.get("episode/return") for r in rows]
+
+    def training_rows(rows):  # the interrupted run also evaluated at its last step, 120
+        return [(r["step"], sorted(r)) for r in rows if "eval/return_mean" not in r]
+
+    assert training_rows(rows) == training_rows(straight_rows)
+    assert [r["step"] for r in rows if "eval/return_mean" in r] == [0, 120, 200]
+
+
+def test_logger_rewind_purges_what_came_after_the_checkpoint(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from loopwm.logger import RunLogger
+
+    first = RunLogger(tmp_path)
+    for step in range(1, 11):
+        first.log({"x": float(step)}, step)
+    first.close()
+    resumed = RunLogger(tmp_path)
+    resumed.rewind(6)
+    for step in range(7, 9):
+        resumed.log({"x": -float(step)}, step)
+    resumed.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["x"]) for r in rows] == [(s, float(s)) for s in range(1, 7)] + [(7, -7.0), (8, -8.0)]
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("x")] == [(s, float(s)) for s in range(1, 7)] + [(7, -7.0),
+                                                                                                      (8, -8.0)]
+    with pytest.raises(RuntimeError, match="before the first log"):
+        resumed.rewind(3)
 
 
 def test_evaluation_does_not_perturb_training_randomness(tmp_path):
@@ -107,3 +145,20 @@ def test_refuses_to_overwrite_a_run(tmp_path):
     run(cfg, progress=False)
     with pytest.raises(ConfigError, match="resume=true"):
         run(cfg, progress=False)
+
+
+def test_eval_warns_about_a_checkpoint_with_an_untrained_continue_head(tmp_path):
+    from loopwm.agents.online import evaluate_planner
+    from loopwm.checkpoint import CheckpointError, atomic_torch_save, read_checkpoint
+
+    run(tiny(tmp_path, total_steps=40, seed_steps=40), progress=False)
+    path = tmp_path / "pm" / "checkpoints" / "latest.pt"
+    payload = read_checkpoint(path)
+    payload["config"]["train"]["w_continue"] = 0.0
+    atomic_torch_save(payload, path)
+    with pytest.warns(UserWarning, match="w_continue=0"):
+        evaluate_planner(path, 1)
+    payload["config"]["train"]["no_such_key"] = 1
+    atomic_torch_save(payload, path)
+    with pytest.raises(CheckpointError, match="invalid config section.*no_such_key"):
+        evaluate_planner(path, 1)

@@ -20,7 +20,7 @@ from torch import Tensor
 from loopwm.analysis import sections as S
 from loopwm.analysis.figures import FIGURES
 from loopwm.analysis.sections import Settings
-from loopwm.config import Config, ConfigError, build_dataclass
+from loopwm.config import ConfigError
 from loopwm.replay import ReplayBuffer
 from loopwm.world_model import WorldModel
 
@@ -185,7 +185,7 @@ def analyze_checkpoint(checkpoint: str | Path, data: Optional[str | Path], out_d
 
     `overrides` set `Settings` fields by name; `train_loops` defaults to the run's `train.loop_mean`.
     """
-    from loopwm.checkpoint import model_from_payload, read_checkpoint
+    from loopwm.checkpoint import config_from_payload, model_from_payload, read_checkpoint
 
     names = {f.name for f in dataclasses.fields(Settings)}
     unknown = sorted(set(overrides) - names)
@@ -193,7 +193,7 @@ def analyze_checkpoint(checkpoint: str | Path, data: Optional[str | Path], out_d
         raise ValueError(f"unknown analysis setting {unknown[0]!r}; expected one of {sorted(names)}")
     payload = read_checkpoint(checkpoint, map_location=device)
     wm = model_from_payload(payload, checkpoint)
-    cfg = build_dataclass(Config, payload["config"], "") if "config" in payload else None
+    cfg = config_from_payload(payload, checkpoint)
     if data is not None:
         buffer = ReplayBuffer.load(data)
     elif cfg is not None:
