@@ -19,7 +19,7 @@ import torch
 from loopwm.config import Config
 from loopwm.envs.factory import action_from_model, make_env
 from loopwm.logger import RunLogger
-from loopwm.train import Trainer, resolve_device, restore_run, save_run, seed_everything
+from loopwm.train import StopSignal, Trainer, resolve_device, restore_run, save_run, seed_everything
 from loopwm.workflows import new_buffer, prepare_run_dir, run_dir
 from loopwm.world_model import WorldModel
 
@@ -181,50 +181,53 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
     obs, _ = env.reset(seed=cfg.seed + state.episode)
     episode_return, t0, stats_set = 0.0, True, state.step >= a.seed_steps
     last_saved = agent.trainer.updates
-    try:
-        while state.step < a.total_steps:
-            if state.step < a.seed_steps:
-                action = agent.random_action()
-            else:
-                action = agent.planned_action(obs, eval_mode=False, t0=t0)
-            next_obs, reward, terminated, truncated, _ = env.step(action_from_model(action, env.action_space))
-            agent.replay.add(obs, action, reward, next_obs, terminated, truncated)
-            episode_return += float(reward)
-            obs, t0 = next_obs, False
-            state.step += 1
-            if state.step >= a.seed_steps and len(agent.replay) > 0:
-                if not stats_set:
-                    stats = agent.replay.stats()
-                    agent.wm.set_obs_stats(stats["obs_mean"], stats["obs_std"])
-                    stats_set = True
-                    state.updates_due += a.seed_steps * a.updates_per_step  # pretrain on the seed data
-                state.updates_due += a.updates_per_step
-                if state.step % a.update_every == 0:
-                    while state.updates_due >= 1.0:
-                        for key, value in agent.update().items():
-                            agent.trainer.record(key, value)
-                        state.updates_due -= 1.0
-                    agent.trainer.record("agent/plan_loops", agent.planner.last_stats.get("loops", 0.0))
-                    if state.step % cfg.train.log_every == 0:
-                        agent.trainer.flush_logs(step=state.step)
-            if terminated or truncated:
-                state.episode_returns.append(episode_return)
-                logger.log({"episode/return": episode_return}, state.step)
-                bar.set_postfix(ret=f"{episode_return:.1f}", loops=f"{agent.planner.last_stats.get('loops', 0):.1f}")
-                state.episode += 1
-                obs, _ = env.reset(seed=cfg.seed + state.episode)
-                episode_return, t0 = 0.0, True
-            if state.step % a.eval_every == 0 or state.step == a.total_steps:
-                evaluation()
-            if (terminated or truncated) and agent.trainer.updates - last_saved >= cfg.train.checkpoint_every:
-                checkpoint()  # after this step's evaluation, so a resumed run neither repeats nor skips it
-                last_saved = agent.trainer.updates
-            bar.update(1)
-    finally:
-        bar.close()
-        checkpoint()
-        logger.close()
-        env.close()
+    with StopSignal() as stop:  # a killed run saves its checkpoint at the next step boundary
+        try:
+            while state.step < a.total_steps and stop.received is None:
+                if state.step < a.seed_steps:
+                    action = agent.random_action()
+                else:
+                    action = agent.planned_action(obs, eval_mode=False, t0=t0)
+                next_obs, reward, terminated, truncated, _ = env.step(action_from_model(action, env.action_space))
+                agent.replay.add(obs, action, reward, next_obs, terminated, truncated)
+                episode_return += float(reward)
+                obs, t0 = next_obs, False
+                state.step += 1
+                if state.step >= a.seed_steps and len(agent.replay) > 0:
+                    if not stats_set:
+                        stats = agent.replay.stats()
+                        agent.wm.set_obs_stats(stats["obs_mean"], stats["obs_std"])
+                        stats_set = True
+                        state.updates_due += a.seed_steps * a.updates_per_step  # pretrain on the seed data
+                    state.updates_due += a.updates_per_step
+                    if state.step % a.update_every == 0:
+                        while state.updates_due >= 1.0:
+                            for key, value in agent.update().items():
+                                agent.trainer.record(key, value)
+                            state.updates_due -= 1.0
+                        agent.trainer.record("agent/plan_loops", agent.planner.last_stats.get("loops", 0.0))
+                        if state.step % cfg.train.log_every == 0:
+                            agent.trainer.flush_logs(step=state.step)
+                if terminated or truncated:
+                    state.episode_returns.append(episode_return)
+                    logger.log({"episode/return": episode_return}, state.step)
+                    bar.set_postfix(ret=f"{episode_return:.1f}",
+                                    loops=f"{agent.planner.last_stats.get('loops', 0):.1f}")
+                    state.episode += 1
+                    obs, _ = env.reset(seed=cfg.seed + state.episode)
+                    episode_return, t0 = 0.0, True
+                if state.step % a.eval_every == 0 or state.step == a.total_steps:
+                    evaluation()
+                if (terminated or truncated) and agent.trainer.updates - last_saved >= cfg.train.checkpoint_every:
+                    checkpoint()  # after this step's evaluation, so a resumed run neither repeats nor skips it
+                    last_saved = agent.trainer.updates
+                bar.update(1)
+        finally:
+            bar.close()
+            checkpoint()
+            logger.close()
+            env.close()
+        stop.exit_if_received()
     summary = {"curve": state.curve, "episodes": state.episode, "updates": agent.trainer.updates,
                "kappa": agent.wm.certified_lipschitz()}
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -1,6 +1,8 @@
 """`Trainer`: fits a world model on a replay buffer, logs, checkpoints and resumes exactly."""
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -23,6 +25,36 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+class StopSignal:
+    """Inside the block, SIGTERM (from `kill` or a cluster scheduler) and Ctrl-C only set `received`,
+    so a loop stops at its next safe point and saves; a second signal interrupts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def exit_if_received(self) -> None:
+        """After the caller has saved: leave with the conventional status of the signal."""
+        if self.received is not None:
+            raise SystemExit(128 + self.received)
 
 
 def seed_everything(seed: int, threads: int = 0) -> None:
@@ -80,15 +112,17 @@ class Trainer:
         return out
 
     def fit(self, updates: Optional[int] = None, progress: bool = True,
-            on_checkpoint: Optional[Callable[[], None]] = None) -> dict[str, float]:
-        """Run updates until `updates` in total, logging and checkpointing along the way."""
+            on_checkpoint: Optional[Callable[[], None]] = None,
+            stop: Optional[StopSignal] = None) -> dict[str, float]:
+        """Run updates until `updates` in total (or until `stop` receives a signal, after a final
+        checkpoint), logging and checkpointing along the way."""
         from tqdm.auto import tqdm
 
         t = self.cfg.train
         target = t.updates if updates is None else updates
         bar = tqdm(total=target, initial=self.updates, disable=not progress, desc="fit", dynamic_ncols=True)
         last: dict[str, float] = {}
-        while self.updates < target:
+        while self.updates < target and (stop is None or stop.received is None):
             last = self.update()
             for k, v in last.items():
                 self.record(k, v)
@@ -100,6 +134,8 @@ class Trainer:
                 on_checkpoint()
             bar.update(1)
         bar.close()
+        if stop is not None and stop.received is not None and on_checkpoint is not None:
+            on_checkpoint()
         return last
 
     def record(self, key: str, value: float) -> None:
@@ -155,4 +191,4 @@ def restore_run(path: str | Path, trainer: Trainer) -> dict[str, Any]:
     return payload
 
 
-__all__ = ["Trainer", "save_run", "restore_run", "resolve_device", "seed_everything", "TERMS"]
+__all__ = ["Trainer", "save_run", "restore_run", "resolve_device", "seed_everything", "StopSignal", "TERMS"]

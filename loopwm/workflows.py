@@ -119,7 +119,7 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
     """Fit a world model on the dataset, checkpoint it, and report held-out prediction errors."""
     from loopwm.evaluate import format_table, prediction_errors
     from loopwm.logger import RunLogger
-    from loopwm.train import Trainer, restore_run, resolve_device, save_run, seed_everything
+    from loopwm.train import StopSignal, Trainer, restore_run, resolve_device, save_run, seed_everything
 
     seed_everything(cfg.seed, cfg.threads)
     latest = run_dir(cfg) / "checkpoints" / "latest.pt"
@@ -133,10 +133,12 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
     if cfg.resume and latest.exists():
         restore_run(latest, trainer)
         logger.rewind(trainer.updates)
-    try:
-        trainer.fit(progress=progress, on_checkpoint=lambda: save_run(latest, trainer))
-    finally:
-        logger.close()
+    with StopSignal() as stop:
+        try:
+            trainer.fit(progress=progress, on_checkpoint=lambda: save_run(latest, trainer), stop=stop)
+        finally:
+            logger.close()
+        stop.exit_if_received()
     result = prediction_errors(wm, val_data, seed=cfg.seed, obs_mean=stats["obs_mean"],
                                obs_var=stats["obs_std"].pow(2))
     (folder / "eval.json").write_text(json.dumps(result, indent=2))

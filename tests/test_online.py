@@ -127,6 +127,34 @@ def test_logger_rewind_purges_what_came_after_the_checkpoint(tmp_path):
         resumed.rewind(3)
 
 
+def test_a_killed_run_saves_where_it_stopped_and_resumes(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from loopwm.checkpoint import read_checkpoint
+
+    planned = Agent.planned_action
+    calls = []
+
+    def plan_then_kill(self, obs, **kw):
+        calls.extend([] if kw["eval_mode"] else [1])
+        if len(calls) == 50:  # step 150: mid-episode, ten steps after the last episode-end checkpoint
+            os.kill(os.getpid(), signal.SIGTERM)
+        return planned(self, obs, **kw)
+
+    monkeypatch.setattr(Agent, "planned_action", plan_then_kill)
+    cfg = tiny(tmp_path, total_steps=200)
+    with pytest.raises(SystemExit) as exited:
+        run(cfg, progress=False)
+    assert exited.value.code == 128 + signal.SIGTERM
+    path = tmp_path / "pm" / "checkpoints" / "latest.pt"
+    assert read_checkpoint(path)["progress"]["step"] == 150
+    monkeypatch.setattr(Agent, "planned_action", planned)
+    cfg.resume = True
+    assert run(cfg, progress=False)["curve"][-1][0] == 200
+    assert read_checkpoint(path)["progress"]["step"] == 200
+
+
 def test_evaluation_does_not_perturb_training_randomness(tmp_path):
     cfg = tiny(tmp_path)
     env = PointMass()

@@ -219,6 +219,49 @@ def test_resume_is_exact(tmp_path, lookahead):
     assert torch.equal(fresh.replay.sample(4, 2, fresh.rng)["obs"], straight.replay.sample(4, 2, straight.rng)["obs"])
 
 
+def test_a_signal_stops_fit_at_an_update_boundary_and_saves_there(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from loopwm.train import StopSignal
+
+    data = linear_dataset()
+    cfg = config(updates=20, batch_size=8, horizon=2, log_every=1000, checkpoint_every=1000)
+    trainer = Trainer(new_model(cfg, data), cfg, data)
+    update = Trainer.update
+
+    def update_then_kill(self):
+        out = update(self)
+        if self.updates == 7:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-run, as from `kill` or a scheduler
+        return out
+
+    monkeypatch.setattr(Trainer, "update", update_then_kill)
+    with StopSignal() as stop:
+        trainer.fit(20, progress=False, on_checkpoint=lambda: save_run(tmp_path / "ckpt.pt", trainer), stop=stop)
+        with pytest.raises(SystemExit) as exited:
+            stop.exit_if_received()
+    assert exited.value.code == 128 + signal.SIGTERM
+    assert trainer.updates == 7
+    fresh = Trainer(new_model(cfg, data, seed=5), cfg, data)
+    restore_run(tmp_path / "ckpt.pt", fresh)
+    assert fresh.updates == 7
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+def test_a_second_signal_interrupts_at_once():
+    import os
+    import signal
+
+    from loopwm.train import StopSignal
+
+    with StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 # ---- 5. Lookahead checkpoints round-trip ----------------------------------------------------------
 def _regression(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
