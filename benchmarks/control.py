@@ -5,6 +5,7 @@ the same step budgets and seeds on the same machine, evaluating both with determ
 on fresh episodes. stable-baselines3 is a benchmark-only dependency (`pip install stable-baselines3`).
 
     python benchmarks/control.py --env pendulum --seeds 0 1 --steps 2000 4000 --sac
+    python benchmarks/control.py --env halfcheetah --seeds 0 --steps 50000 --override planner.horizon=10 --tag h10
 """
 from __future__ import annotations
 
@@ -25,13 +26,14 @@ CONFIGS = {"pendulum": "configs/pendulum.yaml", "inverted_pendulum": "configs/in
 
 
 def loopwm_curve(env: str, seed: int, steps: list[int], eval_episodes: int, out: Path, threads: int,
-                 overrides: list[str], resume: bool) -> dict:
+                 overrides: list[str], resume: bool, tag: str = "") -> dict:
     """One online run to max(steps), evaluated at every budget; returns {budget: (mean, std)} and timing.
 
     With `resume`, a run interrupted earlier continues from its last checkpoint (the wall time then
     counts this invocation only)."""
     every = int(np.gcd.reduce(steps))
-    cfg = load_config(CONFIGS[env], [f"seed={seed}", f"name={env}-s{seed}", f"run_dir={out}",
+    name = f"{env}-s{seed}" + (f"-{tag}" if tag else "")
+    cfg = load_config(CONFIGS[env], [f"seed={seed}", f"name={name}", f"run_dir={out}",
                                       f"agent.total_steps={max(steps)}", f"agent.eval_every={every}",
                                       f"agent.eval_episodes={eval_episodes}", f"threads={threads}",
                                       f"resume={str(resume).lower()}", *overrides])
@@ -85,13 +87,14 @@ def main() -> None:
                         help="config overrides for the loopwm runs, e.g. planner.samples=128")
     parser.add_argument("--resume", action="store_true", help="continue interrupted loopwm runs from their checkpoints")
     parser.add_argument("--out", default="docs/benchmarks")
+    parser.add_argument("--tag", default="", help="names a variant (with --override): its runs and report files get it")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path("benchmarks/out/control")
     results: dict = {"loopwm": {}}
     for seed in args.seeds:
         results["loopwm"][seed] = loopwm_curve(args.env, seed, args.steps, args.eval_episodes, work, args.threads,
-                                                 args.override, args.resume)
+                                                 args.override, args.resume, args.tag)
         print(f"loopwm seed {seed}: {results['loopwm'][seed]['curve']}", flush=True)
     if args.sac:
         results["sac"] = {}
@@ -101,15 +104,17 @@ def main() -> None:
     command = "python benchmarks/control.py " + " ".join(
         [f"--env {args.env}", "--seeds " + " ".join(map(str, args.seeds)), "--steps " + " ".join(map(str, args.steps)),
          f"--eval-episodes {args.eval_episodes}", f"--threads {args.threads}"] + (["--sac"] if args.sac else [])
-        + (["--override " + " ".join(args.override)] if args.override else []) + (["--resume"] if args.resume else []))
+        + (["--override " + " ".join(args.override)] if args.override else []) + (["--resume"] if args.resume else [])
+        + ([f"--tag {args.tag}"] if args.tag else []))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"env": args.env, "command": command, "machine": machine_info(), "results": results}
-    (out / f"control_{args.env}.json").write_text(json.dumps(record, indent=2))
+    stem = f"control_{args.env}" + (f"_{args.tag}" if args.tag else "")
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=2))
     md = (f"# Online control on {args.env}\n\nEval return (mean ± std over {args.eval_episodes} deterministic "
           f"episodes) at each environment-step budget.\n\nMachine: {record['machine']}\n\nCommand: `{command}`\n\n"
           + table(results, args.steps) + "\n")
-    (out / f"control_{args.env}.md").write_text(md)
+    (out / f"{stem}.md").write_text(md)
     print(md)
 
 
