@@ -33,7 +33,7 @@ class RunLogger:
         self._purge_step = step + 1
         if self.jsonl_path.exists():
             kept = [line for line in self.jsonl_path.read_text().splitlines(keepends=True)
-                    if line.strip() and json.loads(line)["step"] <= step]
+                    if line.endswith("\n") and json.loads(line)["step"] <= step]  # drops a line cut by a kill
             atomic_write(self.jsonl_path, lambda f: f.write("".join(kept).encode()))
 
     def _open(self) -> None:

@@ -112,6 +112,8 @@ def test_logger_rewind_purges_what_came_after_the_checkpoint(tmp_path):
     for step in range(1, 11):
         first.log({"x": float(step)}, step)
     first.close()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 11, "x": 1')  # the process was killed mid-line
     resumed = RunLogger(tmp_path)
     resumed.rewind(6)
     for step in range(7, 9):
