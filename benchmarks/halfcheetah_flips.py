@@ -72,7 +72,7 @@ def episodes(agent: Agent, env: Any, n: int, eval_mode: bool, seed: int) -> list
 
 def replay_report(agent: Agent, parts: int = 4) -> dict[str, Any]:
     """Flipped share of the replay per part of the run, and the value of upright and flipped states."""
-    obs = torch.cat([torch.as_tensor(chunk) for chunk in agent.replay._obs_chunks()]).float()
+    obs = torch.as_tensor(np.concatenate([episode["obs"] for episode in agent.replay.episodes()])).float()
     flipped = obs[:, PITCH].abs() > FLIP_PITCH
     with torch.no_grad():
         value = torch.cat([agent.value(agent.wm.encode(obs[i:i + 4096])).flatten()
