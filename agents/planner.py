@@ -1,9 +1,11 @@
-"""Latent MPPI / CEM planning over a world model's imagined rollouts, TD-MPC2 style.
+"""Latent MPPI / CEM planning over a world model's imagined rollouts, TD-MPC2 style, and the planner registry.
 
 One loop serves every method: sample action sequences from a distribution, score them
 with one batched `imagine` call, keep the elites, refit the distribution. The methods
 differ only in the elite weights (MPPI: softmax, CEM: uniform) and the action family
-(Gaussian for Box spaces, a categorical per step for Discrete ones).
+(Gaussian for Box spaces, a categorical per step for Discrete ones). A new planner is one
+subclass plus one `@register_planner("name")` line; `build_planner` makes the one named by
+`planner.method`.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from loopwm.config import PlannerConfig
+from loopwm.config import Config, ConfigError, PlannerConfig
 
 LatentFn = Callable[[Tensor], Tensor]
 Params = dict[str, Tensor]
@@ -135,27 +137,24 @@ class Planner:
     """Plans in the world model's latent space; one `imagine` call per iteration over all samples and envs.
 
     Scores are G = Σ γ^k Πc r_k + γ^H Πc V(z_H) − λ Σ γ^k u_k with λ = cfg.uncertainty_penalty and
-    u_k the loop's certified residual (`uncertainty="residual"`) or 1 − converged (`"unconverged"`).
-    MPPI weights elites by exp(temperature · (G − max G)) (temperature multiplies, as in TD-MPC2);
-    CEM weights them uniformly. The mean/std (or probabilities) move to the refit with
-    new = momentum · old + (1 − momentum) · fit.
+    u_k the loop's certified distance to its fixed point (`uncertainty="bound"`) or 1 − converged
+    (`"unconverged"`). Subclasses set the elite weights (`weights`). The mean/std (or probabilities)
+    move to the refit with new = momentum · old + (1 − momentum) · fit.
     """
 
     def __init__(self, wm: Any, cfg: PlannerConfig, value: Optional[LatentFn] = None,
-                 prior: Optional[LatentFn] = None, *,
-                 uncertainty: Literal["residual", "unconverged"] = "residual",
+                 prior: Optional[LatentFn] = None, *, discount: float = 0.99,
+                 uncertainty: Literal["bound", "unconverged"] = "bound",
                  exploration: float = 0.0, min_prob: float = 0.01, seed: Optional[int] = None,
                  device: Optional[torch.device | str] = None):
-        if cfg.elites > cfg.samples:
-            raise ValueError(f"planner.elites={cfg.elites} must be <= planner.samples={cfg.samples}")
         self.policy_samples = cfg.policy_samples if prior is not None else 0
-        if self.policy_samples >= cfg.samples:
-            raise ValueError(f"planner.policy_samples={cfg.policy_samples} must be < planner.samples={cfg.samples}")
-        if uncertainty not in ("residual", "unconverged"):
-            raise ValueError(f"uncertainty={uncertainty!r}: expected 'residual' or 'unconverged'")
+        if not 0.0 <= discount <= 1.0:
+            raise ValueError(f"discount={discount}: expected a value in [0, 1]")
+        if uncertainty not in ("bound", "unconverged"):
+            raise ValueError(f"uncertainty={uncertainty!r}: expected 'bound' or 'unconverged'")
         if exploration < 0 or (wm.discrete and exploration > 1):
             raise ValueError(f"exploration={exploration}: expected a std >= 0 (Box) or a probability (Discrete)")
-        self.wm, self.cfg, self.value, self.prior = wm, cfg, value, prior
+        self.wm, self.cfg, self.value, self.prior, self.discount = wm, cfg, value, prior, discount
         self.uncertainty, self.exploration = uncertainty, exploration
         self.sampler = (CategoricalSampler(cfg, wm.action_dim, min_prob) if wm.discrete
                         else GaussianSampler(cfg, wm.action_dim))
@@ -171,6 +170,14 @@ class Planner:
     def reset(self) -> None:
         """Forget the warm start (a new episode in every env)."""
         self.prev = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampling RNG and the warm start: what makes a resumed run plan exactly as it would have."""
+        return {"gen": self.gen.get_state(), "prev": None if self.prev is None else dict(self.prev)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.gen.set_state(state["gen"])
+        self.prev = None if state["prev"] is None else {k: v.to(self.device) for k, v in state["prev"].items()}
 
     @torch.no_grad()
     def act(self, obs: Any, *, eval_mode: bool = False, t0: bool | np.ndarray = False,
@@ -199,10 +206,10 @@ class Planner:
         """Score action sequences [H, B, A] from latents [B, Z]; returns (G [B], the ImagineOutput)."""
         out = self.wm.imagine(z, actions, decode="none")
         terminal = self.value(out.latents[-1]) if self.value is not None else None
-        ret = discounted_return(out.rewards, out.continues, self.cfg.discount, terminal)
+        ret = discounted_return(out.rewards, out.continues, self.discount, terminal)
         if self.cfg.uncertainty_penalty > 0:
-            unc = out.residual if self.uncertainty == "residual" else (~out.converged).to(ret.dtype)
-            ret = ret - self.cfg.uncertainty_penalty * discounted_return(unc, torch.ones_like(unc), self.cfg.discount)
+            unc = out.bound if self.uncertainty == "bound" else (~out.converged).to(ret.dtype)
+            ret = ret - self.cfg.uncertainty_penalty * discounted_return(unc, torch.ones_like(unc), self.discount)
         return ret, out
 
     def _prior_rollout(self, z: Tensor) -> Optional[Tensor]:
@@ -217,11 +224,9 @@ class Planner:
                 zk = self.wm.imagine(zk, a[None], decode="none").latents[-1]
         return torch.stack(actions).view(self.cfg.horizon, z.shape[0], self.policy_samples, -1)
 
-    def _weights(self, elite_scores: Tensor) -> Tensor:
-        """Elite weights [N, E]: MPPI softmax of temperature · (G − max G), CEM uniform."""
-        if self.cfg.method == "cem":
-            return torch.full_like(elite_scores, 1.0 / elite_scores.shape[1])
-        return torch.softmax(self.cfg.temperature * (elite_scores - elite_scores[:, :1]), dim=1)
+    def weights(self, elite_scores: Tensor) -> Tensor:
+        """Elite weights [N, E] from their scores (sorted best first); each planner method defines its own."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def plan(self, z: Tensor, *, eval_mode: bool = False, t0: bool | np.ndarray | Tensor = False) -> Tensor:
@@ -232,7 +237,7 @@ class Planner:
         params = self.start_distribution(n, t0)
         prior_actions = self._prior_rollout(z)
         zs = z.repeat_interleave(cfg.samples, 0)
-        loops = residual = converged = 0.0
+        loops = bound = converged = 0.0
         for _ in range(cfg.iterations):
             actions = self.sampler.sample(params, cfg.samples - self.policy_samples, self.gen)
             if prior_actions is not None:
@@ -241,11 +246,11 @@ class Planner:
             lowest = torch.finfo(ret.dtype).min
             elite_scores, idx = ret.nan_to_num(nan=lowest, neginf=lowest).view(n, cfg.samples).topk(cfg.elites, 1)
             elites = actions.gather(2, idx[None, :, :, None].expand(cfg.horizon, -1, -1, actions.shape[-1]))
-            weights = self._weights(elite_scores)
+            weights = self.weights(elite_scores)
             fit = self.sampler.fit(elites, weights)
             params = {k: cfg.momentum * params[k] + (1 - cfg.momentum) * fit[k] for k in params}
             loops = loops + out.loops.float().mean()
-            residual = residual + out.residual.float().mean()
+            bound = bound + out.bound.float().mean()
             converged = converged + out.converged.float().mean()
         self.prev = params
         action = self.sampler.first(params, eval_mode, self.exploration, self.gen)
@@ -254,7 +259,51 @@ class Planner:
             "elite_max": elite_scores[:, 0].mean().item(),
             "spread": self.sampler.spread(params).mean().item(),
             "loops": float(loops) / cfg.iterations,
-            "residual": float(residual) / cfg.iterations,
+            "bound": float(bound) / cfg.iterations,
             "converged": float(converged) / cfg.iterations,
         }
         return action[0] if single else action
+
+
+PLANNERS: dict[str, type[Planner]] = {}
+"""Registered planners by `planner.method` name."""
+
+
+def register_planner(name: str) -> Callable[[type[Planner]], type[Planner]]:
+    """Class decorator: make a `Planner` subclass buildable as `planner.method: name`."""
+    def add(cls: type[Planner]) -> type[Planner]:
+        if name in PLANNERS and PLANNERS[name] is not cls:
+            raise ValueError(f"a planner named {name!r} is already registered ({PLANNERS[name].__name__})")
+        PLANNERS[name] = cls
+        return cls
+    return add
+
+
+@register_planner("mppi")
+class MPPIPlanner(Planner):
+    """MPPI: elites weighted by softmax(temperature · (G − max G)); the temperature multiplies, as in TD-MPC2."""
+
+    def weights(self, elite_scores: Tensor) -> Tensor:
+        return torch.softmax(self.cfg.temperature * (elite_scores - elite_scores[:, :1]), dim=1)
+
+
+@register_planner("cem")
+class CEMPlanner(Planner):
+    """The cross-entropy method: elites weighted uniformly."""
+
+    def weights(self, elite_scores: Tensor) -> Tensor:
+        return torch.full_like(elite_scores, 1.0 / elite_scores.shape[1])
+
+
+def check_planner(cfg: PlannerConfig) -> None:
+    """Refuse a `planner.method` that names no registered planner."""
+    if cfg.method not in PLANNERS:
+        raise ConfigError(f"planner.method={cfg.method!r}: expected one of {sorted(PLANNERS)}")
+
+
+def build_planner(cfg: Config, wm: Any, value: Optional[LatentFn] = None, prior: Optional[LatentFn] = None, *,
+                  seed: Optional[int] = None, exploration: float = 0.0, **kwargs: Any) -> Planner:
+    """The planner named by `cfg.planner.method`, planning with the agent's one discount."""
+    check_planner(cfg.planner)
+    return PLANNERS[cfg.planner.method](wm, cfg.planner, value, prior, discount=cfg.agent.discount, seed=seed,
+                                        exploration=exploration, **kwargs)

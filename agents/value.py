@@ -66,10 +66,10 @@ class ValueFunction:
     updates rather than thousands.
     """
 
-    def __init__(self, latent_dim: int, cfg: AgentConfig, *, hidden_dim: int = 256, grad_clip: float = 10.0,
+    def __init__(self, latent_dim: int, cfg: AgentConfig, *, grad_clip: float = 10.0,
                  device: torch.device | str = "cpu"):
         self.cfg, self.grad_clip = cfg, grad_clip
-        self.net = _mlp(latent_dim, hidden_dim, 1).to(device)
+        self.net = _mlp(latent_dim, cfg.hidden_dim, 1).to(device)
         nn.init.zeros_(self.net[-1].weight)  # V starts at exactly zero: no spurious optimism before any data
         nn.init.zeros_(self.net[-1].bias)
         self.target = copy.deepcopy(self.net).requires_grad_(False)
@@ -127,12 +127,12 @@ class PolicyPrior:
     """
 
     def __init__(self, latent_dim: int, action_dim: int, discrete: bool, cfg: AgentConfig, *,
-                 horizon: int = 3, entropy_coef: float = 1e-3, lr: Optional[float] = None,
-                 hidden_dim: int = 256, grad_clip: float = 10.0, scale_decay: float = 0.99,
+                 lr: Optional[float] = None, grad_clip: float = 10.0, scale_decay: float = 0.99,
                  device: torch.device | str = "cpu"):
         self.cfg, self.discrete, self.action_dim = cfg, discrete, action_dim
-        self.horizon, self.entropy_coef, self.grad_clip, self.scale_decay = horizon, entropy_coef, grad_clip, scale_decay
-        self.net = _mlp(latent_dim, hidden_dim, action_dim if discrete else 2 * action_dim).to(device)
+        self.horizon, self.entropy_coef = cfg.prior_horizon, cfg.prior_entropy
+        self.grad_clip, self.scale_decay = grad_clip, scale_decay
+        self.net = _mlp(latent_dim, cfg.hidden_dim, action_dim if discrete else 2 * action_dim).to(device)
         self.optim = torch.optim.Adam(self.net.parameters(), lr=lr if lr is not None else cfg.value_lr)
         self.scale = torch.ones((), device=device)
 

@@ -54,19 +54,19 @@ def _make_atari(cfg: EnvConfig, render_mode: str | None, training: bool) -> gym.
     _require("cv2", "atari", cfg.id, "OpenCV")
     gym.register_envs(ale_py)
     _spec(cfg.id)
-    env = gym.make(cfg.id, frameskip=1, repeat_action_probability=cfg.sticky_actions, render_mode=render_mode)
+    env = gym.make(cfg.id, frameskip=1, repeat_action_probability=cfg.atari.sticky_actions, render_mode=render_mode)
     env = AtariPreprocessing(
         env,
         noop_max=30,
-        frame_skip=cfg.frame_skip,
-        screen_size=cfg.screen_size,
-        terminal_on_life_loss=cfg.terminal_on_life_loss,
+        frame_skip=cfg.atari.frame_skip,
+        screen_size=cfg.atari.screen_size,
+        terminal_on_life_loss=cfg.atari.terminal_on_life_loss,
         grayscale_obs=True,
     )
     if cfg.max_episode_steps is not None:
         env = TimeLimit(env, cfg.max_episode_steps)
-    env = FrameStackObservation(env, cfg.frame_stack)
-    if training and cfg.clip_rewards:
+    env = FrameStackObservation(env, cfg.atari.frame_stack)
+    if training and cfg.atari.clip_rewards:
         env = TransformReward(env, np.sign)
     return env
 

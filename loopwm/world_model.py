@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from loopwm.config import Config, ModelConfig
-from loopwm.loop import LoopCore, LoopTrace
+from loopwm.loop import LoopCore, LoopOptions, LoopTrace
 from loopwm.nets import SpaceSpec, RewardHead, build_decoder, build_encoder, mlp, optional, rms_normalize
 
 Decode = Literal["final", "all", "none"]
@@ -27,7 +27,7 @@ class ImagineOutput:
     latents: Tensor       # [H+1, B, Z], latents[0] is the start
     rewards: Tensor       # [H, B]
     continues: Tensor     # [H, B] probability the episode continues after step k
-    residual: Tensor      # [H, B] certified distance to the fixed point at exit
+    bound: Tensor         # [H, B] certified distance to the fixed point at exit
     converged: Tensor     # [H, B] bool
     loops: Tensor         # [H, B] loops used
     obs: Optional[Tensor] = None             # [B, ...] ("final") or [H, B, ...] ("all")
@@ -60,6 +60,11 @@ class WorldModel(nn.Module):
         return cls(model_cfg, SpaceSpec.from_spaces(obs_space, act_space))
 
     @property
+    def device(self) -> torch.device:
+        """Where the model's parameters and buffers live."""
+        return self.obs_mean.device
+
+    @property
     def discrete(self) -> bool:
         return self.spec.discrete
 
@@ -81,7 +86,7 @@ class WorldModel(nn.Module):
 
     def normalize_obs(self, obs: Tensor) -> Tensor:
         """Check shape and finiteness, then map observations to the model's units."""
-        obs = torch.as_tensor(obs, device=self.obs_mean.device)
+        obs = torch.as_tensor(obs, device=self.device)
         shape = tuple(self.spec.obs_shape)
         if obs.dim() < len(shape) or tuple(obs.shape[-len(shape):]) != shape:
             raise ValueError(f"obs has shape {tuple(obs.shape)}; expected (..., {', '.join(map(str, shape))})")
@@ -100,7 +105,7 @@ class WorldModel(nn.Module):
 
     def action_input(self, action: Tensor, batch: tuple[int, ...]) -> Tensor:
         """Validate an action batch: Box actions normalised to [−1, 1], Discrete as indices or one-hot."""
-        action = torch.as_tensor(action, device=self.obs_mean.device)
+        action = torch.as_tensor(action, device=self.device)
         n = self.spec.action_dim
         if self.discrete and action.shape == batch:
             if action.is_floating_point() or int(action.min()) < 0 or int(action.max()) >= n:
@@ -136,14 +141,16 @@ class WorldModel(nn.Module):
         return rms_normalize(self.prelude(torch.cat([z, optional(o, z, self.latent_dim), a], -1)))
 
     def step(self, z: Tensor, action: Tensor, obs: Optional[Tensor] = None, *, h0: Optional[Tensor] = None,
-             readouts: bool = False, **loop: Any) -> tuple[Tensor, LoopTrace]:
+             readouts: bool = False, options: Optional[LoopOptions] = None) -> tuple[Tensor, LoopTrace]:
         """One environment step through the loop: (z_{k−1}, a_k[, o_k]) -> z_k and its LoopTrace.
 
-        `loop` takes LoopCore.run's options (exit, loops, tol, min_loops, max_loops, bptt, ...).
-        With `readouts=True` the trace holds the latent read out after every loop.
+        `options` chooses the exit rule and loop limits (default: the model config's). With
+        `readouts=True` the trace holds the latent read out after every loop.
         """
+        if h0 is not None and isinstance(h0, Tensor) and not torch.isfinite(h0).all():
+            raise ValueError("h0 contains NaN or infinite values")
         ctx = self.core.prepare(self.injection(z, action, obs))
-        h, trace = self.core.run(ctx, h0, readout=self.readout if readouts else None, **loop)
+        h, trace = self.core.run(ctx, h0, options, readout=self.readout if readouts else None)
         return self.readout(h), trace
 
     def predict_reward(self, z: Tensor) -> Tensor:
@@ -158,7 +165,7 @@ class WorldModel(nn.Module):
         return self.denormalize_obs(self.decoder(z))
 
     def imagine(self, z: Tensor, actions: Tensor, decode: Decode = "final", keep_traces: bool = False,
-                **loop: Any) -> ImagineOutput:
+                options: Optional[LoopOptions] = None) -> ImagineOutput:
         """Roll out `actions` [H, B, A] from z in latent space only; decode observations only where asked."""
         if decode not in ("final", "all", "none"):
             raise ValueError(f"decode={decode!r}: expected 'final', 'all' or 'none'")
@@ -168,7 +175,7 @@ class WorldModel(nn.Module):
         latents, traces = [z], []
         with self.core.weight_scope():
             for a in actions:
-                z, trace = self.step(z, a, **loop)
+                z, trace = self.step(z, a, options=options)
                 latents.append(z)
                 traces.append(trace)
         lat = torch.stack(latents)
@@ -181,7 +188,7 @@ class WorldModel(nn.Module):
             latents=lat,
             rewards=self.predict_reward(lat[1:]),
             continues=self.predict_continue(lat[1:]),
-            residual=torch.stack([t.bound for t in traces]),
+            bound=torch.stack([t.bound for t in traces]),
             converged=torch.stack([t.converged for t in traces]),
             loops=torch.stack([t.loops_used for t in traces]),
             obs=obs,

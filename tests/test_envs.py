@@ -7,7 +7,7 @@ import pytest
 from gymnasium.spaces import Box, Dict, Discrete, MultiBinary, MultiDiscrete, Tuple
 from gymnasium.wrappers import TransformReward
 
-from loopwm.config import EnvConfig
+from loopwm.config import AtariConfig, EnvConfig
 from loopwm.envs import (
     action_dim,
     action_from_model,
@@ -53,7 +53,7 @@ def test_mujoco_v5_env_is_float32():
 
 def test_atari_preprocessing_sticky_actions_and_replayed_stacks():
     pytest.importorskip("ale_py")
-    cfg = EnvConfig(id="ALE/Pong-v5", sticky_actions=0.1)
+    cfg = EnvConfig(id="ALE/Pong-v5", atari=AtariConfig(sticky_actions=0.1))
     env = make_env(cfg, seed=0)
     assert env.unwrapped.ale.getFloat("repeat_action_probability") == pytest.approx(0.1)
     assert isinstance(env, TransformReward) and not isinstance(make_env(cfg, training=False), TransformReward)
