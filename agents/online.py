@@ -26,6 +26,13 @@ from .planner import build_planner
 from .value import PolicyPrior, ValueFunction
 
 
+def random_model_actions(wm: Any, rng: np.random.Generator, n: int) -> np.ndarray:
+    """n uniformly random actions in model units [n, A]: uniform in [-1, 1], or a random one-hot per group."""
+    if not wm.discrete:
+        return rng.uniform(-1, 1, (n, wm.action_dim)).astype(np.float32)
+    return np.concatenate([np.eye(k, dtype=np.float32)[rng.integers(k, size=n)] for k in wm.action_groups], -1)
+
+
 @dataclass
 class Progress:
     """Counters and the learning curve; all plain data so it checkpoints with weights_only."""
@@ -48,7 +55,8 @@ class Agent:
         self.trainer = Trainer(self.wm, cfg, self.replay, logger)
         a = cfg.agent
         self.value = ValueFunction(self.wm.latent_dim, a, device=device) if a.use_value else None
-        self.prior = (PolicyPrior(self.wm.latent_dim, self.wm.action_dim, self.wm.discrete, a, device=device)
+        self.prior = (PolicyPrior(self.wm.latent_dim, self.wm.action_dim, self.wm.discrete, a,
+                                  groups=self.wm.action_groups, device=device)
                       if a.use_policy_prior else None)
         self.planner = build_planner(cfg, self.wm, value=self.value, prior=self.prior, seed=cfg.seed,
                                      exploration=a.exploration_std if not self.wm.discrete else min(a.exploration_std, 1.0))
@@ -56,16 +64,11 @@ class Agent:
 
     def random_action(self) -> np.ndarray:
         """A uniformly random action in model units (seeded by the agent's own generator)."""
-        if self.wm.discrete:
-            return np.eye(self.wm.action_dim, dtype=np.float32)[self.rng.integers(self.wm.action_dim)]
-        return self.rng.uniform(-1, 1, self.wm.action_dim).astype(np.float32)
+        return random_model_actions(self.wm, self.rng, 1)[0]
 
     def planned_action(self, obs: np.ndarray, *, eval_mode: bool, t0: bool) -> np.ndarray:
         """The planner's action for one observation, in model units."""
-        action = self.planner.act(obs, eval_mode=eval_mode, t0=t0)
-        if self.wm.discrete:
-            return np.eye(self.wm.action_dim, dtype=np.float32)[action]
-        return np.asarray(action, dtype=np.float32)
+        return self.planner.model_action(obs, eval_mode=eval_mode, t0=t0)
 
     def update(self) -> dict[str, float]:
         """One world-model update, then value and prior updates on fresh replay latents."""

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from loopwm.config import Config, ConfigError, PlannerConfig
+from loopwm.nets import argmax_groups, group_slices
 
 LatentFn = Callable[[Tensor], Tensor]
 Params = dict[str, Tensor]
@@ -78,16 +79,20 @@ class GaussianSampler:
 
 
 class CategoricalSampler:
-    """Discrete actions: a categorical per step with probabilities floored at `min_prob`; samples are one-hot."""
+    """Categorical actions: per step, one categorical per one-hot group (Discrete has one, MultiDiscrete and
+    MultiBinary several), probabilities floored at `min_prob`; samples are concatenated one-hots."""
 
-    def __init__(self, cfg: PlannerConfig, action_dim: int, min_prob: float):
-        if not 0.0 <= min_prob * action_dim < 1.0:
-            raise ValueError(f"min_prob={min_prob} must be in [0, 1/{action_dim}) for {action_dim} actions")
-        self.cfg, self.action_dim, self.min_prob = cfg, action_dim, min_prob
+    def __init__(self, cfg: PlannerConfig, groups: tuple[int, ...], min_prob: float):
+        if not 0.0 <= min_prob * max(groups) < 1.0:
+            raise ValueError(f"min_prob={min_prob} must be in [0, 1/{max(groups)}) for {max(groups)} actions")
+        self.cfg, self.groups, self.min_prob = cfg, tuple(groups), min_prob
+        self.action_dim = sum(self.groups)
+        self.slices = group_slices(self.groups)
+        self.sizes = torch.cat([torch.full((n,), float(n)) for n in self.groups])  # each entry's group size
 
     def init(self, n: int, horizon: int, device: torch.device) -> Params:
-        """Uniform over actions at every step."""
-        return {"probs": torch.full((n, horizon, self.action_dim), 1.0 / self.action_dim, device=device)}
+        """Uniform over each group's actions at every step."""
+        return {"probs": (1.0 / self.sizes.to(device)).expand(n, horizon, self.action_dim).clone()}
 
     def warm(self, prev: Params) -> Params:
         """Previous probabilities shifted one step (last step uniform), then mixed half-way back to uniform.
@@ -95,33 +100,38 @@ class CategoricalSampler:
         The mixing is the categorical analogue of resetting the Gaussian std: keep the preference,
         restore the spread.
         """
-        uniform = torch.full_like(prev["probs"][:, :1], 1.0 / self.action_dim)
-        probs = torch.cat([prev["probs"][:, 1:], uniform], 1)
-        return {"probs": 0.5 * probs + 0.5 / self.action_dim}
+        uniform = 1.0 / self.sizes.to(prev["probs"].device)
+        probs = torch.cat([prev["probs"][:, 1:], uniform.expand_as(prev["probs"][:, :1])], 1)
+        return {"probs": 0.5 * probs + 0.5 * uniform}
+
+    def _draw(self, probs: Tensor, k: int, gen: torch.Generator) -> Tensor:
+        """k one-hot draws [M, k, A] from each row of concatenated group probabilities [M, A]."""
+        hots = [F.one_hot(torch.multinomial(probs[:, sl], k, replacement=True, generator=gen), sl.stop - sl.start)
+                for sl in self.slices]
+        return torch.cat(hots, -1).to(probs.dtype)
 
     def sample(self, params: Params, k: int, gen: torch.Generator) -> Tensor:
         """k one-hot sequences per env: [H, N, k, A]."""
         probs = params["probs"]
-        idx = torch.multinomial(probs.reshape(-1, self.action_dim), k, replacement=True, generator=gen)
-        return F.one_hot(idx.view(*probs.shape[:2], k), self.action_dim).to(probs.dtype).permute(1, 0, 2, 3)
+        draws = self._draw(probs.reshape(-1, self.action_dim), k, gen)
+        return draws.view(*probs.shape[:2], k, self.action_dim).permute(1, 0, 2, 3)
 
     def fit(self, elites: Tensor, weights: Tensor) -> Params:
-        """Weighted action counts of the elites, floored at min_prob (still summing to one)."""
+        """Weighted action counts of the elites, floored at min_prob (each group still summing to one)."""
         counts = (weights[None, :, :, None] * elites).sum(2).transpose(0, 1)
-        return {"probs": self.min_prob + (1.0 - self.action_dim * self.min_prob) * counts}
+        return {"probs": self.min_prob + (1.0 - self.sizes.to(counts.device) * self.min_prob) * counts}
 
     def first(self, params: Params, eval_mode: bool, exploration: float, gen: torch.Generator) -> Tensor:
-        """First action per env, one-hot: argmax in eval, else a sample mixed ε=`exploration` with uniform."""
+        """First action per env, one-hot per group: argmax in eval, else a sample mixed ε=`exploration` with uniform."""
         probs = params["probs"][:, 0]
         if eval_mode:
-            idx = probs.argmax(-1)
-        else:
-            probs = (1.0 - exploration) * probs + exploration / self.action_dim
-            idx = torch.multinomial(probs, 1, generator=gen)[:, 0]
-        return F.one_hot(idx, self.action_dim).to(probs.dtype)
+            return torch.cat([F.one_hot(probs[:, sl].argmax(-1), sl.stop - sl.start) for sl in self.slices],
+                             -1).to(probs.dtype)
+        probs = (1.0 - exploration) * probs + exploration / self.sizes.to(probs.device)
+        return self._draw(probs, 1, gen)[:, 0]
 
     def spread(self, params: Params) -> Tensor:
-        """Entropy (nats) of the first-step categorical, per env."""
+        """Entropy (nats) of the first-step categoricals, summed over groups, per env."""
         probs = params["probs"][:, 0]
         return -(probs * probs.clamp_min(1e-12).log()).sum(-1)
 
@@ -156,7 +166,8 @@ class Planner:
             raise ValueError(f"exploration={exploration}: expected a std >= 0 (Box) or a probability (Discrete)")
         self.wm, self.cfg, self.value, self.prior, self.discount = wm, cfg, value, prior, discount
         self.uncertainty, self.exploration = uncertainty, exploration
-        self.sampler = (CategoricalSampler(cfg, wm.action_dim, min_prob) if wm.discrete
+        groups = getattr(wm, "action_groups", None) or (wm.action_dim,)
+        self.sampler = (CategoricalSampler(cfg, groups, min_prob) if wm.discrete
                         else GaussianSampler(cfg, wm.action_dim))
         self.device = torch.device(device) if device is not None else _device_of(wm)
         self.gen = torch.Generator(device=self.device)
@@ -180,18 +191,29 @@ class Planner:
         self.prev = None if state["prev"] is None else {k: v.to(self.device) for k, v in state["prev"].items()}
 
     @torch.no_grad()
-    def act(self, obs: Any, *, eval_mode: bool = False, t0: bool | np.ndarray = False,
-            batched: bool = False) -> np.ndarray | int:
-        """Env action for one observation (or a batch when `batched`): Box -> array in [-1, 1], Discrete -> int."""
+    def model_action(self, obs: Any, *, eval_mode: bool = False, t0: bool | np.ndarray = False,
+                     batched: bool = False) -> np.ndarray:
+        """The planned action in model units for one observation (or a batch when `batched`): a Box action
+        in [-1, 1], or concatenated one-hots for a categorical one (float32)."""
         x = torch.as_tensor(np.asarray(obs), device=self.device)
         if x.is_floating_point():
             x = x.float()
         action = self.plan(self.wm.encode(x if batched else x[None]), eval_mode=eval_mode, t0=t0)
-        if self.wm.discrete:
-            idx = action.argmax(-1).cpu().numpy()
-            return idx if batched else int(idx[0])
-        action = action.cpu().numpy()
+        action = action.float().cpu().numpy()
         return action if batched else action[0]
+
+    def act(self, obs: Any, *, eval_mode: bool = False, t0: bool | np.ndarray = False,
+            batched: bool = False) -> np.ndarray | int:
+        """Planned action for one observation (or a batch): Box -> array in [-1, 1], Discrete -> int,
+        MultiDiscrete/MultiBinary -> one index per group."""
+        action = self.model_action(obs, eval_mode=eval_mode, t0=t0, batched=batched)
+        if not self.wm.discrete:
+            return action
+        idx = argmax_groups(torch.as_tensor(action), self.sampler.groups).numpy()
+        if len(self.sampler.groups) == 1:
+            idx = idx[..., 0]
+            return idx if batched else int(idx)
+        return idx
 
     def start_distribution(self, n: int, t0: bool | np.ndarray | Tensor = False) -> Params:
         """The distribution planning starts from: the shifted previous plan, or uninformed where t0 is set."""

@@ -99,12 +99,12 @@ def _noisy_planner(cfg: Config):
 def _planned(planner, obs: np.ndarray, starts: np.ndarray, space: Any, noise: float,
              rng: np.random.Generator) -> np.ndarray:
     """Planner actions with Gaussian noise (Box) or ε-random actions (Discrete), in model units."""
-    with torch.no_grad():
-        action = np.asarray(planner.act(obs, t0=starts, batched=True))
+    from loopwm.agents.online import random_model_actions
+
+    action = planner.model_action(obs, t0=starts, batched=True)
     if planner.wm.discrete:
         flip = rng.random(len(action)) < noise
-        action = np.where(flip, rng.integers(planner.wm.action_dim, size=len(action)), action)
-        return np.eye(planner.wm.action_dim, dtype=np.float32)[action]
+        return np.where(flip[:, None], random_model_actions(planner.wm, rng, len(action)), action)
     return np.clip(action + noise * rng.standard_normal(action.shape), -1, 1).astype(np.float32)
 
 

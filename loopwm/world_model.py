@@ -15,7 +15,17 @@ from torch.nn import functional as F
 
 from loopwm.config import Config, ModelConfig
 from loopwm.loop import LoopCore, LoopOptions, LoopTrace
-from loopwm.nets import SpaceSpec, RewardHead, build_decoder, build_encoder, mlp, optional, rms_normalize
+from loopwm.nets import (
+    RewardHead,
+    SpaceSpec,
+    build_decoder,
+    build_encoder,
+    frame_mask,
+    mlp,
+    one_hot_groups,
+    optional,
+    rms_normalize,
+)
 
 Decode = Literal["final", "all", "none"]
 
@@ -49,9 +59,10 @@ class WorldModel(nn.Module):
         self.decoder = build_decoder(spec, z, m)
         self.reward_head = RewardHead(z, m, cfg.reward_head, cfg.reward_bins)
         self.continue_head = mlp(z, m, 1)
-        obs_dim = spec.obs_shape[0] if not spec.pixels else 1
-        self.register_buffer("obs_mean", torch.zeros(obs_dim))
-        self.register_buffer("obs_std", torch.ones(obs_dim))
+        frames = frame_mask(spec)  # frame pixels of a Dict observation: x/255 − 0.5, like pixel observations
+        self.register_buffer("frames", frames, persistent=False)
+        self.register_buffer("obs_mean", torch.where(frames, 127.5, 0.0))
+        self.register_buffer("obs_std", torch.where(frames, 255.0, 1.0))
 
     @classmethod
     def from_config(cls, cfg: Config | ModelConfig, obs_space: Any, act_space: Any) -> "WorldModel":
@@ -69,6 +80,11 @@ class WorldModel(nn.Module):
         return self.spec.discrete
 
     @property
+    def action_groups(self) -> tuple[int, ...]:
+        """Sizes of the one-hot groups of a categorical action (one group for Discrete); () for Box."""
+        return self.spec.action_groups
+
+    @property
     def action_dim(self) -> int:
         return self.spec.action_dim
 
@@ -81,8 +97,10 @@ class WorldModel(nn.Module):
         """Per-dimension normalisation of vector observations, taken from the training data."""
         if self.spec.pixels:
             return
-        self.obs_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
-        self.obs_std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-3))
+        mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device)
+        std = torch.as_tensor(std, dtype=torch.float32, device=self.device).clamp_min(1e-3)
+        self.obs_mean.copy_(torch.where(self.frames, 127.5, mean))
+        self.obs_std.copy_(torch.where(self.frames, 255.0, std))
 
     def normalize_obs(self, obs: Tensor) -> Tensor:
         """Check shape and finiteness, then map observations to the model's units."""
@@ -104,13 +122,16 @@ class WorldModel(nn.Module):
         return x * self.obs_std + self.obs_mean
 
     def action_input(self, action: Tensor, batch: tuple[int, ...]) -> Tensor:
-        """Validate an action batch: Box actions normalised to [−1, 1], Discrete as indices or one-hot."""
+        """Validate an action batch: Box actions normalised to [−1, 1]; categorical ones as integer indices
+        (shape `batch` for one group, `batch + (groups,)` for several) or concatenated one-hots."""
         action = torch.as_tensor(action, device=self.device)
-        n = self.spec.action_dim
-        if self.discrete and action.shape == batch:
-            if action.is_floating_point() or int(action.min()) < 0 or int(action.max()) >= n:
-                raise ValueError(f"discrete action indices must be integers in [0, {n})")
-            return F.one_hot(action.long(), n).float()
+        n, groups = self.spec.action_dim, self.spec.action_groups
+        index_shape = batch if len(groups) == 1 else (*batch, len(groups))
+        if self.discrete and not action.is_floating_point() and tuple(action.shape) == index_shape:
+            sizes = torch.as_tensor(groups, device=self.device)
+            if bool((action < 0).any()) or bool((action.reshape(*batch, -1) >= sizes).any()):
+                raise ValueError(f"categorical action indices must be integers in [0, n) for groups {list(groups)}")
+            return one_hot_groups(action, groups)
         if tuple(action.shape) != (*batch, n):
             raise ValueError(f"action has shape {tuple(action.shape)}; expected {(*batch, n)}")
         action = action.float()
