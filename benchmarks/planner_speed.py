@@ -34,7 +34,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import loopwm.lipschitz as lipschitz
-from loopwm.agents import Planner, PolicyPrior, ValueFunction
+from loopwm.agents import Planner, PolicyPrior, ValueFunction, build_planner
 from loopwm.config import Config, load_config
 from loopwm.envs.factory import action_from_model, make_env
 from loopwm.lipschitz import CertifiedLinear
@@ -69,9 +69,9 @@ def decision_flops(wm: WorldModel, planner: Planner) -> dict[str, float]:
     """Analytic FLOPs of one decision for one environment, split into useful work and weight overhead."""
     cfg, loops = planner.cfg, wm.cfg.loops
     block = wm.core.block
-    step = (macs(wm.action_embed, wm.prelude, wm.core.inject, block.e_path, wm.coda)
-            + (loops - 1) * macs(block.h_path[0]) + loops * macs(block.h_path[1:], block.out)
-            + macs(wm.reward_head, wm.continue_head))  # the first loop starts from h = 0 and skips h_path[0]
+    step = (macs(wm.action_embed, wm.prelude, wm.core.inject, wm.coda) + block.context_macs()
+            + block.loop_macs(from_zero=True) + (loops - 1) * block.loop_macs(from_zero=False)
+            + macs(wm.reward_head, wm.continue_head))
     value = macs(planner.value.net) if planner.value is not None else 0
     total = macs(wm.encoder) + cfg.iterations * cfg.samples * (cfg.horizon * step + value)
     imagine_calls = cfg.iterations
@@ -92,8 +92,7 @@ def build(cfg: Config, with_prior_value: bool, seed: int) -> tuple[Any, WorldMod
     if with_prior_value:
         value = ValueFunction(wm.latent_dim, cfg.agent)
         prior = PolicyPrior(wm.latent_dim, wm.action_dim, wm.discrete, cfg.agent)
-    planner = Planner(wm, cfg.planner, value=value, prior=prior, seed=seed,
-                      exploration=cfg.agent.exploration_std)
+    planner = build_planner(cfg, wm, value=value, prior=prior, seed=seed, exploration=cfg.agent.exploration_std)
     return env, wm, planner
 
 

@@ -15,6 +15,7 @@ from gymnasium.spaces import Box, Discrete
 from torch import Tensor
 
 from loopwm.envs.factory import action_to_model
+from loopwm.loop import LoopOptions
 from loopwm.world_model import WorldModel
 
 ResetObs = Union[None, Callable[[np.random.Generator], np.ndarray], np.ndarray]
@@ -33,7 +34,7 @@ class WorldModelEnv(gym.Env[np.ndarray, Action]):
     - the predicted reward, as a float;
     - ``terminated`` when the predicted continue probability is below 0.5;
     - ``truncated`` once ``max_episode_steps`` steps have been taken (never when it is None);
-    - ``info`` with ``loops_used`` (int), ``residual`` (float, the certified distance to the loop's
+    - ``info`` with ``loops_used`` (int), ``bound`` (float, the certified distance to the loop's
       fixed point at exit), ``converged`` (bool), ``kappa`` (float, the contraction certificate) and
       ``continue_prob`` (float).
 
@@ -53,7 +54,7 @@ class WorldModelEnv(gym.Env[np.ndarray, Action]):
         >>> obs, info = env.reset(seed=0)
         >>> obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
         >>> sorted(info)
-        ['continue_prob', 'converged', 'kappa', 'loops_used', 'residual']
+        ['bound', 'continue_prob', 'converged', 'kappa', 'loops_used']
     """
 
     metadata: dict[str, Any] = {"render_modes": []}
@@ -66,13 +67,13 @@ class WorldModelEnv(gym.Env[np.ndarray, Action]):
         max_episode_steps: Optional[int] = 1000,
         decode_obs: bool = True,
         render_mode: Optional[str] = None,
-        loop_kwargs: Optional[dict[str, Any]] = None,
+        options: Optional[LoopOptions] = None,
     ):
         """Wrap ``wm``; ``reset_obs`` is a sampler ``f(np_random) -> obs``, an array of start
         observations ``[N, *obs_shape]`` (or one observation), or None to require ``options["obs"]``.
 
-        ``loop_kwargs`` go to every ``wm.step`` call (e.g. ``exit="certified", tol=1e-3``), as they
-        would to ``wm.imagine``. ``render_mode="rgb_array"`` is available for pixel models only.
+        ``options`` (a `loopwm.loop.LoopOptions`, e.g. the certified exit) go to every ``wm.step``
+        call, as they would to ``wm.imagine``. ``render_mode="rgb_array"`` is available for pixel models only.
         """
         if not isinstance(wm, WorldModel):
             raise TypeError(f"WorldModelEnv needs a loopwm.WorldModel, got {type(wm).__name__}")
@@ -89,7 +90,7 @@ class WorldModelEnv(gym.Env[np.ndarray, Action]):
         self.render_mode = render_mode
         self.max_episode_steps = max_episode_steps
         self.decode_obs = decode_obs
-        self.loop_kwargs = dict(loop_kwargs or {})
+        self.options = options
         self.reset_obs = self._check_reset_obs(reset_obs)
         if spec.discrete:
             self.action_space: gym.Space = Discrete(spec.action_dim)
@@ -143,7 +144,7 @@ class WorldModelEnv(gym.Env[np.ndarray, Action]):
         a = torch.as_tensor(action_to_model(self._check_action(action)[None], self.action_space),
                             device=self._device)
         with torch.no_grad():
-            z, trace = self.wm.step(self._z, a, **self.loop_kwargs)
+            z, trace = self.wm.step(self._z, a, options=self.options)
             reward = float(self.wm.predict_reward(z)[0])
             cont = float(self.wm.predict_continue(z)[0])
             obs = self._format(self.wm.decode(z)[0].cpu().numpy()) if self.decode_obs else None
@@ -152,7 +153,7 @@ class WorldModelEnv(gym.Env[np.ndarray, Action]):
         truncated = self.max_episode_steps is not None and self._elapsed >= self.max_episode_steps
         info = {
             "loops_used": int(trace.loops_used[0]),
-            "residual": float(trace.bound[0]),
+            "bound": float(trace.bound[0]),
             "converged": bool(trace.converged[0]),
             "kappa": float(trace.kappa),
             "continue_prob": cont,
@@ -175,7 +176,7 @@ class WorldModelEnv(gym.Env[np.ndarray, Action]):
     @property
     def _device(self) -> torch.device:
         """Where the model lives now (it may have been moved since construction)."""
-        return self.wm.obs_mean.device
+        return self.wm.device
 
     def _start_obs(self, given: Optional[np.ndarray]) -> np.ndarray:
         """The observation an episode starts from: given, sampled with ``np_random``, or an error."""

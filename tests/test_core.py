@@ -4,6 +4,7 @@ import torch
 
 from loopwm import lipschitz
 from loopwm.lipschitz import exact_spectral_norm, spectral_norm_bound
+from loopwm.loop import LoopOptions
 from tests.helpers import tiny_model
 
 
@@ -16,7 +17,7 @@ def randomize(model, std=1.0, seed=0):
 
 def context(model, batch=64, seed=1):
     g = torch.Generator().manual_seed(seed)
-    e = torch.randn(batch, model.cfg.inject_dim, generator=g).to(model.core.rho.dtype)
+    e = torch.randn(batch, model.cfg.inject_dim, generator=g).to(model.core.gain_logit.dtype)
     return model.core.prepare(e * 3.0)
 
 
@@ -105,8 +106,8 @@ def test_loop_converges_geometrically_and_bound_holds():
     with torch.no_grad():
         ctx = context(model, batch=16)
         h_star = model.core.fixed_point(ctx, tol=1e-12)
-        _, trace = model.core.run(ctx, exit="fixed", loops=30, keep_states=True)
-    res = trace.residuals
+        _, trace = model.core.run(ctx, options=LoopOptions(loops=30), keep_states=True)
+    res = trace.step_norms
     assert torch.all(res[1:] <= kappa * res[:-1] + 1e-12)
     for t in range(1, 31):
         true_dist = (trace.states[t] - h_star).norm(dim=-1)
@@ -132,7 +133,7 @@ def test_bounded_rollouts_over_10k_steps():
         for _ in range(10_000):
             a = torch.rand(4, 1) * 2 - 1
             ctx = core.prepare(model.injection(z, a))
-            h, trace = core.run(ctx, exit="fixed", loops=3)
+            h, trace = core.run(ctx, options=LoopOptions(loops=3))
             assert torch.isfinite(h).all()
             worst = max(worst, float(h.norm(dim=-1).max()))
             worst_ratio = max(worst_ratio, float((h.norm(dim=-1) / core.state_bound(ctx)).max()))
@@ -169,9 +170,9 @@ def test_exit_policy_respects_min_and_max_loops():
     model = tiny_model()
     with torch.no_grad():
         ctx = context(model, batch=8)
-        _, tight = model.core.run(ctx, exit="certified", tol=1e-30, min_loops=2, max_loops=7)
-        _, loose = model.core.run(ctx, exit="certified", tol=1e30, min_loops=3, max_loops=7)
-        _, gated = model.core.run(ctx, exit="gate", gate_threshold=0.0, min_loops=2, max_loops=7)
+        _, tight = model.core.run(ctx, options=LoopOptions(exit="certified", tol=1e-30, min_loops=2, max_loops=7))
+        _, loose = model.core.run(ctx, options=LoopOptions(exit="certified", tol=1e30, min_loops=3, max_loops=7))
+        _, gated = model.core.run(ctx, options=LoopOptions(exit="gate", gate_threshold=0.0, min_loops=2, max_loops=7))
     assert torch.all(tight.loops_used == 7)
     assert torch.all(loose.loops_used == 3)
     assert torch.all(gated.loops_used == 2)
@@ -185,7 +186,7 @@ def test_certified_exit_gives_each_sample_its_own_loop_count():
         h_star = model.core.fixed_point(ctx, tol=1e-12)
         h0 = torch.zeros_like(h_star)
         h0[:4] = h_star[:4]
-        h, trace = model.core.run(ctx, h0, exit="certified", tol=1e-6, min_loops=1, max_loops=200)
+        h, trace = model.core.run(ctx, h0, LoopOptions(exit="certified", tol=1e-6, min_loops=1, max_loops=200))
         dist = (h - h_star).norm(dim=-1)
     assert torch.all(trace.loops_used[:4] == 1)
     assert torch.all(trace.loops_used[4:] > 5)
@@ -199,11 +200,11 @@ def test_spectral_norm_is_computed_once_per_forward_not_per_loop(monkeypatch):
     real = lipschitz.spectral_norm_bound
     monkeypatch.setattr(lipschitz, "spectral_norm_bound", lambda w, *a: calls.append(1) or real(w, *a))
     z = model.encode(torch.randn(4, 3))
-    model.step(z, torch.zeros(4, 1), exit="fixed", loops=12)
+    model.step(z, torch.zeros(4, 1), options=LoopOptions(loops=12))
     n_linears = len(model.core.block.linears())
     assert len(calls) == n_linears
     calls.clear()
-    model.imagine(z, torch.zeros(6, 4, 1), decode="none", exit="fixed", loops=12)
+    model.imagine(z, torch.zeros(6, 4, 1), decode="none", options=LoopOptions(loops=12))
     assert len(calls) == n_linears
 
 
@@ -235,7 +236,7 @@ def test_bad_inputs_get_clear_errors():
     with pytest.raises(ValueError, match="decode="):
         model.imagine(z, torch.zeros(2, 4, 1), decode="sometimes")
     with pytest.raises(ValueError, match="exit="):
-        model.step(z, torch.zeros(4, 1), exit="never")
+        model.step(z, torch.zeros(4, 1), options=LoopOptions(exit="never"))
 
 
 @pytest.mark.parametrize("block", ["mlp", "token"])
@@ -247,8 +248,8 @@ def test_zero_state_shortcut_equals_the_loop_map_at_zero(block, depth):
     ctx = context(model)
     zero = torch.zeros_like(ctx.drive)
     assert torch.equal(model.core.loop_map(None, ctx), model.core.loop_map(zero, ctx))
-    h_short, _ = model.core.run(ctx, exit="fixed", loops=3)
-    h_full, _ = model.core.run(ctx, zero, exit="fixed", loops=3)
+    h_short, _ = model.core.run(ctx, options=LoopOptions(loops=3))
+    h_full, _ = model.core.run(ctx, zero, LoopOptions(loops=3))
     assert torch.equal(h_short, h_full)
     g_short = torch.autograd.grad(h_short.square().sum(), list(model.core.parameters()), allow_unused=True,
                                   retain_graph=True)
