@@ -144,20 +144,21 @@ def scaled_bound(weight: Tensor, squarings: int = SQUARINGS, *, name: str = "wei
     return ScaledBound(wn, scale, beta, frob_sq.sqrt() * (1 + 2.0 ** -51))
 
 
-def _round_up(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """x (float64) cast to `dtype`, rounded up so that the result is never below x; keeps the gradient."""
+def round_up(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Float64 x cast to `dtype` elementwise, rounded up so that no entry falls below x; keeps the gradient."""
     y = x.to(dtype)
     if dtype == torch.float64:
         return y
-    bumped = torch.nextafter(y.detach(), torch.full_like(y.detach(), float("inf")))
-    return y + torch.where(y.detach().to(torch.float64) < x.detach(), bumped - y.detach(), torch.zeros_like(y))
+    y0 = y.detach()
+    bump = torch.nextafter(y0, torch.full_like(y0, float("inf"))) - y0
+    return y + torch.where(y0.to(torch.float64) < x.detach(), bump, torch.zeros_like(y0))
 
 
 def spectral_norm_bound(weight: Tensor, squarings: int = SQUARINGS, *, name: str = "weight",
                         dtype: Optional[torch.dtype] = None) -> Tensor:
     """A differentiable upper bound on ‖W‖₂ in W's dtype, valid for every finite W (inf if it overflows)."""
     b = scaled_bound(weight, squarings, name=name, dtype=dtype)
-    return _round_up(b.scale * b.norm, weight.dtype)
+    return round_up(b.scale * b.norm, weight.dtype)
 
 
 def exact_spectral_norm(weight: Tensor) -> float:
@@ -199,7 +200,7 @@ class CertifiedLinear(nn.Module):
         # ‖fl(Wn/d)‖₂ ≤ (‖Wn‖₂ + u‖Wn‖_F + √(ab)·tiny)/d; the factor covers the two float64 additions
         # here and the division in `lip`.
         numerator = (b.norm + u * b.frobenius + w.numel() ** 0.5 * torch.finfo(w.dtype).tiny) * (1 + 4 * 2.0 ** -53)
-        divisor = _round_up(numerator.clamp_min(0.5), w.dtype)  # ‖Wn‖₂ ≥ max|Wn| ≥ 1/2 unless Wn = 0
+        divisor = round_up(numerator.clamp_min(0.5), w.dtype)  # ‖Wn‖₂ ≥ max|Wn| ≥ 1/2 unless Wn = 0
         applied = b.scaled / divisor
         lip = (numerator / divisor.to(torch.float64)).detach()
         return Certified(applied, lip, abs_norm_bound(applied))
@@ -207,10 +208,6 @@ class CertifiedLinear(nn.Module):
     def effective_weight(self) -> Tensor:
         """The weight actually applied; call once per forward pass and reuse across loops."""
         return self.certify().weight
-
-    def lipschitz_bound(self) -> Tensor:
-        """Upper bound (float64) on the Lipschitz constant of x ↦ W_eff x."""
-        return self.certify().lip
 
     def forward_with(self, x: Tensor, weight: Tensor) -> Tensor:
         """x ↦ x W_effᵀ + b with a precomputed effective weight."""
