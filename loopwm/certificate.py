@@ -28,7 +28,7 @@ by its own γ; the bound is assembled in float64 and rounded up to the loop's dt
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -50,7 +50,7 @@ def matmul_roundoff(dtype: torch.dtype, device: torch.device) -> float:
     return {"highest": 0.0, "high": 2.0 ** -11, "medium": 2.0 ** -8}[torch.get_float32_matmul_precision()]
 
 
-def norms(x: Tensor) -> Tensor:
+def norm_bounds(x: Tensor) -> Tensor:
     """Per-sample Euclidean norms (float64), rounded up for their computation in x's dtype."""
     flat = x.detach().reshape(x.shape[0], -1)
     return flat.norm(dim=-1).to(torch.float64) * (1 + gamma(flat.shape[1] + 2, x.dtype))
@@ -67,7 +67,14 @@ class LoopCertificate:
     inner: tuple[int, ...]        # n_i: each weight's input width (a matmul's inner dimension)
     entries: tuple[int, ...]      # output entries per sample of each stage (for the underflow allowance)
     activation: str
+    dtype: torch.dtype            # the loop's
     device: torch.device
+    loop_rounding: tuple[float, ...] = field(init=False)     # ρ's coefficients for F in `dtype`
+    float64_rounding: tuple[float, ...] = field(init=False)  # and for F evaluated in float64
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "loop_rounding", self.rounding_coefficients(self.dtype))
+        object.__setattr__(self, "float64_rounding", self.rounding_coefficients(torch.float64))
 
     @classmethod
     def build(cls, retention: Tensor, scale: Tensor, weights: Sequence[Certified], activation: str
@@ -95,45 +102,51 @@ class LoopCertificate:
         kappa = torch.tensor((a_max + product) * (1 + gamma(len(lips) + 2, torch.float64)), dtype=torch.float64,
                              device=last.device)
         return cls(kappa, a_max, tuple(lips), tuple(abs_norms), tuple(inner), tuple(entries), activation,
-                   last.device), last
+                   last.dtype, last.device), last
 
-    def rounding(self, h: Tensor, context: Tensor, drive: Tensor, dtype: torch.dtype) -> Tensor:
-        """ρ ≥ ‖F̂(h) − F(h)‖ (float64, per sample) for F evaluated in `dtype`, from norm bounds of h, the
-        injection terms (summed) and the drive."""
+    def rounding_coefficients(self, dtype: torch.dtype) -> tuple[float, ...]:
+        """(c_0, c_h, c_C, c_D) with ρ = c_0 + c_h‖h‖ + c_C·C + c_D‖D‖ for F evaluated in `dtype`: the stage
+        recursion is affine with nonnegative coefficients, so it is run once on coefficient vectors."""
         u, tiny = unit_roundoff(dtype), torch.finfo(dtype).tiny
         extra = matmul_roundoff(dtype, self.device)
         act = ACTIVATION_ROUNDOFF[self.activation] * u
-        a, err = h, torch.zeros_like(h)
+        one, h, context, drive = torch.eye(4, dtype=torch.float64)
+        a, err = h, torch.zeros(4, dtype=torch.float64)
         last = len(self.lips) - 1
         for i, (lip, abs_norm, n, m) in enumerate(zip(self.lips, self.abs_norms, self.inner, self.entries)):
             add = context + drive if i == last else context
             computed = a + err
-            delta = (gamma(n + 1, dtype) + extra * (2 + extra)) * (add + abs_norm * computed) + m * (n + 2) * tiny
+            delta = (gamma(n + 1, dtype) + extra * (2 + extra)) * (add + abs_norm * computed) + m * (n + 2) * tiny * one
             pre = lip * computed + add + delta
             err = lip * err + delta + act * pre
             a = lip * a + add
-        return err + 2 * u * (1 + u) * (drive + a + err + self.max_retention * h)
+        return tuple((err + 2 * u * (1 + u) * (drive + a + err + self.max_retention * h)).tolist())
 
-    def step_bound(self, step_norm: Tensor, h: Tensor, drive: Tensor, context: Sequence[Tensor]
-                   ) -> tuple[Tensor, Tensor]:
-        """(κ·d + ρ)/(1 − κ) per sample (float64) for the state h reached by a step of norm `step_norm`,
-        and whether ρ dominates (ρ ≥ κ·d: further loops in this dtype cannot lower it)."""
+    def rounding(self, h: Tensor, context: Tensor, drive: Tensor, dtype: torch.dtype) -> Tensor:
+        """ρ ≥ ‖F̂(h) − F(h)‖ (float64, per sample) for F evaluated in `dtype`, from norm bounds of h, the
+        injection terms (summed) and the drive."""
+        return _affine(self.rounding_coefficients(dtype), h, context, drive)
+
+    def step_bound(self, step_norm: Tensor, h: Tensor, context: Tensor, drive: Tensor) -> tuple[Tensor, Tensor]:
+        """(κ·d + ρ)/(1 − κ) per sample (float64) for a state of norm ≤ `h` reached by a step of norm
+        `step_norm`, and whether ρ dominates (ρ ≥ κ·d: more loops cannot lower it). `context` and `drive`
+        bound the summed injection terms' and the drive's norms; all norms as from `norm_bounds`."""
         kappa = float(self.kappa)
-        d = step_norm.detach().to(torch.float64) * (1 + gamma(h.shape[-1] + 3, h.dtype))
-        rho = self.rounding(norms(h) + d, _sum_norms(context, d), norms(drive), h.dtype)
+        width = self.entries[-1]  # the state's: the step norm sums `width` squares of rounded differences
+        d = step_norm.detach().to(torch.float64) * (1 + gamma(width + 3, self.dtype))
         if kappa >= 1.0:
             return torch.full_like(d, float("inf")), torch.zeros_like(d, dtype=torch.bool)
+        rho = _affine(self.loop_rounding, h + d, context, drive)
         return (kappa * d + rho) / (1 - kappa) * FLOAT64_SLACK, rho >= kappa * d
 
-    def residual_bound(self, h: Tensor, f_h: Tensor, drive: Tensor, context: Sequence[Tensor]) -> Tensor:
-        """(‖F(h) − h‖ + ρ₆₄)/(1 − κ) per sample (float64), with f_h = F(h) evaluated in float64."""
+    def residual_bound(self, residual: Tensor, h: Tensor, context: Tensor, drive: Tensor) -> Tensor:
+        """(‖F(h) − h‖ + ρ₆₄)/(1 − κ) per sample (float64), `residual` the norm of F(h) − h computed in float64."""
         kappa = float(self.kappa)
         if kappa >= 1.0:
-            return torch.full((h.shape[0],), float("inf"), dtype=torch.float64, device=h.device)
-        r = norms(f_h - h)
-        rho = self.rounding(norms(h), _sum_norms(context, r), norms(drive), torch.float64)
-        return (r * (1 + 2.0 ** -52) + rho) / (1 - kappa) * FLOAT64_SLACK
+            return torch.full_like(residual, float("inf"))
+        rho = _affine(self.float64_rounding, h, context, drive)
+        return (residual * (1 + 2.0 ** -52) + rho) / (1 - kappa) * FLOAT64_SLACK
 
 
-def _sum_norms(tensors: Sequence[Tensor], like: Tensor) -> Tensor:
-    return sum((norms(t) for t in tensors), torch.zeros_like(like))
+def _affine(c: tuple[float, ...], h: Tensor, context: Tensor, drive: Tensor) -> Tensor:
+    return c[0] + c[1] * h + c[2] * context + c[3] * drive

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from loopwm.blocks import make_block
-from loopwm.certificate import LoopCertificate
+from loopwm.certificate import LoopCertificate, norm_bounds
 from loopwm.config import ConfigError, ModelConfig
 from loopwm.lipschitz import Certified, round_up
 
@@ -295,26 +295,28 @@ class LoopCore(nn.Module):
         feats = torch.cat([h, torch.log(step_norm.unsqueeze(-1) + 1e-6)], dim=-1)
         return torch.sigmoid(self.gate(feats)).squeeze(-1)
 
-    def certified_bound(self, step_norm: Tensor, h: Tensor, ctx: StepContext, active: Optional[Tensor] = None
+    def certified_bound(self, step_norm: Tensor, h: Tensor, ctx: StepContext, refine: Optional[Tensor] = None
                         ) -> Tensor:
         """Certified distance from h to the fixed point after a loop that moved it by `step_norm`, rounding
-        included (`LoopCertificate`): (κ‖Δh‖ + ρ)/(1−κ), and where ρ dominates, the float64 residual bound
-        ‖F(h) − h‖/(1−κ) if lower. `active` limits the float64 work to the samples still looping."""
+        included (`LoopCertificate`): (κ‖Δh‖ + ρ)/(1−κ). For the samples in the mask `refine` where ρ
+        dominates (more loops cannot lower it), also the float64 residual bound ‖F(h) − h‖/(1−κ) if lower:
+        one float64 loop map, which the certified exit spends to certify tolerances near float32's grid."""
         cert = ctx.certificate
-        bound, stalled = cert.step_bound(step_norm, h, ctx.drive, ctx.block_ctx)
-        if active is not None:
-            stalled = stalled & active
+        h_norm, drive = norm_bounds(h), norm_bounds(ctx.drive)
+        context = sum((norm_bounds(c) for c in ctx.block_ctx), torch.zeros_like(h_norm))
+        bound, stalled = cert.step_bound(step_norm, h_norm, context, drive)
+        stalled = stalled & refine if refine is not None else torch.zeros_like(stalled)
         if bool(stalled.any()):
-            idx = stalled.nonzero().squeeze(1)
+            idx = slice(None) if bool(stalled.all()) else stalled.nonzero().squeeze(1)
             sub = ctx.select(idx)
             wide = dataclasses.replace(sub, retention=sub.retention.double(), drive=sub.drive.double(),
                                        block_ctx=[c.double() for c in sub.block_ctx],
                                        weights=[w.double() for w in sub.weights])
             h64 = h[idx].detach().double()
             with torch.no_grad():
-                f_h = self.loop_map(h64, wide)
-            refined = cert.residual_bound(h64, f_h, wide.drive, wide.block_ctx)
-            bound = bound.index_put((idx,), torch.minimum(bound[idx], refined))
+                residual = norm_bounds(self.loop_map(h64, wide).sub_(h64))
+            refined = cert.residual_bound(residual, h_norm[idx], context[idx], drive[idx])
+            bound[idx] = torch.minimum(bound[idx], refined)
         return round_up(bound, h.dtype)
 
     def run(self, ctx: StepContext, h0: Optional[Tensor] = None, options: Optional[LoopOptions] = None, *,
@@ -349,7 +351,8 @@ class LoopCore(nn.Module):
                 h = torch.where(active.unsqueeze(-1), h_next, h)
                 norms.append(torch.where(active, step_norm, torch.zeros_like(step_norm)))
                 last = torch.where(active, step_norm, last)
-                bound = torch.where(active, self.certified_bound(step_norm, h, ctx, active), bound)
+                refine = active if opts.exit == "certified" else None
+                bound = torch.where(active, self.certified_bound(step_norm, h, ctx, refine), bound)
                 used = used + active.long()
                 fire = rule.fire(self, h, step_norm, bound, opts, gates)
                 done = used >= target if fire is None else (fire & (used >= opts.min_loops)) | (used >= opts.max_loops)
