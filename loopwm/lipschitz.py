@@ -57,9 +57,9 @@ def _sum_bound(x: Tensor, dim: int) -> Tensor:
     return x.abs().sum(dim).amax().to(torch.float64) * (1 + gamma(x.shape[dim], x.dtype))
 
 
-def _frobenius_sq_bound(x: Tensor) -> Tensor:
-    """An upper bound (float64, no gradient: it only sizes slack and scales) on ‖x‖_F², summed in x's dtype."""
-    return x.detach().square().sum(1).sum().to(torch.float64) * (1 + gamma(sum(x.shape) + 1, x.dtype))
+def _frobenius_sq_bound(x: Tensor) -> float:
+    """An upper bound on ‖x‖_F² (row sums of squares, then their sum, in x's dtype); it only sizes slack and scales."""
+    return float(x.detach().square().sum(1).sum()) * (1 + gamma(sum(x.shape) + 1, x.dtype)) * (1 + 2.0 ** -52)
 
 
 def abs_norm_bound(weight: Tensor) -> Tensor:
@@ -130,10 +130,10 @@ def scaled_bound(weight: Tensor, squarings: int = SQUARINGS, *, name: str = "wei
     for _ in range(squarings + 1):
         p = x.T @ x
         p_sq = _frobenius_sq_bound(p)
-        c = _power_of_two(p_sq.sqrt())
+        c = 2.0 ** math.frexp(math.sqrt(p_sq))[1]
         # Rounding of the product, underflow in it, and underflow when dividing by c.
         err = gamma(inner, compute) * sq + r * inner * tiny + c * r * tiny
-        x = p / c.to(compute)
+        x = p / c
         levels.append((c, err))
         inner, sq = r, p_sq / (c * c)
     beta = torch.sqrt(_sum_bound(x, 0) * _sum_bound(x, 1))
@@ -141,7 +141,7 @@ def scaled_bound(weight: Tensor, squarings: int = SQUARINGS, *, name: str = "wei
         beta = torch.sqrt((c * beta + err).clamp_min(torch.finfo(torch.float64).tiny))
     # ‖Wn − W·2^-e‖₂ ≤ √(ab)·tiny covers entries that rounded below the normal range when scaled.
     beta = (beta + w.numel() ** 0.5 * torch.finfo(w.dtype).tiny) * _bookkeeping_slack(squarings + 1)
-    return ScaledBound(wn, scale, beta, frob_sq.sqrt() * (1 + 2.0 ** -51))
+    return ScaledBound(wn, scale, beta, torch.tensor(math.sqrt(frob_sq) * (1 + 2.0 ** -52), dtype=torch.float64))
 
 
 def round_up(x: Tensor, dtype: torch.dtype) -> Tensor:
