@@ -205,3 +205,40 @@ def test_zero_state_shortcut_equals_the_loop_map_at_zero(block, depth):
     g_full = torch.autograd.grad(h_full.square().sum(), list(model.core.parameters()), allow_unused=True)
     for a, b in zip(g_short, g_full):
         assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_step_macs_match_a_hand_count():
+    from loopwm.flops import step_macs
+
+    wm = tiny_model()  # latent 16, hidden 32, inject 32, mlp 64, obs 3, action 1; MLP block of width 64
+    parts = step_macs(wm, loops=4)
+    assert parts["prelude"] == 1 * 16 + 48 * 32            # action embedding, prelude P([z; 0; U a])
+    assert parts["injection"] == 32 * 32 + 32 * 64         # B, and the block's e-path U
+    assert parts["loops"] == 64 * 32 + 3 * (32 * 64 + 64 * 32)  # the first loop from h = 0 skips W_in
+    assert parts["coda"] == 32 * 64 + 64 * 16
+    assert parts["heads"] == 2 * (16 * 64 + 64 * 1)          # reward and continue heads
+    assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
+    token = step_macs(tiny_model(block="token", block_options={"tokens": 4}), loops=2)
+    assert token["loops"] == 2 * (4 * 4 * 8 + 2 * 4 * 8 * 16)  # mixing N²·d plus up and down maps, h = 0 kept
+    with pytest.raises(ValueError, match="at least one loop"):
+        step_macs(wm, loops=0)
+
+
+def test_a_warm_started_loop_reaches_the_cold_fixed_point_within_its_bound():
+    """Warm states (the previous step's fixed point) converge to the same h* as zero starts, within
+    each run's certified bound, and in fewer loops: the contraction forgets where it started."""
+    model = tiny_model()
+    randomize(model, std=0.3)
+    with torch.no_grad():
+        e = torch.randn(32, model.cfg.inject_dim, generator=torch.Generator().manual_seed(3)) * 3.0
+        ctx = model.core.prepare(e)
+        prev = model.core.prepare(e + 0.05 * torch.randn(e.shape, generator=torch.Generator().manual_seed(4)))
+        h_star = model.core.fixed_point(ctx, tol=1e-7, max_loops=5000)
+        warm0 = model.core.fixed_point(prev, tol=1e-7, max_loops=5000)
+        opts = LoopOptions(exit="certified", tol=1e-3, min_loops=1, max_loops=500)
+        cold, cold_trace = model.core.run(ctx, None, opts)
+        warm, warm_trace = model.core.run(ctx, warm0, opts)
+    for h, trace in ((cold, cold_trace), (warm, warm_trace)):
+        assert torch.all(trace.converged)
+        assert torch.all((h - h_star).norm(dim=-1) <= trace.bound + 1e-5)
+    assert warm_trace.loops_used.float().mean() < cold_trace.loops_used.float().mean()
