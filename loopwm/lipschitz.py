@@ -77,12 +77,6 @@ class ScaledBound(NamedTuple):
     frobenius: Tensor  # ≥ ‖Wn‖_F, float64
 
 
-def _power_of_two(x: Tensor) -> Tensor:
-    """2^e (float64) with x = f·2^e, f ∈ [1/2, 1): dividing by it is exact; 1 for x = 0."""
-    _, exponent = torch.frexp(x.detach())
-    return torch.ldexp(torch.ones((), dtype=torch.float64, device=x.device), exponent)
-
-
 def _bookkeeping_slack(products: int) -> float:
     """1 + γ_M for the float64 scalar operations of one bound: at most 8 per level and 16 at the ends."""
     return 1 + gamma(8 * products + 16, torch.float64)
@@ -141,7 +135,8 @@ def scaled_bound(weight: Tensor, squarings: int = SQUARINGS, *, name: str = "wei
         beta = torch.sqrt((c * beta + err).clamp_min(torch.finfo(torch.float64).tiny))
     # ‖Wn − W·2^-e‖₂ ≤ √(ab)·tiny covers entries that rounded below the normal range when scaled.
     beta = (beta + w.numel() ** 0.5 * torch.finfo(w.dtype).tiny) * _bookkeeping_slack(squarings + 1)
-    return ScaledBound(wn, scale, beta, torch.tensor(math.sqrt(frob_sq) * (1 + 2.0 ** -52), dtype=torch.float64))
+    return ScaledBound(wn, scale, beta, torch.tensor(math.sqrt(frob_sq) * (1 + 2.0 ** -52), dtype=torch.float64,
+                                                     device=w.device))
 
 
 def round_up(x: Tensor, dtype: torch.dtype) -> Tensor:
