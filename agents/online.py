@@ -42,8 +42,9 @@ class Agent:
         self.prior = (PolicyPrior(self.wm.latent_dim, self.wm.action_dim, self.wm.discrete, a,
                                   groups=self.wm.action_groups, device=device)
                       if a.use_policy_prior else None)
+        exploration = a.exploration_std if not self.wm.discrete else min(a.exploration_std, 1.0)
         self.planner = build_planner(cfg, self.wm, value=self.value, prior=self.prior, seed=cfg.seed,
-                                     exploration=a.exploration_std if not self.wm.discrete else min(a.exploration_std, 1.0))
+                                     exploration=exploration)
         self.rng = np.random.default_rng(cfg.seed + 1)
 
     def random_action(self) -> np.ndarray:

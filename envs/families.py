@@ -17,7 +17,13 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.envs.registration import EnvSpec, load_env_creator, parse_env_id
 from gymnasium.spaces import Box
-from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation, TimeLimit, TransformObservation, TransformReward
+from gymnasium.wrappers import (
+    AtariPreprocessing,
+    FrameStackObservation,
+    TimeLimit,
+    TransformObservation,
+    TransformReward,
+)
 
 from loopwm.config import EnvConfig
 

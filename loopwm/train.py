@@ -60,7 +60,8 @@ class Trainer:
             raise FloatingPointError(f"training loss became {float(loss)} at update {self.updates}")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.wm.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+        clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.wm.parameters(), clip)
         self.opt.step()
         self.schedule.step()
         self.updates += 1
@@ -68,7 +69,8 @@ class Trainer:
         elapsed = time.perf_counter() - start
         out = {f"loss/{k}": float(v) for k, v in terms.items()}
         out.update({
-            "loss/total": float(loss.detach()), "train/grad_norm": float(grad_norm), "train/lr": self.schedule.get_last_lr()[0],
+            "loss/total": float(loss.detach()), "train/grad_norm": float(grad_norm),
+            "train/lr": self.schedule.get_last_lr()[0],
             "loops/mean": float(loops.mean()), "loops/max": float(loops.max()),
             "loops/hard_fraction": stats.hard_fraction, "loops/hard_threshold": self.tracker.value or 0.0,
             "certificate/kappa": self.wm.certified_lipschitz(),
@@ -110,7 +112,8 @@ class Trainer:
         self._window.setdefault(key, []).append(value)
 
     def flush_logs(self, step: Optional[int] = None) -> None:
-        """Log the mean of each scalar since the last flush, plus the loops-used histogram, at `step` (default: updates)."""
+        """Log the mean of each scalar since the last flush, plus the loops-used histogram, at `step`
+        (default: updates)."""
         if self.logger is not None and self._window:
             means = {k: float(np.mean(v)) for k, v in self._window.items()}
             self.logger.log(means, self.updates if step is None else step,

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from loopwm import objective
-from loopwm.config import ConfigError, from_dict
 from loopwm.analysis.prediction import prediction_errors
+from loopwm.config import ConfigError, from_dict
 from loopwm.logger import RunLogger
 from loopwm.loop import LoopOptions
 from loopwm.objective import QuantileTracker, gate_targets, hard_mask, sample_loops, sequence_loss
@@ -363,7 +363,6 @@ def test_unknown_optimizer_name_is_named_in_the_error():
     model, _, _ = _regression()
     with pytest.raises(ConfigError, match=r"train\.optimizer='adamz'.*expected one of .*'adam'"):
         build_optimizer("adamz", model.parameters(), 1e-3)
-    data = linear_dataset(episodes=2)
     with pytest.raises(ConfigError, match=r"train\.optimizer='sgdd'"):  # refused when the config is built
         config(optimizer="sgdd")
 

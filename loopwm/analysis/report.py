@@ -23,6 +23,7 @@ from loopwm.analysis.sections import Settings
 from loopwm.replay import ReplayBuffer
 from loopwm.world_model import WorldModel
 
+
 def to_json(value: Any) -> Any:
     """Plain JSON types, with NaN and infinities as null (strict JSON has no NaN)."""
     if isinstance(value, dict):
@@ -117,7 +118,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"A-posteriori bound ≥ true distance in {_f(v['bound_valid_fraction'])} of (loop, sample) pairs; "
             f"median bound/distance {_f(v['bound_tightness_median'])}."],
         "agreement": [
-            f"Median prediction depth {_f(a['depth_median'])} of {len(a['loops'])} loops (δ = {_f(a['delta'])}, {_f(a['delta_rel'])} × the median final error).",
+            f"Median prediction depth {_f(a['depth_median'])} of {len(a['loops'])} loops (δ = {_f(a['delta'])}, "
+            f"{_f(a['delta_rel'])} × the median final error).",
             f"AUROC for flagging the top-10% errors at {a['operating_loops']} loops: residual "
             f"{_f(a['auroc_residual'], '.3f')}, intermediate/final disagreement (PABEE) "
             f"{_f(a['auroc_agreement'], '.3f')}.",
