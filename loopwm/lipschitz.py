@@ -140,14 +140,14 @@ def scaled_bound(weight: Tensor, squarings: int = SQUARINGS, *, name: str = "wei
 
 
 def round_up(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """Float64 x cast to `dtype` so that no entry falls below x; keeps the gradient.
+    """Nonnegative float64 x cast to `dtype` so that no entry falls below x (zeros stay zero); keeps the gradient.
 
     Round-to-nearest loses at most u relative (or tiny/2 below the normal range), so inflating x by
-    2u and adding the dtype's tiny first is enough.
+    2u and adding the dtype's tiny to every positive entry first is enough.
     """
     if dtype == torch.float64:
         return x
-    return (x * (1 + 2 * unit_roundoff(dtype)) + torch.finfo(dtype).tiny).to(dtype)
+    return (x * (1 + 2 * unit_roundoff(dtype)) + torch.finfo(dtype).tiny * (x > 0)).to(dtype)
 
 
 def spectral_norm_bound(weight: Tensor, squarings: int = SQUARINGS, *, name: str = "weight",
