@@ -155,6 +155,7 @@ class TrainConfig(Section):
     val_fraction: float = field(default=0.1, metadata=_range(0.0, 0.9))
     log_every: int = field(default=50, metadata=_range(1))
     checkpoint_every: int = field(default=500, metadata=_range(1))
+    max_nonfinite: int = field(default=10, metadata=_range(1))  # NaN/inf updates in a row (skipped) before the run stops
 
     def check(self) -> None:
         from loopwm.optim import OPTIMIZERS

@@ -22,15 +22,17 @@ def run_dir(cfg: Config) -> Path:
     return Path(cfg.run_dir) / cfg.name
 
 
-def prepare_run_dir(cfg: Config, checkpoint: Path) -> Path:
-    """Create the run folder; refuse to overwrite a run that has a checkpoint unless resuming."""
+def prepare_run_dir(cfg: Config, checkpoint: Path, write: bool = True) -> Path:
+    """Create the run folder (only check it when not `write`); refuse to overwrite a run that has a
+    checkpoint unless resuming."""
     folder = run_dir(cfg)
     if checkpoint.exists() and not cfg.resume:
         raise ConfigError(
             f"run folder {str(folder)!r} already has {checkpoint.name}: pass resume=true to continue it, "
             f"or choose another name=...")
-    folder.mkdir(parents=True, exist_ok=True)
-    dump_yaml(cfg, folder / "config.yaml")
+    if write:
+        folder.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, folder / "config.yaml")
     return folder
 
 
@@ -108,44 +110,63 @@ def _planned(planner, obs: np.ndarray, starts: np.ndarray, space: Any, noise: fl
     return np.clip(action + noise * rng.standard_normal(action.shape), -1, 1).astype(np.float32)
 
 
-def load_dataset(cfg: Config) -> tuple[ReplayBuffer, ReplayBuffer]:
-    """The dataset at `data.path`, split by whole episodes into train and held-out parts."""
+def load_dataset(cfg: Config, wm: Optional[WorldModel] = None,
+                 expected_by: str = "the model") -> tuple[ReplayBuffer, ReplayBuffer]:
+    """The dataset at `data.path` (checked against `wm`'s spaces when given), split by whole episodes into
+    train and held-out parts."""
     path = Path(cfg.data.path)
     if not path.is_file():
         raise ConfigError(f"data.path={str(path)!r} does not exist: run `loopwm collect` first")
-    return ReplayBuffer.load(path).split(cfg.train.val_fraction, seed=cfg.seed)
+    return load_checked(path, wm, expected_by).split(cfg.train.val_fraction, seed=cfg.seed)
+
+
+def load_checked(path: str | Path, wm: Optional[WorldModel], expected_by: str = "the model") -> ReplayBuffer:
+    """`ReplayBuffer.load` (finite values), then the observation shape and action width `wm` needs."""
+    buffer = ReplayBuffer.load(path)
+    if wm is not None:
+        buffer.check_layout(wm.spec.obs_shape, wm.spec.action_dim, source=f"dataset {str(path)!r}",
+                            expected_by=expected_by)
+    return buffer
 
 
 def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
     """Fit a world model on the dataset, checkpoint it, and report held-out prediction errors."""
+    from loopwm import distributed
     from loopwm.evaluate import format_table, prediction_errors
     from loopwm.logger import RunLogger
     from loopwm.train import StopSignal, Trainer, restore_run, resolve_device, save_run, seed_everything
 
-    seed_everything(cfg.seed, cfg.threads)
-    latest = run_dir(cfg) / "checkpoints" / "latest.pt"
-    folder = prepare_run_dir(cfg, latest)
-    train_data, val_data = load_dataset(cfg)
-    wm = WorldModel.from_config(cfg, *env_spaces(cfg)).to(resolve_device(cfg.device))
-    stats = train_data.stats()
-    wm.set_obs_stats(stats["obs_mean"], stats["obs_std"])
-    logger = RunLogger(folder)
-    trainer = Trainer(wm, cfg, train_data, logger)
-    if cfg.resume and latest.exists():
-        restore_run(latest, trainer)
-        logger.rewind(trainer.updates)
-    with StopSignal() as stop:
-        try:
-            trainer.fit(progress=progress, on_checkpoint=lambda: save_run(latest, trainer), stop=stop)
-        finally:
-            logger.close()
-        stop.exit_if_received()
-    result = prediction_errors(wm, val_data, seed=cfg.seed, obs_mean=stats["obs_mean"],
-                               obs_var=stats["obs_std"].pow(2))
-    (folder / "eval.json").write_text(json.dumps(result, indent=2))
-    if progress:
-        print(format_table(result))
-    return result
+    with distributed.joined(resolve_device(cfg.device)) as device:  # torchrun: one process per rank
+        main = distributed.current().main
+        seed_everything(cfg.seed, cfg.threads)
+        latest = run_dir(cfg) / "checkpoints" / "latest.pt"
+        wm = WorldModel.from_config(cfg, *env_spaces(cfg)).to(device)
+        train_data, val_data = load_dataset(cfg, wm, expected_by=f"the environment {cfg.env.id}")
+        # under torchrun only rank 0 creates the run folder and the logger (and save_run writes on rank 0 only)
+        folder = prepare_run_dir(cfg, latest, write=main)
+        stats = train_data.stats()
+        wm.set_obs_stats(stats["obs_mean"], stats["obs_std"])
+        logger = RunLogger(folder) if main else None
+        trainer = Trainer(wm, cfg, train_data, logger)
+        if cfg.resume and latest.exists():
+            restore_run(latest, trainer)
+            if logger is not None:
+                logger.rewind(trainer.updates)
+        with StopSignal() as stop:
+            try:
+                trainer.fit(progress=progress and main, on_checkpoint=lambda: save_run(latest, trainer), stop=stop)
+            finally:
+                if logger is not None:
+                    logger.close()
+            stop.exit_if_received()
+        if not main:
+            return {}  # the held-out evaluation and eval.json are rank 0's
+        result = prediction_errors(wm, val_data, seed=cfg.seed, obs_mean=stats["obs_mean"],
+                                   obs_var=stats["obs_std"].pow(2))
+        (folder / "eval.json").write_text(json.dumps(result, indent=2))
+        if progress:
+            print(format_table(result))
+        return result
 
 
 def evaluate_checkpoint(path: str | Path, data: Optional[str] = None, exit: Optional[str] = None,
@@ -158,9 +179,9 @@ def evaluate_checkpoint(path: str | Path, data: Optional[str] = None, exit: Opti
     wm = model_from_payload(payload, path)
     cfg = config_from_payload(payload, path) or Config()
     if data is not None:
-        held_out = ReplayBuffer.load(data)
+        held_out = load_checked(data, wm)
     else:
-        _, held_out = load_dataset(cfg)
+        _, held_out = load_dataset(cfg, wm)
     options = LoopOptions.from_config(wm.cfg, exit=exit) if exit else None
     # vector models carry their training statistics; frames are normalised from the held-out data
     norm = {} if wm.spec.pixels else {"obs_mean": wm.obs_mean, "obs_var": wm.obs_std.pow(2)}
