@@ -1,7 +1,9 @@
 """The online loop behind `loopwm run`: seed with random actions, then plan, act, store, update and evaluate.
 
+It acts in `env.num_envs` environments at once (`VectorCollector`), with one batched planner call per
+step of all of them; step counts advance by `env.num_envs` per such step.
 Checkpoints hold the world model, its optimiser, the replay buffer, value function, policy prior,
-every RNG and the counters. A resumed run restarts the episode that was in progress (environments
+every RNG and the counters. A resumed run restarts the episodes that were in progress (environments
 cannot be checkpointed), so checkpoints are taken at episode ends, where nothing is lost.
 """
 from __future__ import annotations
@@ -12,16 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import gymnasium as gym
 import numpy as np
 import torch
 
 from loopwm.config import Config
-from loopwm.envs.factory import action_from_model, make_env
+from loopwm.envs.factory import action_from_model, make_env, make_vector_env
 from loopwm.logger import RunLogger
 from loopwm.train import StopSignal, Trainer, resolve_device, restore_run, save_run, seed_everything
 from loopwm.workflows import new_buffer, prepare_run_dir, run_dir
 from loopwm.world_model import WorldModel
 
+from .collector import VectorCollector
 from .planner import build_planner
 from .value import PolicyPrior, ValueFunction
 
@@ -62,13 +66,14 @@ class Agent:
                                      exploration=a.exploration_std if not self.wm.discrete else min(a.exploration_std, 1.0))
         self.rng = np.random.default_rng(cfg.seed + 1)
 
-    def random_action(self) -> np.ndarray:
-        """A uniformly random action in model units (seeded by the agent's own generator)."""
-        return random_model_actions(self.wm, self.rng, 1)[0]
+    def random_actions(self, n: int) -> np.ndarray:
+        """n uniformly random actions in model units [n, A] (seeded by the agent's own generator)."""
+        return random_model_actions(self.wm, self.rng, n)
 
-    def planned_action(self, obs: np.ndarray, *, eval_mode: bool, t0: bool) -> np.ndarray:
-        """The planner's action for one observation, in model units."""
-        return self.planner.model_action(obs, eval_mode=eval_mode, t0=t0)
+    def planned_action(self, obs: np.ndarray, *, eval_mode: bool, t0: bool | np.ndarray,
+                       batched: bool = False) -> np.ndarray:
+        """The planner's action for one observation (or, `batched`, for a batch in one call), in model units."""
+        return self.planner.model_action(obs, eval_mode=eval_mode, t0=t0, batched=batched)
 
     def update(self) -> dict[str, float]:
         """One world-model update, then value and prior updates on fresh replay latents."""
@@ -154,20 +159,25 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
     seed_everything(cfg.seed, cfg.threads)
     latest = run_dir(cfg) / "checkpoints" / "latest.pt"
     folder = prepare_run_dir(cfg, latest)
-    env = make_env(cfg.env, training=True)
+    envs = make_vector_env(cfg.env, training=True, autoreset=gym.vector.AutoresetMode.DISABLED)
     logger = RunLogger(folder)
-    agent = Agent(cfg, env.observation_space, env.action_space, logger)
+    agent = Agent(cfg, envs.single_observation_space, envs.single_action_space, logger)
+    collector = VectorCollector(envs, agent.replay, seed=cfg.seed)
     state = Progress()
     if cfg.resume and latest.exists():
         payload = restore_run(latest, agent.trainer)
         agent.load_state_dict(payload["agent"])
         state = Progress(**payload["progress"])
-        agent.replay.discard_open()
+        if "collector" in payload:
+            collector.load_state_dict(payload["collector"])
+        else:
+            collector.skip_episodes(state.episode)
         logger.rewind(state.step)
     a = cfg.agent
 
     def checkpoint() -> None:
-        save_run(latest, agent.trainer, agent=agent.state_dict(), progress=vars(state))
+        save_run(latest, agent.trainer, agent=agent.state_dict(), progress=vars(state),
+                 collector=collector.state_dict())
 
     def evaluation() -> None:
         result = evaluate(agent, a.eval_episodes, seed=10_000 + state.step)
@@ -180,55 +190,57 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
     bar = tqdm(total=a.total_steps, initial=state.step, disable=not progress, desc="run", dynamic_ncols=True)
     if state.step == 0 and not state.curve:  # where learning starts: the planner on the untrained model
         evaluation()
-    obs, _ = env.reset(seed=cfg.seed + state.episode)
-    episode_return, t0, stats_set = 0.0, True, state.step >= a.seed_steps
+    collector.restart()
+    stats_set = state.step >= a.seed_steps
     last_saved = agent.trainer.updates
+
+    def random_policy(obs: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        return agent.random_actions(len(obs))
+
+    def planner_policy(obs: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        return agent.planned_action(obs, eval_mode=False, t0=starts, batched=True)
+
+    def crossed(every: int, before: int) -> bool:  # the last step reached a multiple of `every`
+        return state.step // every > before // every
+
     with StopSignal() as stop:  # a killed run saves its checkpoint at the next step boundary
         try:
             while state.step < a.total_steps and stop.received is None:
-                if state.step < a.seed_steps:
-                    action = agent.random_action()
-                else:
-                    action = agent.planned_action(obs, eval_mode=False, t0=t0)
-                next_obs, reward, terminated, truncated, _ = env.step(action_from_model(action, env.action_space))
-                agent.replay.add(obs, action, reward, next_obs, terminated, truncated)
-                episode_return += float(reward)
-                obs, t0 = next_obs, False
-                state.step += 1
+                before = state.step
+                returns = collector.step(random_policy if state.step < a.seed_steps else planner_policy)
+                state.step += collector.num_envs
                 if state.step >= a.seed_steps and len(agent.replay) > 0:
                     if not stats_set:
                         stats = agent.replay.stats()
                         agent.wm.set_obs_stats(stats["obs_mean"], stats["obs_std"])
                         stats_set = True
                         state.updates_due += a.seed_steps * a.updates_per_step  # pretrain on the seed data
-                    state.updates_due += a.updates_per_step
-                    if state.step % a.update_every == 0:
+                    state.updates_due += a.updates_per_step * collector.num_envs
+                    if crossed(a.update_every, before):
                         while state.updates_due >= 1.0:
                             for key, value in agent.update().items():
                                 agent.trainer.record(key, value)
                             state.updates_due -= 1.0
                         agent.trainer.record("agent/plan_loops", agent.planner.last_stats.get("loops", 0.0))
-                        if state.step % cfg.train.log_every == 0:
+                        if crossed(cfg.train.log_every, before):
                             agent.trainer.flush_logs(step=state.step)
-                if terminated or truncated:
+                for episode_return in returns:
                     state.episode_returns.append(episode_return)
                     logger.log({"episode/return": episode_return}, state.step)
                     bar.set_postfix(ret=f"{episode_return:.1f}",
                                     loops=f"{agent.planner.last_stats.get('loops', 0):.1f}")
                     state.episode += 1
-                    obs, _ = env.reset(seed=cfg.seed + state.episode)
-                    episode_return, t0 = 0.0, True
-                if state.step % a.eval_every == 0 or state.step == a.total_steps:
+                if crossed(a.eval_every, before) or state.step >= a.total_steps:
                     evaluation()
-                if (terminated or truncated) and agent.trainer.updates - last_saved >= cfg.train.checkpoint_every:
+                if returns and agent.trainer.updates - last_saved >= cfg.train.checkpoint_every:
                     checkpoint()  # after this step's evaluation, so a resumed run neither repeats nor skips it
                     last_saved = agent.trainer.updates
-                bar.update(1)
+                bar.update(collector.num_envs)
         finally:
             bar.close()
             checkpoint()
             logger.close()
-            env.close()
+            collector.close()
         stop.exit_if_received()
     summary = {"curve": state.curve, "episodes": state.episode, "updates": agent.trainer.updates,
                "kappa": agent.wm.certified_lipschitz()}
