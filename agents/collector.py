@@ -72,16 +72,18 @@ class VectorCollector:
         return {"episode_seeds": list(self.episode_seeds), "started": self.started}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        seeds = [int(s) for s in state["episode_seeds"]]
-        if len(seeds) != self.num_envs:
-            raise ValueError(f"the checkpoint acted in {len(seeds)} environments and this run has env.num_envs="
-                             f"{self.num_envs}: resume with env.num_envs={len(seeds)}")
-        self.episode_seeds, self.started = seeds, int(state["started"])
+        """Continue from `state_dict()`; saved with another `env.num_envs`, every env starts a new episode."""
+        seeds, started = [int(s) for s in state["episode_seeds"]], int(state["started"])
+        if len(seeds) == self.num_envs:
+            self.episode_seeds, self.started = seeds, started
+        else:
+            self.start_at(started)
 
-    def skip_episodes(self, finished: int) -> None:
-        """Continue after `finished` episodes in all (for checkpoints written before collectors had state)."""
-        self.episode_seeds = [self.seed + finished + i for i in range(self.num_envs)]
-        self.started = finished + self.num_envs
+    def start_at(self, episode: int) -> None:
+        """Give the envs episodes `episode`, `episode + 1`, ... (also for checkpoints written before collectors
+        had state: with one env and `episode` = the episodes finished, that restarts the one in progress)."""
+        self.episode_seeds = [self.seed + episode + i for i in range(self.num_envs)]
+        self.started = episode + self.num_envs
 
     def close(self) -> None:
         self.envs.close()

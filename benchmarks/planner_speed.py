@@ -30,29 +30,33 @@ from unittest import mock
 
 import numpy as np
 import torch
-from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import loopwm.lipschitz as lipschitz
 from loopwm.agents import Planner, PolicyPrior, ValueFunction, build_planner
 from loopwm.config import Config, load_config
 from loopwm.envs.factory import action_from_model, make_env
-from loopwm.lipschitz import CertifiedLinear
+from loopwm.flops import linear_macs, step_macs
 from loopwm.world_model import WorldModel
-from common import (DEFAULT_OUT, REPO, command, load_average, machine_info, machine_md, matmul_peak,
-                          md_table, median, write_outputs)
+
+from common import (
+    DEFAULT_OUT,
+    REPO,
+    command,
+    load_average,
+    machine_info,
+    machine_md,
+    matmul_peak,
+    md_table,
+    median,
+    write_outputs,
+)
 
 CONFIG = REPO / "configs" / "pendulum.yaml"
 TDMPC2_OVERRIDES = ["planner.samples=512", "planner.horizon=3", "planner.iterations=6", "planner.elites=64",
                     "model.latent_dim=128", "model.mlp_dim=384", "model.hidden_dim=384"]
 TDMPC2_FRACTION = 0.30  # TD-MPC2's planner on this CPU: ~50 GFLOP/s of a ~170 GFLOP/s peak, 255-268 ms/decision
 LATENCY_TARGET_MS = 20.0
-
-
-def macs(*modules: nn.Module) -> int:
-    """Multiply-adds per input row of every linear map inside `modules`."""
-    return sum(m.weight.numel() for mod in modules for m in mod.modules()
-               if isinstance(m, (nn.Linear, CertifiedLinear)))
 
 
 def bound_flops(wm: WorldModel) -> int:
@@ -68,16 +72,13 @@ def bound_flops(wm: WorldModel) -> int:
 def decision_flops(wm: WorldModel, planner: Planner) -> dict[str, float]:
     """Analytic FLOPs of one decision for one environment, split into useful work and weight overhead."""
     cfg, loops = planner.cfg, wm.cfg.loops
-    block = wm.core.block
-    step = (macs(wm.action_embed, wm.prelude, wm.core.inject, wm.coda) + block.context_macs()
-            + block.loop_macs(from_zero=True) + (loops - 1) * block.loop_macs(from_zero=False)
-            + macs(wm.reward_head, wm.continue_head))
-    value = macs(planner.value.net) if planner.value is not None else 0
-    total = macs(wm.encoder) + cfg.iterations * cfg.samples * (cfg.horizon * step + value)
+    step = step_macs(wm, loops)["total"]
+    value = linear_macs(planner.value.net) if planner.value is not None else 0
+    total = linear_macs(wm.encoder) + cfg.iterations * cfg.samples * (cfg.horizon * step + value)
     imagine_calls = cfg.iterations
     if planner.prior is not None:
         p = planner.policy_samples
-        total += cfg.horizon * p * macs(planner.prior.net) + (cfg.horizon - 1) * p * step
+        total += cfg.horizon * p * linear_macs(planner.prior.net) + (cfg.horizon - 1) * p * step
         imagine_calls += cfg.horizon - 1
     return {"useful_gflop": 2 * total / 1e9, "model_step_mflop_per_sample": 2 * step / 1e6,
             "weights_gflop": imagine_calls * bound_flops(wm) / 1e9, "imagine_calls": imagine_calls}
@@ -225,7 +226,8 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         f"configs/pendulum.yaml: horizon {a['planner']['horizon']}, {a['planner']['iterations']} iterations, "
         f"{a['planner']['samples']} samples, {a['planner']['elites']} elites, {a['planner']['policy_samples']} "
-        f"policy samples from a PolicyPrior, ValueFunction at the horizon. Useful work {a['flops']['useful_gflop']:.2f} GFLOP per decision "
+        f"policy samples from a PolicyPrior, ValueFunction at the horizon. Useful work "
+        f"{a['flops']['useful_gflop']:.2f} GFLOP per decision "
         f"({a['flops']['model_step_mflop_per_sample']:.2f} MFLOP per model step and sample); recomputing the certified "
         f"weights would add {a['flops']['weights_gflop']:.2f} GFLOP over {a['flops']['imagine_calls']} imagine calls, "
         "but under no_grad they come from a cache keyed on the parameters' versions (the 'of which weights' column).",
@@ -252,7 +254,8 @@ def markdown(payload: dict[str, Any]) -> str:
         "model.hidden_dim = 384 (loop block 384 → 768 → 384, inject_dim 128), model.loops = 4; no policy prior, "
         f"no value. Useful work {b['flops']['useful_gflop']:.1f} GFLOP per decision "
         f"({b['flops']['model_step_mflop_per_sample']:.2f} MFLOP per model step and sample); the certified weights "
-        f"would add {b['flops']['weights_gflop']:.1f} GFLOP if recomputed (cached under no_grad). Reference: TD-MPC2's planner on this CPU, 255–268 ms per "
+        f"would add {b['flops']['weights_gflop']:.1f} GFLOP if recomputed (cached under no_grad). Reference: "
+        "TD-MPC2's planner on this CPU, 255–268 ms per "
         f"decision, about 50 GFLOP/s = {TDMPC2_FRACTION:.0%} of a ~170 GFLOP/s peak; target ≥ {target:.0%} of peak.",
         "",
         md_table(["threads", "decisions", "median ms", "CPU ms", "GFLOP/s", "GFLOP per CPU-s", "of best square peak",

@@ -155,7 +155,7 @@ class TrainConfig(Section):
     val_fraction: float = field(default=0.1, metadata=_range(0.0, 0.9))
     log_every: int = field(default=50, metadata=_range(1))
     checkpoint_every: int = field(default=500, metadata=_range(1))
-    max_nonfinite: int = field(default=10, metadata=_range(1))  # NaN/inf updates in a row (skipped) before the run stops
+    max_nonfinite: int = field(default=10, metadata=_range(1))  # NaN/inf updates in a row (skipped) before a stop
 
     def check(self) -> None:
         from loopwm.optim import OPTIMIZERS
@@ -350,7 +350,8 @@ def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
     for name, value in data.items():
         tp = hints[name]
         key = f"{prefix}.{name}" if prefix else name
-        kwargs[name] = build_dataclass(tp, {} if value is None else value, key) if dataclasses.is_dataclass(tp) else value
+        nested = dataclasses.is_dataclass(tp)
+        kwargs[name] = build_dataclass(tp, {} if value is None else value, key) if nested else value
     return cls(**kwargs)
 
 

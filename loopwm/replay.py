@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -91,7 +90,8 @@ class ReplayBuffer:
         self.frame_stack = int(frame_stack)
         if self.capacity < 1 or self.action_dim < 1 or self.frame_stack < 1:
             raise ValueError(
-                f"ReplayBuffer: capacity={capacity}, action_dim={action_dim} and frame_stack={frame_stack} must be >= 1")
+                f"ReplayBuffer: capacity={capacity}, action_dim={action_dim} and frame_stack={frame_stack} "
+                "must be >= 1")
         if self.frame_stack > 1 and (not self.obs_shape or self.obs_shape[0] != self.frame_stack):
             raise ValueError(
                 f"ReplayBuffer: obs_shape={self.obs_shape} must start with the stack size frame_stack={frame_stack}")
@@ -440,7 +440,8 @@ class ReplayBuffer:
         except (TypeError, ValueError):
             dtype = None
         if dtype is None or dtype.kind not in "iuf":
-            raise DataError(f"{source}: header field 'obs_dtype' is {meta.get('obs_dtype')!r}, expected a numeric dtype")
+            raise DataError(f"{source}: header field 'obs_dtype' is {meta.get('obs_dtype')!r}, "
+                            "expected a numeric dtype")
         try:
             return cls(shape, meta["action_dim"], meta["capacity"], dtype, meta["frame_stack"])
         except (ValueError, OverflowError) as exc:
@@ -454,7 +455,8 @@ class ReplayBuffer:
             raise DataError(f"{source}: field 'obs' has shape {self.obs_shape} per step, {expected_by} expects "
                             f"{obs_shape}")
         if self.action_dim != action_dim:
-            raise DataError(f"{source}: field 'actions' has width {self.action_dim}, {expected_by} expects {action_dim}")
+            raise DataError(f"{source}: field 'actions' has width {self.action_dim}, {expected_by} expects "
+                            f"{action_dim}")
         actions = self._ring["actions"][(self._head + np.arange(self._size)) % max(len(self._ring["rewards"]), 1)]
         largest = float(np.abs(actions).max(initial=0.0))
         if largest > 1.0:

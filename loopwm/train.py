@@ -3,23 +3,22 @@ or data-parallel under torchrun (`loopwm.distributed`)."""
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 import torch
 
+from loopwm import checkpoint as ckpt
 from loopwm import distributed
-from loopwm.checkpoint import model_from_payload, read_checkpoint
+from loopwm.checkpoint import LoadedRun, load_run
 from loopwm.config import Config, ConfigError, to_dict
 from loopwm.logger import RunLogger
 from loopwm.objective import TERMS, QuantileTracker, sequence_loss
 from loopwm.optim import build_optimizer, build_schedule, load_optimizer_state, optimizer_state
 from loopwm.replay import ReplayBuffer
 from loopwm.world_model import WorldModel
-from loopwm import checkpoint as ckpt
 
 
 def resolve_device(name: str) -> torch.device:
@@ -29,46 +28,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class StopSignal:
-    """Inside the block, SIGTERM (from `kill` or a cluster scheduler) and Ctrl-C only set `received`,
-    so a loop stops at its next safe point and saves; a second signal interrupts at once."""
+class Stop(Protocol):
+    """What `Trainer.fit` polls between updates: `received` turns non-None once a stop was asked for
+    (`loopwm.app.session.StopSignal` sets it on SIGTERM or Ctrl-C)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.received: Optional[int] = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopSignal":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def exit_if_received(self) -> None:
-        """After the caller has saved: leave with the conventional status of the signal."""
-        if self.received is not None:
-            raise SystemExit(128 + self.received)
+    received: Optional[int]
 
 
 class NonFiniteLoss(FloatingPointError):
     """`train.max_nonfinite` updates in a row had a NaN or inf loss or gradient, so training cannot go on."""
-
-
-def seed_everything(seed: int, threads: int = 0) -> None:
-    """Seed torch and numpy's global state (our own generators are seeded separately)."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    if threads:
-        torch.set_num_threads(threads)
 
 
 class Trainer:
@@ -120,7 +88,8 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.world.average_gradients(self.wm.parameters())
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.wm.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+        clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.wm.parameters(), clip)
         if not torch.isfinite(grad_norm):
             self.opt.zero_grad(set_to_none=True)
             return self._skip()
@@ -132,7 +101,8 @@ class Trainer:
         elapsed = time.perf_counter() - start
         out = {f"loss/{k}": float(v) for k, v in zip(terms, scalars[1:])}
         out.update({
-            "loss/total": float(scalars[0]), "train/grad_norm": float(grad_norm), "train/lr": self.schedule.get_last_lr()[0],
+            "loss/total": float(scalars[0]), "train/grad_norm": float(grad_norm),
+            "train/lr": self.schedule.get_last_lr()[0],
             "loops/mean": float(loops.mean()), "loops/max": float(loops.max()),
             "loops/hard_fraction": stats.hard_fraction, "loops/hard_threshold": self.tracker.value or 0.0,
             "certificate/kappa": self.wm.certified_lipschitz(),
@@ -158,7 +128,7 @@ class Trainer:
 
     def fit(self, updates: Optional[int] = None, progress: bool = True,
             on_checkpoint: Optional[Callable[[], None]] = None,
-            stop: Optional[StopSignal] = None) -> dict[str, float]:
+            stop: Optional[Stop] = None) -> dict[str, float]:
         """Run updates until `updates` in total (or until `stop` receives a signal, after a final
         checkpoint), logging and checkpointing along the way."""
         from tqdm.auto import tqdm
@@ -187,7 +157,7 @@ class Trainer:
             on_checkpoint()
         return last
 
-    def _stop_requested(self, stop: Optional[StopSignal]) -> bool:
+    def _stop_requested(self, stop: Optional[Stop]) -> bool:
         """Whether a signal asks to stop before the next update. Under torchrun the processes decide together:
         one that was not signalled itself adopts SIGTERM, so all save and leave at the same update."""
         if stop is None:
@@ -201,7 +171,8 @@ class Trainer:
         self._window.setdefault(key, []).append(value)
 
     def flush_logs(self, step: Optional[int] = None) -> None:
-        """Log the mean of each scalar since the last flush, plus the loops-used histogram, at `step` (default: updates)."""
+        """Log the mean of each scalar since the last flush, plus the loops-used histogram, at `step`
+        (default: updates)."""
         if self.logger is not None and self._window:
             means = {k: float(np.mean(v)) for k, v in self._window.items()}
             means["train/nonfinite_skipped"] = float(self.nonfinite_skipped)
@@ -228,10 +199,10 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = int(state.get("world_size", 1))
         if saved != self.world.size:
+            how = "without torchrun" if saved == 1 else f"torchrun --nproc_per_node={saved}"
             raise ckpt.CheckpointError(
                 f"the checkpoint was trained by {saved} process(es) and this run has {self.world.size}: resume it "
-                f"with the same number ({'without torchrun' if saved == 1 else f'torchrun --nproc_per_node={saved}'}"
-                "), so that every process continues its own sampling stream")
+                f"with the same number ({how}), so that every process continues its own sampling stream")
         streams = state["ranks"][self.world.rank] if saved > 1 else state
         load_optimizer_state(self.opt, state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -253,17 +224,18 @@ def save_run(path: str | Path, trainer: Trainer, **extras: Any) -> None:
     trainer.last_checkpoint = (str(path), trainer.updates)
 
 
-def restore_run(path: str | Path, trainer: Trainer) -> dict[str, Any]:
-    """Load a checkpoint written by `save_run` into an existing trainer (and its model and replay)."""
-    payload = read_checkpoint(path)
-    if "trainer" not in payload:
-        raise ckpt.CheckpointError(f"checkpoint {str(path)!r} has no trainer state: it cannot be resumed")
-    trainer.wm.load_state_dict(model_from_payload(payload, path).state_dict())
-    trainer.load_state_dict(payload["trainer"])
-    if "replay" in payload:
-        trainer.replay.load_state_dict(payload["replay"])
-    trainer.last_checkpoint = (str(path), trainer.updates)
-    return payload
+def restore_run(source: str | Path | LoadedRun, trainer: Trainer) -> dict[str, Any]:
+    """Load a checkpoint written by `save_run` (a path, or one already read by `load_run`) into an existing
+    trainer, its model and its replay; returns the payload."""
+    run = source if isinstance(source, LoadedRun) else load_run(source)
+    if "trainer" not in run.payload:
+        raise ckpt.CheckpointError(f"checkpoint {str(run.path)!r} has no trainer state: it cannot be resumed")
+    trainer.wm.load_state_dict(run.model.state_dict())
+    trainer.load_state_dict(run.payload["trainer"])
+    if "replay" in run.payload:
+        trainer.replay.load_state_dict(run.payload["replay"])
+    trainer.last_checkpoint = (str(run.path), trainer.updates)
+    return run.payload
 
 
-__all__ = ["Trainer", "NonFiniteLoss", "save_run", "restore_run", "resolve_device", "seed_everything", "StopSignal", "TERMS"]
+__all__ = ["NonFiniteLoss", "Stop", "Trainer", "save_run", "restore_run", "resolve_device", "TERMS"]

@@ -22,9 +22,10 @@ import torch
 import torch.multiprocessing as mp
 
 from loopwm import distributed
+from loopwm.app.session import StopSignal
 from loopwm.checkpoint import CheckpointError, read_checkpoint
 from loopwm.config import ConfigError
-from loopwm.train import StopSignal, Trainer, restore_run, save_run
+from loopwm.train import Trainer, restore_run, save_run
 from tests.test_datasets import pendulum_like
 from tests.test_training import config, linear_dataset, new_model
 

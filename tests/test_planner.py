@@ -119,6 +119,21 @@ def test_discrete_picks_best_arm(method):
     assert planner.prev["probs"].min() >= 0.01 - 1e-6
 
 
+def test_mppi_weights_favour_the_best_sequences():
+    # With every sample an elite, one iteration and no momentum, the refit is the weighted sample itself:
+    # it must put its mass on the best arm (0.9) and none on the worst (0.0), whose sequences are known.
+    planner = make_planner(bandit([0.0, 0.5, 0.9, 0.3]), cfg(method="mppi", horizon=1, iterations=1, samples=64,
+                                                             elites=64, temperature=20.0, momentum=0.0), seed=0)
+    planner.plan(torch.zeros(4))
+    probs = planner.prev["probs"][0, 0]
+    assert probs[2] > 0.9 and probs[0] < 0.02
+    scores = torch.tensor([[3.0, 1.0, 0.0, -5.0]])
+    weights = planner.weights(scores)
+    assert torch.all(weights[:, :-1] > weights[:, 1:])
+    torch.testing.assert_close(weights[0, 0] / weights[0, 1], torch.exp(torch.tensor(20.0 * 2.0)))
+    assert planner.last_stats["return"] > planner.last_stats["elite_max"] - 0.05
+
+
 def test_value_extends_the_horizon():
     # Arm 0 pays now and leads to a worthless latent; arm 1 pays nothing now but V says its latent is worth 10.
     wm = bandit([1.0, 0.0])
@@ -161,8 +176,10 @@ def test_warm_start_per_env_reset_and_discrete_shift():
 @pytest.mark.parametrize("uncertainty", ["bound", "unconverged"])
 def test_uncertainty_penalty_avoids_unconverged_arm(uncertainty):
     wm = bandit([1.0, 0.6], residuals=[2.0, 0.0])
-    act = lambda lam: make_planner(wm, cfg(uncertainty_penalty=lam, samples=32, elites=4), uncertainty=uncertainty,
-                              seed=0).act(np.zeros(2), eval_mode=True)
+    def act(lam):
+        return make_planner(wm, cfg(uncertainty_penalty=lam, samples=32, elites=4), uncertainty=uncertainty,
+                            seed=0).act(np.zeros(2), eval_mode=True)
+
     assert act(0.0) == 0
     assert act(1.0) == 1
 
@@ -170,7 +187,9 @@ def test_uncertainty_penalty_avoids_unconverged_arm(uncertainty):
 def test_uncertainty_penalty_shifts_continuous_optimum():
     # r = a and residual = 2 max(a, 0)^2: λ=0 goes to the bound, λ=1 to the maximiser of a - 2a², a = 0.25.
     wm = Analytic(1, 1, lambda z, a: z, lambda z, a, n: a[:, 0], lambda z, a: 2 * a[:, 0].clamp_min(0) ** 2)
-    act = lambda lam: make_planner(wm, cfg(horizon=1, uncertainty_penalty=lam), seed=0).act(np.zeros(1), eval_mode=True)
+    def act(lam):
+        return make_planner(wm, cfg(horizon=1, uncertainty_penalty=lam), seed=0).act(np.zeros(1), eval_mode=True)
+
     assert act(0.0)[0] > 0.9
     assert abs(act(1.0)[0] - 0.25) < 0.05
 
@@ -179,7 +198,9 @@ def test_policy_prior_seeds_samples():
     # One CEM iteration with few random samples is poor; an optimal prior in the sample set fixes it.
     wm = point_model()
     c = cfg(method="cem", iterations=1, samples=16, elites=2, policy_samples=2, momentum=0.0)
-    optimal = lambda z: TARGET - z
+    def optimal(z):
+        return TARGET - z
+
     without = make_planner(wm, c, seed=0).act(np.zeros(2), eval_mode=True)
     with_prior = make_planner(wm, c, prior=optimal, seed=0).act(np.zeros(2), eval_mode=True)
     assert np.abs(with_prior - TARGET.numpy()).max() < 0.02 < np.abs(without - TARGET.numpy()).max()
