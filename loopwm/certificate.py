@@ -87,7 +87,8 @@ class LoopCertificate:
         u = unit_roundoff(last.dtype)
         s = abs(float(scale.detach()))
         up = 1 + 2.0 ** -51  # the float64 products below
-        lips = [float(c.lip) for c in weights[:-1]] + [s * (float(weights[-1].lip) + u * float(weights[-1].abs_norm)) * up]
+        final = weights[-1]
+        lips = [float(c.lip) for c in weights[:-1]] + [s * (float(final.lip) + u * float(final.abs_norm)) * up]
         abs_norms = [float(c.abs_norm) for c in weights[:-1]] + [s * float(weights[-1].abs_norm) * (1 + u) * up]
         inner, entries, count = [], [], retention.shape[0]
         for c in weights:
