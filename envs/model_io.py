@@ -1,0 +1,127 @@
+"""What the model environments share: their spaces, checks on actions, observation formatting, and one
+batched model step that reads out everything an environment step returns."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from gymnasium.spaces import Box, Discrete, Space
+from torch import Tensor
+
+from loopwm.envs.factory import action_to_model
+from loopwm.nets import SpaceSpec
+from loopwm.world_model import WorldModel
+
+
+def check_compatible(spec: SpaceSpec, obs_space: Optional[Space], act_space: Optional[Space], where: str) -> None:
+    """Raise a ValueError naming the difference when `where`'s spaces are not those the model was built for."""
+    if obs_space is not None:
+        shape, dtype = tuple(getattr(obs_space, "shape", None) or ()), getattr(obs_space, "dtype", None)
+        if not isinstance(obs_space, Box) or shape != tuple(spec.obs_shape) or np.dtype(dtype) != np.dtype(spec.obs_dtype):
+            raise ValueError(f"{where} has observation space {obs_space}; the model was trained on a Box of shape "
+                             f"{tuple(spec.obs_shape)} and dtype {spec.obs_dtype}")
+    if act_space is None:
+        return
+    if spec.discrete:
+        ok = isinstance(act_space, Discrete) and int(act_space.n) == spec.action_dim
+        expected = f"Discrete({spec.action_dim})"
+    else:
+        ok = (isinstance(act_space, Box) and act_space.shape == (spec.action_dim,)
+              and np.allclose(act_space.low, spec.action_low) and np.allclose(act_space.high, spec.action_high))
+        expected = f"Box({list(spec.action_low)}, {list(spec.action_high)}, ({spec.action_dim},))"
+    if not ok:
+        raise ValueError(f"{where} has action space {act_space}; the model was trained on {expected}")
+
+
+def spaces_for(wm: WorldModel, observation_space: Optional[Space], action_space: Optional[Space],
+               decode_obs: bool) -> tuple[Box, Space]:
+    """The single-env observation and action spaces of a model environment.
+
+    Given real spaces (checked against the model) are used as they are, so decoded observations carry
+    the real bounds; without them vector observations are unbounded and pixels are 0..255 uint8.
+    Latent observations (`decode_obs=False`) are unbounded vectors of the latent width.
+    """
+    spec = wm.spec
+    check_compatible(spec, observation_space, action_space, "the environment given")
+    if action_space is None:
+        action_space = (Discrete(spec.action_dim) if spec.discrete else
+                        Box(np.asarray(spec.action_low, np.float32), np.asarray(spec.action_high, np.float32),
+                            dtype=np.float32))
+    if not decode_obs:
+        return Box(-np.inf, np.inf, (wm.latent_dim,), np.float32), action_space
+    if observation_space is not None:
+        return Box(observation_space.low, observation_space.high, dtype=observation_space.dtype), action_space
+    if spec.pixels:
+        return Box(0, 255, spec.obs_shape, np.uint8), action_space
+    return Box(-np.inf, np.inf, spec.obs_shape, np.float32), action_space
+
+
+def check_actions(actions: Any, space: Space, batch: Optional[int]) -> np.ndarray:
+    """Validate env actions (one, or `batch` rows) and return the model's float32 actions [B, A].
+
+    A Discrete action must be an integer in the space; a Box action must have the space's shape, hold
+    finite numbers and lie within the bounds. Anything else raises a ValueError that says what was wrong.
+    """
+    a = np.asarray(actions)
+    lead = () if batch is None else (batch,)
+    if isinstance(space, Discrete):
+        lo, n = int(space.start), int(space.n)
+        if (a.shape != lead or not np.issubdtype(a.dtype, np.integer)
+                or (a.size and (a.min() < lo or a.max() >= lo + n))):
+            what = "a Discrete action" if batch is None else f"Discrete actions of shape {lead}"
+            raise ValueError(f"expected {what}: integers in [{lo}, {lo + n}), got {actions!r}")
+    else:
+        if a.shape != (*lead, *space.shape) or not np.issubdtype(a.dtype, np.number):
+            raise ValueError(f"action has shape {a.shape} and dtype {a.dtype}; expected numbers of shape "
+                             f"{(*lead, *space.shape)}")
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"action contains NaN or infinite values: {actions!r}")
+        outside = (a < space.low) | (a > space.high)
+        if outside.any():
+            raise ValueError(f"action {a[outside].tolist()} lies outside the action space's bounds "
+                             f"[{space.low.tolist()}, {space.high.tolist()}]")
+    return action_to_model(a if batch is not None else a[None], space)
+
+
+def format_obs(obs: np.ndarray, space: Box, pixels: bool) -> np.ndarray:
+    """Decoded observations in the space's dtype and bounds: pixels rounded to uint8, vectors clipped."""
+    if pixels:
+        return np.clip(np.rint(np.asarray(obs, np.float64)), 0, 255).astype(np.uint8)
+    obs = np.asarray(obs, dtype=np.float32)
+    if np.isfinite(space.low).any() or np.isfinite(space.high).any():
+        obs = np.clip(obs, space.low, space.high)
+    return obs
+
+
+@dataclass
+class ModelStep:
+    """One batched model step, read out: the next latents and, per env, everything a step reports."""
+
+    z: Tensor               # [B, Z] next latents
+    obs: Optional[np.ndarray]  # [B, *obs] decoded (not yet formatted), or None when not decoding
+    reward: np.ndarray      # [B] float64
+    continue_prob: np.ndarray  # [B] float32
+    loops_used: np.ndarray  # [B] int64
+    bound: np.ndarray       # [B] float32, certified distance to the loop's fixed point at exit
+    converged: np.ndarray   # [B] bool
+    kappa: float
+
+
+@torch.no_grad()
+def model_step(wm: WorldModel, z: Tensor, actions: np.ndarray, loop_kwargs: dict[str, Any],
+               decode: bool) -> ModelStep:
+    """Advance latents `z` [B, Z] under model actions [B, A] with one `wm.step`, and read out rewards,
+    continues, loop statistics and (when `decode`) observations, each moved to the host once."""
+    z, trace = wm.step(z, torch.as_tensor(actions, device=z.device), **loop_kwargs)
+    obs = wm.decode(z).cpu().numpy() if decode else None
+    return ModelStep(
+        z=z, obs=obs,
+        reward=wm.predict_reward(z).cpu().numpy().astype(np.float64),
+        continue_prob=wm.predict_continue(z).cpu().numpy(),
+        loops_used=trace.loops_used.cpu().numpy().astype(np.int64),
+        bound=trace.bound.cpu().numpy().astype(np.float32),
+        converged=trace.converged.cpu().numpy().astype(bool),
+        kappa=float(trace.kappa),
+    )
