@@ -23,8 +23,7 @@ from loopwm.train import StopSignal, Trainer, resolve_device, restore_run, save_
 from loopwm.workflows import new_buffer, prepare_run_dir, run_dir
 from loopwm.world_model import WorldModel
 
-from .planner import Planner
-from .value import PolicyPrior, ValueFunction
+from .planning_agent import planning_parts
 
 
 @dataclass
@@ -47,12 +46,7 @@ class Agent:
         self.wm = WorldModel.from_config(cfg, obs_space, act_space).to(device)
         self.replay = new_buffer(cfg, obs_space, act_space)
         self.trainer = Trainer(self.wm, cfg, self.replay, logger)
-        a = cfg.agent
-        self.value = ValueFunction(self.wm.latent_dim, a, device=device) if a.use_value else None
-        self.prior = (PolicyPrior(self.wm.latent_dim, self.wm.action_dim, self.wm.discrete, a, device=device)
-                      if a.use_policy_prior else None)
-        self.planner = Planner(self.wm, cfg.planner, value=self.value, prior=self.prior, seed=cfg.seed,
-                               exploration=a.exploration_std if not self.wm.discrete else min(a.exploration_std, 1.0))
+        self.value, self.prior, self.planner = planning_parts(cfg, self.wm)
         self.rng = np.random.default_rng(cfg.seed + 1)
 
     def random_action(self) -> np.ndarray:

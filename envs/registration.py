@@ -46,8 +46,9 @@ def _replay_starts(payload: dict, path: str) -> ReplayBuffer:
     return buffer
 
 
-def _real_env(env: RealEnv, cfg: Any, path: str) -> tuple[Optional[gym.Env], bool]:
-    """The real environment the model stands in for, and whether it was made here (so is closed here)."""
+def real_env(env: RealEnv, cfg: Any) -> tuple[Optional[gym.Env], bool]:
+    """The real environment a checkpoint stands for: `env` itself, made from its id (with the checkpoint's
+    env config when the ids agree), or rebuilt from the config; and whether it was made here (so is closed here)."""
     if isinstance(env, gym.Env):
         return env, False
     if env is None and cfg is None:
@@ -67,7 +68,7 @@ def model_env_parts(checkpoint: Union[str, Path], env: RealEnv = None, reset_obs
     payload = read_checkpoint(path)
     wm: WorldModel = model_from_payload(payload, path).to(resolve_device(device)).eval()
     cfg = config_from_payload(payload, path)
-    real, owned = _real_env(env, cfg, path)
+    real, owned = real_env(env, cfg)
     if real is not None:
         try:
             check_compatible(wm.spec, real.observation_space, real.action_space,
@@ -124,4 +125,4 @@ def make_vector_world_model_env(checkpoint: Union[str, Path], num_envs: int = 1,
                                        autoreset_mode=autoreset_mode, loop_kwargs=loop_kwargs), owns)
 
 
-__all__ = ["ENV_ID", "make_vector_world_model_env", "make_world_model_env", "model_env_parts", "register"]
+__all__ = ["ENV_ID", "real_env", "make_vector_world_model_env", "make_world_model_env", "model_env_parts", "register"]

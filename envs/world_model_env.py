@@ -88,7 +88,8 @@ class WorldModelEnv(gym.Env[np.ndarray, Action]):
         if not isinstance(wm, WorldModel):
             raise TypeError(f"WorldModelEnv needs a loopwm.WorldModel, got {type(wm).__name__}")
         spec = wm.spec
-        self.metadata = {"render_modes": ["rgb_array"] if spec.pixels else []}
+        # the model has no clock of its own; 30 fps is how rendered frames are paced
+        self.metadata = {"render_modes": ["rgb_array"] if spec.pixels else [], "render_fps": 30}
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode={render_mode!r}: expected one of {self.metadata['render_modes']} "
                              f"or None ({'pixel' if spec.pixels else 'vector'} observations)")

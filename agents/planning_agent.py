@@ -1,0 +1,124 @@
+"""A trained agent you can load and act with: world model, planner, value and prior, in the env's own units.
+
+    agent = loopwm.load_agent("runs/pendulum/checkpoints/latest.pt")
+    obs, _ = env.reset(seed=0)
+    agent.reset()
+    obs, reward, terminated, truncated, _ = env.step(agent.act(obs))   # a torque in [-2, 2] for Pendulum
+
+`PlanningAgent` is a policy in the sense of `loopwm.envs.rollouts` (callable, with `reset`), so it plugs
+into `value_gap` and anything else that takes ``policy(obs) -> action``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.spaces import Box, Discrete, Space
+
+from loopwm.checkpoint import config_from_payload, model_from_payload, read_checkpoint
+from loopwm.config import Config
+from loopwm.envs.factory import action_from_model
+from loopwm.envs.model_io import check_compatible
+from loopwm.envs.registration import real_env
+from loopwm.envs.starts import check_obs
+from loopwm.train import resolve_device
+from loopwm.world_model import WorldModel
+
+from .planner import Planner
+from .value import PolicyPrior, ValueFunction
+
+
+def planning_parts(cfg: Config, wm: WorldModel, *, seed: Optional[int] = None
+                   ) -> tuple[Optional[ValueFunction], Optional[PolicyPrior], Planner]:
+    """The value, policy prior and planner that `cfg.agent` and `cfg.planner` ask for, on `wm`'s device."""
+    a, device = cfg.agent, wm.obs_mean.device
+    value = ValueFunction(wm.latent_dim, a, device=device) if a.use_value else None
+    prior = (PolicyPrior(wm.latent_dim, wm.action_dim, wm.discrete, a, device=device)
+             if a.use_policy_prior else None)
+    exploration = a.exploration_std if not wm.discrete else min(a.exploration_std, 1.0)
+    planner = Planner(wm, cfg.planner, value=value, prior=prior, seed=cfg.seed if seed is None else seed,
+                      exploration=exploration)
+    return value, prior, planner
+
+
+def model_action_space(wm: WorldModel) -> Space:
+    """The real environment's action space, rebuilt from the model's space description."""
+    spec = wm.spec
+    if spec.discrete:
+        return Discrete(spec.action_dim)
+    return Box(np.asarray(spec.action_low, np.float32), np.asarray(spec.action_high, np.float32), dtype=np.float32)
+
+
+class PlanningAgent:
+    """Plans with the world model from real observations and returns actions in the environment's units.
+
+    `act` validates the observation (shape, finite values), plans from it (warm-starting from the previous
+    plan within an episode) and maps the planner's [-1, 1] action onto the action space's bounds (or an
+    integer for Discrete). Call `reset` at every episode start. Deterministic by default (the planner's
+    mean); ``explore=True`` samples with the configured exploration noise instead.
+    """
+
+    def __init__(self, wm: WorldModel, planner: Planner, value: Optional[ValueFunction] = None,
+                 prior: Optional[PolicyPrior] = None, *, cfg: Optional[Config] = None,
+                 action_space: Optional[Space] = None, explore: bool = False):
+        self.wm, self.planner, self.value, self.prior = wm, planner, value, prior
+        self.cfg = cfg
+        self.action_space = action_space if action_space is not None else model_action_space(wm)
+        check_compatible(wm.spec, None, self.action_space, "the action space given")
+        self.explore = explore
+        self._t0 = True
+
+    def reset(self) -> None:
+        """A new episode: plan from scratch at the next `act`."""
+        self.planner.reset()
+        self._t0 = True
+
+    def act(self, obs: Any) -> Union[np.ndarray, int]:
+        """The planned action for one real observation, in the environment's own units."""
+        obs = check_obs(obs, tuple(self.wm.spec.obs_shape), "observation given to act()")
+        action = self.planner.act(obs, eval_mode=not self.explore, t0=self._t0)
+        self._t0 = False
+        if isinstance(self.action_space, Discrete):
+            return int(action) + int(self.action_space.start)
+        return action_from_model(np.asarray(action, np.float32), self.action_space)
+
+    __call__ = act
+
+
+def load_agent(path: Union[str, Path], *, env: Union[None, str, gym.Env] = None, device: str = "cpu",
+               seed: Optional[int] = None, explore: bool = False) -> PlanningAgent:
+    """Load a trained agent from a checkpoint: the model, and the planner, value and prior its run used.
+
+    Checkpoints of `loopwm run` carry the value and prior; a bare model checkpoint (`loopwm.save`) gets
+    a planner without them, configured by the checkpoint's config or the defaults. With ``env`` (an id or
+    an environment), its spaces are checked against the model's and a mismatch raises a ValueError.
+    """
+    payload = read_checkpoint(path)
+    wm = model_from_payload(payload, path).to(resolve_device(device)).eval()
+    cfg = config_from_payload(payload, path) or Config()
+    action_space = None
+    if env is not None:
+        real, owned = real_env(env, cfg)
+        try:
+            check_compatible(wm.spec, real.observation_space, real.action_space,
+                             f"environment {real.spec.id if real.spec else real!s} (requested for {str(path)!r})")
+            action_space = real.action_space
+        finally:
+            if owned:
+                real.close()
+    if cfg.train.w_continue == 0:
+        warnings.warn(f"{str(path)!r} was trained with train.w_continue=0: its continue head is untrained, so the "
+                      "planner discounts every imagined step by about 0.5; retrain it", stacklevel=2)
+    state = payload.get("agent") or {}
+    if not state:  # a bare model: no value or prior was trained
+        cfg = dataclasses.replace(cfg, agent=dataclasses.replace(cfg.agent, use_value=False, use_policy_prior=False))
+    value, prior, planner = planning_parts(cfg, wm, seed=seed)
+    if value is not None:
+        value.load_state_dict(state["value"])
+    if prior is not None:
+        prior.load_state_dict(state["prior"])
+    return PlanningAgent(wm, planner, value, prior, cfg=cfg, action_space=action_space, explore=explore)
