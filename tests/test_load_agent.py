@@ -6,32 +6,12 @@ import torch
 
 import loopwm
 from loopwm.agents import PlanningAgent
-from loopwm.agents.online import Agent
-from loopwm.config import from_dict
-from loopwm.train import save_run
-
-TINY = {
-    "env": {"id": "Pendulum-v1"},
-    "model": {"latent_dim": 16, "hidden_dim": 32, "inject_dim": 32, "mlp_dim": 64, "loops": 2},
-    "planner": {"horizon": 2, "iterations": 2, "samples": 32, "elites": 4, "policy_samples": 4},
-    "agent": {"exploration_std": 0.3},
-    "device": "cpu",
-}
-
+from tests.helpers import save_pendulum_run
 
 @pytest.fixture(scope="module")
 def run_checkpoint(tmp_path_factory):
-    """A Pendulum run checkpoint whose value and prior differ from freshly built ones."""
-    cfg = from_dict(TINY)
-    real = gym.make("Pendulum-v1")
-    torch.manual_seed(0)
-    agent = Agent(cfg, real.observation_space, real.action_space)
-    with torch.no_grad():
-        for p in [*agent.value.net.parameters(), *agent.prior.net.parameters()]:
-            p.add_(0.1 * torch.randn_like(p))
     path = tmp_path_factory.mktemp("run") / "latest.pt"
-    save_run(path, agent.trainer, agent=agent.state_dict())
-    return path, agent
+    return path, save_pendulum_run(path)
 
 
 def test_load_agent_carries_model_value_and_prior(run_checkpoint):
