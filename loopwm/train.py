@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from loopwm.checkpoint import model_from_payload, read_checkpoint
-from loopwm.config import Config, to_dict
+from loopwm.config import Config, ConfigError, to_dict
 from loopwm.logger import RunLogger
 from loopwm.objective import TERMS, QuantileTracker, sequence_loss
 from loopwm.optim import build_optimizer, build_schedule, load_optimizer_state, optimizer_state
@@ -21,10 +21,20 @@ from loopwm import checkpoint as ckpt
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present, else the CPU."""
+    """`auto` picks CUDA when present, else the CPU; a CUDA device this machine lacks is a ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r}: expected 'auto', 'cpu' or 'cuda[:N]'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name!r}: CUDA is not available (torch {torch.__version__} sees no GPU); "
+                              "use device=cpu, or device=auto to take a GPU when there is one")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={name!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 class StopSignal:

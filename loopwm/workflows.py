@@ -22,7 +22,11 @@ def run_dir(cfg: Config) -> Path:
 
 
 def prepare_run_dir(cfg: Config, checkpoint: Path) -> Path:
-    """Create the run folder; refuse to overwrite a run that has a checkpoint unless resuming."""
+    """Create the run folder; refuse to overwrite a run that has a checkpoint unless resuming, or to start
+    on a device this machine lacks."""
+    from loopwm.train import resolve_device
+
+    resolve_device(cfg.device)
     folder = run_dir(cfg)
     if checkpoint.exists() and not cfg.resume:
         raise ConfigError(
