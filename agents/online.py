@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -24,6 +23,13 @@ from loopwm.workflows import new_buffer, prepare_run_dir, run_dir
 from loopwm.world_model import WorldModel
 
 from .planning_agent import planning_parts
+
+
+def random_model_actions(wm: Any, rng: np.random.Generator, n: int) -> np.ndarray:
+    """n uniformly random actions in model units [n, A]: uniform in [-1, 1], or a random one-hot per group."""
+    if not wm.discrete:
+        return rng.uniform(-1, 1, (n, wm.action_dim)).astype(np.float32)
+    return np.concatenate([np.eye(k, dtype=np.float32)[rng.integers(k, size=n)] for k in wm.action_groups], -1)
 
 
 @dataclass
@@ -51,16 +57,11 @@ class Agent:
 
     def random_action(self) -> np.ndarray:
         """A uniformly random action in model units (seeded by the agent's own generator)."""
-        if self.wm.discrete:
-            return np.eye(self.wm.action_dim, dtype=np.float32)[self.rng.integers(self.wm.action_dim)]
-        return self.rng.uniform(-1, 1, self.wm.action_dim).astype(np.float32)
+        return random_model_actions(self.wm, self.rng, 1)[0]
 
     def planned_action(self, obs: np.ndarray, *, eval_mode: bool, t0: bool) -> np.ndarray:
         """The planner's action for one observation, in model units."""
-        action = self.planner.act(obs, eval_mode=eval_mode, t0=t0)
-        if self.wm.discrete:
-            return np.eye(self.wm.action_dim, dtype=np.float32)[action]
-        return np.asarray(action, dtype=np.float32)
+        return self.planner.model_action(obs, eval_mode=eval_mode, t0=t0)
 
     def update(self) -> dict[str, float]:
         """One world-model update, then value and prior updates on fresh replay latents."""
@@ -69,7 +70,7 @@ class Agent:
             return out
         t = self.cfg.train
         batch = self.replay.sample(t.batch_size, t.horizon, self.trainer.rng)
-        device = self.wm.obs_mean.device
+        device = self.wm.device
         with torch.no_grad():
             latents = self.wm.encode(batch["obs"].to(device))
         continues = 1.0 - batch["terminated"].float().to(device)
@@ -90,7 +91,7 @@ class Agent:
     def state_dict(self) -> dict[str, Any]:
         return {"value": self.value.state_dict() if self.value else None,
                 "prior": self.prior.state_dict() if self.prior else None,
-                "planner_gen": self.planner.gen.get_state(),
+                "planner": self.planner.state_dict(),
                 "rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -98,7 +99,7 @@ class Agent:
             self.value.load_state_dict(state["value"])
         if self.prior is not None:
             self.prior.load_state_dict(state["prior"])
-        self.planner.gen.set_state(state["planner_gen"])
+        self.planner.load_state_dict(state["planner"])
         self.rng.bit_generator.state = state["rng"]
 
 
@@ -107,10 +108,10 @@ def evaluate(agent: Agent, episodes: int, seed: int, video_dir: Optional[str] = 
 
     Evaluation leaves every training RNG as it found it, so evaluating never changes what training does.
     """
-    gen_state = agent.planner.gen.get_state()
+    planner_state = agent.planner.state_dict()
     with torch.random.fork_rng(devices=[]):
         result = _evaluate(agent, episodes, seed, video_dir)
-    agent.planner.gen.set_state(gen_state)
+    agent.planner.load_state_dict(planner_state)
     return result
 
 
@@ -243,10 +244,6 @@ def evaluate_planner(path: str | Path, episodes: int, video_dir: Optional[str] =
 
     payload = read_checkpoint(path)
     cfg = config_from_payload(payload, path) or Config()
-    if cfg.train.w_continue == 0:
-        warnings.warn(f"{str(path)!r} was trained with train.w_continue=0: its continue head is untrained, so the "
-                      "planner discounts every imagined step by about 0.5 and plans as if one step deep; retrain it",
-                      stacklevel=2)
     env = make_env(cfg.env)
     agent = Agent(cfg, env.observation_space, env.action_space)
     env.close()

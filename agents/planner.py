@@ -1,9 +1,11 @@
-"""Latent MPPI / CEM planning over a world model's imagined rollouts, TD-MPC2 style.
+"""Latent MPPI / CEM planning over a world model's imagined rollouts, TD-MPC2 style, and the planner registry.
 
 One loop serves every method: sample action sequences from a distribution, score them
 with one batched `imagine` call, keep the elites, refit the distribution. The methods
 differ only in the elite weights (MPPI: softmax, CEM: uniform) and the action family
-(Gaussian for Box spaces, a categorical per step for Discrete ones).
+(Gaussian for Box spaces, a categorical per step for Discrete ones). A new planner is one
+subclass plus one `@register_planner("name")` line; `build_planner` makes the one named by
+`planner.method`.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from loopwm.config import PlannerConfig
+from loopwm.config import Config, ConfigError, PlannerConfig
+from loopwm.nets import argmax_groups, group_slices
 
 LatentFn = Callable[[Tensor], Tensor]
 Params = dict[str, Tensor]
@@ -76,16 +79,20 @@ class GaussianSampler:
 
 
 class CategoricalSampler:
-    """Discrete actions: a categorical per step with probabilities floored at `min_prob`; samples are one-hot."""
+    """Categorical actions: per step, one categorical per one-hot group (Discrete has one, MultiDiscrete and
+    MultiBinary several), probabilities floored at `min_prob`; samples are concatenated one-hots."""
 
-    def __init__(self, cfg: PlannerConfig, action_dim: int, min_prob: float):
-        if not 0.0 <= min_prob * action_dim < 1.0:
-            raise ValueError(f"min_prob={min_prob} must be in [0, 1/{action_dim}) for {action_dim} actions")
-        self.cfg, self.action_dim, self.min_prob = cfg, action_dim, min_prob
+    def __init__(self, cfg: PlannerConfig, groups: tuple[int, ...], min_prob: float):
+        if not 0.0 <= min_prob * max(groups) < 1.0:
+            raise ValueError(f"min_prob={min_prob} must be in [0, 1/{max(groups)}) for {max(groups)} actions")
+        self.cfg, self.groups, self.min_prob = cfg, tuple(groups), min_prob
+        self.action_dim = sum(self.groups)
+        self.slices = group_slices(self.groups)
+        self.sizes = torch.cat([torch.full((n,), float(n)) for n in self.groups])  # each entry's group size
 
     def init(self, n: int, horizon: int, device: torch.device) -> Params:
-        """Uniform over actions at every step."""
-        return {"probs": torch.full((n, horizon, self.action_dim), 1.0 / self.action_dim, device=device)}
+        """Uniform over each group's actions at every step."""
+        return {"probs": (1.0 / self.sizes.to(device)).expand(n, horizon, self.action_dim).clone()}
 
     def warm(self, prev: Params) -> Params:
         """Previous probabilities shifted one step (last step uniform), then mixed half-way back to uniform.
@@ -93,33 +100,38 @@ class CategoricalSampler:
         The mixing is the categorical analogue of resetting the Gaussian std: keep the preference,
         restore the spread.
         """
-        uniform = torch.full_like(prev["probs"][:, :1], 1.0 / self.action_dim)
-        probs = torch.cat([prev["probs"][:, 1:], uniform], 1)
-        return {"probs": 0.5 * probs + 0.5 / self.action_dim}
+        uniform = 1.0 / self.sizes.to(prev["probs"].device)
+        probs = torch.cat([prev["probs"][:, 1:], uniform.expand_as(prev["probs"][:, :1])], 1)
+        return {"probs": 0.5 * probs + 0.5 * uniform}
+
+    def _draw(self, probs: Tensor, k: int, gen: torch.Generator) -> Tensor:
+        """k one-hot draws [M, k, A] from each row of concatenated group probabilities [M, A]."""
+        hots = [F.one_hot(torch.multinomial(probs[:, sl], k, replacement=True, generator=gen), sl.stop - sl.start)
+                for sl in self.slices]
+        return torch.cat(hots, -1).to(probs.dtype)
 
     def sample(self, params: Params, k: int, gen: torch.Generator) -> Tensor:
         """k one-hot sequences per env: [H, N, k, A]."""
         probs = params["probs"]
-        idx = torch.multinomial(probs.reshape(-1, self.action_dim), k, replacement=True, generator=gen)
-        return F.one_hot(idx.view(*probs.shape[:2], k), self.action_dim).to(probs.dtype).permute(1, 0, 2, 3)
+        draws = self._draw(probs.reshape(-1, self.action_dim), k, gen)
+        return draws.view(*probs.shape[:2], k, self.action_dim).permute(1, 0, 2, 3)
 
     def fit(self, elites: Tensor, weights: Tensor) -> Params:
-        """Weighted action counts of the elites, floored at min_prob (still summing to one)."""
+        """Weighted action counts of the elites, floored at min_prob (each group still summing to one)."""
         counts = (weights[None, :, :, None] * elites).sum(2).transpose(0, 1)
-        return {"probs": self.min_prob + (1.0 - self.action_dim * self.min_prob) * counts}
+        return {"probs": self.min_prob + (1.0 - self.sizes.to(counts.device) * self.min_prob) * counts}
 
     def first(self, params: Params, eval_mode: bool, exploration: float, gen: torch.Generator) -> Tensor:
-        """First action per env, one-hot: argmax in eval, else a sample mixed ε=`exploration` with uniform."""
+        """First action per env, one-hot per group: argmax in eval, else a sample mixed ε=`exploration` with uniform."""
         probs = params["probs"][:, 0]
         if eval_mode:
-            idx = probs.argmax(-1)
-        else:
-            probs = (1.0 - exploration) * probs + exploration / self.action_dim
-            idx = torch.multinomial(probs, 1, generator=gen)[:, 0]
-        return F.one_hot(idx, self.action_dim).to(probs.dtype)
+            return torch.cat([F.one_hot(probs[:, sl].argmax(-1), sl.stop - sl.start) for sl in self.slices],
+                             -1).to(probs.dtype)
+        probs = (1.0 - exploration) * probs + exploration / self.sizes.to(probs.device)
+        return self._draw(probs, 1, gen)[:, 0]
 
     def spread(self, params: Params) -> Tensor:
-        """Entropy (nats) of the first-step categorical, per env."""
+        """Entropy (nats) of the first-step categoricals, summed over groups, per env."""
         probs = params["probs"][:, 0]
         return -(probs * probs.clamp_min(1e-12).log()).sum(-1)
 
@@ -135,29 +147,27 @@ class Planner:
     """Plans in the world model's latent space; one `imagine` call per iteration over all samples and envs.
 
     Scores are G = Σ γ^k Πc r_k + γ^H Πc V(z_H) − λ Σ γ^k u_k with λ = cfg.uncertainty_penalty and
-    u_k the loop's certified residual (`uncertainty="residual"`) or 1 − converged (`"unconverged"`).
-    MPPI weights elites by exp(temperature · (G − max G)) (temperature multiplies, as in TD-MPC2);
-    CEM weights them uniformly. The mean/std (or probabilities) move to the refit with
-    new = momentum · old + (1 − momentum) · fit.
+    u_k the loop's certified distance to its fixed point (`uncertainty="bound"`) or 1 − converged
+    (`"unconverged"`). Subclasses set the elite weights (`weights`). The mean/std (or probabilities)
+    move to the refit with new = momentum · old + (1 − momentum) · fit.
     """
 
     def __init__(self, wm: Any, cfg: PlannerConfig, value: Optional[LatentFn] = None,
-                 prior: Optional[LatentFn] = None, *,
-                 uncertainty: Literal["residual", "unconverged"] = "residual",
+                 prior: Optional[LatentFn] = None, *, discount: float = 0.99,
+                 uncertainty: Literal["bound", "unconverged"] = "bound",
                  exploration: float = 0.0, min_prob: float = 0.01, seed: Optional[int] = None,
                  device: Optional[torch.device | str] = None):
-        if cfg.elites > cfg.samples:
-            raise ValueError(f"planner.elites={cfg.elites} must be <= planner.samples={cfg.samples}")
         self.policy_samples = cfg.policy_samples if prior is not None else 0
-        if self.policy_samples >= cfg.samples:
-            raise ValueError(f"planner.policy_samples={cfg.policy_samples} must be < planner.samples={cfg.samples}")
-        if uncertainty not in ("residual", "unconverged"):
-            raise ValueError(f"uncertainty={uncertainty!r}: expected 'residual' or 'unconverged'")
+        if not 0.0 <= discount <= 1.0:
+            raise ValueError(f"discount={discount}: expected a value in [0, 1]")
+        if uncertainty not in ("bound", "unconverged"):
+            raise ValueError(f"uncertainty={uncertainty!r}: expected 'bound' or 'unconverged'")
         if exploration < 0 or (wm.discrete and exploration > 1):
             raise ValueError(f"exploration={exploration}: expected a std >= 0 (Box) or a probability (Discrete)")
-        self.wm, self.cfg, self.value, self.prior = wm, cfg, value, prior
+        self.wm, self.cfg, self.value, self.prior, self.discount = wm, cfg, value, prior, discount
         self.uncertainty, self.exploration = uncertainty, exploration
-        self.sampler = (CategoricalSampler(cfg, wm.action_dim, min_prob) if wm.discrete
+        groups = getattr(wm, "action_groups", None) or (wm.action_dim,)
+        self.sampler = (CategoricalSampler(cfg, groups, min_prob) if wm.discrete
                         else GaussianSampler(cfg, wm.action_dim))
         self.device = torch.device(device) if device is not None else _device_of(wm)
         self.gen = torch.Generator(device=self.device)
@@ -172,19 +182,38 @@ class Planner:
         """Forget the warm start (a new episode in every env)."""
         self.prev = None
 
+    def state_dict(self) -> dict[str, Any]:
+        """The sampling RNG and the warm start: what makes a resumed run plan exactly as it would have."""
+        return {"gen": self.gen.get_state(), "prev": None if self.prev is None else dict(self.prev)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.gen.set_state(state["gen"])
+        self.prev = None if state["prev"] is None else {k: v.to(self.device) for k, v in state["prev"].items()}
+
     @torch.no_grad()
-    def act(self, obs: Any, *, eval_mode: bool = False, t0: bool | np.ndarray = False,
-            batched: bool = False) -> np.ndarray | int:
-        """Env action for one observation (or a batch when `batched`): Box -> array in [-1, 1], Discrete -> int."""
+    def model_action(self, obs: Any, *, eval_mode: bool = False, t0: bool | np.ndarray = False,
+                     batched: bool = False) -> np.ndarray:
+        """The planned action in model units for one observation (or a batch when `batched`): a Box action
+        in [-1, 1], or concatenated one-hots for a categorical one (float32)."""
         x = torch.as_tensor(np.asarray(obs), device=self.device)
         if x.is_floating_point():
             x = x.float()
         action = self.plan(self.wm.encode(x if batched else x[None]), eval_mode=eval_mode, t0=t0)
-        if self.wm.discrete:
-            idx = action.argmax(-1).cpu().numpy()
-            return idx if batched else int(idx[0])
-        action = action.cpu().numpy()
+        action = action.float().cpu().numpy()
         return action if batched else action[0]
+
+    def act(self, obs: Any, *, eval_mode: bool = False, t0: bool | np.ndarray = False,
+            batched: bool = False) -> np.ndarray | int:
+        """Planned action for one observation (or a batch): Box -> array in [-1, 1], Discrete -> int,
+        MultiDiscrete/MultiBinary -> one index per group."""
+        action = self.model_action(obs, eval_mode=eval_mode, t0=t0, batched=batched)
+        if not self.wm.discrete:
+            return action
+        idx = argmax_groups(torch.as_tensor(action), self.sampler.groups).numpy()
+        if len(self.sampler.groups) == 1:
+            idx = idx[..., 0]
+            return idx if batched else int(idx)
+        return idx
 
     def start_distribution(self, n: int, t0: bool | np.ndarray | Tensor = False) -> Params:
         """The distribution planning starts from: the shifted previous plan, or uninformed where t0 is set."""
@@ -199,10 +228,10 @@ class Planner:
         """Score action sequences [H, B, A] from latents [B, Z]; returns (G [B], the ImagineOutput)."""
         out = self.wm.imagine(z, actions, decode="none")
         terminal = self.value(out.latents[-1]) if self.value is not None else None
-        ret = discounted_return(out.rewards, out.continues, self.cfg.discount, terminal)
+        ret = discounted_return(out.rewards, out.continues, self.discount, terminal)
         if self.cfg.uncertainty_penalty > 0:
-            unc = out.residual if self.uncertainty == "residual" else (~out.converged).to(ret.dtype)
-            ret = ret - self.cfg.uncertainty_penalty * discounted_return(unc, torch.ones_like(unc), self.cfg.discount)
+            unc = out.bound if self.uncertainty == "bound" else (~out.converged).to(ret.dtype)
+            ret = ret - self.cfg.uncertainty_penalty * discounted_return(unc, torch.ones_like(unc), self.discount)
         return ret, out
 
     def _prior_rollout(self, z: Tensor) -> Optional[Tensor]:
@@ -217,11 +246,9 @@ class Planner:
                 zk = self.wm.imagine(zk, a[None], decode="none").latents[-1]
         return torch.stack(actions).view(self.cfg.horizon, z.shape[0], self.policy_samples, -1)
 
-    def _weights(self, elite_scores: Tensor) -> Tensor:
-        """Elite weights [N, E]: MPPI softmax of temperature · (G − max G), CEM uniform."""
-        if self.cfg.method == "cem":
-            return torch.full_like(elite_scores, 1.0 / elite_scores.shape[1])
-        return torch.softmax(self.cfg.temperature * (elite_scores - elite_scores[:, :1]), dim=1)
+    def weights(self, elite_scores: Tensor) -> Tensor:
+        """Elite weights [N, E] from their scores (sorted best first); each planner method defines its own."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def plan(self, z: Tensor, *, eval_mode: bool = False, t0: bool | np.ndarray | Tensor = False) -> Tensor:
@@ -232,7 +259,7 @@ class Planner:
         params = self.start_distribution(n, t0)
         prior_actions = self._prior_rollout(z)
         zs = z.repeat_interleave(cfg.samples, 0)
-        loops = residual = converged = 0.0
+        loops = bound = converged = 0.0
         for _ in range(cfg.iterations):
             actions = self.sampler.sample(params, cfg.samples - self.policy_samples, self.gen)
             if prior_actions is not None:
@@ -241,11 +268,11 @@ class Planner:
             lowest = torch.finfo(ret.dtype).min
             elite_scores, idx = ret.nan_to_num(nan=lowest, neginf=lowest).view(n, cfg.samples).topk(cfg.elites, 1)
             elites = actions.gather(2, idx[None, :, :, None].expand(cfg.horizon, -1, -1, actions.shape[-1]))
-            weights = self._weights(elite_scores)
+            weights = self.weights(elite_scores)
             fit = self.sampler.fit(elites, weights)
             params = {k: cfg.momentum * params[k] + (1 - cfg.momentum) * fit[k] for k in params}
             loops = loops + out.loops.float().mean()
-            residual = residual + out.residual.float().mean()
+            bound = bound + out.bound.float().mean()
             converged = converged + out.converged.float().mean()
         self.prev = params
         action = self.sampler.first(params, eval_mode, self.exploration, self.gen)
@@ -254,7 +281,51 @@ class Planner:
             "elite_max": elite_scores[:, 0].mean().item(),
             "spread": self.sampler.spread(params).mean().item(),
             "loops": float(loops) / cfg.iterations,
-            "residual": float(residual) / cfg.iterations,
+            "bound": float(bound) / cfg.iterations,
             "converged": float(converged) / cfg.iterations,
         }
         return action[0] if single else action
+
+
+PLANNERS: dict[str, type[Planner]] = {}
+"""Registered planners by `planner.method` name."""
+
+
+def register_planner(name: str) -> Callable[[type[Planner]], type[Planner]]:
+    """Class decorator: make a `Planner` subclass buildable as `planner.method: name`."""
+    def add(cls: type[Planner]) -> type[Planner]:
+        if name in PLANNERS and PLANNERS[name] is not cls:
+            raise ValueError(f"a planner named {name!r} is already registered ({PLANNERS[name].__name__})")
+        PLANNERS[name] = cls
+        return cls
+    return add
+
+
+@register_planner("mppi")
+class MPPIPlanner(Planner):
+    """MPPI: elites weighted by softmax(temperature · (G − max G)); the temperature multiplies, as in TD-MPC2."""
+
+    def weights(self, elite_scores: Tensor) -> Tensor:
+        return torch.softmax(self.cfg.temperature * (elite_scores - elite_scores[:, :1]), dim=1)
+
+
+@register_planner("cem")
+class CEMPlanner(Planner):
+    """The cross-entropy method: elites weighted uniformly."""
+
+    def weights(self, elite_scores: Tensor) -> Tensor:
+        return torch.full_like(elite_scores, 1.0 / elite_scores.shape[1])
+
+
+def check_planner(cfg: PlannerConfig) -> None:
+    """Refuse a `planner.method` that names no registered planner."""
+    if cfg.method not in PLANNERS:
+        raise ConfigError(f"planner.method={cfg.method!r}: expected one of {sorted(PLANNERS)}")
+
+
+def build_planner(cfg: Config, wm: Any, value: Optional[LatentFn] = None, prior: Optional[LatentFn] = None, *,
+                  seed: Optional[int] = None, exploration: float = 0.0, **kwargs: Any) -> Planner:
+    """The planner named by `cfg.planner.method`, planning with the agent's one discount."""
+    check_planner(cfg.planner)
+    return PLANNERS[cfg.planner.method](wm, cfg.planner, value, prior, discount=cfg.agent.discount, seed=seed,
+                                        exploration=exploration, **kwargs)

@@ -17,48 +17,40 @@ from typing import Any, Optional, Union
 
 import gymnasium as gym
 import numpy as np
-from gymnasium.spaces import Box, Discrete, Space
+from gymnasium.spaces import Discrete, Space
 
 from loopwm.checkpoint import config_from_payload, model_from_payload, read_checkpoint
 from loopwm.config import Config
 from loopwm.envs.factory import action_from_model
-from loopwm.envs.model_io import check_compatible
+from loopwm.envs.model_io import check_compatible, model_action_space
 from loopwm.envs.registration import real_env
 from loopwm.envs.starts import check_obs
 from loopwm.train import resolve_device
 from loopwm.world_model import WorldModel
 
-from .planner import Planner
+from .planner import Planner, build_planner
 from .value import PolicyPrior, ValueFunction
 
 
 def planning_parts(cfg: Config, wm: WorldModel, *, seed: Optional[int] = None
                    ) -> tuple[Optional[ValueFunction], Optional[PolicyPrior], Planner]:
     """The value, policy prior and planner that `cfg.agent` and `cfg.planner` ask for, on `wm`'s device."""
-    a, device = cfg.agent, wm.obs_mean.device
+    a, device = cfg.agent, wm.device
     value = ValueFunction(wm.latent_dim, a, device=device) if a.use_value else None
-    prior = (PolicyPrior(wm.latent_dim, wm.action_dim, wm.discrete, a, device=device)
+    prior = (PolicyPrior(wm.latent_dim, wm.action_dim, wm.discrete, a, groups=wm.action_groups, device=device)
              if a.use_policy_prior else None)
     exploration = a.exploration_std if not wm.discrete else min(a.exploration_std, 1.0)
-    planner = Planner(wm, cfg.planner, value=value, prior=prior, seed=cfg.seed if seed is None else seed,
-                      exploration=exploration)
+    planner = build_planner(cfg, wm, value=value, prior=prior, seed=cfg.seed if seed is None else seed,
+                            exploration=exploration)
     return value, prior, planner
-
-
-def model_action_space(wm: WorldModel) -> Space:
-    """The real environment's action space, rebuilt from the model's space description."""
-    spec = wm.spec
-    if spec.discrete:
-        return Discrete(spec.action_dim)
-    return Box(np.asarray(spec.action_low, np.float32), np.asarray(spec.action_high, np.float32), dtype=np.float32)
 
 
 class PlanningAgent:
     """Plans with the world model from real observations and returns actions in the environment's units.
 
     `act` validates the observation (shape, finite values), plans from it (warm-starting from the previous
-    plan within an episode) and maps the planner's [-1, 1] action onto the action space's bounds (or an
-    integer for Discrete). Call `reset` at every episode start. Deterministic by default (the planner's
+    plan within an episode) and maps the planner's [-1, 1] action onto the action space's bounds (an
+    integer for Discrete, one per entry for MultiDiscrete and MultiBinary). Call `reset` at every episode start. Deterministic by default (the planner's
     mean); ``explore=True`` samples with the configured exploration noise instead.
     """
 
@@ -67,7 +59,7 @@ class PlanningAgent:
                  action_space: Optional[Space] = None, explore: bool = False):
         self.wm, self.planner, self.value, self.prior = wm, planner, value, prior
         self.cfg = cfg
-        self.action_space = action_space if action_space is not None else model_action_space(wm)
+        self.action_space = action_space if action_space is not None else model_action_space(wm.spec)
         check_compatible(wm.spec, None, self.action_space, "the action space given")
         self.explore = explore
         self._t0 = True
@@ -80,11 +72,10 @@ class PlanningAgent:
     def act(self, obs: Any) -> Union[np.ndarray, int]:
         """The planned action for one real observation, in the environment's own units."""
         obs = check_obs(obs, tuple(self.wm.spec.obs_shape), "observation given to act()")
-        action = self.planner.act(obs, eval_mode=not self.explore, t0=self._t0)
+        action = action_from_model(self.planner.model_action(obs, eval_mode=not self.explore, t0=self._t0),
+                                   self.action_space)
         self._t0 = False
-        if isinstance(self.action_space, Discrete):
-            return int(action) + int(self.action_space.start)
-        return action_from_model(np.asarray(action, np.float32), self.action_space)
+        return int(action) if isinstance(self.action_space, Discrete) else action
 
     __call__ = act
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loopwm.config import AgentConfig
-from loopwm.nets import symexp, symlog
+from loopwm.nets import group_slices, symexp, symlog
 
 from .planner import LatentFn, discounted_return
 
@@ -66,10 +66,10 @@ class ValueFunction:
     updates rather than thousands.
     """
 
-    def __init__(self, latent_dim: int, cfg: AgentConfig, *, hidden_dim: int = 256, grad_clip: float = 10.0,
+    def __init__(self, latent_dim: int, cfg: AgentConfig, *, grad_clip: float = 10.0,
                  device: torch.device | str = "cpu"):
         self.cfg, self.grad_clip = cfg, grad_clip
-        self.net = _mlp(latent_dim, hidden_dim, 1).to(device)
+        self.net = _mlp(latent_dim, cfg.hidden_dim, 1).to(device)
         nn.init.zeros_(self.net[-1].weight)  # V starts at exactly zero: no spurious optimism before any data
         nn.init.zeros_(self.net[-1].bias)
         self.target = copy.deepcopy(self.net).requires_grad_(False)
@@ -127,24 +127,31 @@ class PolicyPrior:
     """
 
     def __init__(self, latent_dim: int, action_dim: int, discrete: bool, cfg: AgentConfig, *,
-                 horizon: int = 3, entropy_coef: float = 1e-3, lr: Optional[float] = None,
-                 hidden_dim: int = 256, grad_clip: float = 10.0, scale_decay: float = 0.99,
+                 groups: Optional[tuple[int, ...]] = None, lr: Optional[float] = None, grad_clip: float = 10.0,
+                 scale_decay: float = 0.99,
                  device: torch.device | str = "cpu"):
         self.cfg, self.discrete, self.action_dim = cfg, discrete, action_dim
-        self.horizon, self.entropy_coef, self.grad_clip, self.scale_decay = horizon, entropy_coef, grad_clip, scale_decay
-        self.net = _mlp(latent_dim, hidden_dim, action_dim if discrete else 2 * action_dim).to(device)
+        self.slices = group_slices(tuple(groups) if groups else (action_dim,))
+        if discrete and self.slices[-1].stop != action_dim:
+            raise ValueError(f"action groups {groups} do not add up to action_dim={action_dim}")
+        self.horizon, self.entropy_coef = cfg.prior_horizon, cfg.prior_entropy
+        self.grad_clip, self.scale_decay = grad_clip, scale_decay
+        self.net = _mlp(latent_dim, cfg.hidden_dim, action_dim if discrete else 2 * action_dim).to(device)
         self.optim = torch.optim.Adam(self.net.parameters(), lr=lr if lr is not None else cfg.value_lr)
         self.scale = torch.ones((), device=device)
 
     def sample(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """A reparameterised action [B, A] and its entropy estimate [B] (−log π(a|z) for Box, exact for Discrete)."""
         out = self.net(z)
-        if self.discrete:
-            logits = out.log_softmax(-1)
-            probs = logits.exp()
-            idx = torch.multinomial(probs.detach(), 1)[:, 0]
-            action = F.one_hot(idx, self.action_dim).to(probs.dtype) + probs - probs.detach()
-            return action, -(probs * logits).sum(-1)
+        if self.discrete:  # a straight-through one-hot sample and the exact entropy, per group
+            actions, entropy = [], 0.0
+            for sl in self.slices:
+                logits = out[..., sl].log_softmax(-1)
+                probs = logits.exp()
+                idx = torch.multinomial(probs.detach(), 1)[:, 0]
+                actions.append(F.one_hot(idx, sl.stop - sl.start).to(probs.dtype) + probs - probs.detach())
+                entropy = entropy - (probs * logits).sum(-1)
+            return torch.cat(actions, -1), entropy
         mu, log_std = out.chunk(2, -1)
         log_std = _LOG_STD_MIN + 0.5 * (_LOG_STD_MAX - _LOG_STD_MIN) * (torch.tanh(log_std) + 1)
         eps = torch.randn_like(mu)
@@ -163,7 +170,8 @@ class PolicyPrior:
         """The most likely action [B, A]: tanh(μ) for Box, the argmax one-hot for Discrete."""
         out = self.net(z)
         if self.discrete:
-            return F.one_hot(out.argmax(-1), self.action_dim).to(out.dtype)
+            return torch.cat([F.one_hot(out[..., sl].argmax(-1), sl.stop - sl.start) for sl in self.slices],
+                             -1).to(out.dtype)
         return torch.tanh(out.chunk(2, -1)[0])
 
     def imagined_return(self, wm: Any, z: Tensor, value: Optional[LatentFn] = None) -> tuple[Tensor, Tensor]:

@@ -1,7 +1,7 @@
 """One loop iteration of the certified core against a plain torch MLP of the same shape, at batch 512.
 
 For T loops we time, interleaved in the same rounds:
-  run        core.run(ctx, exit="fixed", loops=T), ctx prepared beforehand (the loops alone);
+  run        core.run(ctx, LoopOptions(loops=T)), ctx prepared beforehand (the loops alone);
   call       core.prepare(e) then core.run(...): one whole forward call, certified weights included;
   mlp        T applications of nn.Sequential(Linear(H, W, bias=False), ReLU, Linear(W, H, bias=False));
   mlp+update T applications of h ← Ā⊙h + d + s·mlp(h, u): the same matmuls and elementwise maths as
@@ -72,10 +72,10 @@ def loop_variants(core: LoopCore, e: Tensor, loops: int) -> dict[str, Callable[[
     a, d, u, s = torch.rand(hidden), torch.randn_like(h0), torch.randn(e.shape[0], width), torch.rand(())
 
     def run() -> Tensor:
-        return core.run(ctx, exit="fixed", loops=loops)[0]
+        return core.run(ctx, LoopOptions(loops=loops))[0]
 
     def call() -> Tensor:
-        return core.run(core.prepare(e), exit="fixed", loops=loops)[0]
+        return core.run(core.prepare(e), LoopOptions(loops=loops))[0]
 
     def mlp_only() -> Tensor:
         h = h0
@@ -161,7 +161,7 @@ def markdown(payload: dict[str, Any]) -> str:
     lines = [
         "# Loop core speed",
         "",
-        "One loop iteration of `LoopCore.run(ctx, exit=\"fixed\", loops=T)` at batch "
+        "One loop iteration of `LoopCore.run(ctx, LoopOptions(loops=T))` at batch "
         f"{payload['batch']}, against a plain torch MLP with the same matmul shapes "
         "(`Linear(H, W, bias=False) → ReLU → Linear(W, H, bias=False)`), measured in the same rounds. "
         f"Medians of {payload['repeats']} timings per point; ratios are medians of per-round ratios. "

@@ -105,14 +105,14 @@ def main() -> None:
         agent, cfg, payload, env = load_agent(path)
         step = int(payload["progress"]["step"])
         replay = replay_report(agent)
-        rng_state = agent.planner.gen.get_state()
+        planner_state = agent.planner.state_dict()
         for variant in args.variant or ["eval"]:
             mode, _, text = variant.partition(":")
             if mode not in ("eval", "train"):
                 raise SystemExit(f"variant {variant!r}: the mode must be eval or train")
             agent.planner.cfg = planner_with(cfg, text)
             agent.planner.reset()
-            agent.planner.gen.set_state(rng_state)  # every variant sees the same sampling noise
+            agent.planner.load_state_dict(planner_state)  # every variant sees the same sampling noise
             eps = episodes(agent, env, args.episodes, mode == "eval", args.seed)
             returns = [e["return"] for e in eps]
             flips = [e["flipped_at"] for e in eps]

@@ -30,14 +30,13 @@ from unittest import mock
 
 import numpy as np
 import torch
-from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import loopwm.lipschitz as lipschitz
-from loopwm.agents import Planner, PolicyPrior, ValueFunction
+from loopwm.agents import Planner, PolicyPrior, ValueFunction, build_planner
 from loopwm.config import Config, load_config
 from loopwm.envs.factory import action_from_model, make_env
-from loopwm.lipschitz import CertifiedLinear
+from loopwm.flops import linear_macs, step_macs
 from loopwm.world_model import WorldModel
 from common import (DEFAULT_OUT, REPO, command, load_average, machine_info, machine_md, matmul_peak,
                           md_table, median, write_outputs)
@@ -47,12 +46,6 @@ TDMPC2_OVERRIDES = ["planner.samples=512", "planner.horizon=3", "planner.iterati
                     "model.latent_dim=128", "model.mlp_dim=384", "model.hidden_dim=384"]
 TDMPC2_FRACTION = 0.30  # TD-MPC2's planner on this CPU: ~50 GFLOP/s of a ~170 GFLOP/s peak, 255-268 ms/decision
 LATENCY_TARGET_MS = 20.0
-
-
-def macs(*modules: nn.Module) -> int:
-    """Multiply-adds per input row of every linear map inside `modules`."""
-    return sum(m.weight.numel() for mod in modules for m in mod.modules()
-               if isinstance(m, (nn.Linear, CertifiedLinear)))
 
 
 def bound_flops(wm: WorldModel) -> int:
@@ -68,16 +61,13 @@ def bound_flops(wm: WorldModel) -> int:
 def decision_flops(wm: WorldModel, planner: Planner) -> dict[str, float]:
     """Analytic FLOPs of one decision for one environment, split into useful work and weight overhead."""
     cfg, loops = planner.cfg, wm.cfg.loops
-    block = wm.core.block
-    step = (macs(wm.action_embed, wm.prelude, wm.core.inject, block.e_path, wm.coda)
-            + (loops - 1) * macs(block.h_path[0]) + loops * macs(block.h_path[1:], block.out)
-            + macs(wm.reward_head, wm.continue_head))  # the first loop starts from h = 0 and skips h_path[0]
-    value = macs(planner.value.net) if planner.value is not None else 0
-    total = macs(wm.encoder) + cfg.iterations * cfg.samples * (cfg.horizon * step + value)
+    step = step_macs(wm, loops)["total"]
+    value = linear_macs(planner.value.net) if planner.value is not None else 0
+    total = linear_macs(wm.encoder) + cfg.iterations * cfg.samples * (cfg.horizon * step + value)
     imagine_calls = cfg.iterations
     if planner.prior is not None:
         p = planner.policy_samples
-        total += cfg.horizon * p * macs(planner.prior.net) + (cfg.horizon - 1) * p * step
+        total += cfg.horizon * p * linear_macs(planner.prior.net) + (cfg.horizon - 1) * p * step
         imagine_calls += cfg.horizon - 1
     return {"useful_gflop": 2 * total / 1e9, "model_step_mflop_per_sample": 2 * step / 1e6,
             "weights_gflop": imagine_calls * bound_flops(wm) / 1e9, "imagine_calls": imagine_calls}
@@ -92,8 +82,7 @@ def build(cfg: Config, with_prior_value: bool, seed: int) -> tuple[Any, WorldMod
     if with_prior_value:
         value = ValueFunction(wm.latent_dim, cfg.agent)
         prior = PolicyPrior(wm.latent_dim, wm.action_dim, wm.discrete, cfg.agent)
-    planner = Planner(wm, cfg.planner, value=value, prior=prior, seed=seed,
-                      exploration=cfg.agent.exploration_std)
+    planner = build_planner(cfg, wm, value=value, prior=prior, seed=seed, exploration=cfg.agent.exploration_std)
     return env, wm, planner
 
 

@@ -158,13 +158,13 @@ def train_for(cfg: Config, train_data: Any, minutes: float, label: str) -> tuple
     return wm, trainer, info
 
 
-def loop_spread(wm: Any, data: Any, seed: int, horizon: int, **loop: Any) -> dict[str, float]:
+def loop_spread(wm: Any, data: Any, seed: int, horizon: int, options: LoopOptions) -> dict[str, float]:
     """Loops used at step 1 on the same 256 sequences prediction_errors samples (same seed and length)."""
     batch = data.sample(256, horizon, np.random.default_rng(seed))
     with torch.no_grad():
-        device = wm.obs_mean.device
+        device = wm.device
         out = wm.imagine(wm.encode(batch["obs"][0].to(device).float()), batch["actions"][:1].to(device).float(),
-                         decode="none", **loop)
+                         decode="none", options=options)
     used = out.loops[0].float().cpu().numpy()
     return {"min": float(used.min()), "max": float(used.max()), "mean": float(used.mean()), "std": float(used.std()),
             "distinct": int(len(np.unique(used)))}
@@ -272,9 +272,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     longest = max(int(h) for h in fixed["horizons"])
     certified = []
     for tol in args.tols:
-        res = prediction_errors(wm, val_data, horizons, seed=cfg.seed, exit="certified", tol=tol, **norm)
+        certified = LoopOptions.from_config(cfg.model, exit="certified", tol=tol)
+        res = prediction_errors(wm, val_data, horizons, seed=cfg.seed, options=certified, **norm)
         res["tol"] = tol
-        res["step1_loops"] = loop_spread(wm, val_data, cfg.seed, longest, exit="certified", tol=tol)
+        res["step1_loops"] = loop_spread(wm, val_data, cfg.seed, longest, certified)
         res["verdict"] = verdict(res)
         certified.append(res)
         print(f"\ncertified exit tol={tol:g} (min_loops={cfg.model.min_loops}, max_loops={cfg.model.max_loops}): "

@@ -13,7 +13,7 @@ from types import ModuleType
 import gymnasium as gym
 import numpy as np
 from gymnasium.envs.registration import EnvSpec
-from gymnasium.spaces import Box, Discrete, Space
+from gymnasium.spaces import Box, Dict, Discrete, MultiBinary, MultiDiscrete, Space
 from gymnasium.wrappers import (
     AtariPreprocessing,
     FrameStackObservation,
@@ -23,7 +23,8 @@ from gymnasium.wrappers import (
 )
 
 from loopwm.config import EnvConfig
-from loopwm.envs.wrappers import ActionRepeat
+from loopwm.envs.wrappers import ActionRepeat, FlattenDictObservation
+from loopwm.nets import SpaceSpec
 
 
 def _require(module: str, extra: str, env_id: str, what: str) -> ModuleType:
@@ -54,19 +55,19 @@ def _make_atari(cfg: EnvConfig, render_mode: str | None, training: bool) -> gym.
     _require("cv2", "atari", cfg.id, "OpenCV")
     gym.register_envs(ale_py)
     _spec(cfg.id)
-    env = gym.make(cfg.id, frameskip=1, repeat_action_probability=cfg.sticky_actions, render_mode=render_mode)
+    env = gym.make(cfg.id, frameskip=1, repeat_action_probability=cfg.atari.sticky_actions, render_mode=render_mode)
     env = AtariPreprocessing(
         env,
         noop_max=30,
-        frame_skip=cfg.frame_skip,
-        screen_size=cfg.screen_size,
-        terminal_on_life_loss=cfg.terminal_on_life_loss,
+        frame_skip=cfg.atari.frame_skip,
+        screen_size=cfg.atari.screen_size,
+        terminal_on_life_loss=cfg.atari.terminal_on_life_loss,
         grayscale_obs=True,
     )
     if cfg.max_episode_steps is not None:
         env = TimeLimit(env, cfg.max_episode_steps)
-    env = FrameStackObservation(env, cfg.frame_stack)
-    if training and cfg.clip_rewards:
+    env = FrameStackObservation(env, cfg.atari.frame_stack)
+    if training and cfg.atari.clip_rewards:
         env = TransformReward(env, np.sign)
     return env
 
@@ -95,6 +96,8 @@ def make_env(
     except ValueError:
         env.close()
         raise
+    if isinstance(env.observation_space, Dict):
+        env = FlattenDictObservation(env)
     if cfg.action_repeat > 1:
         env = ActionRepeat(env, cfg.action_repeat)
     if seed is not None:
@@ -122,51 +125,63 @@ def make_vector_env(cfg: EnvConfig, seed: int | None = None, *, training: bool =
 
 
 def check_spaces(obs_space: Space, act_space: Space) -> None:
-    """Raise a ValueError naming the space when the world model cannot handle it.
+    """Raise a ValueError naming the space and what is supported when the world model cannot handle it.
 
-    Observations must be a Box; actions a Discrete or a 1-D Box with finite bounds (they are normalised).
+    Observations: a Box of shape (d,) or (C, H, W), or a Dict of such Boxes (flattened by `make_env`).
+    Actions: a 1-D Box with finite bounds (normalised to [-1, 1]), Discrete, MultiDiscrete or MultiBinary.
     """
-    if not isinstance(obs_space, Box):
-        raise ValueError(
-            f"observation space {obs_space} is not supported by the world model: expected a Box "
-            "(vector or image observations)")
-    _check_action_space(act_space)
+    try:
+        SpaceSpec.from_spaces(obs_space, act_space)
+    except TypeError as exc:
+        raise ValueError(f"{exc} (the world model's supported spaces)") from None
+    if isinstance(act_space, Box) and np.any(act_space.high <= act_space.low):
+        raise ValueError(f"action space {act_space} has a dimension with high <= low")
 
 
-def _check_action_space(space: Space) -> None:
+def action_groups(space: Space) -> tuple[int, ...]:
+    """One-hot group sizes of a categorical action space, () for a Box; an unsupported space raises."""
+    check_spaces(Box(-1.0, 1.0, (1,), np.float32), space)
     if isinstance(space, Discrete):
-        return
-    if not isinstance(space, Box) or len(space.shape) != 1:
-        raise ValueError(
-            f"action space {space} is not supported by the world model: expected Discrete or a 1-D Box")
-    if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
-        raise ValueError(f"action space {space} needs finite bounds to be normalised to [-1, 1]")
-    if np.any(space.high <= space.low):
-        raise ValueError(f"action space {space} has a dimension with high <= low")
+        return (int(space.n),)
+    if isinstance(space, MultiDiscrete):
+        return tuple(int(n) for n in space.nvec)
+    if isinstance(space, MultiBinary):
+        return (2,) * int(space.shape[0])
+    return ()
 
 
 def action_dim(space: Space) -> int:
-    """Width of the model's action vector: the Box dimension, or the number of Discrete actions."""
-    _check_action_space(space)
-    return int(space.n) if isinstance(space, Discrete) else int(space.shape[0])
+    """Width of the model's action vector: the Box dimension, or the total size of the one-hot groups."""
+    groups = action_groups(space)
+    return sum(groups) if groups else int(space.shape[0])
+
+
+def _starts(space: Space) -> np.ndarray:
+    """The smallest value of each categorical sub-action (Discrete and MultiDiscrete may start above 0)."""
+    if isinstance(space, (Discrete, MultiDiscrete)):
+        return np.asarray(space.start, dtype=np.int64).ravel()
+    return np.zeros(space.shape, dtype=np.int64)
 
 
 def action_to_model(action: np.ndarray, space: Space) -> np.ndarray:
-    """Env actions (batched or not) to model actions: Box scaled to [-1, 1], Discrete one-hot; float32."""
-    _check_action_space(space)
-    if isinstance(space, Discrete):
-        index = np.asarray(action, dtype=np.int64) - int(space.start)
-        return np.eye(int(space.n), dtype=np.float32)[index]
+    """Env actions (batched or not) to model actions: Box scaled to [-1, 1], categorical as one-hots; float32."""
+    groups = action_groups(space)
+    if groups:
+        index = np.asarray(action, dtype=np.int64)
+        index = (index[..., None] if isinstance(space, Discrete) else index) - _starts(space)
+        return np.concatenate([np.eye(n, dtype=np.float32)[index[..., i]] for i, n in enumerate(groups)], -1)
     low, high = space.low.astype(np.float64), space.high.astype(np.float64)
     return (2.0 * (np.asarray(action, dtype=np.float64) - low) / (high - low) - 1.0).astype(np.float32)
 
 
 def action_from_model(x: np.ndarray, space: Space) -> np.ndarray:
-    """Model actions back to env actions: clip to [-1, 1] and rescale, or take the argmax for Discrete."""
-    _check_action_space(space)
+    """Model actions back to env actions: clip to [-1, 1] and rescale, or the argmax of each one-hot group."""
+    groups = action_groups(space)
     x = np.asarray(x)
-    if isinstance(space, Discrete):
-        return (np.argmax(x, axis=-1) + int(space.start)).astype(space.dtype)
+    if groups:
+        ends = np.cumsum(groups)
+        index = np.stack([np.argmax(x[..., e - n:e], axis=-1) for n, e in zip(groups, ends)], -1) + _starts(space)
+        return (index[..., 0] if isinstance(space, Discrete) else index).astype(space.dtype)
     low, high = space.low.astype(np.float64), space.high.astype(np.float64)
     unit = (np.clip(x.astype(np.float64), -1.0, 1.0) + 1.0) / 2.0
     return np.clip(low + unit * (high - low), low, high).astype(space.dtype)

@@ -7,16 +7,30 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from gymnasium.spaces import Box, Discrete, Space
+from gymnasium.spaces import Box, Discrete, MultiBinary, MultiDiscrete, Space
 from torch import Tensor
 
-from loopwm.envs.factory import action_to_model
+from loopwm.envs.factory import action_groups, action_to_model
+from loopwm.loop import LoopOptions
 from loopwm.nets import SpaceSpec
 from loopwm.world_model import WorldModel
 
 
+CATEGORICAL = (Discrete, MultiDiscrete, MultiBinary)
+
+
+def _describe_actions(spec: SpaceSpec) -> str:
+    if not spec.discrete:
+        return f"Box({list(spec.action_low)}, {list(spec.action_high)}, ({spec.action_dim},))"
+    return f"categorical actions with one-hot groups {list(spec.action_groups)}"
+
+
 def check_compatible(spec: SpaceSpec, obs_space: Optional[Space], act_space: Optional[Space], where: str) -> None:
-    """Raise a ValueError naming the difference when `where`'s spaces are not those the model was built for."""
+    """Raise a ValueError naming the difference when `where`'s spaces are not those the model was built for.
+
+    Observations must be a Box of the model's shape and dtype (a Dict arrives flattened by `make_env`);
+    actions must be categorical with the same groups, or a Box with the same bounds.
+    """
     if obs_space is not None:
         shape, dtype = tuple(getattr(obs_space, "shape", None) or ()), getattr(obs_space, "dtype", None)
         if not isinstance(obs_space, Box) or shape != tuple(spec.obs_shape) or np.dtype(dtype) != np.dtype(spec.obs_dtype):
@@ -25,14 +39,12 @@ def check_compatible(spec: SpaceSpec, obs_space: Optional[Space], act_space: Opt
     if act_space is None:
         return
     if spec.discrete:
-        ok = isinstance(act_space, Discrete) and int(act_space.n) == spec.action_dim
-        expected = f"Discrete({spec.action_dim})"
+        ok = isinstance(act_space, CATEGORICAL) and action_groups(act_space) == tuple(spec.action_groups)
     else:
         ok = (isinstance(act_space, Box) and act_space.shape == (spec.action_dim,)
               and np.allclose(act_space.low, spec.action_low) and np.allclose(act_space.high, spec.action_high))
-        expected = f"Box({list(spec.action_low)}, {list(spec.action_high)}, ({spec.action_dim},))"
     if not ok:
-        raise ValueError(f"{where} has action space {act_space}; the model was trained on {expected}")
+        raise ValueError(f"{where} has action space {act_space}; the model was trained on {_describe_actions(spec)}")
 
 
 def spaces_for(wm: WorldModel, observation_space: Optional[Space], action_space: Optional[Space],
@@ -40,15 +52,14 @@ def spaces_for(wm: WorldModel, observation_space: Optional[Space], action_space:
     """The single-env observation and action spaces of a model environment.
 
     Given real spaces (checked against the model) are used as they are, so decoded observations carry
-    the real bounds; without them vector observations are unbounded and pixels are 0..255 uint8.
+    the real bounds; without them vector observations are unbounded, pixels are 0..255 uint8, and the
+    actions are rebuilt from the model (one categorical group: Discrete, several: MultiDiscrete).
     Latent observations (`decode_obs=False`) are unbounded vectors of the latent width.
     """
     spec = wm.spec
     check_compatible(spec, observation_space, action_space, "the environment given")
     if action_space is None:
-        action_space = (Discrete(spec.action_dim) if spec.discrete else
-                        Box(np.asarray(spec.action_low, np.float32), np.asarray(spec.action_high, np.float32),
-                            dtype=np.float32))
+        action_space = model_action_space(spec)
     if not decode_obs:
         return Box(-np.inf, np.inf, (wm.latent_dim,), np.float32), action_space
     if observation_space is not None:
@@ -58,24 +69,33 @@ def spaces_for(wm: WorldModel, observation_space: Optional[Space], action_space:
     return Box(-np.inf, np.inf, spec.obs_shape, np.float32), action_space
 
 
+def model_action_space(spec: SpaceSpec) -> Space:
+    """The action space a model describes: its Box bounds, or Discrete / MultiDiscrete from its one-hot groups."""
+    if not spec.discrete:
+        return Box(np.asarray(spec.action_low, np.float32), np.asarray(spec.action_high, np.float32), dtype=np.float32)
+    groups = tuple(spec.action_groups)
+    return Discrete(groups[0]) if len(groups) == 1 else MultiDiscrete(list(groups))
+
+
 def check_actions(actions: Any, space: Space, batch: Optional[int]) -> np.ndarray:
     """Validate env actions (one, or `batch` rows) and return the model's float32 actions [B, A].
 
-    A Discrete action must be an integer in the space; a Box action must have the space's shape, hold
-    finite numbers and lie within the bounds. Anything else raises a ValueError that says what was wrong.
+    A categorical action must hold integers inside the space (one for Discrete, one per entry for
+    MultiDiscrete and MultiBinary); a Box action must have the space's shape, hold finite numbers and lie
+    within the bounds. Anything else raises a ValueError that says what was wrong.
     """
     a = np.asarray(actions)
     lead = () if batch is None else (batch,)
-    if isinstance(space, Discrete):
-        lo, n = int(space.start), int(space.n)
-        if (a.shape != lead or not np.issubdtype(a.dtype, np.integer)
-                or (a.size and (a.min() < lo or a.max() >= lo + n))):
-            what = "a Discrete action" if batch is None else f"Discrete actions of shape {lead}"
-            raise ValueError(f"expected {what}: integers in [{lo}, {lo + n}), got {actions!r}")
+    shape = (*lead, *space.shape)
+    if isinstance(space, CATEGORICAL):
+        low = np.asarray(getattr(space, "start", 0))
+        high = low + (np.asarray(space.nvec if isinstance(space, MultiDiscrete) else getattr(space, "n", 2)))
+        if a.shape != shape or not np.issubdtype(a.dtype, np.integer) or (a.size and ((a < low) | (a >= high)).any()):
+            raise ValueError(f"expected {type(space).__name__} actions of shape {shape}: integers in "
+                             f"[{low.tolist()}, {high.tolist()}), got {actions!r}")
     else:
-        if a.shape != (*lead, *space.shape) or not np.issubdtype(a.dtype, np.number):
-            raise ValueError(f"action has shape {a.shape} and dtype {a.dtype}; expected numbers of shape "
-                             f"{(*lead, *space.shape)}")
+        if a.shape != shape or not np.issubdtype(a.dtype, np.number):
+            raise ValueError(f"action has shape {a.shape} and dtype {a.dtype}; expected numbers of shape {shape}")
         if not np.all(np.isfinite(a)):
             raise ValueError(f"action contains NaN or infinite values: {actions!r}")
         outside = (a < space.low) | (a > space.high)
@@ -110,11 +130,11 @@ class ModelStep:
 
 
 @torch.no_grad()
-def model_step(wm: WorldModel, z: Tensor, actions: np.ndarray, loop_kwargs: dict[str, Any],
+def model_step(wm: WorldModel, z: Tensor, actions: np.ndarray, options: Optional[LoopOptions],
                decode: bool) -> ModelStep:
     """Advance latents `z` [B, Z] under model actions [B, A] with one `wm.step`, and read out rewards,
     continues, loop statistics and (when `decode`) observations, each moved to the host once."""
-    z, trace = wm.step(z, torch.as_tensor(actions, device=z.device), **loop_kwargs)
+    z, trace = wm.step(z, torch.as_tensor(actions, device=z.device), options=options)
     obs = wm.decode(z).cpu().numpy() if decode else None
     return ModelStep(
         z=z, obs=obs,

@@ -21,6 +21,7 @@ from loopwm.envs.model_io import check_compatible
 from loopwm.envs.starts import StartSource
 from loopwm.envs.vector_world_model_env import VectorWorldModelEnv
 from loopwm.envs.world_model_env import WorldModelEnv
+from loopwm.loop import LoopOptions
 from loopwm.replay import ReplayBuffer
 from loopwm.train import resolve_device
 from loopwm.world_model import WorldModel
@@ -101,7 +102,7 @@ def _finish(model_env: Union[WorldModelEnv, VectorWorldModelEnv], owns_env: bool
 def make_world_model_env(checkpoint: Union[str, Path], *, env: RealEnv = None,
                          reset_obs: Union[StartSource, str] = None, max_episode_steps: Optional[int] = None,
                          decode_obs: bool = True, render_mode: Optional[str] = None,
-                         loop_kwargs: Optional[dict[str, Any]] = None, device: str = "cpu") -> WorldModelEnv:
+                         options: Optional[LoopOptions] = None, device: str = "cpu") -> WorldModelEnv:
     """`gymnasium.make("loopwm/WorldModel-v0", checkpoint=PATH, ...)`: a `WorldModelEnv` of a saved model.
 
     `gymnasium.make`'s own ``max_episode_steps`` adds a TimeLimit on top; the model env itself truncates
@@ -110,19 +111,19 @@ def make_world_model_env(checkpoint: Union[str, Path], *, env: RealEnv = None,
     parts = model_env_parts(checkpoint, env, reset_obs, max_episode_steps, device)
     owns = parts.pop("owns_env")
     return _finish(WorldModelEnv(**parts, decode_obs=decode_obs, render_mode=render_mode,
-                                 loop_kwargs=loop_kwargs), owns)
+                                 options=options), owns)
 
 
 def make_vector_world_model_env(checkpoint: Union[str, Path], num_envs: int = 1, *, env: RealEnv = None,
                                 reset_obs: Union[StartSource, str] = None, max_episode_steps: Optional[int] = None,
                                 decode_obs: bool = True, autoreset_mode: Any = gym.vector.AutoresetMode.NEXT_STEP,
-                                loop_kwargs: Optional[dict[str, Any]] = None,
+                                options: Optional[LoopOptions] = None,
                                 device: str = "cpu") -> VectorWorldModelEnv:
     """`gymnasium.make_vec("loopwm/WorldModel-v0", num_envs=N, checkpoint=PATH, ...)`: one batched model env."""
     parts = model_env_parts(checkpoint, env, reset_obs, max_episode_steps, device)
     owns = parts.pop("owns_env")
     return _finish(VectorWorldModelEnv(**parts, num_envs=num_envs, decode_obs=decode_obs,
-                                       autoreset_mode=autoreset_mode, loop_kwargs=loop_kwargs), owns)
+                                       autoreset_mode=autoreset_mode, options=options), owns)
 
 
 __all__ = ["ENV_ID", "real_env", "make_vector_world_model_env", "make_world_model_env", "model_env_parts", "register"]

@@ -18,6 +18,7 @@ from gymnasium.vector.utils import batch_space
 from loopwm.envs.model_io import check_actions, format_obs, model_step, spaces_for
 from loopwm.envs.starts import StartSource, Starts, check_obs
 from loopwm.envs.world_model_env import check_episode_steps
+from loopwm.loop import LoopOptions
 from loopwm.world_model import WorldModel
 
 Seed = Union[None, int, Sequence[Optional[int]]]
@@ -60,7 +61,7 @@ class VectorWorldModelEnv(gym.vector.VectorEnv):
         max_episode_steps: Optional[int] = 1000,
         decode_obs: bool = True,
         autoreset_mode: Union[str, AutoresetMode] = AutoresetMode.NEXT_STEP,
-        loop_kwargs: Optional[dict[str, Any]] = None,
+        options: Optional[LoopOptions] = None,
     ):
         """Batch ``num_envs`` imagined environments of ``wm``; the other arguments are `WorldModelEnv`'s."""
         if not isinstance(wm, WorldModel):
@@ -75,7 +76,7 @@ class VectorWorldModelEnv(gym.vector.VectorEnv):
         self.wm, self.num_envs = wm, int(num_envs)
         self.max_episode_steps = check_episode_steps(max_episode_steps)
         self.decode_obs = decode_obs
-        self.loop_kwargs = dict(loop_kwargs or {})
+        self.options = options
         self.starts = Starts(reset_obs, wm.spec.obs_shape)
         self.metadata = {"autoreset_mode": self.autoreset_mode, "render_modes": []}
         self._obs_bounds, self.single_action_space = spaces_for(wm, observation_space, action_space, True)
@@ -122,7 +123,7 @@ class VectorWorldModelEnv(gym.vector.VectorEnv):
                 f"VectorWorldModelEnv: envs {np.flatnonzero(self._ended).tolist()} ended and autoreset is disabled; "
                 "call reset(options={'reset_mask': mask}) for them first")
         restarting = self._ended.copy() if mode == AutoresetMode.NEXT_STEP else np.zeros(self.num_envs, bool)
-        out = model_step(self.wm, self._z, model_actions, self.loop_kwargs, self.decode_obs)
+        out = model_step(self.wm, self._z, model_actions, self.options, self.decode_obs)
         self._z = out.z
         self._obs = format_obs(out.obs, self._obs_bounds, self.wm.spec.pixels) if self.decode_obs else None
         self._elapsed += 1
@@ -186,7 +187,7 @@ class VectorWorldModelEnv(gym.vector.VectorEnv):
         starts = given[rows] if given is not None else np.stack([self.starts.draw(self._rngs[i]) for i in rows])
         starts = format_obs(starts, self._obs_bounds, self.wm.spec.pixels)
         with torch.no_grad():
-            z = self.wm.encode(torch.as_tensor(starts, device=self.wm.obs_mean.device))
+            z = self.wm.encode(torch.as_tensor(starts, device=self.wm.device))
         if self._z is None:
             self._z = z.new_zeros((self.num_envs, z.shape[-1]))
             self._obs = np.zeros((self.num_envs, *shape), starts.dtype) if self.decode_obs else None

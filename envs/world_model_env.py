@@ -16,6 +16,7 @@ from torch import Tensor
 
 from loopwm.envs.model_io import check_actions, format_obs, model_step, spaces_for
 from loopwm.envs.starts import StartSource, Starts, check_obs
+from loopwm.loop import LoopOptions
 from loopwm.world_model import WorldModel
 
 Action = Union[np.ndarray, int]
@@ -76,14 +77,14 @@ class WorldModelEnv(gym.Env[np.ndarray, Action]):
         max_episode_steps: Optional[int] = 1000,
         decode_obs: bool = True,
         render_mode: Optional[str] = None,
-        loop_kwargs: Optional[dict[str, Any]] = None,
+        options: Optional[LoopOptions] = None,
     ):
         """Wrap ``wm``; ``reset_obs`` is where episodes start (see `Starts`: a ReplayBuffer, a dataset
         path, an array ``[N, *obs_shape]``, a real environment, a sampler ``f(np_random) -> obs``, or None
         to require ``options["obs"]``).
 
-        ``loop_kwargs`` go to every ``wm.step`` call (e.g. ``exit="certified", tol=1e-3``), as they
-        would to ``wm.imagine``. ``render_mode="rgb_array"`` is available for pixel models only.
+        ``options`` (a `loopwm.loop.LoopOptions`, e.g. the certified exit) go to every ``wm.step`` call,
+        as they would to ``wm.imagine``. ``render_mode="rgb_array"`` is available for pixel models only.
         """
         if not isinstance(wm, WorldModel):
             raise TypeError(f"WorldModelEnv needs a loopwm.WorldModel, got {type(wm).__name__}")
@@ -97,7 +98,7 @@ class WorldModelEnv(gym.Env[np.ndarray, Action]):
         self.render_mode = render_mode
         self.max_episode_steps = check_episode_steps(max_episode_steps)
         self.decode_obs = decode_obs
-        self.loop_kwargs = dict(loop_kwargs or {})
+        self.options = options
         self.starts = Starts(reset_obs, spec.obs_shape)
         self._obs_bounds, self.action_space = spaces_for(wm, observation_space, action_space, True)
         self.observation_space = spaces_for(wm, observation_space, action_space, decode_obs)[0]
@@ -119,7 +120,7 @@ class WorldModelEnv(gym.Env[np.ndarray, Action]):
         obs = check_obs(given, shape, "start observation") if given is not None else self.starts.draw(self.np_random)
         obs = self._format(obs)
         with torch.no_grad():
-            self._z = self.wm.encode(torch.as_tensor(obs[None], device=self.wm.obs_mean.device))
+            self._z = self.wm.encode(torch.as_tensor(obs[None], device=self.wm.device))
         self._elapsed = 0
         return (obs if self.decode_obs else self._latent_obs()), {}
 
@@ -127,7 +128,7 @@ class WorldModelEnv(gym.Env[np.ndarray, Action]):
         """Advance the latent one environment step with ``wm.step`` and read out obs, reward and flags."""
         if self._z is None:
             raise gym.error.ResetNeeded("WorldModelEnv: call reset() before step()")
-        out = model_step(self.wm, self._z, check_actions(action, self.action_space, None), self.loop_kwargs,
+        out = model_step(self.wm, self._z, check_actions(action, self.action_space, None), self.options,
                          self.decode_obs)
         self._z = out.z
         self._elapsed += 1

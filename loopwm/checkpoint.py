@@ -17,7 +17,7 @@ from loopwm.nets import SpaceSpec
 from loopwm.world_model import WorldModel
 
 FORMAT = "loopwm-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: LoopCore.gain_logit (was rho), config sections (env.atari, block_options), planner state
 
 
 class CheckpointError(RuntimeError):

@@ -1,16 +1,19 @@
 """Typed experiment configs: dataclasses loaded from YAML, with dotted overrides and strict validation.
 
-Every value is checked up front, so a typo or an out-of-range number fails before any work starts,
-with an error that names the key, the value and what was expected.
+Every value is checked when a section is built, whether from YAML or directly in Python: a typo, an
+out-of-range or non-finite number, or a rule across fields fails before any work starts, with an error
+that names the key, the value and what was expected.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
 
@@ -19,20 +22,41 @@ class ConfigError(ValueError):
     """A config value or key is invalid; the message names the key and what was expected."""
 
 
-def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> dict:
-    return {"range": (lo, hi, lo_open)}
+def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> dict:
+    return {"range": (lo, hi, lo_open, hi_open)}
+
+
+class Section:
+    """A config section: every field is range- and finiteness-checked at construction, then `check` runs
+    the rules across fields, so a section built directly in Python is held to the same rules as YAML."""
+
+    prefix: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            key = f"{self.prefix}.{f.name}" if self.prefix else f.name
+            tp, value = hints[f.name], getattr(self, f.name)
+            if dataclasses.is_dataclass(tp):
+                if isinstance(value, dict):
+                    value = build_dataclass(tp, value, key)
+                elif not isinstance(value, tp):
+                    raise ConfigError(f"{key}: expected a {tp.__name__} or a mapping, got {type(value).__name__}")
+            else:
+                value = _coerce(key, value, tp)
+                _check_range(key, value, f.metadata.get("range"))
+            object.__setattr__(self, f.name, value)
+        self.check()
+
+    def check(self) -> None:
+        """Rules across fields; sections override this."""
 
 
 @dataclass
-class EnvConfig:
-    """Which Gymnasium environment to build, and how to wrap it."""
+class AtariConfig(Section):
+    """Atari preprocessing (the standard one of Machado et al. 2018, with frame stacking)."""
 
-    id: str = "Pendulum-v1"
-    num_envs: int = field(default=1, metadata=_range(1, 256))
-    vectorization: Literal["sync", "async"] = "sync"
-    max_episode_steps: Optional[int] = field(default=None, metadata=_range(1))
-    action_repeat: int = field(default=1, metadata=_range(1, 16))
-    # Atari preprocessing (ignored for other environments).
+    prefix: ClassVar[str] = "env.atari"
     frame_skip: int = field(default=4, metadata=_range(1, 16))
     frame_stack: int = field(default=4, metadata=_range(1, 16))
     screen_size: int = field(default=84, metadata=_range(16, 256))
@@ -42,23 +66,42 @@ class EnvConfig:
 
 
 @dataclass
-class ModelConfig:
-    """Shape of the looped world model and its exit rule."""
+class EnvConfig(Section):
+    """Which Gymnasium environment to build, and how to wrap it."""
 
+    prefix: ClassVar[str] = "env"
+    id: str = "Pendulum-v1"
+    num_envs: int = field(default=1, metadata=_range(1, 256))
+    vectorization: Literal["sync", "async"] = "sync"
+    max_episode_steps: Optional[int] = field(default=None, metadata=_range(1))
+    action_repeat: int = field(default=1, metadata=_range(1, 16))
+    atari: AtariConfig = field(default_factory=AtariConfig)
+
+
+@dataclass
+class ModelConfig(Section):
+    """Shape of the looped world model and its exit rule.
+
+    `block` names a registered shared block (`loopwm.blocks.BLOCKS`); `block_options` holds that block's
+    own settings (e.g. `{tokens: 4}` for "token"), checked by the block. `exit` names a registered exit rule
+    (`loopwm.loop.EXIT_RULES`).
+    """
+
+    prefix: ClassVar[str] = "model"
     latent_dim: int = field(default=64, metadata=_range(1))
     hidden_dim: int = field(default=128, metadata=_range(1))
     inject_dim: int = field(default=128, metadata=_range(1))
     mlp_dim: int = field(default=256, metadata=_range(1))
-    block: Literal["mlp", "token"] = "mlp"
+    block: str = "mlp"
     block_depth: int = field(default=1, metadata=_range(1, 8))
-    tokens: int = field(default=4, metadata=_range(1, 64))
+    block_options: dict = field(default_factory=dict)
     activation: Literal["relu", "leaky_relu", "tanh"] = "relu"
-    kappa_max: float = field(default=0.9, metadata=_range(0.0, 1.0, lo_open=True))
-    retention_max: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    kappa_max: float = field(default=0.9, metadata=_range(0.0, 1.0, lo_open=True, hi_open=True))
+    retention_max: float = field(default=0.5, metadata=_range(0.0, 1.0, hi_open=True))
     constrain_block: bool = True
     retention: bool = True
     loops: int = field(default=4, metadata=_range(1, 256))
-    exit: Literal["fixed", "certified", "gate"] = "fixed"
+    exit: str = "fixed"
     min_loops: int = field(default=1, metadata=_range(1, 256))
     max_loops: int = field(default=16, metadata=_range(1, 1024))
     exit_tol: float = field(default=1e-2, metadata=_range(0.0, lo_open=True))
@@ -67,11 +110,25 @@ class ModelConfig:
     reward_bins: int = field(default=101, metadata=_range(3))
     encoder: Literal["auto", "mlp", "cnn"] = "auto"
 
+    def check(self) -> None:
+        from loopwm.blocks import check_block
+        from loopwm.loop import check_exit
+
+        if self.min_loops > self.max_loops:
+            raise ConfigError(f"model.min_loops={self.min_loops} must be <= model.max_loops={self.max_loops}")
+        if self.retention and self.retention_max >= self.kappa_max:
+            raise ConfigError(
+                f"model.retention_max={self.retention_max} must be < model.kappa_max={self.kappa_max}: "
+                "the shared block needs a positive share of the contraction budget")
+        check_exit(self.exit)
+        check_block(self)
+
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     """World-model fitting: objective, loop sampling, optimiser and bookkeeping."""
 
+    prefix: ClassVar[str] = "train"
     updates: int = field(default=2000, metadata=_range(0))
     batch_size: int = field(default=256, metadata=_range(1))
     horizon: int = field(default=5, metadata=_range(1, 256))
@@ -99,11 +156,23 @@ class TrainConfig:
     log_every: int = field(default=50, metadata=_range(1))
     checkpoint_every: int = field(default=500, metadata=_range(1))
 
+    def check(self) -> None:
+        from loopwm.optim import OPTIMIZERS
+
+        if self.optimizer.lower() not in OPTIMIZERS:
+            raise ConfigError(f"train.optimizer={self.optimizer!r}: expected one of {OPTIMIZERS}")
+        if self.w_continue == 0:
+            raise ConfigError(
+                "train.w_continue=0 leaves the continue head untrained: its outputs stay near 0.5, and every "
+                "imagined return (planner, value, prior) would be discounted by them; keep it > 0, even for "
+                "environments that never terminate")
+
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     """Where datasets live and how `loopwm collect` fills them."""
 
+    prefix: ClassVar[str] = "data"
     path: str = "data/dataset.npz"
     steps: int = field(default=20000, metadata=_range(1))
     policy: Literal["random", "noisy_planner", "mixed"] = "random"
@@ -113,10 +182,14 @@ class DataConfig:
 
 
 @dataclass
-class PlannerConfig:
-    """Latent MPPI/CEM planning."""
+class PlannerConfig(Section):
+    """Latent planning: `method` names a registered planner (`loopwm.agents.planner.PLANNERS`).
 
-    method: Literal["mppi", "cem"] = "mppi"
+    The discount is the agent's (`agent.discount`): planner, value and prior share one.
+    """
+
+    prefix: ClassVar[str] = "planner"
+    method: str = "mppi"
     horizon: int = field(default=3, metadata=_range(1, 128))
     iterations: int = field(default=3, metadata=_range(1, 64))
     samples: int = field(default=256, metadata=_range(2))
@@ -125,15 +198,22 @@ class PlannerConfig:
     temperature: float = field(default=0.5, metadata=_range(0.0, lo_open=True))
     min_std: float = field(default=0.05, metadata=_range(0.0))
     max_std: float = field(default=2.0, metadata=_range(0.0, lo_open=True))
-    discount: float = field(default=0.99, metadata=_range(0.0, 1.0))
     uncertainty_penalty: float = field(default=0.0, metadata=_range(0.0))
     momentum: float = field(default=0.1, metadata=_range(0.0, 1.0))
 
+    def check(self) -> None:
+        if self.elites > self.samples:
+            raise ConfigError(f"planner.elites={self.elites} must be <= planner.samples={self.samples}")
+        if self.policy_samples >= self.samples:
+            raise ConfigError(
+                f"planner.policy_samples={self.policy_samples} must be < planner.samples={self.samples}")
+
 
 @dataclass
-class AgentConfig:
-    """The online loop: seeding, update ratio, value learning and evaluation."""
+class AgentConfig(Section):
+    """The online loop: seeding, update ratio, value and prior learning, and evaluation."""
 
+    prefix: ClassVar[str] = "agent"
     total_steps: int = field(default=5000, metadata=_range(1))
     seed_steps: int = field(default=500, metadata=_range(0))
     update_every: int = field(default=1, metadata=_range(1))
@@ -146,12 +226,14 @@ class AgentConfig:
     tau: float = field(default=0.01, metadata=_range(0.0, 1.0))
     value_lambda: float = field(default=0.95, metadata=_range(0.0, 1.0))
     discount: float = field(default=0.99, metadata=_range(0.0, 1.0))
+    hidden_dim: int = field(default=256, metadata=_range(1))
+    prior_horizon: int = field(default=3, metadata=_range(1, 64))
+    prior_entropy: float = field(default=1e-3, metadata=_range(0.0))
     exploration_std: float = field(default=0.1, metadata=_range(0.0))
-    record_video: bool = False
 
 
 @dataclass
-class Config:
+class Config(Section):
     """A whole experiment."""
 
     name: str = "default"
@@ -167,28 +249,9 @@ class Config:
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
 
-    def validate(self) -> "Config":
-        """Checks that single-field ranges cannot express: across fields, or needing a reason in the message."""
-        m = self.model
-        if m.min_loops > m.max_loops:
-            raise ConfigError(f"model.min_loops={m.min_loops} must be <= model.max_loops={m.max_loops}")
-        if m.retention_max >= m.kappa_max:
-            raise ConfigError(
-                f"model.retention_max={m.retention_max} must be < model.kappa_max={m.kappa_max}: "
-                "the shared block needs a positive share of the contraction budget")
-        if m.block == "token" and m.hidden_dim % m.tokens:
-            raise ConfigError(f"model.hidden_dim={m.hidden_dim} must be divisible by model.tokens={m.tokens}")
-        if self.train.w_continue == 0:
-            raise ConfigError(
-                "train.w_continue=0 leaves the continue head untrained: its outputs stay near 0.5, and every "
-                "imagined return (planner, value, prior) would be discounted by them; keep it > 0, even for "
-                "environments that never terminate")
-        if self.planner.elites > self.planner.samples:
-            raise ConfigError(
-                f"planner.elites={self.planner.elites} must be <= planner.samples={self.planner.samples}")
+    def check(self) -> None:
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"device={self.device!r}: expected 'auto', 'cpu' or 'cuda[:N]'")
-        return self
 
 
 def _type_name(tp: Any) -> str:
@@ -226,14 +289,23 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return int(value)
         raise ConfigError(f"{key}={value!r}: expected an integer")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}={value!r}: expected a number")
+        if number is None:
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}={value!r}: expected a finite number")
+        return number
+    if tp is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)
+        raise ConfigError(f"{key}={value!r}: expected a mapping with string keys")
     if tp is str:
         if isinstance(value, str):
             return value
@@ -244,42 +316,43 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 def _check_range(key: str, value: Any, spec: tuple | None) -> None:
     if spec is None or value is None:
         return
-    lo, hi, lo_open = spec
+    lo, hi, lo_open, hi_open = spec
     if lo is not None and (value <= lo if lo_open else value < lo):
         raise ConfigError(f"{key}={value!r}: expected a value {'>' if lo_open else '>='} {lo}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{key}={value!r}: expected a value <= {hi}")
+    if hi is not None and (value >= hi if hi_open else value > hi):
+        raise ConfigError(f"{key}={value!r}: expected a value {'<' if hi_open else '<='} {hi}")
 
 
-def build_dataclass(cls: type, data: dict, prefix: str) -> Any:
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
+    """Build the `Section` subclass `cls` from a mapping, refusing unknown keys (the section checks its values)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(map(str, data)) - set(fields))
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(
-            f"unknown config key {where}{unknown[0]!s}; expected one of {sorted(fields)}")
+        raise ConfigError(f"unknown config key {where}{unknown[0]}; expected one of {sorted(fields)}")
+    hints = _hints(cls)
     kwargs = {}
     for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
         tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = build_dataclass(tp, value if value is not None else {}, key)
-        else:
-            kwargs[name] = _coerce(key, value, tp)
-            _check_range(key, kwargs[name], fields[name].metadata.get("range"))
-    obj = cls(**kwargs)
-    for name, f in fields.items():
-        if name not in data and not dataclasses.is_dataclass(hints[name]):
-            _check_range(f"{prefix}.{name}" if prefix else name, getattr(obj, name), f.metadata.get("range"))
-    return obj
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = build_dataclass(tp, {} if value is None else value, key) if dataclasses.is_dataclass(tp) else value
+    return cls(**kwargs)
 
 
 def from_dict(data: dict) -> Config:
-    """Build and validate a Config from a plain nested dict."""
-    return build_dataclass(Config, data or {}, "").validate()
+    """Build and check a Config from a plain nested dict."""
+    return build_dataclass(Config, data or {}, "")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -298,8 +371,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Return a copy of `data` with each dotted override set."""
-    import copy
-
     out = copy.deepcopy(data)
     for text in overrides:
         path, value = parse_override(text)

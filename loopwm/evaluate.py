@@ -13,6 +13,7 @@ import torch
 
 from loopwm.analysis.stats import spearman
 from loopwm.replay import ReplayBuffer
+from loopwm.loop import LoopOptions
 from loopwm.world_model import WorldModel
 
 
@@ -24,11 +25,11 @@ def _norm_sq_error(pred: torch.Tensor, true: torch.Tensor, var: torch.Tensor) ->
 @torch.no_grad()
 def prediction_errors(wm: WorldModel, data: ReplayBuffer, horizons: Sequence[int] = (1, 10, 50),
                       sequences: int = 256, seed: int = 0, obs_var: Optional[torch.Tensor] = None,
-                      obs_mean: Optional[torch.Tensor] = None, **loop: Any) -> dict[str, Any]:
+                      obs_mean: Optional[torch.Tensor] = None, options: Optional[LoopOptions] = None) -> dict[str, Any]:
     """1/10/50-step open-loop errors of the model and both baselines, plus reward, continue and loop stats.
 
     Rolls out from z₀ = E(o₀) with the logged actions, decoding every step. Horizons longer than the
-    longest stored episode are dropped. `loop` overrides the model's exit rule (e.g. exit="certified").
+    longest stored episode are dropped. `options` overrides the model's loop options (e.g. the certified exit).
     """
     wm.eval()
     longest = max(len(ep["rewards"]) for ep in data.episodes())
@@ -36,7 +37,7 @@ def prediction_errors(wm: WorldModel, data: ReplayBuffer, horizons: Sequence[int
     if not horizons:
         raise ValueError(f"held-out episodes are too short ({longest} steps) for any requested horizon")
     batch = data.sample(sequences, max(horizons), np.random.default_rng(seed))
-    device = wm.obs_mean.device
+    device = wm.device
     obs = batch["obs"].to(device).float()
     stats = data.stats()
     mean = (obs_mean if obs_mean is not None else stats["obs_mean"]).to(device)
@@ -44,7 +45,8 @@ def prediction_errors(wm: WorldModel, data: ReplayBuffer, horizons: Sequence[int
     if wm.spec.pixels:  # many pixels never change: normalise frames by the variance over all pixels
         var = var.expand(wm.spec.obs_shape).mean().expand(wm.spec.obs_shape)
     var = var.clamp_min(1e-8)
-    out = wm.imagine(wm.encode(obs[0]), batch["actions"].to(device).float(), decode="all", keep_traces=True, **loop)
+    out = wm.imagine(wm.encode(obs[0]), batch["actions"].to(device).float(), decode="all", keep_traces=True,
+                     options=options)
     true = obs[1:]
     model_err = _norm_sq_error(out.obs, true, var)                          # [H, B]
     mean_err = _norm_sq_error(mean.expand_as(true), true, var)

@@ -18,9 +18,126 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from loopwm.blocks import make_block
-from loopwm.config import ModelConfig
+from loopwm.config import ConfigError, ModelConfig
 
-EXIT_POLICIES = ("fixed", "certified", "gate")
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """How one environment step loops: the exit rule and its limits, checked when built.
+
+    `exit` names a rule in `EXIT_RULES`. "fixed" runs `loops` iterations (an int, or a per-sample
+    long tensor); "certified" stops a sample once its certified distance to the fixed point is
+    ≤ `tol`; "gate" once the learned exit probability exceeds `gate_threshold`. The adaptive rules
+    respect `min_loops`/`max_loops`. `bptt=k` backpropagates through the last k loops only, which
+    needs the loop count in advance, so only "fixed" takes it; an option a rule cannot honour is
+    refused here rather than ignored.
+    """
+
+    exit: str = "fixed"
+    loops: Union[int, Tensor, None] = None
+    min_loops: int = 1
+    max_loops: int = 16
+    tol: float = 1e-2
+    gate_threshold: float = 0.5
+    bptt: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        rule = check_exit(self.exit)
+        for name in ("min_loops", "max_loops"):
+            _check_count(name, getattr(self, name))
+        if self.min_loops > self.max_loops:
+            raise ValueError(f"min_loops={self.min_loops} must be <= max_loops={self.max_loops}")
+        if isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)) or not math.isfinite(self.tol) \
+                or self.tol <= 0:
+            raise ValueError(f"tol={self.tol!r}: expected a finite number > 0")
+        if not isinstance(self.gate_threshold, (int, float)) or not 0.0 <= self.gate_threshold <= 1.0:
+            raise ValueError(f"gate_threshold={self.gate_threshold!r}: expected a number in [0, 1]")
+        if self.bptt is not None:
+            _check_count("bptt", self.bptt)
+        if isinstance(self.loops, Tensor):
+            if self.loops.is_floating_point() or self.loops.dim() != 1 or bool((self.loops < 1).any()):
+                raise ValueError("loops as a tensor must be a 1-D integer tensor of counts >= 1")
+        elif self.loops is not None:
+            _check_count("loops", self.loops)
+        rule.check(self)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, **overrides: object) -> "LoopOptions":
+        """The model config's exit rule and limits, with keyword overrides (e.g. `exit="certified"`)."""
+        base = {"exit": cfg.exit, "min_loops": cfg.min_loops, "max_loops": cfg.max_loops, "tol": cfg.exit_tol,
+                "gate_threshold": cfg.gate_threshold}
+        exit = overrides.get("exit", base["exit"])
+        if exit == "fixed":
+            base["loops"] = cfg.loops
+        return cls(**{**base, **overrides})
+
+
+def _check_count(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r}: expected an integer >= 1")
+
+
+class FixedExit:
+    """Run a set number of loops per sample (`loops`, default the model's `loops`)."""
+
+    def check(self, opts: LoopOptions) -> None:
+        """Every option applies."""
+
+    def targets(self, opts: LoopOptions, default: int, batch: int, device: torch.device) -> Tensor:
+        loops = default if opts.loops is None else opts.loops
+        return torch.as_tensor(loops, device=device).long().expand(batch)
+
+    def fire(self, core: "LoopCore", h: Tensor, step_norm: Tensor, bound: Tensor, opts: LoopOptions,
+             gates: list[Tensor]) -> Optional[Tensor]:
+        return None
+
+
+class CertifiedExit:
+    """Stop once the certified distance κ/(1−κ)·‖h(t) − h(t−1)‖ (plus rounding) is ≤ `tol`."""
+
+    def check(self, opts: LoopOptions) -> None:
+        _refuse_fixed_only("certified", opts)
+
+    def targets(self, opts: LoopOptions, default: int, batch: int, device: torch.device) -> None:
+        return None
+
+    def fire(self, core: "LoopCore", h: Tensor, step_norm: Tensor, bound: Tensor, opts: LoopOptions,
+             gates: list[Tensor]) -> Tensor:
+        return bound <= opts.tol
+
+
+class GateExit:
+    """Stop once the learned exit gate's probability exceeds `gate_threshold` (Ouro-style)."""
+
+    def check(self, opts: LoopOptions) -> None:
+        _refuse_fixed_only("gate", opts)
+
+    def targets(self, opts: LoopOptions, default: int, batch: int, device: torch.device) -> None:
+        return None
+
+    def fire(self, core: "LoopCore", h: Tensor, step_norm: Tensor, bound: Tensor, opts: LoopOptions,
+             gates: list[Tensor]) -> Tensor:
+        prob = core.exit_probability(h, step_norm.detach())
+        gates.append(prob)
+        return prob.detach() > opts.gate_threshold
+
+
+def _refuse_fixed_only(rule: str, opts: LoopOptions) -> None:
+    for name in ("loops", "bptt"):
+        if getattr(opts, name) is not None:
+            raise ValueError(f"{name}={getattr(opts, name)!r} needs exit='fixed': the {rule!r} exit decides the "
+                             "loop count as it runs (use min_loops/max_loops to bound it)")
+
+
+EXIT_RULES = {"fixed": FixedExit(), "certified": CertifiedExit(), "gate": GateExit()}
+"""The exit rules by name: the one list the config, the CLI and `LoopOptions` check against."""
+
+
+def check_exit(name: str):
+    """The exit rule called `name`, or a ConfigError listing the known ones."""
+    if name not in EXIT_RULES:
+        raise ConfigError(f"exit={name!r}: expected one of {sorted(EXIT_RULES)}")
+    return EXIT_RULES[name]
 
 
 @dataclass
@@ -53,11 +170,11 @@ class LoopParams:
 
 @dataclass
 class LoopTrace:
-    """What the loop did for each sample: residuals, loops used, the certified distance at exit."""
+    """What the loop did for each sample: step norms, loops used, the certified distance at exit."""
 
-    residuals: Tensor                  # [T, B] ‖h(t) − h(t−1)‖, zero after a sample has exited
+    step_norms: Tensor                 # [T, B] ‖h(t) − h(t−1)‖, zero after a sample has exited
     loops_used: Tensor                 # [B] loops actually run per sample
-    bound: Tensor                      # [B] κ/(1−κ)·last residual: certified distance to h* at exit
+    bound: Tensor                      # [B] certified distance to h* at exit (`LoopCore.certified_bound`)
     converged: Tensor                  # [B] whether the bound met the exit tolerance
     kappa: float
     states: Optional[list[Tensor]] = None    # h(0..T) when asked for
@@ -82,12 +199,12 @@ class LoopCore(nn.Module):
         self.log_rate = nn.Parameter(torch.linspace(-1.0, 1.0, h))          # a
         self.delta_raw = nn.Parameter(torch.full((h,), math.log(math.e - 1)))  # δ, softplus(δ) = 1
         self.inject = nn.Linear(cfg.inject_dim, h, bias=False)             # B
-        self.block = make_block(cfg.block, h, cfg.inject_dim, cfg.block_depth, cfg.tokens,
-                                cfg.activation, cfg.constrain_block)
-        self.rho = nn.Parameter(torch.zeros(()))  # block gain logit (constrained) or log-gain (paper mode)
+        self.block = make_block(cfg)
+        self.gain_logit = nn.Parameter(torch.zeros(()))  # block gain logit (constrained) or log-gain (paper mode)
         self.gate = nn.Linear(h + 1, 1)
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, -2.0)
+        self.default_options = LoopOptions.from_config(cfg)
         self._scope: Optional[LoopParams] = None
         self._cache: tuple[tuple, list[Tensor]] | None = None
 
@@ -101,8 +218,8 @@ class LoopCore(nn.Module):
     def block_scale(self, max_retention: Tensor) -> Tensor:
         """s: the block's output gain, inside the contraction budget unless in paper mode."""
         if self.cfg.constrain_block:
-            return (self.cfg.kappa_max - max_retention) * torch.sigmoid(self.rho)
-        return (self.cfg.kappa_max - self.cfg.retention_max) * 0.5 * torch.exp(self.rho)
+            return (self.cfg.kappa_max - max_retention) * torch.sigmoid(self.gain_logit)
+        return (self.cfg.kappa_max - self.cfg.retention_max) * 0.5 * torch.exp(self.gain_logit)
 
     def kappa(self) -> Tensor:
         """κ = max Ā + s·Π Lip(W_i): an upper bound on Lip_h of the loop map."""
@@ -158,79 +275,53 @@ class LoopCore(nn.Module):
         f0 = self.loop_map(None, ctx)
         return f0.norm(dim=-1) / (1.0 - ctx.kappa)
 
-    def exit_probability(self, h: Tensor, residual: Tensor) -> Tensor:
-        """Learned exit gate λ(t) = σ(w·[h; log‖Δ‖] + b) (Ouro-style), trained on improvement targets."""
-        feats = torch.cat([h, torch.log(residual.unsqueeze(-1) + 1e-6)], dim=-1)
+    def exit_probability(self, h: Tensor, step_norm: Tensor) -> Tensor:
+        """Learned exit gate λ(t) = σ(w·[h; log‖Δh‖] + b) (Ouro-style), trained on improvement targets."""
+        feats = torch.cat([h, torch.log(step_norm.unsqueeze(-1) + 1e-6)], dim=-1)
         return torch.sigmoid(self.gate(feats)).squeeze(-1)
 
-    def run(
-        self,
-        ctx: StepContext,
-        h0: Optional[Tensor] = None,
-        *,
-        exit: Optional[str] = None,
-        loops: Union[int, Tensor, None] = None,
-        min_loops: Optional[int] = None,
-        max_loops: Optional[int] = None,
-        tol: Optional[float] = None,
-        gate_threshold: Optional[float] = None,
-        bptt: Optional[int] = None,
-        keep_states: bool = False,
-        readout: Optional[Callable[[Tensor], Tensor]] = None,
-    ) -> tuple[Tensor, LoopTrace]:
-        """Iterate the loop map from h0 (zeros by default) until each sample's exit rule fires.
-
-        `exit="fixed"` runs `loops` iterations (an int or a per-sample tensor); "certified" stops a
-        sample once κ/(1−κ)·‖h(t) − h(t−1)‖ ≤ tol; "gate" once the learned exit probability exceeds
-        the threshold. All respect min/max loops. `bptt=k` backpropagates through the last k loops only.
-        """
-        cfg = self.cfg
-        exit = exit or cfg.exit
-        if exit not in EXIT_POLICIES:
-            raise ValueError(f"exit={exit!r}: expected one of {EXIT_POLICIES}")
-        min_loops = cfg.min_loops if min_loops is None else min_loops
-        max_loops = cfg.max_loops if max_loops is None else max_loops
-        tol = cfg.exit_tol if tol is None else tol
-        gate_threshold = cfg.gate_threshold if gate_threshold is None else gate_threshold
-        batch, device = ctx.drive.shape[0], ctx.drive.device
-        h = torch.zeros_like(ctx.drive) if h0 is None else h0
-        uniform = exit == "fixed" and not isinstance(loops, Tensor)
-        if exit == "fixed":
-            target = torch.as_tensor(cfg.loops if loops is None else loops, device=device).long()
-            target = target.expand(batch).clamp_min(1)
-            t_max = int(target.max())
-        else:
-            target, t_max = None, max_loops
+    def certified_bound(self, step_norm: Tensor, h: Tensor, ctx: StepContext) -> Tensor:
+        """Certified distance to the fixed point after a loop that moved h by `step_norm`: κ/(1−κ)·‖Δh‖."""
         kappa = float(ctx.kappa.detach())
         coef = kappa / (1.0 - kappa) if kappa < 1.0 else math.inf
+        return coef * step_norm.detach()
+
+    def run(self, ctx: StepContext, h0: Optional[Tensor] = None, options: Optional[LoopOptions] = None, *,
+            keep_states: bool = False, readout: Optional[Callable[[Tensor], Tensor]] = None,
+            ) -> tuple[Tensor, LoopTrace]:
+        """Iterate the loop map from h0 (zeros by default) until each sample's exit rule fires.
+
+        `options` (default: the model config's) chooses the exit rule; `keep_states` keeps h(0..T) and
+        `readout` is applied after every loop, for intermediate predictions.
+        """
+        opts = self.default_options if options is None else options
+        rule = EXIT_RULES[opts.exit]
+        batch, device = ctx.drive.shape[0], ctx.drive.device
+        h = torch.zeros_like(ctx.drive) if h0 is None else self._check_h0(h0, ctx)
+        target = rule.targets(opts, self.cfg.loops, batch, device)
+        uniform = target is not None and not isinstance(opts.loops, Tensor)
+        t_max = int(target.max()) if target is not None else opts.max_loops
         active = torch.ones(batch, dtype=torch.bool, device=device)
         used = target if uniform else torch.zeros(batch, dtype=torch.long, device=device)
         last = torch.zeros(batch, device=device, dtype=h.dtype)
-        residuals, states, readouts, gates = [], [h] if keep_states else None, [] if readout else None, []
+        bound = torch.full_like(last, math.inf)
+        norms, states, readouts, gates = [], [h] if keep_states else None, [] if readout else None, []
         for t in range(t_max):
-            if bptt is not None and target is not None:
-                cut = (t < target - bptt).unsqueeze(-1)
-                h = torch.where(cut, h.detach(), h)
+            if opts.bptt is not None:
+                h = torch.where((t < target - opts.bptt).unsqueeze(-1), h.detach(), h)
             h_next = self.loop_map(None if t == 0 and h0 is None else h, ctx)
-            delta = (h_next - h).norm(dim=-1)
+            step_norm = (h_next - h).norm(dim=-1)
             if uniform:  # every sample runs the same loops: no masking needed
-                h, last = h_next, delta
-                residuals.append(delta)
+                h, last = h_next, step_norm
+                norms.append(step_norm)
             else:
                 h = torch.where(active.unsqueeze(-1), h_next, h)
-                residuals.append(torch.where(active, delta, torch.zeros_like(delta)))
-                last = torch.where(active, delta, last)
+                norms.append(torch.where(active, step_norm, torch.zeros_like(step_norm)))
+                last = torch.where(active, step_norm, last)
+                bound = torch.where(active, self.certified_bound(step_norm, h, ctx), bound)
                 used = used + active.long()
-                if exit == "fixed":
-                    done = used >= target
-                else:
-                    if exit == "certified":
-                        fire = coef * delta.detach() <= tol
-                    else:
-                        prob = self.exit_probability(h, delta.detach())
-                        gates.append(prob)
-                        fire = prob.detach() > gate_threshold
-                    done = (fire & (used >= min_loops)) | (used >= max_loops)
+                fire = rule.fire(self, h, step_norm, bound, opts, gates)
+                done = used >= target if fire is None else (fire & (used >= opts.min_loops)) | (used >= opts.max_loops)
                 active = active & ~done
             if keep_states:
                 states.append(h)
@@ -238,16 +329,25 @@ class LoopCore(nn.Module):
                 readouts.append(readout(h))
             if not uniform and not bool(active.any()):
                 break
-        bound = coef * last.detach()
+        if uniform:
+            bound = self.certified_bound(last, h, ctx)
         trace = LoopTrace(
-            residuals=torch.stack(residuals), loops_used=used, bound=bound,
-            converged=bound <= tol, kappa=kappa, states=states, readouts=readouts,
+            step_norms=torch.stack(norms), loops_used=used, bound=bound, converged=bound <= opts.tol,
+            kappa=float(ctx.kappa.detach()), states=states, readouts=readouts,
             gate=torch.stack(gates) if gates else None, final_state=h,
         )
         return h, trace
 
+    def _check_h0(self, h0: Tensor, ctx: StepContext) -> Tensor:
+        """A start state must match the batch and hidden width (`WorldModel.step` also refuses non-finite ones;
+        the analyses may start an unconstrained model's loop from a diverged state on purpose)."""
+        if not isinstance(h0, Tensor) or tuple(h0.shape) != tuple(ctx.drive.shape):
+            shape = tuple(h0.shape) if isinstance(h0, Tensor) else type(h0).__name__
+            raise ValueError(f"h0 has shape {shape}; expected {tuple(ctx.drive.shape)} (batch, model.hidden_dim)")
+        return h0.to(ctx.drive.dtype)
+
     def fixed_point(self, ctx: StepContext, h0: Optional[Tensor] = None, tol: float = 1e-6,
                     max_loops: int = 2000) -> Tensor:
         """h*(e) to within `tol` (certified), by iterating the contraction."""
-        h, _ = self.run(ctx, h0, exit="certified", min_loops=1, max_loops=max_loops, tol=tol)
+        h, _ = self.run(ctx, h0, LoopOptions(exit="certified", min_loops=1, max_loops=max_loops, tol=tol))
         return h

@@ -16,7 +16,14 @@ from torch.nn import functional as F
 
 @dataclass(frozen=True)
 class SpaceSpec:
-    """Observation and action spaces as plain data: what the model needs to know about an env."""
+    """Observation and action spaces as plain data: what the model needs to know about an env.
+
+    Observations are a Box of shape (d,) or (C, H, W), or a Dict of such Boxes: a Dict arrives
+    flattened into one float32 vector (keys in sorted order, `obs_parts` naming each key's shape and
+    whether it holds frames), so the replay and the loop see one vector and the encoder splits it.
+    Actions are a 1-D Box (normalised to [−1, 1]) or categorical: Discrete, MultiDiscrete or
+    MultiBinary, as one-hot groups of sizes `action_groups` concatenated into `action_dim` entries.
+    """
 
     obs_shape: tuple[int, ...]
     obs_dtype: str
@@ -24,24 +31,21 @@ class SpaceSpec:
     action_dim: int
     action_low: tuple[float, ...] = ()
     action_high: tuple[float, ...] = ()
+    action_groups: tuple[int, ...] = ()
+    obs_parts: tuple[tuple[str, tuple[int, ...], bool], ...] = ()
 
     @staticmethod
     def from_spaces(obs_space: Any, act_space: Any) -> "SpaceSpec":
-        """Describe Box/Discrete spaces; anything else gets an error naming the space."""
-        shape = getattr(obs_space, "shape", None)
-        if not shape or getattr(obs_space, "dtype", None) is None or len(shape) not in (1, 3):
-            raise TypeError(
-                f"unsupported observation space {obs_space!r}: expected a Box of shape (d,) or (C, H, W)")
-        if hasattr(act_space, "n") and getattr(act_space, "shape", None) == ():
-            return SpaceSpec(tuple(shape), str(np.dtype(obs_space.dtype)), True, int(act_space.n))
-        a_shape = getattr(act_space, "shape", None)
-        if a_shape is None or len(a_shape) != 1 or not hasattr(act_space, "low"):
-            raise TypeError(f"unsupported action space {act_space!r}: expected Discrete or a 1-D Box")
+        """Describe the spaces; anything unsupported gets an error naming the space and what is supported."""
+        obs_shape, obs_dtype, parts = _observation_layout(obs_space)
+        groups = _action_groups(act_space)
+        if groups:
+            return SpaceSpec(obs_shape, obs_dtype, True, sum(groups), action_groups=groups, obs_parts=parts)
         low, high = np.asarray(act_space.low, np.float64), np.asarray(act_space.high, np.float64)
         if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
-            raise TypeError(f"unsupported action space {act_space!r}: Box bounds must be finite")
-        return SpaceSpec(tuple(shape), str(np.dtype(obs_space.dtype)), False, int(a_shape[0]),
-                         tuple(low.tolist()), tuple(high.tolist()))
+            raise TypeError(f"unsupported action space {act_space!r}: a Box needs finite bounds to be normalised")
+        return SpaceSpec(obs_shape, obs_dtype, False, int(act_space.shape[0]), tuple(low.tolist()),
+                         tuple(high.tolist()), obs_parts=parts)
 
     @property
     def pixels(self) -> bool:
@@ -53,7 +57,76 @@ class SpaceSpec:
     @staticmethod
     def from_dict(d: dict) -> "SpaceSpec":
         return SpaceSpec(tuple(d["obs_shape"]), d["obs_dtype"], bool(d["discrete"]), int(d["action_dim"]),
-                         tuple(d["action_low"]), tuple(d["action_high"]))
+                         tuple(d["action_low"]), tuple(d["action_high"]), tuple(d["action_groups"]),
+                         tuple((str(k), tuple(shape), bool(frames)) for k, shape, frames in d["obs_parts"]))
+
+
+SUPPORTED_OBS = "a Box of shape (d,) or (C, H, W), or a Dict of such Boxes"
+SUPPORTED_ACTIONS = "a 1-D Box with finite bounds, Discrete, MultiDiscrete or MultiBinary"
+
+
+def _box_layout(space: Any, where: str) -> tuple[tuple[int, ...], str]:
+    shape = getattr(space, "shape", None)
+    if not hasattr(space, "low") or not shape or getattr(space, "dtype", None) is None or len(shape) not in (1, 3):
+        raise TypeError(f"unsupported observation space {where}{space!r}: expected {SUPPORTED_OBS}")
+    return tuple(int(n) for n in shape), str(np.dtype(space.dtype))
+
+
+def _observation_layout(space: Any) -> tuple[tuple[int, ...], str, tuple]:
+    """(obs_shape, obs_dtype, obs_parts) of a Box, or of a Dict flattened into one float32 vector (given as
+    the Dict itself or as the flattened Box that keeps it in `dict_space`)."""
+    space = getattr(space, "dict_space", space)
+    subspaces = getattr(space, "spaces", None)
+    if isinstance(subspaces, dict):
+        if not subspaces:
+            raise TypeError(f"unsupported observation space {space!r}: the Dict has no keys")
+        parts = []
+        for key in sorted(subspaces):
+            if isinstance(getattr(subspaces[key], "spaces", None), (dict, tuple)):
+                raise TypeError(f"unsupported observation space {space!r}: key {key!r} is nested; "
+                                f"expected {SUPPORTED_OBS}")
+            shape, _ = _box_layout(subspaces[key], f"key {key!r} of ")
+            parts.append((str(key), shape, len(shape) == 3))
+        return (sum(int(np.prod(shape)) for _, shape, _ in parts),), "float32", tuple(parts)
+    shape, dtype = _box_layout(space, "")
+    return shape, dtype, ()
+
+
+def _action_groups(space: Any) -> tuple[int, ...]:
+    """One-hot group sizes of a categorical action space; () for a 1-D Box; an error for anything else."""
+    nvec = getattr(space, "nvec", None)
+    if nvec is not None:  # MultiDiscrete
+        nvec = np.asarray(nvec)
+        if nvec.ndim != 1 or np.any(nvec < 1):
+            raise TypeError(f"unsupported action space {space!r}: expected a 1-D MultiDiscrete; "
+                            f"supported: {SUPPORTED_ACTIONS}")
+        return tuple(int(n) for n in nvec)
+    shape = getattr(space, "shape", None)
+    if hasattr(space, "n") and shape == ():  # Discrete
+        return (int(space.n),)
+    if hasattr(space, "n") and not hasattr(space, "low") and shape is not None and len(shape) == 1:  # MultiBinary
+        return (2,) * int(shape[0])
+    if shape is None or len(shape) != 1 or not hasattr(space, "low"):
+        raise TypeError(f"unsupported action space {space!r}: expected {SUPPORTED_ACTIONS}")
+    return ()
+
+
+def group_slices(groups: tuple[int, ...]) -> list[slice]:
+    """Where each one-hot group sits in a categorical action vector."""
+    ends = np.cumsum(groups).tolist()
+    return [slice(end - n, end) for n, end in zip(groups, ends)]
+
+
+def one_hot_groups(indices: Tensor, groups: tuple[int, ...]) -> Tensor:
+    """Indices [..., G] (or [...] for one group) -> concatenated one-hots [..., Σ groups]."""
+    if indices.dim() == 0 or len(groups) == 1 and indices.shape[-1:] != (1,):
+        indices = indices.unsqueeze(-1)
+    return torch.cat([F.one_hot(indices[..., i].long(), n) for i, n in enumerate(groups)], -1).float()
+
+
+def argmax_groups(x: Tensor, groups: tuple[int, ...]) -> Tensor:
+    """Concatenated scores [..., Σ groups] -> the best index of each group [..., G]."""
+    return torch.stack([x[..., sl].argmax(-1) for sl in group_slices(groups)], -1)
 
 
 def mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 2) -> nn.Sequential:
@@ -81,8 +154,13 @@ class VectorEncoder(nn.Module):
 class PixelEncoder(nn.Module):
     """Strided conv encoder for (C, H, W) frames scaled to [-0.5, 0.5]."""
 
+    MIN_SIZE = 30  # three 4x4 convolutions with stride 2
+
     def __init__(self, shape: tuple[int, ...], hidden: int, out_dim: int, channels: int = 32):
         super().__init__()
+        if min(shape[-2:]) < self.MIN_SIZE:
+            raise ValueError(f"frames of shape {tuple(shape)} are too small for the CNN encoder: "
+                             f"it needs at least {self.MIN_SIZE}x{self.MIN_SIZE} pixels")
         c = shape[0]
         self.conv = nn.Sequential(
             nn.Conv2d(c, channels, 4, stride=2), nn.SiLU(),
@@ -174,8 +252,41 @@ def rms_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
+class DictEncoder(nn.Module):
+    """One encoder per key of a flattened Dict observation (a CNN for frames, an MLP for vectors), fused by an MLP."""
+
+    def __init__(self, parts: tuple, hidden: int, out_dim: int):
+        super().__init__()
+        self.shapes = [shape for _, shape, _ in parts]
+        self.sizes = [int(np.prod(shape)) for shape in self.shapes]
+        self.parts = nn.ModuleList(PixelEncoder(shape, hidden, hidden) if frames else mlp(shape[0], hidden, hidden)
+                                   for _, shape, frames in parts)
+        self.fuse = mlp(hidden * len(parts), hidden, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        chunks = x.split(self.sizes, dim=-1)
+        feats = [enc(c.reshape(*c.shape[:-1], *shape)) for enc, c, shape in zip(self.parts, chunks, self.shapes)]
+        return self.fuse(torch.cat(feats, -1))
+
+
+class DictDecoder(nn.Module):
+    """One decoder per key, their outputs flattened back into the Dict observation's vector layout."""
+
+    def __init__(self, parts: tuple, latent: int, hidden: int):
+        super().__init__()
+        self.parts = nn.ModuleList(PixelDecoder(shape, latent) if frames else mlp(latent, hidden, shape[0])
+                                   for _, shape, frames in parts)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return torch.cat([dec(z).reshape(*z.shape[:-1], -1) for dec in self.parts], -1)
+
+
 def build_encoder(spec: SpaceSpec, kind: str, hidden: int, out_dim: int) -> nn.Module:
-    """The observation encoder for `spec`: an MLP for vectors, a CNN for frames."""
+    """The observation encoder for `spec`: an MLP for vectors, a CNN for frames, one per key for a Dict."""
+    if spec.obs_parts:
+        if kind not in ("auto", "mlp"):
+            raise ValueError(f"model.encoder={kind!r}: Dict observations get one encoder per key; use 'auto'")
+        return DictEncoder(spec.obs_parts, hidden, out_dim)
     if kind == "auto":
         kind = "cnn" if spec.pixels else "mlp"
     if kind == "cnn" and not spec.pixels:
@@ -189,9 +300,18 @@ def build_encoder(spec: SpaceSpec, kind: str, hidden: int, out_dim: int) -> nn.M
 
 def build_decoder(spec: SpaceSpec, latent: int, hidden: int) -> nn.Module:
     """Observation decoder (into normalised observation units)."""
+    if spec.obs_parts:
+        return DictDecoder(spec.obs_parts, latent, hidden)
     if spec.pixels:
         return PixelDecoder(spec.obs_shape, latent)
     return mlp(latent, hidden, spec.obs_shape[0])
+
+
+def frame_mask(spec: SpaceSpec) -> Tensor:
+    """Which entries of a flattened Dict observation are frame pixels (normalised by a fixed 0..255 scale)."""
+    if not spec.obs_parts:
+        return torch.zeros(spec.obs_shape[0] if not spec.pixels else 1, dtype=torch.bool)
+    return torch.cat([torch.full((int(np.prod(shape)),), frames) for _, shape, frames in spec.obs_parts])
 
 
 def optional(x: Optional[Tensor], like: Tensor, dim: int) -> Tensor:

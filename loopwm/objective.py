@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from loopwm.config import ModelConfig, TrainConfig
+from loopwm.loop import LoopOptions, LoopTrace, StepContext
 from loopwm.world_model import WorldModel
 
 TERMS = ("consistency", "obs", "reward", "continue", "deep", "extra", "gate")
@@ -67,6 +68,60 @@ class StepStats:
     hard_fraction: float = 0.0
 
 
+def term_weights(cfg: TrainConfig) -> dict[str, float]:
+    """Each term's weight, read from `train.w_<term>`: TERMS is the one list of names."""
+    return {name: getattr(cfg, f"w_{name}") for name in TERMS}
+
+
+def consistency_loss(z_next: Tensor, target_z: Tensor) -> Tensor:
+    """Per-sample squared distance of the predicted latent to the stop-gradient encoder target."""
+    return (z_next - target_z).pow(2).mean(-1)
+
+
+def obs_loss(wm: WorldModel, z_next: Tensor, target_obs: Tensor) -> Tensor:
+    """Reconstruction error of the decoded next observation, in normalised units."""
+    return (wm.decoder(z_next) - target_obs).pow(2).flatten(1).mean(-1).mean()
+
+
+def reward_loss(wm: WorldModel, z_next: Tensor, rewards: Tensor) -> Tensor:
+    return wm.reward_head.loss(z_next, rewards).mean()
+
+
+def continue_loss(wm: WorldModel, z_next: Tensor, terminated: Tensor) -> Tensor:
+    return F.binary_cross_entropy_with_logits(wm.continue_head(z_next).squeeze(-1), 1.0 - terminated)
+
+
+def per_loop_errors(trace: LoopTrace, target_z: Tensor) -> Tensor:
+    """[T, B] consistency error of the latent read out after every loop (deep supervision's input)."""
+    return torch.stack([consistency_loss(r, target_z) for r in trace.readouts])
+
+
+def gate_loss(wm: WorldModel, trace: LoopTrace, per_loop: Tensor) -> Tensor:
+    """BCE of the exit gate against whether the next loop still lowered the error (Ouro's stage II)."""
+    probs = torch.stack([wm.core.exit_probability(s.detach(), r)
+                         for s, r in zip(trace.states[1:-1], trace.step_norms[:-1])])
+    valid = torch.arange(1, per_loop.shape[0], device=probs.device)[:, None] < trace.loops_used
+    bce = F.binary_cross_entropy(probs.clamp(1e-6, 1 - 1e-6), gate_targets(per_loop.detach()), reduction="none")
+    return (bce * valid).sum() / valid.sum().clamp_min(1)
+
+
+def deepen_hard(wm: WorldModel, ctx: StepContext, h: Tensor, z_next: Tensor, err: Tensor, target_z: Tensor,
+                cfg: TrainConfig, tracker: QuantileTracker) -> tuple[Tensor, Tensor, Tensor]:
+    """Give the samples whose error is in the running top quantile `extra_loops` more loops.
+
+    Returns the latents with the hard ones replaced by their deeper readout, the deeper readouts'
+    summed consistency error (the "extra" term, before dividing by the batch) and the hard mask.
+    """
+    hard = hard_mask(err.detach(), tracker.update(err))
+    if not bool(hard.any()):
+        return z_next, err.new_zeros(()), hard
+    h_deep, _ = wm.core.run(ctx.select(hard), h[hard], LoopOptions(exit="fixed", loops=cfg.extra_loops))
+    z_deep = wm.readout(h_deep)
+    z_next = z_next.clone()
+    z_next[hard] = z_deep
+    return z_next, consistency_loss(z_deep, target_z[hard]).sum(), hard
+
+
 def sequence_loss(wm: WorldModel, batch: dict[str, Tensor], cfg: TrainConfig, generator: torch.Generator,
                   tracker: QuantileTracker) -> tuple[Tensor, dict[str, Tensor], StepStats]:
     """The weighted loss over one batch of sequences, its terms, and loop statistics."""
@@ -76,8 +131,11 @@ def sequence_loss(wm: WorldModel, batch: dict[str, Tensor], cfg: TrainConfig, ge
     with torch.no_grad():
         target_z = wm.encode(obs[1:])
         target_obs = wm.normalize_obs(obs[1:])
-    loops = sample_loops(size, cfg.loop_mean, wm.cfg, generator)
-    want_readouts = cfg.w_deep > 0 or cfg.w_gate > 0
+    weights = term_weights(cfg)
+    options = LoopOptions(exit="fixed", loops=sample_loops(size, cfg.loop_mean, wm.cfg, generator),
+                          bptt=cfg.bptt_loops)
+    want_readouts = weights["deep"] > 0 or weights["gate"] > 0
+    deepen = cfg.extra_loops > 0 and weights["extra"] > 0
     terms = {name: torch.zeros(()) for name in TERMS}
     stats = StepStats()
     hard_total = 0
@@ -89,41 +147,28 @@ def sequence_loss(wm: WorldModel, batch: dict[str, Tensor], cfg: TrainConfig, ge
             if cfg.obs_inject_prob > 0 and float(torch.rand((), generator=generator)) < cfg.obs_inject_prob:
                 inject_obs = obs[k]
             ctx = wm.core.prepare(wm.injection(z, actions[k], inject_obs))
-            h, trace = wm.core.run(ctx, exit="fixed", loops=loops, bptt=cfg.bptt_loops, keep_states=cfg.w_gate > 0,
+            h, trace = wm.core.run(ctx, options=options, keep_states=weights["gate"] > 0,
                                    readout=wm.readout if want_readouts else None)
             z_next = wm.readout(h)
-            err = (z_next - target_z[k]).pow(2).mean(-1)
+            err = consistency_loss(z_next, target_z[k])
             used = trace.loops_used
-            if cfg.extra_loops > 0 and cfg.w_extra > 0:
-                hard = hard_mask(err.detach(), tracker.update(err))
+            if deepen:
+                z_next, extra, hard = deepen_hard(wm, ctx, h, z_next, err, target_z[k], cfg, tracker)
+                terms["extra"] = terms["extra"] + w * extra / size
                 hard_total += int(hard.sum())
-                if bool(hard.any()):
-                    h_deep, _ = wm.core.run(ctx.select(hard), h[hard], exit="fixed", loops=cfg.extra_loops)
-                    z_deep = wm.readout(h_deep)
-                    terms["extra"] = terms["extra"] + w * (z_deep - target_z[k][hard]).pow(2).mean(-1).sum() / size
-                    z_next = z_next.clone()
-                    z_next[hard] = z_deep
-                    used = used + hard.long() * cfg.extra_loops
+                used = used + hard.long() * cfg.extra_loops
             terms["consistency"] = terms["consistency"] + w * err.mean()
-            terms["obs"] = terms["obs"] + w * (wm.decoder(z_next) - target_obs[k]).pow(2).flatten(1).mean(-1).mean()
-            terms["reward"] = terms["reward"] + w * wm.reward_head.loss(z_next, rewards[k]).mean()
-            terms["continue"] = terms["continue"] + w * F.binary_cross_entropy_with_logits(
-                wm.continue_head(z_next).squeeze(-1), 1.0 - terminated[k])
+            terms["obs"] = terms["obs"] + w * obs_loss(wm, z_next, target_obs[k])
+            terms["reward"] = terms["reward"] + w * reward_loss(wm, z_next, rewards[k])
+            terms["continue"] = terms["continue"] + w * continue_loss(wm, z_next, terminated[k])
             if want_readouts:
-                per_loop = torch.stack([(r - target_z[k]).pow(2).mean(-1) for r in trace.readouts])
+                per_loop = per_loop_errors(trace, target_z[k])
                 terms["deep"] = terms["deep"] + w * per_loop.mean()
-                if cfg.w_gate > 0 and per_loop.shape[0] > 1:
-                    probs = torch.stack([wm.core.exit_probability(s.detach(), r)
-                                         for s, r in zip(trace.states[1:-1], trace.residuals[:-1])])
-                    valid = torch.arange(1, per_loop.shape[0], device=probs.device)[:, None] < trace.loops_used
-                    targets = gate_targets(per_loop.detach())
-                    bce = F.binary_cross_entropy(probs.clamp(1e-6, 1 - 1e-6), targets, reduction="none")
-                    terms["gate"] = terms["gate"] + w * (bce * valid).sum() / valid.sum().clamp_min(1)
+                if weights["gate"] > 0 and per_loop.shape[0] > 1:
+                    terms["gate"] = terms["gate"] + w * gate_loss(wm, trace, per_loop)
             stats.loops.append(used)
             stats.bounds.append(trace.bound)
             z = z_next
     stats.hard_fraction = hard_total / (size * horizon)
-    weights = {"consistency": cfg.w_consistency, "obs": cfg.w_obs, "reward": cfg.w_reward,
-               "continue": cfg.w_continue, "deep": cfg.w_deep, "extra": cfg.w_extra, "gate": cfg.w_gate}
     total = sum(weights[name] * terms[name] for name in TERMS) / horizon
     return total, {name: t.detach() / horizon for name, t in terms.items()}, stats

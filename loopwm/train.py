@@ -95,7 +95,7 @@ class Trainer:
         t = self.cfg.train
         start = time.perf_counter()
         batch = self.replay.sample(t.batch_size, t.horizon, self.rng)
-        device = self.wm.obs_mean.device
+        device = self.wm.device
         batch = {k: v.to(device) for k, v in batch.items()}
         self.wm.train()
         loss, terms, stats = sequence_loss(self.wm, batch, t, self.generator, self.tracker)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from loopwm.config import Config, ConfigError, dump_yaml
+from loopwm.loop import LoopOptions
 from loopwm.replay import ReplayBuffer
 from loopwm.world_model import WorldModel
 
@@ -51,7 +52,7 @@ def new_buffer(cfg: Config, obs_space: Any, act_space: Any) -> ReplayBuffer:
     from loopwm.envs.factory import action_dim
 
     return ReplayBuffer(obs_space.shape, action_dim(act_space), cfg.data.capacity, obs_space.dtype,
-                        frame_stack=cfg.env.frame_stack if cfg.env.id.startswith("ALE/") else 1)
+                        frame_stack=cfg.env.atari.frame_stack if cfg.env.id.startswith("ALE/") else 1)
 
 
 def collect(cfg: Config, progress: bool = True) -> ReplayBuffer:
@@ -91,23 +92,23 @@ def collect(cfg: Config, progress: bool = True) -> ReplayBuffer:
 
 
 def _noisy_planner(cfg: Config):
-    from loopwm.agents.planner import Planner
+    from loopwm.agents.planner import build_planner
     from loopwm.checkpoint import load
 
     if not cfg.data.planner_checkpoint:
         raise ConfigError(f"data.policy={cfg.data.policy!r} needs data.planner_checkpoint=PATH of a trained model")
-    return Planner(load(cfg.data.planner_checkpoint), cfg.planner, seed=cfg.seed)
+    return build_planner(cfg, load(cfg.data.planner_checkpoint), seed=cfg.seed)
 
 
 def _planned(planner, obs: np.ndarray, starts: np.ndarray, space: Any, noise: float,
              rng: np.random.Generator) -> np.ndarray:
     """Planner actions with Gaussian noise (Box) or ε-random actions (Discrete), in model units."""
-    with torch.no_grad():
-        action = np.asarray(planner.act(obs, t0=starts, batched=True))
+    from loopwm.agents.online import random_model_actions
+
+    action = planner.model_action(obs, t0=starts, batched=True)
     if planner.wm.discrete:
         flip = rng.random(len(action)) < noise
-        action = np.where(flip, rng.integers(planner.wm.action_dim, size=len(action)), action)
-        return np.eye(planner.wm.action_dim, dtype=np.float32)[action]
+        return np.where(flip[:, None], random_model_actions(planner.wm, rng, len(action)), action)
     return np.clip(action + noise * rng.standard_normal(action.shape), -1, 1).astype(np.float32)
 
 
@@ -164,7 +165,7 @@ def evaluate_checkpoint(path: str | Path, data: Optional[str] = None, exit: Opti
         held_out = ReplayBuffer.load(data)
     else:
         _, held_out = load_dataset(cfg)
-    loop = {"exit": exit} if exit else {}
+    options = LoopOptions.from_config(wm.cfg, exit=exit) if exit else None
     # vector models carry their training statistics; frames are normalised from the held-out data
     norm = {} if wm.spec.pixels else {"obs_mean": wm.obs_mean, "obs_var": wm.obs_std.pow(2)}
-    return prediction_errors(wm, held_out, horizons, seed=cfg.seed, **norm, **loop)
+    return prediction_errors(wm, held_out, horizons, seed=cfg.seed, **norm, options=options)

@@ -14,8 +14,18 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from loopwm.config import Config, ModelConfig
-from loopwm.loop import LoopCore, LoopTrace
-from loopwm.nets import SpaceSpec, RewardHead, build_decoder, build_encoder, mlp, optional, rms_normalize
+from loopwm.loop import LoopCore, LoopOptions, LoopTrace
+from loopwm.nets import (
+    RewardHead,
+    SpaceSpec,
+    build_decoder,
+    build_encoder,
+    frame_mask,
+    mlp,
+    one_hot_groups,
+    optional,
+    rms_normalize,
+)
 
 Decode = Literal["final", "all", "none"]
 
@@ -27,7 +37,7 @@ class ImagineOutput:
     latents: Tensor       # [H+1, B, Z], latents[0] is the start
     rewards: Tensor       # [H, B]
     continues: Tensor     # [H, B] probability the episode continues after step k
-    residual: Tensor      # [H, B] certified distance to the fixed point at exit
+    bound: Tensor         # [H, B] certified distance to the fixed point at exit
     converged: Tensor     # [H, B] bool
     loops: Tensor         # [H, B] loops used
     obs: Optional[Tensor] = None             # [B, ...] ("final") or [H, B, ...] ("all")
@@ -49,9 +59,10 @@ class WorldModel(nn.Module):
         self.decoder = build_decoder(spec, z, m)
         self.reward_head = RewardHead(z, m, cfg.reward_head, cfg.reward_bins)
         self.continue_head = mlp(z, m, 1)
-        obs_dim = spec.obs_shape[0] if not spec.pixels else 1
-        self.register_buffer("obs_mean", torch.zeros(obs_dim))
-        self.register_buffer("obs_std", torch.ones(obs_dim))
+        frames = frame_mask(spec)  # frame pixels of a Dict observation: x/255 − 0.5, like pixel observations
+        self.register_buffer("frames", frames, persistent=False)
+        self.register_buffer("obs_mean", torch.where(frames, 127.5, 0.0))
+        self.register_buffer("obs_std", torch.where(frames, 255.0, 1.0))
 
     @classmethod
     def from_config(cls, cfg: Config | ModelConfig, obs_space: Any, act_space: Any) -> "WorldModel":
@@ -60,8 +71,18 @@ class WorldModel(nn.Module):
         return cls(model_cfg, SpaceSpec.from_spaces(obs_space, act_space))
 
     @property
+    def device(self) -> torch.device:
+        """Where the model's parameters and buffers live."""
+        return self.obs_mean.device
+
+    @property
     def discrete(self) -> bool:
         return self.spec.discrete
+
+    @property
+    def action_groups(self) -> tuple[int, ...]:
+        """Sizes of the one-hot groups of a categorical action (one group for Discrete); () for Box."""
+        return self.spec.action_groups
 
     @property
     def action_dim(self) -> int:
@@ -76,12 +97,14 @@ class WorldModel(nn.Module):
         """Per-dimension normalisation of vector observations, taken from the training data."""
         if self.spec.pixels:
             return
-        self.obs_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
-        self.obs_std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-3))
+        mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device)
+        std = torch.as_tensor(std, dtype=torch.float32, device=self.device).clamp_min(1e-3)
+        self.obs_mean.copy_(torch.where(self.frames, 127.5, mean))
+        self.obs_std.copy_(torch.where(self.frames, 255.0, std))
 
     def normalize_obs(self, obs: Tensor) -> Tensor:
         """Check shape and finiteness, then map observations to the model's units."""
-        obs = torch.as_tensor(obs, device=self.obs_mean.device)
+        obs = torch.as_tensor(obs, device=self.device)
         shape = tuple(self.spec.obs_shape)
         if obs.dim() < len(shape) or tuple(obs.shape[-len(shape):]) != shape:
             raise ValueError(f"obs has shape {tuple(obs.shape)}; expected (..., {', '.join(map(str, shape))})")
@@ -99,13 +122,16 @@ class WorldModel(nn.Module):
         return x * self.obs_std + self.obs_mean
 
     def action_input(self, action: Tensor, batch: tuple[int, ...]) -> Tensor:
-        """Validate an action batch: Box actions normalised to [−1, 1], Discrete as indices or one-hot."""
-        action = torch.as_tensor(action, device=self.obs_mean.device)
-        n = self.spec.action_dim
-        if self.discrete and action.shape == batch:
-            if action.is_floating_point() or int(action.min()) < 0 or int(action.max()) >= n:
-                raise ValueError(f"discrete action indices must be integers in [0, {n})")
-            return F.one_hot(action.long(), n).float()
+        """Validate an action batch: Box actions normalised to [−1, 1]; categorical ones as integer indices
+        (shape `batch` for one group, `batch + (groups,)` for several) or concatenated one-hots."""
+        action = torch.as_tensor(action, device=self.device)
+        n, groups = self.spec.action_dim, self.spec.action_groups
+        index_shape = batch if len(groups) == 1 else (*batch, len(groups))
+        if self.discrete and not action.is_floating_point() and tuple(action.shape) == index_shape:
+            sizes = torch.as_tensor(groups, device=self.device)
+            if bool((action < 0).any()) or bool((action.reshape(*batch, -1) >= sizes).any()):
+                raise ValueError(f"categorical action indices must be integers in [0, n) for groups {list(groups)}")
+            return one_hot_groups(action, groups)
         if tuple(action.shape) != (*batch, n):
             raise ValueError(f"action has shape {tuple(action.shape)}; expected {(*batch, n)}")
         action = action.float()
@@ -136,14 +162,16 @@ class WorldModel(nn.Module):
         return rms_normalize(self.prelude(torch.cat([z, optional(o, z, self.latent_dim), a], -1)))
 
     def step(self, z: Tensor, action: Tensor, obs: Optional[Tensor] = None, *, h0: Optional[Tensor] = None,
-             readouts: bool = False, **loop: Any) -> tuple[Tensor, LoopTrace]:
+             readouts: bool = False, options: Optional[LoopOptions] = None) -> tuple[Tensor, LoopTrace]:
         """One environment step through the loop: (z_{k−1}, a_k[, o_k]) -> z_k and its LoopTrace.
 
-        `loop` takes LoopCore.run's options (exit, loops, tol, min_loops, max_loops, bptt, ...).
-        With `readouts=True` the trace holds the latent read out after every loop.
+        `options` chooses the exit rule and loop limits (default: the model config's). With
+        `readouts=True` the trace holds the latent read out after every loop.
         """
+        if h0 is not None and isinstance(h0, Tensor) and not torch.isfinite(h0).all():
+            raise ValueError("h0 contains NaN or infinite values")
         ctx = self.core.prepare(self.injection(z, action, obs))
-        h, trace = self.core.run(ctx, h0, readout=self.readout if readouts else None, **loop)
+        h, trace = self.core.run(ctx, h0, options, readout=self.readout if readouts else None)
         return self.readout(h), trace
 
     def predict_reward(self, z: Tensor) -> Tensor:
@@ -158,7 +186,7 @@ class WorldModel(nn.Module):
         return self.denormalize_obs(self.decoder(z))
 
     def imagine(self, z: Tensor, actions: Tensor, decode: Decode = "final", keep_traces: bool = False,
-                **loop: Any) -> ImagineOutput:
+                options: Optional[LoopOptions] = None) -> ImagineOutput:
         """Roll out `actions` [H, B, A] from z in latent space only; decode observations only where asked."""
         if decode not in ("final", "all", "none"):
             raise ValueError(f"decode={decode!r}: expected 'final', 'all' or 'none'")
@@ -168,7 +196,7 @@ class WorldModel(nn.Module):
         latents, traces = [z], []
         with self.core.weight_scope():
             for a in actions:
-                z, trace = self.step(z, a, **loop)
+                z, trace = self.step(z, a, options=options)
                 latents.append(z)
                 traces.append(trace)
         lat = torch.stack(latents)
@@ -181,7 +209,7 @@ class WorldModel(nn.Module):
             latents=lat,
             rewards=self.predict_reward(lat[1:]),
             continues=self.predict_continue(lat[1:]),
-            residual=torch.stack([t.bound for t in traces]),
+            bound=torch.stack([t.bound for t in traces]),
             converged=torch.stack([t.converged for t in traces]),
             loops=torch.stack([t.loops_used for t in traces]),
             obs=obs,

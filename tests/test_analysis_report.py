@@ -18,6 +18,7 @@ from loopwm.analysis.stats import auroc, quartiles, spearman, top_fraction
 from loopwm.checkpoint import save
 from loopwm.config import ConfigError, from_dict, to_dict
 from loopwm.lipschitz import exact_spectral_norm
+from loopwm.loop import LoopOptions
 from loopwm.replay import ReplayBuffer
 from loopwm.world_model import WorldModel
 from tests.helpers import box_spaces, tiny_config
@@ -77,7 +78,7 @@ def test_analyze_writes_files_and_reports_recomputed_values(tmp_path):
     agree = stored["agreement"]
     flags = top_fraction(err[T0 - 1], SMALL.flag_fraction)
     assert agree["auroc_residual"] == pytest.approx(auroc(step_norms(p.run.states)[T0 - 1], flags))
-    z1, trace = wm.step(p.tr.z, p.tr.action, exit="certified")
+    z1, trace = wm.step(p.tr.z, p.tr.action, options=LoopOptions.from_config(wm.cfg, exit="certified"))
     expected = spearman(trace.loops_used, (z1 - p.tr.target).pow(2).mean(-1).sqrt())
     assert agree["spearman_loops_error"] == pytest.approx(expected) or (
         math.isnan(expected) and agree["spearman_loops_error"] is None)
@@ -100,7 +101,7 @@ def test_analyze_checkpoint_uses_the_runs_held_out_split_and_handles_uncertified
                      "data": {"path": str(tmp_path / "data.npz")}, "train": {"val_fraction": 0.34, "loop_mean": 2.0}})
     wm = WorldModel.from_config(cfg, *box_spaces())
     with torch.no_grad():
-        wm.core.rho.fill_(3.0)
+        wm.core.gain_logit.fill_(3.0)
     assert wm.certified_lipschitz() > 1.0
     save(tmp_path / "run.pt", wm, config=to_dict(cfg))
     save(tmp_path / "bare.pt", wm)

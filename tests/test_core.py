@@ -4,6 +4,7 @@ import torch
 
 from loopwm import lipschitz
 from loopwm.lipschitz import exact_spectral_norm, spectral_norm_bound
+from loopwm.loop import LoopOptions
 from tests.helpers import tiny_model
 
 
@@ -16,7 +17,7 @@ def randomize(model, std=1.0, seed=0):
 
 def context(model, batch=64, seed=1):
     g = torch.Generator().manual_seed(seed)
-    e = torch.randn(batch, model.cfg.inject_dim, generator=g).to(model.core.rho.dtype)
+    e = torch.randn(batch, model.cfg.inject_dim, generator=g).to(model.core.gain_logit.dtype)
     return model.core.prepare(e * 3.0)
 
 
@@ -105,8 +106,8 @@ def test_loop_converges_geometrically_and_bound_holds():
     with torch.no_grad():
         ctx = context(model, batch=16)
         h_star = model.core.fixed_point(ctx, tol=1e-12)
-        _, trace = model.core.run(ctx, exit="fixed", loops=30, keep_states=True)
-    res = trace.residuals
+        _, trace = model.core.run(ctx, options=LoopOptions(loops=30), keep_states=True)
+    res = trace.step_norms
     assert torch.all(res[1:] <= kappa * res[:-1] + 1e-12)
     for t in range(1, 31):
         true_dist = (trace.states[t] - h_star).norm(dim=-1)
@@ -132,7 +133,7 @@ def test_bounded_rollouts_over_10k_steps():
         for _ in range(10_000):
             a = torch.rand(4, 1) * 2 - 1
             ctx = core.prepare(model.injection(z, a))
-            h, trace = core.run(ctx, exit="fixed", loops=3)
+            h, trace = core.run(ctx, options=LoopOptions(loops=3))
             assert torch.isfinite(h).all()
             worst = max(worst, float(h.norm(dim=-1).max()))
             worst_ratio = max(worst_ratio, float((h.norm(dim=-1) / core.state_bound(ctx)).max()))
@@ -169,9 +170,9 @@ def test_exit_policy_respects_min_and_max_loops():
     model = tiny_model()
     with torch.no_grad():
         ctx = context(model, batch=8)
-        _, tight = model.core.run(ctx, exit="certified", tol=1e-30, min_loops=2, max_loops=7)
-        _, loose = model.core.run(ctx, exit="certified", tol=1e30, min_loops=3, max_loops=7)
-        _, gated = model.core.run(ctx, exit="gate", gate_threshold=0.0, min_loops=2, max_loops=7)
+        _, tight = model.core.run(ctx, options=LoopOptions(exit="certified", tol=1e-30, min_loops=2, max_loops=7))
+        _, loose = model.core.run(ctx, options=LoopOptions(exit="certified", tol=1e30, min_loops=3, max_loops=7))
+        _, gated = model.core.run(ctx, options=LoopOptions(exit="gate", gate_threshold=0.0, min_loops=2, max_loops=7))
     assert torch.all(tight.loops_used == 7)
     assert torch.all(loose.loops_used == 3)
     assert torch.all(gated.loops_used == 2)
@@ -185,7 +186,7 @@ def test_certified_exit_gives_each_sample_its_own_loop_count():
         h_star = model.core.fixed_point(ctx, tol=1e-12)
         h0 = torch.zeros_like(h_star)
         h0[:4] = h_star[:4]
-        h, trace = model.core.run(ctx, h0, exit="certified", tol=1e-6, min_loops=1, max_loops=200)
+        h, trace = model.core.run(ctx, h0, LoopOptions(exit="certified", tol=1e-6, min_loops=1, max_loops=200))
         dist = (h - h_star).norm(dim=-1)
     assert torch.all(trace.loops_used[:4] == 1)
     assert torch.all(trace.loops_used[4:] > 5)
@@ -199,11 +200,11 @@ def test_spectral_norm_is_computed_once_per_forward_not_per_loop(monkeypatch):
     real = lipschitz.spectral_norm_bound
     monkeypatch.setattr(lipschitz, "spectral_norm_bound", lambda w, *a: calls.append(1) or real(w, *a))
     z = model.encode(torch.randn(4, 3))
-    model.step(z, torch.zeros(4, 1), exit="fixed", loops=12)
+    model.step(z, torch.zeros(4, 1), options=LoopOptions(loops=12))
     n_linears = len(model.core.block.linears())
     assert len(calls) == n_linears
     calls.clear()
-    model.imagine(z, torch.zeros(6, 4, 1), decode="none", exit="fixed", loops=12)
+    model.imagine(z, torch.zeros(6, 4, 1), decode="none", options=LoopOptions(loops=12))
     assert len(calls) == n_linears
 
 
@@ -235,7 +236,7 @@ def test_bad_inputs_get_clear_errors():
     with pytest.raises(ValueError, match="decode="):
         model.imagine(z, torch.zeros(2, 4, 1), decode="sometimes")
     with pytest.raises(ValueError, match="exit="):
-        model.step(z, torch.zeros(4, 1), exit="never")
+        model.step(z, torch.zeros(4, 1), options=LoopOptions(exit="never"))
 
 
 @pytest.mark.parametrize("block", ["mlp", "token"])
@@ -247,11 +248,48 @@ def test_zero_state_shortcut_equals_the_loop_map_at_zero(block, depth):
     ctx = context(model)
     zero = torch.zeros_like(ctx.drive)
     assert torch.equal(model.core.loop_map(None, ctx), model.core.loop_map(zero, ctx))
-    h_short, _ = model.core.run(ctx, exit="fixed", loops=3)
-    h_full, _ = model.core.run(ctx, zero, exit="fixed", loops=3)
+    h_short, _ = model.core.run(ctx, options=LoopOptions(loops=3))
+    h_full, _ = model.core.run(ctx, zero, LoopOptions(loops=3))
     assert torch.equal(h_short, h_full)
     g_short = torch.autograd.grad(h_short.square().sum(), list(model.core.parameters()), allow_unused=True,
                                   retain_graph=True)
     g_full = torch.autograd.grad(h_full.square().sum(), list(model.core.parameters()), allow_unused=True)
     for a, b in zip(g_short, g_full):
         assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_step_macs_match_a_hand_count():
+    from loopwm.flops import step_macs
+
+    wm = tiny_model()  # latent 16, hidden 32, inject 32, mlp 64, obs 3, action 1; MLP block of width 64
+    parts = step_macs(wm, loops=4)
+    assert parts["prelude"] == 1 * 16 + 48 * 32            # action embedding, prelude P([z; 0; U a])
+    assert parts["injection"] == 32 * 32 + 32 * 64         # B, and the block's e-path U
+    assert parts["loops"] == 64 * 32 + 3 * (32 * 64 + 64 * 32)  # the first loop from h = 0 skips W_in
+    assert parts["coda"] == 32 * 64 + 64 * 16
+    assert parts["heads"] == 2 * (16 * 64 + 64 * 1)          # reward and continue heads
+    assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
+    token = step_macs(tiny_model(block="token", block_options={"tokens": 4}), loops=2)
+    assert token["loops"] == 2 * (4 * 4 * 8 + 2 * 4 * 8 * 16)  # mixing N²·d plus up and down maps, h = 0 kept
+    with pytest.raises(ValueError, match="at least one loop"):
+        step_macs(wm, loops=0)
+
+
+def test_a_warm_started_loop_reaches_the_cold_fixed_point_within_its_bound():
+    """Warm states (the previous step's fixed point) converge to the same h* as zero starts, within
+    each run's certified bound, and in fewer loops: the contraction forgets where it started."""
+    model = tiny_model()
+    randomize(model, std=0.3)
+    with torch.no_grad():
+        e = torch.randn(32, model.cfg.inject_dim, generator=torch.Generator().manual_seed(3)) * 3.0
+        ctx = model.core.prepare(e)
+        prev = model.core.prepare(e + 0.05 * torch.randn(e.shape, generator=torch.Generator().manual_seed(4)))
+        h_star = model.core.fixed_point(ctx, tol=1e-7, max_loops=5000)
+        warm0 = model.core.fixed_point(prev, tol=1e-7, max_loops=5000)
+        opts = LoopOptions(exit="certified", tol=1e-3, min_loops=1, max_loops=500)
+        cold, cold_trace = model.core.run(ctx, None, opts)
+        warm, warm_trace = model.core.run(ctx, warm0, opts)
+    for h, trace in ((cold, cold_trace), (warm, warm_trace)):
+        assert torch.all(trace.converged)
+        assert torch.all((h - h_star).norm(dim=-1) <= trace.bound + 1e-5)
+    assert warm_trace.loops_used.float().mean() < cold_trace.loops_used.float().mean()

@@ -7,7 +7,7 @@ import pytest
 from gymnasium.spaces import Box, Dict, Discrete, MultiBinary, MultiDiscrete, Tuple
 from gymnasium.wrappers import TransformReward
 
-from loopwm.config import EnvConfig
+from loopwm.config import AtariConfig, EnvConfig
 from loopwm.envs import (
     action_dim,
     action_from_model,
@@ -53,7 +53,7 @@ def test_mujoco_v5_env_is_float32():
 
 def test_atari_preprocessing_sticky_actions_and_replayed_stacks():
     pytest.importorskip("ale_py")
-    cfg = EnvConfig(id="ALE/Pong-v5", sticky_actions=0.1)
+    cfg = EnvConfig(id="ALE/Pong-v5", atari=AtariConfig(sticky_actions=0.1))
     env = make_env(cfg, seed=0)
     assert env.unwrapped.ale.getFloat("repeat_action_probability") == pytest.approx(0.1)
     assert isinstance(env, TransformReward) and not isinstance(make_env(cfg, training=False), TransformReward)
@@ -89,11 +89,13 @@ def test_unknown_env_id_is_named():
 
 
 @pytest.mark.parametrize("obs_space, act_space, named", [
-    (Dict({"x": Box(-1, 1, (2,))}), Discrete(2), "observation space Dict"),
+    (Dict({"x": Dict({"y": Box(-1, 1, (2,))})}), Discrete(2), "key 'x' is nested"),
+    (Dict({"x": Discrete(3)}), Discrete(2), "observation space key 'x' of Discrete"),
+    (Dict({}), Discrete(2), "the Dict has no keys"),
     (Discrete(16), Discrete(4), "observation space Discrete"),
     (Box(-1, 1, (2,)), Tuple((Discrete(2), Discrete(2))), "action space Tuple"),
-    (Box(-1, 1, (2,)), MultiDiscrete([2, 3]), "action space MultiDiscrete"),
-    (Box(-1, 1, (2,)), MultiBinary(3), "action space MultiBinary"),
+    (Box(-1, 1, (2,)), MultiDiscrete([[2, 3], [2, 2]]), "1-D MultiDiscrete"),
+    (Box(-1, 1, (2,)), MultiBinary([2, 2]), "action space MultiBinary"),
     (Box(-1, 1, (2,)), Box(-np.inf, np.inf, (2,)), "finite bounds"),
     (Box(-1, 1, (2,)), Box(-1, 1, (2, 2)), "1-D Box"),
 ])

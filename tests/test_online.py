@@ -177,7 +177,7 @@ def test_refuses_to_overwrite_a_run(tmp_path):
         run(cfg, progress=False)
 
 
-def test_eval_warns_about_a_checkpoint_with_an_untrained_continue_head(tmp_path):
+def test_eval_refuses_a_checkpoint_with_an_untrained_continue_head(tmp_path):
     from loopwm.agents.online import evaluate_planner
     from loopwm.checkpoint import CheckpointError, atomic_torch_save, read_checkpoint
 
@@ -186,7 +186,7 @@ def test_eval_warns_about_a_checkpoint_with_an_untrained_continue_head(tmp_path)
     payload = read_checkpoint(path)
     payload["config"]["train"]["w_continue"] = 0.0
     atomic_torch_save(payload, path)
-    with pytest.warns(UserWarning, match="w_continue=0"):
+    with pytest.raises(CheckpointError, match="w_continue=0 leaves the continue head untrained"):
         evaluate_planner(path, 1)
     payload["config"]["train"]["no_such_key"] = 1
     atomic_torch_save(payload, path)

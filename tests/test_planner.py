@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from loopwm.agents import Planner
+from loopwm.agents import PLANNERS
 from loopwm.agents.planner import discounted_return
 from loopwm.config import PlannerConfig
 
@@ -22,7 +22,7 @@ class Imagined:
     latents: Tensor
     rewards: Tensor
     continues: Tensor
-    residual: Tensor
+    bound: Tensor
     converged: Tensor
     loops: Tensor
     obs: Optional[Tensor] = None
@@ -72,33 +72,38 @@ def bandit(values: list[float], residuals: Optional[list[float]] = None) -> Anal
 
 def cfg(**kw) -> PlannerConfig:
     base = dict(horizon=3, iterations=8, samples=256, elites=32, policy_samples=0, temperature=0.5,
-                min_std=0.02, max_std=1.0, discount=0.95, momentum=0.1)
+                min_std=0.02, max_std=1.0, momentum=0.1)
     return PlannerConfig(**{**base, **kw})
+
+
+def make_planner(wm, c: PlannerConfig, **kw):
+    """The registered planner that `c.method` names, at discount 0.95."""
+    return PLANNERS[c.method](wm, c, discount=0.95, **kw)
 
 
 @pytest.mark.parametrize("method", ["mppi", "cem"])
 def test_finds_known_optimum(method):
     wm = point_model()
-    planner = Planner(wm, cfg(method=method), seed=0)
+    planner = make_planner(wm, cfg(method=method), seed=0)
     action = planner.act(np.zeros(2, dtype=np.float32), eval_mode=True)
     assert isinstance(action, np.ndarray) and action.shape == (2,)
     np.testing.assert_allclose(action, TARGET.numpy(), atol=0.05)
     assert wm.calls == planner.cfg.iterations
-    assert set(planner.last_stats) == {"return", "elite_max", "spread", "loops", "residual", "converged"}
+    assert set(planner.last_stats) == {"return", "elite_max", "spread", "loops", "bound", "converged"}
     assert planner.last_stats["return"] > -0.1 and planner.last_stats["loops"] == 2.0
 
 
 def test_batched_envs_plan_independently():
     wm = point_model()
     starts = np.array([[0.0, 0.0], [0.8, 0.2], [-0.2, -0.9]], dtype=np.float32)
-    actions = Planner(wm, cfg(), seed=0).act(starts, eval_mode=True, batched=True)
+    actions = make_planner(wm, cfg(), seed=0).act(starts, eval_mode=True, batched=True)
     assert actions.shape == (3, 2) and wm.calls == 8
     np.testing.assert_allclose(actions, TARGET.numpy() - starts, atol=0.1)
 
 
 def test_training_actions_are_seeded_bounded_samples():
     def run(seed):
-        return Planner(point_model(), cfg(iterations=2), exploration=0.5, seed=seed).act(np.zeros(2))
+        return make_planner(point_model(), cfg(iterations=2), exploration=0.5, seed=seed).act(np.zeros(2))
     first, again, other = run(1), run(1), run(2)
     np.testing.assert_array_equal(first, again)
     assert not np.allclose(first, other)
@@ -107,7 +112,7 @@ def test_training_actions_are_seeded_bounded_samples():
 
 @pytest.mark.parametrize("method", ["mppi", "cem"])
 def test_discrete_picks_best_arm(method):
-    planner = Planner(bandit([0.1, 0.5, 0.9, 0.3]), cfg(method=method, samples=64, elites=8), seed=0)
+    planner = make_planner(bandit([0.1, 0.5, 0.9, 0.3]), cfg(method=method, samples=64, elites=8), seed=0)
     action = planner.act(np.zeros(4), eval_mode=True)
     assert isinstance(action, int) and action == 2
     assert planner.prev["probs"][0, :, 2].min() > 0.9
@@ -118,13 +123,13 @@ def test_value_extends_the_horizon():
     # Arm 0 pays now and leads to a worthless latent; arm 1 pays nothing now but V says its latent is worth 10.
     wm = bandit([1.0, 0.0])
     c = cfg(horizon=1, samples=32, elites=4)
-    assert Planner(wm, c, seed=0).act(np.zeros(2), eval_mode=True) == 0
-    assert Planner(wm, c, value=lambda z: 10.0 * z[:, 1], seed=0).act(np.zeros(2), eval_mode=True) == 1
+    assert make_planner(wm, c, seed=0).act(np.zeros(2), eval_mode=True) == 0
+    assert make_planner(wm, c, value=lambda z: 10.0 * z[:, 1], seed=0).act(np.zeros(2), eval_mode=True) == 1
 
 
 def test_warm_start_shifts_previous_plan():
     wm = point_model()
-    planner = Planner(wm, cfg(horizon=4), seed=0)
+    planner = make_planner(wm, cfg(horizon=4), seed=0)
     planner.plan(torch.zeros(2))
     prev = planner.prev["mean"].clone()
     start = planner.start_distribution(1)
@@ -134,7 +139,7 @@ def test_warm_start_shifts_previous_plan():
     assert torch.all(planner.start_distribution(1, t0=True)["mean"] == 0)
 
     # With momentum 1 the distribution never moves, so the eval action is exactly the start mean's first step.
-    frozen = Planner(wm, cfg(horizon=4, momentum=1.0), seed=0)
+    frozen = make_planner(wm, cfg(horizon=4, momentum=1.0), seed=0)
     frozen.prev = {"mean": torch.arange(8.0).view(1, 4, 2) / 10, "std": torch.ones(1, 4, 2)}
     torch.testing.assert_close(frozen.plan(torch.zeros(2), eval_mode=True), torch.tensor([0.2, 0.3]))
     torch.testing.assert_close(frozen.plan(torch.zeros(2), eval_mode=True), torch.tensor([0.4, 0.5]))
@@ -144,7 +149,7 @@ def test_warm_start_shifts_previous_plan():
 
 
 def test_warm_start_per_env_reset_and_discrete_shift():
-    planner = Planner(bandit([0.1, 0.5, 0.9, 0.3]), cfg(samples=64, elites=8), seed=0)
+    planner = make_planner(bandit([0.1, 0.5, 0.9, 0.3]), cfg(samples=64, elites=8), seed=0)
     planner.plan(torch.zeros(2, 4))
     prev = planner.prev["probs"]
     start = planner.start_distribution(2, t0=np.array([False, True]))
@@ -153,10 +158,10 @@ def test_warm_start_per_env_reset_and_discrete_shift():
     torch.testing.assert_close(start["probs"][1], torch.full((3, 4), 0.25))
 
 
-@pytest.mark.parametrize("uncertainty", ["residual", "unconverged"])
+@pytest.mark.parametrize("uncertainty", ["bound", "unconverged"])
 def test_uncertainty_penalty_avoids_unconverged_arm(uncertainty):
     wm = bandit([1.0, 0.6], residuals=[2.0, 0.0])
-    act = lambda lam: Planner(wm, cfg(uncertainty_penalty=lam, samples=32, elites=4), uncertainty=uncertainty,
+    act = lambda lam: make_planner(wm, cfg(uncertainty_penalty=lam, samples=32, elites=4), uncertainty=uncertainty,
                               seed=0).act(np.zeros(2), eval_mode=True)
     assert act(0.0) == 0
     assert act(1.0) == 1
@@ -165,7 +170,7 @@ def test_uncertainty_penalty_avoids_unconverged_arm(uncertainty):
 def test_uncertainty_penalty_shifts_continuous_optimum():
     # r = a and residual = 2 max(a, 0)^2: λ=0 goes to the bound, λ=1 to the maximiser of a - 2a², a = 0.25.
     wm = Analytic(1, 1, lambda z, a: z, lambda z, a, n: a[:, 0], lambda z, a: 2 * a[:, 0].clamp_min(0) ** 2)
-    act = lambda lam: Planner(wm, cfg(horizon=1, uncertainty_penalty=lam), seed=0).act(np.zeros(1), eval_mode=True)
+    act = lambda lam: make_planner(wm, cfg(horizon=1, uncertainty_penalty=lam), seed=0).act(np.zeros(1), eval_mode=True)
     assert act(0.0)[0] > 0.9
     assert abs(act(1.0)[0] - 0.25) < 0.05
 
@@ -175,16 +180,16 @@ def test_policy_prior_seeds_samples():
     wm = point_model()
     c = cfg(method="cem", iterations=1, samples=16, elites=2, policy_samples=2, momentum=0.0)
     optimal = lambda z: TARGET - z
-    without = Planner(wm, c, seed=0).act(np.zeros(2), eval_mode=True)
-    with_prior = Planner(wm, c, prior=optimal, seed=0).act(np.zeros(2), eval_mode=True)
+    without = make_planner(wm, c, seed=0).act(np.zeros(2), eval_mode=True)
+    with_prior = make_planner(wm, c, prior=optimal, seed=0).act(np.zeros(2), eval_mode=True)
     assert np.abs(with_prior - TARGET.numpy()).max() < 0.02 < np.abs(without - TARGET.numpy()).max()
     with pytest.raises(ValueError, match="policy_samples"):
-        Planner(wm, cfg(samples=16, elites=2, policy_samples=16), prior=optimal)
+        make_planner(wm, cfg(samples=16, elites=2, policy_samples=16), prior=optimal)
 
 
 def test_nan_predictions_are_never_chosen():
     wm = Analytic(1, 1, lambda z, a: z, lambda z, a, n: torch.where(a[:, 0] > 0, torch.nan, -a[:, 0]))
-    action = Planner(wm, cfg(horizon=1), seed=0).act(np.zeros(1), eval_mode=True)
+    action = make_planner(wm, cfg(horizon=1), seed=0).act(np.zeros(1), eval_mode=True)
     assert -1.0 <= action[0] <= 0.0 and np.isfinite(action[0])
 
 
@@ -198,6 +203,6 @@ def test_discounted_return_matches_hand_computation():
 
 def test_config_errors_are_clear():
     with pytest.raises(ValueError, match="elites"):
-        Planner(point_model(), dataclasses.replace(cfg(), elites=300))
+        make_planner(point_model(), dataclasses.replace(cfg(), elites=300))
     with pytest.raises(ValueError, match="min_prob"):
-        Planner(bandit([0.0, 1.0]), cfg(), min_prob=0.5)
+        make_planner(bandit([0.0, 1.0]), cfg(), min_prob=0.5)

@@ -1,6 +1,7 @@
 """Value learning and the policy prior on toy problems with known answers."""
 from __future__ import annotations
 
+import dataclasses
 import io
 from types import SimpleNamespace
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from loopwm.agents import Planner, PolicyPrior, ValueFunction
+from loopwm.agents import MPPIPlanner, PolicyPrior, ValueFunction
 from loopwm.agents.value import lambda_returns
 from loopwm.config import AgentConfig, PlannerConfig
 
@@ -33,7 +34,7 @@ class PointModel(nn.Module):
             latents.append(z)
         rewards = torch.stack(rewards)
         return SimpleNamespace(latents=torch.stack(latents), rewards=rewards, continues=torch.ones_like(rewards),
-                               residual=torch.zeros_like(rewards), converged=torch.ones_like(rewards, dtype=torch.bool),
+                               bound=torch.zeros_like(rewards), converged=torch.ones_like(rewards, dtype=torch.bool),
                                loops=torch.ones_like(rewards, dtype=torch.long), obs=None)
 
 
@@ -51,7 +52,7 @@ def test_value_td_recovers_discounted_chain_value():
     torch.manual_seed(0)
     n, gamma = 5, 0.9
     cfg = AgentConfig(discount=gamma, value_lr=3e-3, tau=0.1)
-    value = ValueFunction(n + 1, cfg, hidden_dim=32)
+    value = ValueFunction(n + 1, dataclasses.replace(cfg, hidden_dim=32))
     latents, rewards, continues = chain_batch(n)
     # A second, corrupted column is masked out and must not bias the fit.
     latents = torch.cat([latents, latents], 1)
@@ -92,7 +93,7 @@ def test_value_reaches_returns_of_hundreds_quickly():
     rewards = torch.full((t, b), -100.0)
     continues = torch.ones(t, b)
     continues[-1] = 0.0
-    value = ValueFunction(8, AgentConfig(discount=0.99, value_lambda=1.0, value_lr=1e-3), hidden_dim=64)
+    value = ValueFunction(8, AgentConfig(discount=0.99, value_lambda=1.0, value_lr=1e-3, hidden_dim=64))
     for _ in range(500):
         value.update(latents, rewards, continues)
     exact = lambda_returns(rewards, continues, torch.zeros(t, b), 0.99, 1.0)
@@ -104,7 +105,8 @@ def test_value_state_dict_round_trip():
     torch.manual_seed(0)
     cfg = AgentConfig(value_lr=1e-3)
     latents, rewards, continues = chain_batch()
-    a, b = ValueFunction(6, cfg, hidden_dim=16), ValueFunction(6, cfg, hidden_dim=16)
+    cfg = dataclasses.replace(cfg, hidden_dim=16)
+    a, b = ValueFunction(6, cfg), ValueFunction(6, cfg)
     a.update(latents, rewards, continues)
     buf = io.BytesIO()
     torch.save(a.state_dict(), buf)
@@ -119,8 +121,8 @@ def test_value_state_dict_round_trip():
 def test_prior_improves_imagined_return(discrete):
     torch.manual_seed(0)
     wm = PointModel(discrete)
-    prior = PolicyPrior(wm.latent_dim, wm.action_dim, discrete, AgentConfig(discount=0.9), horizon=3,
-                        lr=3e-3, hidden_dim=32)
+    prior = PolicyPrior(wm.latent_dim, wm.action_dim, discrete,
+                        AgentConfig(discount=0.9, prior_horizon=3, hidden_dim=32), lr=3e-3)
     starts = torch.rand(128, wm.latent_dim) * 2 - 1
 
     def imagined() -> float:
@@ -144,9 +146,9 @@ def test_prior_improves_imagined_return(discrete):
 def test_prior_backprops_through_value_without_updating_it():
     torch.manual_seed(0)
     wm, cfg = PointModel(), AgentConfig()
-    value = ValueFunction(2, cfg, hidden_dim=16)
+    value = ValueFunction(2, dataclasses.replace(cfg, hidden_dim=16))
     nn.init.normal_(value.net[-1].weight)
-    prior = PolicyPrior(2, 2, False, cfg, horizon=1, hidden_dim=16)
+    prior = PolicyPrior(2, 2, False, dataclasses.replace(cfg, prior_horizon=1, hidden_dim=16))
     before = [p.clone() for p in value.net.parameters()]
     prior.update(wm, torch.zeros(4, 3, 2), value)
     assert all(p.grad is None for p in value.net.parameters())
@@ -159,9 +161,10 @@ def test_prior_backprops_through_value_without_updating_it():
 def test_planner_uses_learned_value_and_prior(discrete):
     torch.manual_seed(0)
     wm, cfg = PointModel(discrete), AgentConfig()
-    value = ValueFunction(wm.latent_dim, cfg, hidden_dim=16)
-    prior = PolicyPrior(wm.latent_dim, wm.action_dim, discrete, cfg, hidden_dim=16)
-    planner = Planner(wm, PlannerConfig(horizon=2, iterations=2, samples=32, elites=4, policy_samples=4),
+    cfg = dataclasses.replace(cfg, hidden_dim=16)
+    value = ValueFunction(wm.latent_dim, cfg)
+    prior = PolicyPrior(wm.latent_dim, wm.action_dim, discrete, cfg)
+    planner = MPPIPlanner(wm, PlannerConfig(horizon=2, iterations=2, samples=32, elites=4, policy_samples=4),
                       value=value, prior=prior, seed=0)
     actions = planner.plan(torch.zeros(3, wm.latent_dim))
     assert actions.shape == (3, wm.action_dim) and actions.abs().max() <= 1

@@ -7,6 +7,7 @@ from gymnasium.spaces import Box, Discrete
 from gymnasium.vector import AutoresetMode
 
 from loopwm.envs import VectorWorldModelEnv, WorldModelEnv
+from loopwm.loop import LoopOptions
 from loopwm.replay import ReplayBuffer
 from loopwm.world_model import WorldModel
 from tests.helpers import tiny_config
@@ -36,11 +37,11 @@ def starts(wm: WorldModel, n: int = 16) -> np.ndarray:
 
 
 def test_one_env_matches_world_model_env_step_for_step_across_episodes():
-    for wm, loop in ((pendulum_model(), {"exit": "certified", "tol": 1e-3, "max_loops": 32}),
-                     (discrete_model(), {"loops": 3})):
+    for wm, loop in ((pendulum_model(), LoopOptions(exit="certified", tol=1e-3, max_loops=32)),
+                     (discrete_model(), LoopOptions(loops=3))):
         data = starts(wm)
-        single = WorldModelEnv(wm, reset_obs=data, max_episode_steps=4, loop_kwargs=loop)
-        vector = VectorWorldModelEnv(wm, 1, reset_obs=data, max_episode_steps=4, loop_kwargs=loop)
+        single = WorldModelEnv(wm, reset_obs=data, max_episode_steps=4, options=loop)
+        vector = VectorWorldModelEnv(wm, 1, reset_obs=data, max_episode_steps=4, options=loop)
         actions = [single.action_space.sample() for _ in range(13)]
         obs, _ = single.reset(seed=7)
         vobs, _ = vector.reset(seed=7)
@@ -135,7 +136,7 @@ def test_disabled_autoreset_needs_a_masked_reset():
 
 def test_info_per_env_under_the_certified_exit():
     wm = pendulum_model()
-    env = VectorWorldModelEnv(wm, 8, reset_obs=starts(wm), loop_kwargs={"exit": "certified", "tol": 1e-2})
+    env = VectorWorldModelEnv(wm, 8, reset_obs=starts(wm), options=LoopOptions(exit="certified", tol=1e-2))
     env.reset(seed=0)
     _, rewards, terminated, truncated, info = env.step(env.action_space.sample())
     assert rewards.shape == (8,) and rewards.dtype == np.float64

@@ -8,6 +8,7 @@ from gymnasium.utils.env_checker import check_env
 from gymnasium.wrappers import RecordEpisodeStatistics, TimeLimit
 
 from loopwm.envs import WorldModelEnv, action_to_model
+from loopwm.loop import LoopOptions
 from loopwm.world_model import WorldModel
 from tests.helpers import tiny_config
 
@@ -83,14 +84,14 @@ def test_same_seed_gives_identical_trajectories(build):
     assert len(starts_seen) > 1  # the start observation is drawn with np_random
 
 
-@pytest.mark.parametrize("build, loop_kwargs", [
+@pytest.mark.parametrize("build, options", [
     (box_model, None),
-    (box_model, {"exit": "certified", "tol": 1e-3, "max_loops": 32}),
-    (discrete_model, {"loops": 6}),
+    (box_model, LoopOptions(exit="certified", tol=1e-3, max_loops=32)),
+    (discrete_model, LoopOptions(loops=6)),
 ])
-def test_steps_match_the_models_own_rollout(build, loop_kwargs):
+def test_steps_match_the_models_own_rollout(build, options):
     wm = build()
-    env = make(wm, loop_kwargs=loop_kwargs)
+    env = make(wm, options=options)
     env.action_space.seed(1)
     actions = [env.action_space.sample() for _ in range(5)]
     obs0, _ = env.reset(seed=1)
@@ -98,22 +99,22 @@ def test_steps_match_the_models_own_rollout(build, loop_kwargs):
     with torch.no_grad():
         z0 = wm.encode(torch.as_tensor(obs0[None]))
         model_actions = torch.as_tensor(action_to_model(np.stack(actions)[:, None], env.action_space))
-        out = wm.imagine(z0, model_actions, decode="all", **(loop_kwargs or {}))
+        out = wm.imagine(z0, model_actions, decode="all", options=options)
     for k, (obs, reward, terminated, _, info) in enumerate(steps):
         np.testing.assert_allclose(obs, out.obs[k, 0].numpy(), rtol=1e-5, atol=1e-5)
         assert reward == pytest.approx(float(out.rewards[k, 0]), rel=1e-5, abs=1e-6)
         assert terminated == bool(out.continues[k, 0] < 0.5)
         assert info["continue_prob"] == pytest.approx(float(out.continues[k, 0]), abs=1e-6)
         assert info["loops_used"] == int(out.loops[k, 0])
-        assert info["bound"] == pytest.approx(float(out.residual[k, 0]), rel=1e-4, abs=1e-7)
+        assert info["bound"] == pytest.approx(float(out.bound[k, 0]), rel=1e-4, abs=1e-7)
         assert info["converged"] == bool(out.converged[k, 0])
-    latent_env = make(wm, loop_kwargs=loop_kwargs, decode_obs=False)
+    latent_env = make(wm, options=options, decode_obs=False)
     np.testing.assert_allclose(latent_env.reset(seed=1)[0], z0[0].numpy(), atol=1e-6)
     np.testing.assert_allclose(latent_env.step(actions[0])[0], out.latents[1, 0].numpy(), atol=1e-5)
 
 
 def test_info_fields_and_types():
-    env = make(box_model(), loop_kwargs={"exit": "certified", "tol": 1e-2})
+    env = make(box_model(), options=LoopOptions(exit="certified", tol=1e-2))
     obs, info = env.reset(seed=0)
     assert obs.dtype == np.float32 and isinstance(info, dict)
     obs, reward, terminated, truncated, info = env.step(env.action_space.sample())

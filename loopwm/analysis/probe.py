@@ -15,7 +15,7 @@ from torch import Tensor
 
 from loopwm.analysis.agreement import rms_distance
 from loopwm.lipschitz import exact_spectral_norm
-from loopwm.loop import StepContext
+from loopwm.loop import LoopOptions, StepContext
 from loopwm.world_model import WorldModel
 
 
@@ -56,7 +56,7 @@ def transitions(wm: WorldModel, obs: Tensor, actions: Tensor, n: int, seed: int 
                 rewards: Optional[Tensor] = None) -> Transitions:
     """A seeded sample of `n` transitions from steps k ≥ 1 of the sequences (so each has a previous step)."""
     check_sequences(obs, actions)
-    device = wm.obs_mean.device
+    device = wm.device
     obs, actions = torch.as_tensor(obs).to(device), torch.as_tensor(actions).to(device)
     L, B = actions.shape[:2]
     g = torch.Generator().manual_seed(seed)
@@ -93,14 +93,14 @@ def loop_map(wm: WorldModel, ctx: StepContext) -> Callable[[Tensor], Tensor]:
 @torch.no_grad()
 def run_loops(wm: WorldModel, ctx: StepContext, loops: int, h0: Optional[Tensor] = None) -> LoopRun:
     """Run exactly `loops` loops from `h0` (zeros by default), keeping every state and readout latent."""
-    _, trace = wm.core.run(ctx, h0, exit="fixed", loops=loops, keep_states=True, readout=wm.readout)
+    _, trace = wm.core.run(ctx, h0, LoopOptions(loops=loops), keep_states=True, readout=wm.readout)
     return LoopRun(ctx=ctx, states=torch.stack(trace.states), readouts=torch.stack(trace.readouts))
 
 
 @torch.no_grad()
 def final_state(wm: WorldModel, ctx: StepContext, h0: Tensor, loops: int) -> Tensor:
     """The state after `loops` loops from `h0`; with many loops, a far-converged h* (also in paper mode)."""
-    _, trace = wm.core.run(ctx, h0, exit="fixed", loops=loops)
+    _, trace = wm.core.run(ctx, h0, LoopOptions(loops=loops))
     return trace.final_state
 
 
@@ -114,9 +114,9 @@ def obs_errors(wm: WorldModel, latents: Tensor, next_obs: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def step_with(wm: WorldModel, tr: Transitions, **loop: Any) -> tuple[Tensor, Tensor]:
+def step_with(wm: WorldModel, tr: Transitions, options: LoopOptions) -> tuple[Tensor, Tensor]:
     """One prediction under the given loop options: per-sample latent error `[N]` and loops used `[N]`."""
-    z1, trace = wm.step(tr.z, tr.action, **loop)
+    z1, trace = wm.step(tr.z, tr.action, options=options)
     return rms_distance(z1, tr.target), trace.loops_used
 
 

@@ -21,6 +21,7 @@ from loopwm.analysis.geometry import effective_rank, path_independence
 from loopwm.analysis.jacobian import hutchinson_frobenius, spectral_norm, spectral_radius
 from loopwm.analysis.rollout import lyapunov_rate
 from loopwm.analysis.stats import auroc, quartiles, spearman, top_fraction
+from loopwm.loop import LoopOptions
 from loopwm.world_model import WorldModel
 
 
@@ -149,7 +150,7 @@ def agreement_section(p: Probe) -> dict[str, Any]:
     flags = top_fraction(err0, s.flag_fraction)
     residual = step_norms(p.run.states)[T0 - 1]
     agree = agreement_score(R[:max(T0, 2)])
-    err_c, loops_c = P.step_with(p.wm, p.tr, exit="certified")
+    err_c, loops_c = P.step_with(p.wm, p.tr, LoopOptions.from_config(p.wm.cfg, exit="certified"))
     return {"loops": list(range(1, p.T_max + 1)), "error_vs_truth": _q(err),
             "error_vs_final": _q(readout_errors(R, R[-1])), "delta": tol, "delta_rel": s.delta,
             "depth_counts": torch.bincount(depth - 1, minlength=p.T_max).tolist(),
@@ -280,7 +281,7 @@ def pareto_section(p: Probe) -> dict[str, Any]:
         series["fixed"].append({"setting": float(t), "mean_loops": float(t), "error": e})
     for name, key, values in (("certified", "tol", s.tolerances), ("gate", "gate_threshold", s.gate_thresholds)):
         for v in values:
-            err, loops = P.step_with(p.wm, p.tr, exit=name, min_loops=1, **{key: v})
+            err, loops = P.step_with(p.wm, p.tr, LoopOptions.from_config(p.wm.cfg, exit=name, min_loops=1, **{key: v}))
             series[name].append({"setting": float(v), "mean_loops": float(loops.float().mean()),
                                  "error": float(err.mean())})
     points = [(q["mean_loops"], q["error"]) for rows in series.values() for q in rows]
