@@ -88,8 +88,8 @@ def check_actions(actions: Any, space: Space, batch: Optional[int]) -> np.ndarra
     lead = () if batch is None else (batch,)
     shape = (*lead, *space.shape)
     if isinstance(space, CATEGORICAL):
-        low = np.asarray(getattr(space, "start", 0))
-        high = low + (np.asarray(space.nvec if isinstance(space, MultiDiscrete) else getattr(space, "n", 2)))
+        low = np.asarray(getattr(space, "start", 0))  # MultiBinary entries are 0 or 1
+        high = low + (space.nvec if isinstance(space, MultiDiscrete) else space.n if isinstance(space, Discrete) else 2)
         if a.shape != shape or not np.issubdtype(a.dtype, np.integer) or (a.size and ((a < low) | (a >= high)).any()):
             raise ValueError(f"expected {type(space).__name__} actions of shape {shape}: integers in "
                              f"[{low.tolist()}, {high.tolist()}), got {actions!r}")

@@ -234,3 +234,21 @@ def test_same_seed_same_trajectory_and_latent_observations():
     with torch.no_grad():
         z0 = wm.encode(torch.as_tensor(trajectory(True)[0])).numpy()
     np.testing.assert_allclose(latents[0], z0, atol=1e-6)
+
+
+def test_multidiscrete_and_multibinary_actions_step_as_one_hot_groups():
+    from gymnasium.spaces import MultiBinary, MultiDiscrete
+
+    obs_space = Box(-np.inf, np.inf, (2,), np.float32)
+    for space, good, bad in ((MultiDiscrete([3, 2], start=[1, 0]), [[1, 0], [3, 1]], [[0, 0], [1, 1]]),
+                             (MultiBinary(3), [[0, 1, 1], [1, 0, 0]], [[0, 2, 1], [1, 0, 0]])):
+        wm = WorldModel.from_config(tiny_config(), obs_space, space)
+        env = VectorWorldModelEnv(wm, 2, reset_obs=np.zeros((1, 2), np.float32), action_space=space)
+        rebuilt = VectorWorldModelEnv(wm, 2, reset_obs=np.zeros((1, 2), np.float32)).single_action_space
+        assert env.single_action_space == space and rebuilt.shape == space.shape
+        env.reset(seed=0)
+        env.step(np.array(good))
+        with pytest.raises(ValueError, match=f"{type(space).__name__} actions of shape \\(2, {space.shape[0]}\\)"):
+            env.step(np.array(bad))
+        with pytest.raises(ValueError, match="action space .* the model was trained on categorical actions"):
+            VectorWorldModelEnv(wm, 2, action_space=MultiDiscrete([4, 4, 4, 4]))
