@@ -103,29 +103,32 @@ class Agent:
         self.rng.bit_generator.state = state["rng"]
 
 
-def evaluate(agent: Agent, episodes: int, seed: int, video_dir: Optional[str] = None) -> dict[str, Any]:
+def evaluate(agent: Agent, episodes: int, seed: int, video_dir: Optional[str] = None,
+             frames: bool = False) -> dict[str, Any]:
     """Return of the deterministic planner over `episodes` fresh evaluation episodes (rewards unclipped).
 
     Evaluation leaves every training RNG as it found it, so evaluating never changes what training does.
     """
     planner_state = agent.planner.state_dict()
     with torch.random.fork_rng(devices=[]):
-        result = _evaluate(agent, episodes, seed, video_dir)
+        result = _evaluate(agent, episodes, seed, video_dir, frames)
     agent.planner.load_state_dict(planner_state)
     return result
 
 
-def _evaluate(agent: Agent, episodes: int, seed: int, video_dir: Optional[str]) -> dict[str, Any]:
-    env = make_env(agent.cfg.env, render_mode="rgb_array" if video_dir else None, training=False)
+def _evaluate(agent: Agent, episodes: int, seed: int, video_dir: Optional[str], frames: bool) -> dict[str, Any]:
+    env = make_env(agent.cfg.env, render_mode="rgb_array" if video_dir or frames else None, training=False)
     if video_dir:
         from gymnasium.wrappers import RecordVideo
 
         env = RecordVideo(env, video_dir, episode_trigger=lambda _: True, disable_logger=True)
-    returns, decisions, plan_time = [], 0, 0.0
+    returns, decisions, plan_time, video = [], 0, 0.0, []
     for i in range(episodes):
         obs, _ = env.reset(seed=seed + i)
         done, total, t0 = False, 0.0, True
         while not done:
+            if frames and i == 0:
+                video.append(env.render())
             start = time.perf_counter()
             action = agent.planned_action(obs, eval_mode=True, t0=t0)
             plan_time += time.perf_counter() - start
@@ -134,10 +137,14 @@ def _evaluate(agent: Agent, episodes: int, seed: int, video_dir: Optional[str]) 
             total += float(reward)
             done, t0 = terminated or truncated, False
         returns.append(total)
+    fps = int(env.metadata.get("render_fps") or 30)
     env.close()
     agent.planner.reset()
-    return {"return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)),
-            "returns": returns, "ms_per_decision": 1000.0 * plan_time / max(decisions, 1)}
+    result = {"return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)),
+              "returns": returns, "ms_per_decision": 1000.0 * plan_time / max(decisions, 1)}
+    if frames:
+        result.update(frames=np.stack(video), fps=fps)  # the first episode, [T, H, W, 3]
+    return result
 
 
 def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
@@ -148,7 +155,7 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
     latest = run_dir(cfg) / "checkpoints" / "latest.pt"
     folder = prepare_run_dir(cfg, latest)
     env = make_env(cfg.env, training=True)
-    logger = RunLogger(folder)
+    logger = RunLogger.for_config(folder, cfg)
     agent = Agent(cfg, env.observation_space, env.action_space, logger)
     state = Progress()
     if cfg.resume and latest.exists():
@@ -163,7 +170,9 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
         save_run(latest, agent.trainer, agent=agent.state_dict(), progress=vars(state))
 
     def evaluation() -> None:
-        result = evaluate(agent, a.eval_episodes, seed=10_000 + state.step)
+        result = evaluate(agent, a.eval_episodes, seed=10_000 + state.step, frames=a.eval_video)
+        if a.eval_video:
+            logger.log_video("eval/video", result.pop("frames"), state.step, fps=result.pop("fps"))
         state.curve.append([state.step, result["return_mean"], result["return_std"]])
         logger.log({"eval/return_mean": result["return_mean"], "eval/return_std": result["return_std"],
                     "eval/ms_per_decision": result["ms_per_decision"]}, state.step)

@@ -25,9 +25,12 @@ def run_dir(cfg: Config) -> Path:
 def prepare_run_dir(cfg: Config, checkpoint: Path) -> Path:
     """Create the run folder; refuse to overwrite a run that has a checkpoint unless resuming, or to start
     on a device this machine lacks."""
+    from loopwm.logger import require_wandb
     from loopwm.train import resolve_device
 
     resolve_device(cfg.device)
+    if cfg.wandb:
+        require_wandb()
     folder = run_dir(cfg)
     if checkpoint.exists() and not cfg.resume:
         raise ConfigError(
@@ -133,7 +136,7 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
     wm = WorldModel.from_config(cfg, *env_spaces(cfg)).to(resolve_device(cfg.device))
     stats = train_data.stats()
     wm.set_obs_stats(stats["obs_mean"], stats["obs_std"])
-    logger = RunLogger(folder)
+    logger = RunLogger.for_config(folder, cfg)
     trainer = Trainer(wm, cfg, train_data, logger)
     if cfg.resume and latest.exists():
         restore_run(latest, trainer)
