@@ -15,12 +15,20 @@ from tests.helpers import tiny_config
 PENDULUM = gym.make("Pendulum-v1")
 
 
+def with_rewards(wm: WorldModel) -> WorldModel:
+    """The reward head starts at exactly zero; random output weights make rewards differ per state."""
+    with torch.no_grad():
+        wm.reward_head.net[-1].weight.normal_()
+    return wm
+
+
 def pendulum_model(**model) -> WorldModel:
-    return WorldModel.from_config(tiny_config(**model), PENDULUM.observation_space, PENDULUM.action_space)
+    return with_rewards(WorldModel.from_config(tiny_config(**model), PENDULUM.observation_space,
+                                               PENDULUM.action_space))
 
 
 def discrete_model() -> WorldModel:
-    return WorldModel.from_config(tiny_config(), Box(-np.inf, np.inf, (4,), np.float32), Discrete(3))
+    return with_rewards(WorldModel.from_config(tiny_config(), Box(-np.inf, np.inf, (4,), np.float32), Discrete(3)))
 
 
 def never_ends(wm: WorldModel) -> WorldModel:
@@ -91,6 +99,7 @@ def test_next_step_autoreset_restarts_on_the_step_after_the_end():
     assert truncated.tolist() == [False, False, True, False, False, False, True, False, False]
     restart = out[3]  # the step after the truncation: reward 0, no flags, loop statistics masked off
     assert (restart[1] == 0).all() and not restart[2].any() and not restart[3].any()
+    assert (out[2][1] != 0).all() and (out[4][1] != 0).all()  # ordinary steps do have rewards
     assert not restart[4]["_loops_used"].any() and (restart[4]["loops_used"] == 0).all()
     assert out[2][4]["_loops_used"].all() and (out[2][4]["loops_used"] > 0).all()
     fresh = VectorWorldModelEnv(env.wm, 3, reset_obs=starts(env.wm))  # the second draw of the same generators
@@ -139,7 +148,7 @@ def test_info_per_env_under_the_certified_exit():
     env = VectorWorldModelEnv(wm, 8, reset_obs=starts(wm), options=LoopOptions(exit="certified", tol=1e-2))
     env.reset(seed=0)
     _, rewards, terminated, truncated, info = env.step(env.action_space.sample())
-    assert rewards.shape == (8,) and rewards.dtype == np.float64
+    assert rewards.shape == (8,) and rewards.dtype == np.float64 and len(set(rewards.tolist())) == 8
     assert terminated.dtype == bool and truncated.dtype == bool and terminated.shape == (8,)
     assert info["loops_used"].shape == (8,) and (info["loops_used"] >= 1).all()
     assert ((info["bound"] <= 1e-2) == info["converged"]).all()
