@@ -99,16 +99,16 @@ class VectorWorldModelEnv(gym.vector.VectorEnv):
             raise ValueError(f"unknown reset option(s) {unknown}; VectorWorldModelEnv accepts 'obs' and 'reset_mask'")
         mask = self._reset_mask(options.get("reset_mask"))
         seeds = self._seeds(seed)
+        if self._z is None and not mask.all():
+            raise gym.error.ResetNeeded("VectorWorldModelEnv: the first reset must reset every env (no reset_mask)")
+        given = options.get("obs")
+        if given is not None:  # checked before anything changes, so a bad start leaves the envs as they were
+            given = check_obs(given, tuple(self.wm.spec.obs_shape), "options['obs']", batched=True, rows=self.num_envs)
         if seeds[0] is not None or not self._rngs:
             rngs = [seeding.np_random(s)[0] for s in seeds]
             self._rngs = rngs if not self._rngs else [r if m else old for r, old, m in zip(rngs, self._rngs, mask)]
             if seeds[0] is not None:
                 self._np_random, self._np_random_seed = seeding.np_random(seeds[0])
-        if self._z is None and not mask.all():
-            raise gym.error.ResetNeeded("VectorWorldModelEnv: the first reset must reset every env (no reset_mask)")
-        given = options.get("obs")
-        if given is not None:
-            given = check_obs(given, tuple(self.wm.spec.obs_shape), "options['obs']", batched=True, rows=self.num_envs)
         self._restart(np.flatnonzero(mask), given)
         return self._observations(), {}
 

@@ -109,15 +109,18 @@ class WorldModelEnv(gym.Env[np.ndarray, Action]):
     def reset(
         self, *, seed: Optional[int] = None, options: Optional[dict[str, Any]] = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        """Seed ``np_random``, draw a start observation and encode it; ``options={"obs": obs}`` overrides the draw."""
-        super().reset(seed=seed)
+        """Seed ``np_random``, draw a start observation and encode it; ``options={"obs": obs}`` overrides the draw.
+
+        Options are checked first, so a bad one (an unknown key, a NaN observation) changes nothing."""
         options = dict(options or {})
         unknown = sorted(set(options) - {"obs"})
         if unknown:
             raise ValueError(f"unknown reset option(s) {unknown}; WorldModelEnv accepts only 'obs'")
-        shape = tuple(self.wm.spec.obs_shape)
         given = options.get("obs")
-        obs = check_obs(given, shape, "start observation") if given is not None else self.starts.draw(self.np_random)
+        if given is not None:
+            given = check_obs(given, tuple(self.wm.spec.obs_shape), "start observation")
+        super().reset(seed=seed)
+        obs = given if given is not None else self.starts.draw(self.np_random)
         obs = self._format(obs)
         with torch.no_grad():
             self._z = self.wm.encode(torch.as_tensor(obs[None], device=self.wm.device))

@@ -7,7 +7,7 @@ branches from real replay states, stepped as one batch by `VectorWorldModelEnv` 
 the real environment and in the model from the same starts (`value_gap`).
 
     pip install 'loopwm[examples]'
-    python examples/sb3_in_model.py                      # about ten minutes on one core
+    python examples/sb3_in_model.py                      # under ten minutes on one core
     python examples/sb3_in_model.py --rounds 1 --real-steps 200 --updates 20 --sb3-steps 256   # seconds
 """
 from __future__ import annotations
@@ -32,13 +32,13 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(CONFIG), help="loopwm config of the world model and environment")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the config, e.g. model.latent_dim=32")
-    p.add_argument("--rounds", type=int, default=3, help="collect / fit / train-in-model rounds")
+    p.add_argument("--rounds", type=int, default=2, help="collect / fit / train-in-model rounds")
     p.add_argument("--real-steps", type=int, default=1000, help="real transitions collected per round")
-    p.add_argument("--updates", type=int, default=1000, help="world-model updates per round")
-    p.add_argument("--sb3-steps", type=int, default=20_000, help="imagined transitions SB3 trains on per round")
-    p.add_argument("--num-envs", type=int, default=32, help="imagined environments stepped as one batch")
+    p.add_argument("--updates", type=int, default=400, help="world-model updates per round")
+    p.add_argument("--sb3-steps", type=int, default=12_000, help="imagined transitions SB3 trains on per round")
+    p.add_argument("--num-envs", type=int, default=16, help="imagined environments stepped as one batch")
     p.add_argument("--horizon", type=int, default=10, help="imagined branch length from a replay state")
-    p.add_argument("--gradient-steps", type=int, default=8, help="SAC gradient steps per batched step")
+    p.add_argument("--gradient-steps", type=int, default=4, help="SAC gradient steps per batched step")
     p.add_argument("--eval-episodes", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)

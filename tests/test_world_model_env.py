@@ -166,6 +166,11 @@ def test_reset_options_and_errors():
     with pytest.raises(ValueError, match="no start observations"):
         env.reset(seed=0)
     first, _ = env.reset(seed=0, options={"obs": obs})
+    after_first = env.step(np.zeros(2, np.float32))[0]
+    with pytest.raises(ValueError, match="start observation contains NaN"):
+        env.reset(seed=5, options={"obs": np.array([0.5, np.nan, 2.0], np.float32)})
+    env.reset(seed=0, options={"obs": obs})
+    np.testing.assert_array_equal(env.step(np.zeros(2, np.float32))[0], after_first)
     np.testing.assert_array_equal(first, obs)
     assert first is not obs
     with pytest.raises(ValueError, match="unknown reset option"):
