@@ -8,10 +8,17 @@ For T loops we time, interleaved in the same rounds:
              the loop map, written with plain tensors (no residual norms, no trace).
 in two modes: `no_grad` (inference) and `grad` (autograd on, forward only, as in training, where the
 normalised weights are recomputed on every call). The target is run/T ≤ 1.5 × mlp/T. A fit
-call(T) ≈ a + b·T and a count of spectral_norm_bound calls show that the weights cost is paid once
+call(T) ≈ a + b·T and a count of scaled_bound calls show that the weights cost is paid once
 per call, never once per loop.
 
-    .venv/bin/python benchmarks/core_speed.py --repeats 20
+A second part prices the certificate itself, per forward (every h-path map of the block), against
+the plain Gram-chain bound it replaces, which squared W before any rescaling:
+  legacy     W / legacy_bound(W) for each map (underflows for tiny W, overflows for huge W);
+  robust     what a forward now pays: `certify()` on each map (power-of-two rescaling, the Gram chain
+             in float32 with its derived rounding term) plus `LoopCertificate.build` (κ, rounding constants);
+  chain f32 / chain f64   the rescaled Gram chain alone, in float32 or in float64.
+
+    .venv/bin/python benchmarks/core_speed.py
 """
 from __future__ import annotations
 
@@ -27,8 +34,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import loopwm.lipschitz as lipschitz
+from loopwm.certificate import LoopCertificate
 from loopwm.config import load_config
-from loopwm.loop import LoopCore
+from loopwm.loop import LoopCore, LoopOptions
 from common import (DEFAULT_OUT, REPO, command, interleaved, load_average, machine_info, machine_md,
                           md_table, median, paired_ratio, write_outputs)
 
@@ -47,15 +55,15 @@ def mode_context(mode: str) -> contextlib.AbstractContextManager:
 
 @contextlib.contextmanager
 def count_bounds() -> Iterator[list[int]]:
-    """Count calls of spectral_norm_bound (the certified weights' cost) inside the block."""
+    """Count calls of scaled_bound (the certified weights' cost) inside the block."""
     calls = [0]
-    original = lipschitz.spectral_norm_bound
+    original = lipschitz.scaled_bound
 
-    def counted(*args: Any, **kwargs: Any) -> Tensor:
+    def counted(*args: Any, **kwargs: Any) -> Any:
         calls[0] += 1
         return original(*args, **kwargs)
 
-    with mock.patch.object(lipschitz, "spectral_norm_bound", counted):
+    with mock.patch.object(lipschitz, "scaled_bound", counted):
         yield calls
 
 
@@ -72,10 +80,10 @@ def loop_variants(core: LoopCore, e: Tensor, loops: int) -> dict[str, Callable[[
     a, d, u, s = torch.rand(hidden), torch.randn_like(h0), torch.randn(e.shape[0], width), torch.rand(())
 
     def run() -> Tensor:
-        return core.run(ctx, LoopOptions(loops=loops))[0]
+        return core.run(ctx, options=LoopOptions(loops=loops))[0]
 
     def call() -> Tensor:
-        return core.run(core.prepare(e), LoopOptions(loops=loops))[0]
+        return core.run(core.prepare(e), options=LoopOptions(loops=loops))[0]
 
     def mlp_only() -> Tensor:
         h = h0
@@ -105,6 +113,59 @@ def weight_costs(core: LoopCore, repeats: int) -> dict[str, float]:
         grad = interleaved({"fresh": fresh}, repeats)
     return {"no_grad_fresh": median(no_grad["fresh"].wall), "no_grad_cached": median(no_grad["cached"].wall),
             "grad_fresh": median(grad["fresh"].wall)}
+
+
+def legacy_bound(weight: Tensor, squarings: int = 4) -> Tensor:
+    """The bound before rescaling (Gram matrix of the raw W, normalised only after squaring), for its cost."""
+    w = weight.reshape(weight.shape[0], -1)
+    gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+    log_scale = gram.new_zeros(())
+    for i in range(squarings):
+        c = gram.abs().sum(1).max().clamp_min(1e-30)
+        gram = gram / c
+        log_scale = log_scale + torch.log(c) * 2 ** (squarings - i)
+        gram = gram @ gram
+    top = gram.abs().sum(1).max().clamp_min(1e-30)
+    return torch.exp((log_scale + torch.log(top)) / 2 ** (squarings + 1)) * (1 + 1e-4)
+
+
+def bound_costs(hidden: int, repeats: int) -> dict[str, Any]:
+    """Median µs per forward of the certified weights, legacy against robust, and float32 against float64 chains."""
+    torch.manual_seed(0)
+    core = build_core(hidden)
+    linears = core.block.linears()
+    retention = core.retention().detach()
+    scale = core.block_scale(retention.max()).detach()
+
+    def legacy() -> list[Tensor]:
+        return [lin.weight / legacy_bound(lin.weight) for lin in linears]
+
+    def robust() -> Any:
+        return LoopCertificate.build(retention, scale, [lin.certify() for lin in linears], core.cfg.activation)
+
+    def chain(dtype: torch.dtype) -> Callable[[], Any]:
+        return lambda: [lipschitz.scaled_bound(lin.weight, dtype=dtype) for lin in linears]
+
+    fns = {"legacy": legacy, "robust": robust, "chain_f32": chain(torch.float32), "chain_f64": chain(torch.float64)}
+    out: dict[str, Any] = {"hidden": hidden, "shapes": [list(lin.weight.shape) for lin in linears], "modes": {}}
+    for mode in MODES:
+        with mode_context(mode):
+            samples = interleaved(fns, repeats)
+        wall = {name: v.wall for name, v in samples.items()}
+        cpu = {name: v.cpu for name, v in samples.items()}
+        out["modes"][mode] = {
+            **{f"{name}_us": 1e6 * median(v) for name, v in wall.items()},
+            **{f"{name}_cpu_us": 1e6 * median(v) for name, v in cpu.items()},
+            "ratio_robust_vs_legacy": paired_ratio(wall["robust"], wall["legacy"]),
+            "ratio_robust_vs_legacy_cpu": paired_ratio(cpu["robust"], cpu["legacy"]),
+            "ratio_chain_f64_vs_f32": paired_ratio(wall["chain_f64"], wall["chain_f32"]),
+            "ratio_chain_f64_vs_f32_cpu": paired_ratio(cpu["chain_f64"], cpu["chain_f32"]),
+        }
+        m = out["modes"][mode]
+        print(f"bound cost hidden {hidden} {mode}: legacy {m['legacy_cpu_us']:.0f} µs, robust {m['robust_cpu_us']:.0f} µs "
+              f"CPU (×{m['ratio_robust_vs_legacy_cpu']:.2f}); chain f64/f32 ×{m['ratio_chain_f64_vs_f32_cpu']:.2f}",
+              flush=True)
+    return out
 
 
 def measure(hidden: int, threads: int, loops: list[int], batch: int, repeats: int) -> dict[str, Any]:
@@ -221,24 +282,53 @@ def markdown(payload: dict[str, Any]) -> str:
                 f"every loop, run/mlp would be about {m['per_loop_recompute_ratio']:.2f}.",
                 "",
             ]
-    return "\n".join(lines)
+    return "\n".join(lines + bound_markdown(payload))
+
+
+def bound_markdown(payload: dict[str, Any]) -> list[str]:
+    """The certificate's cost per forward: legacy against robust weights, float32 against float64 chains."""
+    rows = [[b["hidden"], " + ".join("×".join(map(str, s)) for s in b["shapes"]), mode,
+             m["legacy_us"], m["robust_us"], m["ratio_robust_vs_legacy"],
+             m["legacy_cpu_us"], m["robust_cpu_us"], m["ratio_robust_vs_legacy_cpu"],
+             m["chain_f32_cpu_us"], m["chain_f64_cpu_us"], m["ratio_chain_f64_vs_f32_cpu"]]
+            for b in payload["bound_costs"] for mode, m in b["modes"].items()]
+    return [
+        "## The certificate's cost per forward (one thread)",
+        "",
+        "Every h-path map of the Pendulum config's block, per forward call. **legacy**: `W / legacy_bound(W)`, the "
+        "Gram chain on the raw W (wrong for tiny or huge W). **robust**: `certify()` on each map (power-of-two "
+        "rescaling, float32 Gram chain with its derived rounding term, the applied weight and its norm bounds) plus "
+        "`LoopCertificate.build` (κ and the rounding constants). **chain f32 / f64**: the rescaled chain alone "
+        "(`scaled_bound`) in float32 or float64; the package keeps float32, the cheaper. Medians in µs of wall-clock "
+        "and of process CPU time (which leaves out time the scheduler gave to other processes); ratios are medians "
+        "of per-round ratios.",
+        "",
+        md_table(["hidden", "maps (out×in)", "mode", "legacy µs", "robust µs", "robust/legacy",
+                  "legacy CPU µs", "robust CPU µs", "robust/legacy CPU", "chain f32 CPU µs", "chain f64 CPU µs",
+                  "f64/f32 CPU"], rows),
+        "",
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=20, help="timings per point (median reported)")
+    parser.add_argument("--repeats", type=int, default=10, help="timings per point (median reported)")
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--loops", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--hidden", type=int, nargs="+", default=[128, 256], help="model.hidden_dim values")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1])
+    parser.add_argument("--bound-hidden", type=int, nargs="+", default=[128, 512],
+                        help="model.hidden_dim values for the certificate's cost per forward (one thread)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for core_speed.json/.md")
     args = parser.parse_args()
     info = machine_info()
     results = [measure(h, n, args.loops, args.batch, args.repeats) for n in args.threads for h in args.hidden]
+    torch.set_num_threads(1)
+    bounds = [bound_costs(h, args.repeats) for h in args.bound_hidden]
     info["load_average_end"] = load_average()
     info["command"] = command()
     payload = {"machine": info, "batch": args.batch, "repeats": args.repeats, "loops": args.loops,
-               "config": "configs/pendulum.yaml", "results": results}
+               "config": "configs/pendulum.yaml", "results": results, "bound_costs": bounds}
     write_outputs(args.out, "core_speed", payload, markdown(payload))
 
 

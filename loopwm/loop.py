@@ -9,6 +9,7 @@ and ‖h*‖ ≤ ‖F(0)‖/(1−κ). "Paper mode" (LoopWM, arXiv 2606.18208) dr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Union
@@ -18,7 +19,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from loopwm.blocks import make_block
+from loopwm.certificate import LoopCertificate, norm_bounds
 from loopwm.config import ConfigError, ModelConfig
+from loopwm.lipschitz import Certified, round_up
 
 
 @dataclass(frozen=True)
@@ -150,11 +153,12 @@ class StepContext:
     weights: list[Tensor]    # effective h-path weights (output map × s), computed once per forward
     scale: Tensor            # s, the block's output gain
     kappa: Tensor            # certified Lipschitz constant of h ↦ F(h, e)
+    certificate: LoopCertificate  # κ's parts and the rounding term of the certified bound
 
     def select(self, index: Tensor) -> "StepContext":
         """The context of a subset of the batch (shared parts are kept as they are)."""
         return StepContext(self.retention, self.drive[index], [c[index] for c in self.block_ctx],
-                           self.weights, self.scale, self.kappa)
+                           self.weights, self.scale, self.kappa, self.certificate)
 
 
 @dataclass
@@ -166,6 +170,7 @@ class LoopParams:
     weights: list[Tensor]  # effective h-path weights, the output map pre-multiplied by s
     scale: Tensor          # s
     kappa: Tensor          # κ
+    certificate: LoopCertificate
 
 
 @dataclass
@@ -222,32 +227,41 @@ class LoopCore(nn.Module):
         return (self.cfg.kappa_max - self.cfg.retention_max) * 0.5 * torch.exp(self.gain_logit)
 
     def kappa(self) -> Tensor:
-        """κ = max Ā + s·Π Lip(W_i): an upper bound on Lip_h of the loop map."""
-        a_max = self.retention().max()
-        lip = torch.ones((), device=a_max.device)
-        for lin in self.block.linears():
-            lip = lip * lin.lipschitz_bound()
-        return a_max + self.block_scale(a_max) * lip
+        """κ (float64) = max Ā + Π L_i, L_i ≥ ‖W_i‖₂ of the h-path weights as the loop applies them (see
+        `LoopCertificate`): an upper bound on Lip_h of the loop map, in every mode and for every weight."""
+        with torch.no_grad():
+            return self.loop_params().kappa
 
-    def effective_weights(self) -> list[Tensor]:
-        """The normalised h-path weights: computed once per forward call, never once per loop."""
+    def certified_weights(self) -> list[Certified]:
+        """The h-path weights as applied, with their norm bounds: computed once per forward call, never once
+        per loop (cached under no_grad until a weight changes). A non-finite weight raises, naming it."""
         linears = self.block.linears()
         if torch.is_grad_enabled():
-            return [lin.effective_weight() for lin in linears]
+            return [lin.certify(name) for lin, name in zip(linears, self._linear_names())]
         key = tuple((lin.weight._version, lin.weight.data_ptr()) for lin in linears)
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, [lin.effective_weight().detach() for lin in linears])
+            certified = [lin.certify(name) for lin, name in zip(linears, self._linear_names())]
+            self._cache = (key, [c._replace(weight=c.weight.detach()) for c in certified])
         return self._cache[1]
+
+    def effective_weights(self) -> list[Tensor]:
+        """The normalised h-path weights (before the gain s), as the loop applies them."""
+        return [c.weight for c in self.certified_weights()]
+
+    def _linear_names(self) -> list[str]:
+        """Each h-path weight's name as in `WorldModel.state_dict()`, for error messages."""
+        names = {id(mod): name for name, mod in self.block.named_modules()}
+        return [f"core.block.{names[id(lin)]}.weight" for lin in self.block.linears()]
 
     def loop_params(self) -> LoopParams:
         """Retention, step size, scaled weights, gain and κ: everything a step needs that is not the input."""
         a_bar = self.retention()
-        a_max = a_bar.max()
         delta = F.softplus(self.delta_raw) if self.use_retention else torch.ones_like(self.delta_raw)
-        weights = self.effective_weights()
-        scale = self.block_scale(a_max)
-        kappa = self.kappa() if not self.cfg.constrain_block else a_max + scale
-        return LoopParams(a_bar, delta, [*weights[:-1], weights[-1] * scale], scale, kappa)
+        certified = self.certified_weights()
+        scale = self.block_scale(a_bar.max())
+        certificate, last = LoopCertificate.build(a_bar, scale, certified, self.cfg.activation)
+        weights = [*(c.weight for c in certified[:-1]), last]
+        return LoopParams(a_bar, delta, weights, scale, certificate.kappa, certificate)
 
     @contextlib.contextmanager
     def weight_scope(self) -> Iterator[None]:
@@ -263,7 +277,8 @@ class LoopCore(nn.Module):
     def prepare(self, e: Tensor) -> StepContext:
         """Precompute the injection's contributions for one environment step."""
         p = self._scope if self._scope is not None else self.loop_params()
-        return StepContext(p.retention, p.delta * self.inject(e), self.block.context(e), p.weights, p.scale, p.kappa)
+        return StepContext(p.retention, p.delta * self.inject(e), self.block.context(e), p.weights, p.scale, p.kappa,
+                           p.certificate)
 
     def loop_map(self, h: Optional[Tensor], ctx: StepContext) -> Tensor:
         """One loop: F(h) = Ā ⊙ h + B̄ e + s·R(h, e); h=None is the zero state, F(0) = B̄ e + s·R(0, e)."""
@@ -280,11 +295,29 @@ class LoopCore(nn.Module):
         feats = torch.cat([h, torch.log(step_norm.unsqueeze(-1) + 1e-6)], dim=-1)
         return torch.sigmoid(self.gate(feats)).squeeze(-1)
 
-    def certified_bound(self, step_norm: Tensor, h: Tensor, ctx: StepContext) -> Tensor:
-        """Certified distance to the fixed point after a loop that moved h by `step_norm`: κ/(1−κ)·‖Δh‖."""
-        kappa = float(ctx.kappa.detach())
-        coef = kappa / (1.0 - kappa) if kappa < 1.0 else math.inf
-        return coef * step_norm.detach()
+    def certified_bound(self, step_norm: Tensor, h: Tensor, ctx: StepContext, refine: Optional[Tensor] = None
+                        ) -> Tensor:
+        """Certified distance from h to the fixed point after a loop that moved it by `step_norm`, rounding
+        included (`LoopCertificate`): (κ‖Δh‖ + ρ)/(1−κ). For the samples in the mask `refine` where ρ
+        dominates (more loops cannot lower it), also the float64 residual bound ‖F(h) − h‖/(1−κ) if lower:
+        one float64 loop map, which the certified exit spends to certify tolerances near float32's grid."""
+        cert = ctx.certificate
+        h_norm, drive = norm_bounds(h), norm_bounds(ctx.drive)
+        context = sum((norm_bounds(c) for c in ctx.block_ctx), torch.zeros_like(h_norm))
+        bound, stalled = cert.step_bound(step_norm, h_norm, context, drive)
+        stalled = stalled & refine if refine is not None else torch.zeros_like(stalled)
+        if bool(stalled.any()):
+            idx = slice(None) if bool(stalled.all()) else stalled.nonzero().squeeze(1)
+            sub = ctx.select(idx)
+            wide = dataclasses.replace(sub, retention=sub.retention.double(), drive=sub.drive.double(),
+                                       block_ctx=[c.double() for c in sub.block_ctx],
+                                       weights=[w.double() for w in sub.weights])
+            h64 = h[idx].detach().double()
+            with torch.no_grad():
+                residual = norm_bounds(self.loop_map(h64, wide).sub_(h64))
+            refined = cert.residual_bound(residual, h_norm[idx], context[idx], drive[idx])
+            bound[idx] = torch.minimum(bound[idx], refined)
+        return round_up(bound, h.dtype)
 
     def run(self, ctx: StepContext, h0: Optional[Tensor] = None, options: Optional[LoopOptions] = None, *,
             keep_states: bool = False, readout: Optional[Callable[[Tensor], Tensor]] = None,
@@ -318,7 +351,8 @@ class LoopCore(nn.Module):
                 h = torch.where(active.unsqueeze(-1), h_next, h)
                 norms.append(torch.where(active, step_norm, torch.zeros_like(step_norm)))
                 last = torch.where(active, step_norm, last)
-                bound = torch.where(active, self.certified_bound(step_norm, h, ctx), bound)
+                refine = active if opts.exit == "certified" else None
+                bound = torch.where(active, self.certified_bound(step_norm, h, ctx, refine), bound)
                 used = used + active.long()
                 fire = rule.fire(self, h, step_norm, bound, opts, gates)
                 done = used >= target if fire is None else (fire & (used >= opts.min_loops)) | (used >= opts.max_loops)

@@ -47,14 +47,25 @@ def test_foreign_and_future_files_are_refused(tmp_path):
         loopwm.load(tmp_path / "future.pt")
 
 
-def test_pickled_code_is_not_executed(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
+class _Payload:
+    """Unpickling this object runs open(marker, "w"), which creates the marker file."""
 
-    torch.save({"format": checkpoint.FORMAT, "version": 1, "x": Evil()}, tmp_path / "evil.pt")
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_code_is_not_executed(tmp_path):
+    marker = tmp_path / "payload-ran"
+    torch.save({"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "x": _Payload(marker)}, tmp_path / "evil.pt")
     with pytest.raises(CheckpointError, match="not a safe torch file|truncated, corrupt"):
         loopwm.load(tmp_path / "evil.pt")
+    assert not marker.exists()
+    # The payload is live: an unsafe load would have run it.
+    torch.load(tmp_path / "evil.pt", weights_only=False)
+    assert marker.exists()
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

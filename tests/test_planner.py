@@ -119,6 +119,21 @@ def test_discrete_picks_best_arm(method):
     assert planner.prev["probs"].min() >= 0.01 - 1e-6
 
 
+def test_mppi_weights_favour_the_best_sequences():
+    # With every sample an elite, one iteration and no momentum, the refit is the weighted sample itself:
+    # it must put its mass on the best arm (0.9) and none on the worst (0.0), whose sequences are known.
+    planner = make_planner(bandit([0.0, 0.5, 0.9, 0.3]), cfg(method="mppi", horizon=1, iterations=1, samples=64,
+                                                             elites=64, temperature=20.0, momentum=0.0), seed=0)
+    planner.plan(torch.zeros(4))
+    probs = planner.prev["probs"][0, 0]
+    assert probs[2] > 0.9 and probs[0] < 0.02
+    scores = torch.tensor([[3.0, 1.0, 0.0, -5.0]])
+    weights = planner.weights(scores)
+    assert torch.all(weights[:, :-1] > weights[:, 1:])
+    torch.testing.assert_close(weights[0, 0] / weights[0, 1], torch.exp(torch.tensor(20.0 * 2.0)))
+    assert planner.last_stats["return"] > planner.last_stats["elite_max"] - 0.05
+
+
 def test_value_extends_the_horizon():
     # Arm 0 pays now and leads to a worthless latent; arm 1 pays nothing now but V says its latent is worth 10.
     wm = bandit([1.0, 0.0])
