@@ -16,6 +16,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check loopwm envs agents tests benchmarks $(wildcard examples)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)

@@ -19,7 +19,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.spaces import Discrete, Space
 
-from loopwm.checkpoint import config_from_payload, model_from_payload, read_checkpoint
+from loopwm.checkpoint import load_run
 from loopwm.config import Config
 from loopwm.envs.factory import action_from_model
 from loopwm.envs.model_io import check_compatible, model_action_space
@@ -50,8 +50,9 @@ class PlanningAgent:
 
     `act` validates the observation (shape, finite values), plans from it (warm-starting from the previous
     plan within an episode) and maps the planner's [-1, 1] action onto the action space's bounds (an
-    integer for Discrete, one per entry for MultiDiscrete and MultiBinary). Call `reset` at every episode start. Deterministic by default (the planner's
-    mean); ``explore=True`` samples with the configured exploration noise instead.
+    integer for Discrete, one per entry for MultiDiscrete and MultiBinary). Call `reset` at every episode
+    start. Deterministic by default (the planner's mean); ``explore=True`` samples with the configured
+    exploration noise instead.
     """
 
     def __init__(self, wm: WorldModel, planner: Planner, value: Optional[ValueFunction] = None,
@@ -82,15 +83,16 @@ class PlanningAgent:
 
 def load_agent(path: Union[str, Path], *, env: Union[None, str, gym.Env] = None, device: str = "cpu",
                seed: Optional[int] = None, explore: bool = False) -> PlanningAgent:
-    """Load a trained agent from a checkpoint: the model, and the planner, value and prior its run used.
+    """Load a trained agent from a checkpoint file or a run folder: the model, and the planner, value and
+    prior its run used.
 
     Checkpoints of `loopwm run` carry the value and prior; a bare model checkpoint (`loopwm.save`) gets
     a planner without them, configured by the checkpoint's config or the defaults. With ``env`` (an id or
     an environment), its spaces are checked against the model's and a mismatch raises a ValueError.
     """
-    payload = read_checkpoint(path)
-    wm = model_from_payload(payload, path).to(resolve_device(device)).eval()
-    cfg = config_from_payload(payload, path) or Config()
+    run = load_run(path)
+    wm = run.model.to(resolve_device(device)).eval()
+    cfg = run.config or Config()
     action_space = None
     if env is not None:
         real, owned = real_env(env, cfg)
@@ -104,7 +106,7 @@ def load_agent(path: Union[str, Path], *, env: Union[None, str, gym.Env] = None,
     if cfg.train.w_continue == 0:
         warnings.warn(f"{str(path)!r} was trained with train.w_continue=0: its continue head is untrained, so the "
                       "planner discounts every imagined step by about 0.5; retrain it", stacklevel=2)
-    state = payload.get("agent") or {}
+    state = run.agent or {}
     if not state:  # a bare model: no value or prior was trained
         cfg = dataclasses.replace(cfg, agent=dataclasses.replace(cfg.agent, use_value=False, use_policy_prior=False))
     value, prior, planner = planning_parts(cfg, wm, seed=seed)

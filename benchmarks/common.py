@@ -113,7 +113,7 @@ def matmul_peak(threads: int, repeats: int, sizes: Sequence[int] = (256, 512, 10
     out = {}
     for n in sizes:
         a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-        t = interleaved({"mm": lambda: torch.mm(a, b, out=c)}, repeats, warmup=3)["mm"].wall
+        t = interleaved({"mm": lambda a=a, b=b, c=c: torch.mm(a, b, out=c)}, repeats, warmup=3)["mm"].wall
         out[str(n)] = 2 * n ** 3 / median(t) / 1e9
     return out
 

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import machine_info
-from loopwm.agents.online import run
+from loopwm.app.run import run
 from loopwm.config import load_config
+
+from common import machine_info
 
 CONFIGS = {"pendulum": "configs/pendulum.yaml", "inverted_pendulum": "configs/inverted_pendulum.yaml",
            "halfcheetah": "configs/halfcheetah.yaml"}

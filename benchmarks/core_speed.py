@@ -37,8 +37,20 @@ import loopwm.lipschitz as lipschitz
 from loopwm.certificate import LoopCertificate
 from loopwm.config import load_config
 from loopwm.loop import LoopCore, LoopOptions
-from common import (DEFAULT_OUT, REPO, command, interleaved, load_average, machine_info, machine_md,
-                          md_table, median, paired_ratio, write_outputs)
+
+from common import (
+    DEFAULT_OUT,
+    REPO,
+    command,
+    interleaved,
+    load_average,
+    machine_info,
+    machine_md,
+    md_table,
+    median,
+    paired_ratio,
+    write_outputs,
+)
 
 CONFIG = REPO / "configs" / "pendulum.yaml"
 MODES = ("no_grad", "grad")

@@ -22,12 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from common import DEFAULT_OUT, command, load_average, machine_info, machine_md, md_table, write_outputs
 from loopwm.agents.online import Agent
 from loopwm.checkpoint import config_from_payload, read_checkpoint
 from loopwm.config import Config, PlannerConfig, apply_overrides, from_dict, to_dict
 from loopwm.envs.factory import action_from_model, make_env
 from loopwm.train import restore_run
+
+from common import DEFAULT_OUT, command, load_average, machine_info, machine_md, md_table, write_outputs
 
 FLIP_PITCH = 1.5  # rad: the torso has turned past vertical
 PITCH, SPEED = 1, 8  # HalfCheetah-v5 observation indices of rooty and of the forward velocity

@@ -38,8 +38,19 @@ from loopwm.config import Config, load_config
 from loopwm.envs.factory import action_from_model, make_env
 from loopwm.flops import linear_macs, step_macs
 from loopwm.world_model import WorldModel
-from common import (DEFAULT_OUT, REPO, command, load_average, machine_info, machine_md, matmul_peak,
-                          md_table, median, write_outputs)
+
+from common import (
+    DEFAULT_OUT,
+    REPO,
+    command,
+    load_average,
+    machine_info,
+    machine_md,
+    matmul_peak,
+    md_table,
+    median,
+    write_outputs,
+)
 
 CONFIG = REPO / "configs" / "pendulum.yaml"
 TDMPC2_OVERRIDES = ["planner.samples=512", "planner.horizon=3", "planner.iterations=6", "planner.elites=64",
@@ -215,7 +226,8 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         f"configs/pendulum.yaml: horizon {a['planner']['horizon']}, {a['planner']['iterations']} iterations, "
         f"{a['planner']['samples']} samples, {a['planner']['elites']} elites, {a['planner']['policy_samples']} "
-        f"policy samples from a PolicyPrior, ValueFunction at the horizon. Useful work {a['flops']['useful_gflop']:.2f} GFLOP per decision "
+        f"policy samples from a PolicyPrior, ValueFunction at the horizon. Useful work "
+        f"{a['flops']['useful_gflop']:.2f} GFLOP per decision "
         f"({a['flops']['model_step_mflop_per_sample']:.2f} MFLOP per model step and sample); recomputing the certified "
         f"weights would add {a['flops']['weights_gflop']:.2f} GFLOP over {a['flops']['imagine_calls']} imagine calls, "
         "but under no_grad they come from a cache keyed on the parameters' versions (the 'of which weights' column).",
@@ -242,7 +254,8 @@ def markdown(payload: dict[str, Any]) -> str:
         "model.hidden_dim = 384 (loop block 384 → 768 → 384, inject_dim 128), model.loops = 4; no policy prior, "
         f"no value. Useful work {b['flops']['useful_gflop']:.1f} GFLOP per decision "
         f"({b['flops']['model_step_mflop_per_sample']:.2f} MFLOP per model step and sample); the certified weights "
-        f"would add {b['flops']['weights_gflop']:.1f} GFLOP if recomputed (cached under no_grad). Reference: TD-MPC2's planner on this CPU, 255–268 ms per "
+        f"would add {b['flops']['weights_gflop']:.1f} GFLOP if recomputed (cached under no_grad). Reference: "
+        "TD-MPC2's planner on this CPU, 255–268 ms per "
         f"decision, about 50 GFLOP/s = {TDMPC2_FRACTION:.0%} of a ~170 GFLOP/s peak; target ≥ {target:.0%} of peak.",
         "",
         md_table(["threads", "decisions", "median ms", "CPU ms", "GFLOP/s", "GFLOP per CPU-s", "of best square peak",

@@ -24,7 +24,8 @@ def main() -> None:
     seconds = time.perf_counter() - start
     info.update(load_average_end=load_average(), command=command())
     args = result["args"]
-    rows = [[i, f"{r:.1f}", f"{m:.1f}", f"{m - r:.1f}"] for i, (r, m) in enumerate(zip(result["real"], result["model"]))]
+    pairs = zip(result["real"], result["model"])
+    rows = [[i, f"{r:.1f}", f"{m:.1f}", f"{m - r:.1f}"] for i, (r, m) in enumerate(pairs)]
     rows.append(["mean", f"{result['real_mean']:.1f}", f"{result['model_mean']:.1f}", f"{result['gap']:.1f}"])
     markdown = "\n\n".join([
         "# Value gap of SAC trained only in the model (Pendulum-v1)",

@@ -22,13 +22,23 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (DEFAULT_OUT, REPO, command, load_average, machine_info, machine_md, matmul_peak,  # noqa: E402
-                    md_table, median, write_outputs)
-
 from loopwm.config import load_config  # noqa: E402
 from loopwm.envs import VectorWorldModelEnv, WorldModelEnv, make_env  # noqa: E402
 from loopwm.flops import linear_macs, step_macs  # noqa: E402
 from loopwm.world_model import WorldModel  # noqa: E402
+
+from common import (  # noqa: E402
+    DEFAULT_OUT,
+    REPO,
+    command,
+    load_average,
+    machine_info,
+    machine_md,
+    matmul_peak,
+    md_table,
+    median,
+    write_outputs,
+)
 
 
 def stepper(env: Any, actions: np.ndarray) -> Callable[[], int]:

@@ -2,14 +2,14 @@
 
 For one environment (Pendulum-v1 or HalfCheetah-v5):
 
-1. Dataset: half random transitions (`loopwm.workflows.collect`, data.policy=random); then a quick model is
+1. Dataset: half random transitions (`loopwm.app.collect.collect`, data.policy=random); then a quick model is
    fitted on them for `--quick-min` minutes and the other half is collected with data.policy=noisy_planner
    (MPPI on that quick model plus Gaussian noise data.noise). Both are merged into one dataset.
 2. Training: the config in configs/<env>.yaml, a fixed wall-clock budget of `--budget-min` minutes counted
    over `Trainer.update` calls only; the update count reached is recorded. The checkpoint is written with
    `loopwm.train.save_run` to <out>/<env>/checkpoints/latest.pt (config inside, resumable).
-3. Evaluation on the held-out episodes (train.val_fraction) with `loopwm.evaluate.prediction_errors`,
-   normalised with the train split's statistics (as `workflows.train` does): 1/10/50-step errors next to
+3. Evaluation on the held-out episodes (train.val_fraction) with `loopwm.analysis.prediction.prediction_errors`,
+   normalised with the train split's statistics (as `loopwm.app.train.train` does): 1/10/50-step errors next to
    the predict-mean and no-change baselines, then the certified exit at several tolerances with the Spearman
    correlation of loops used and step-1 error.
 
@@ -36,8 +36,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from common import machine_info
 from loopwm.config import Config, dump_yaml, load_config
+from loopwm.loop import LoopOptions
+
+from common import machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
 ENVS = {"pendulum": "configs/pendulum.yaml", "halfcheetah": "configs/halfcheetah.yaml"}
@@ -92,12 +94,12 @@ def episode_steps(cfg: Config) -> int:
 
 def collect_part(cfg: Config, policy: str, transitions: int, path: Path, seed: int,
                  planner_ckpt: Path | None, extra: list[str]) -> tuple[Any, dict[str, Any]]:
-    """`workflows.collect` sized so that every env finishes whole episodes (none is cut off and dropped).
+    """`collect` sized so that every env finishes whole episodes (none is cut off and dropped).
 
     `collect` stops once stored + still-open transitions reach data.steps and stores the open ones as truncated
     episodes; asking for num_envs x whole episodes means every env stops exactly at an episode end.
     """
-    from loopwm import workflows
+    from loopwm.app.collect import collect
 
     n, t = cfg.env.num_envs, episode_steps(cfg)
     per_env = max(1, math.ceil(transitions / (n * t)))
@@ -108,7 +110,7 @@ def collect_part(cfg: Config, policy: str, transitions: int, path: Path, seed: i
     part_cfg = load_config(ROOT / ENVS_ACTIVE, [*BASE_OVERRIDES, *overrides])
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    buffer = workflows.collect(part_cfg, progress=False)
+    buffer = collect(part_cfg, progress=False)
     seconds = time.perf_counter() - start
     lengths = [len(ep["rewards"]) for ep in buffer.episodes()]
     info = {"policy": policy, "transitions": len(buffer), "episodes": buffer.num_episodes, "num_envs": n,
@@ -124,12 +126,13 @@ def collect_part(cfg: Config, policy: str, transitions: int, path: Path, seed: i
 
 def train_for(cfg: Config, train_data: Any, minutes: float, label: str) -> tuple[Any, Any, dict[str, Any]]:
     """A fresh model trained for `minutes` of wall clock spent inside Trainer.update (stop by time)."""
-    from loopwm.train import Trainer, resolve_device, seed_everything
-    from loopwm.workflows import env_spaces
+    from loopwm.app.session import seed_everything
+    from loopwm.envs import env_spaces
+    from loopwm.train import Trainer, resolve_device
     from loopwm.world_model import WorldModel
 
     seed_everything(cfg.seed, cfg.threads)
-    wm = WorldModel.from_config(cfg, *env_spaces(cfg)).to(resolve_device(cfg.device))
+    wm = WorldModel.from_config(cfg, *env_spaces(cfg.env, cfg.seed)).to(resolve_device(cfg.device))
     stats = train_data.stats()
     wm.set_obs_stats(stats["obs_mean"], stats["obs_std"])
     trainer = Trainer(wm, cfg, train_data)
@@ -197,9 +200,10 @@ def verdict(result: dict[str, Any]) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     global ENVS_ACTIVE, BASE_OVERRIDES
-    from loopwm.evaluate import prediction_errors
+    from loopwm.analysis.prediction import prediction_errors
+    from loopwm.app.train import load_dataset
+    from loopwm.envs import env_spaces, replay_buffer
     from loopwm.train import save_run
-    from loopwm.workflows import load_dataset, new_buffer, env_spaces
 
     ENVS_ACTIVE = ENVS[args.env]
     out_dir = Path(args.out) / args.env
@@ -230,13 +234,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      f"planner.iterations={args.plan_iterations}", f"data.noise={args.noise}"]
     planner_buf, planner_info = collect_part(cfg, "noisy_planner", args.steps - half, out_dir / "planner.npz",
                                              args.seed + 1000, quick_ckpt, planner_extra)
-    obs_space, act_space = env_spaces(cfg)
-    merged = new_buffer(cfg, obs_space, act_space)
+    obs_space, act_space = env_spaces(cfg.env, cfg.seed)
+    merged = replay_buffer(cfg, obs_space, act_space)
     for part in (random_buf, planner_buf):
         for ep in part.episodes():
             merged.add_episode(ep["obs"], ep["actions"], ep["rewards"], ep["terminated"], ep["truncated"])
     merged.save(data_path)
-    train_data, val_data = load_dataset(cfg)  # exactly the split workflows.train uses
+    train_data, val_data = load_dataset(cfg)  # exactly the split `loopwm train` uses
     record["dataset"] = {
         "path": rel(data_path), "transitions": len(merged), "episodes": merged.num_episodes,
         "parts": [random_info, planner_info], "quick_model": quick_info,
@@ -299,10 +303,11 @@ def markdown(data: dict[str, Any]) -> str:
              "(1.0 = predicting the train mean). Held-out = whole episodes of the dataset's val split "
              "(train.val_fraction); 256 sampled sequences. Targets: step-1 error at least 5x below the better "
              "baseline; step-50 error below both baselines.", "",
-             f"Machine: {m.get('nproc')} CPUs, {m.get('cpu_model')}, {m.get('memory_gb')} GB, torch {m.get('torch')}, "
-             f"Python {m.get('python')}. Timings are wall clock on a shared machine: the load average is recorded "
-             "next to each run, and a load above the CPU count means the budget bought fewer updates.", ""]
-    for env, r in data.get("results", {}).items():
+             f"Machine: {m.get('nproc')} CPUs, {m.get('cpu_model')}, {m.get('memory_gb')} GB, "
+             f"torch {m.get('torch')}, Python {m.get('python')}. Timings are wall clock on a shared machine: the load "
+             "average is recorded next to each run, and a load above the CPU count means the budget bought fewer "
+             "updates.", ""]
+    for r in data.get("results", {}).values():
         d, t = r["dataset"], r["training"]
         lines += [f"## {r['env']}", "", f"Command: `{r['command']}`", "",
                   f"- Dataset `{d['path']}`: {d['transitions']} transitions / {d['episodes']} episodes; "
@@ -317,7 +322,8 @@ def markdown(data: dict[str, Any]) -> str:
             lines.append(f"  - {p['policy']}: {p['transitions']} transitions, {p['episodes']} episodes, "
                          f"{p['num_envs']} envs, seed {p['seed']}, {p['seconds']} s{extra}")
         q = d["quick_model"]
-        lines += [f"  - quick model for the planner: {q['updates']} updates in {q['train_seconds']} s on the random half",
+        lines += [f"  - quick model for the planner: {q['updates']} updates in {q['train_seconds']} s on the random "
+                  "half",
                   f"- Training: `{r['config']}`, budget {t['budget_s'] / 60:g} min of `Trainer.update` wall clock -> "
                   f"**{t['updates']} updates** in {t['train_seconds']} s (process CPU {t['train_cpu_seconds']} s); "
                   f"load average before/after {t['loadavg_before'][0]:.1f}/{t['loadavg_after'][0]:.1f}.",
@@ -335,11 +341,12 @@ def markdown(data: dict[str, Any]) -> str:
                          f"{best / e['model']:.2f}x | {e['loops_mean']:.2f} |")
         v = r["eval_default_exit"]["verdict"]
         lines += ["", f"Targets: step 1 >= 5x below the better baseline: "
-                      f"**{'met' if v.get('step1_target_met') else 'NOT met'}** ({v.get('step1_factor_below_best_baseline', float('nan')):.2f}x); "
+                      f"**{'met' if v.get('step1_target_met') else 'NOT met'}** "
+                      f"({v.get('step1_factor_below_best_baseline', float('nan')):.2f}x); "
                       f"step 50 below both baselines: **{'met' if v.get('step50_below_both') else 'NOT met'}**.", "",
                   "Certified exit (every tolerance tried is listed):", "",
-                  "| tol | step-1 loops min/mean/max (distinct) | Spearman(loops, step-1 error) | err@1 | err@10 | err@50 | "
-                  "mean loops @50 |", "|---:|---|---:|---:|---:|---:|---:|"]
+                  "| tol | step-1 loops min/mean/max (distinct) | Spearman(loops, step-1 error) | err@1 | err@10 | "
+                  "err@50 | mean loops @50 |", "|---:|---|---:|---:|---:|---:|---:|"]
         for c in r["eval_certified_exit"]:
             s, hs = c["step1_loops"], c["horizons"]
             sp = c["loops_error_spearman_step1"]
@@ -358,7 +365,8 @@ def main() -> None:
     parser.add_argument("--quick-min", type=float, default=2.0, help="training minutes of the planner's quick model")
     parser.add_argument("--steps", type=int, default=50_000, help="dataset transitions (half random, half planner)")
     parser.add_argument("--num-envs", type=int, default=25,
-                        help="vector envs for collection (25 gives whole episodes summing to exactly 25k for both envs)")
+                        help="vector envs for collection (25 gives whole episodes summing to exactly 25k for "
+                             "both envs)")
     parser.add_argument("--plan-samples", type=int, default=32)
     parser.add_argument("--plan-elites", type=int, default=4)
     parser.add_argument("--plan-iterations", type=int, default=2)
@@ -366,7 +374,8 @@ def main() -> None:
     parser.add_argument("--tols", type=float, nargs="+", default=[0.3, 0.1, 0.03, 0.01, 0.003])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (configs say 2; on a shared 2-core machine 2 OpenMP threads were ~100x slower)")
+                        help="torch threads (configs say 2; on a shared 2-core machine 2 OpenMP threads were "
+                             "~100x slower)")
     parser.add_argument("--out", default="benchmarks/out")
     parser.add_argument("--docs", default="docs/benchmarks")
     args = parser.parse_args()

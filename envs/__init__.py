@@ -10,9 +10,12 @@ from loopwm.envs.factory import (
     action_from_model,
     action_to_model,
     check_spaces,
+    env_spaces,
     make_env,
     make_vector_env,
+    replay_buffer,
 )
+from loopwm.envs.families import FAMILIES, EnvFamily, ReplayLayout, family_of
 from loopwm.envs.registration import ENV_ID, make_vector_world_model_env, make_world_model_env, register
 from loopwm.envs.rollouts import Policy, ValueGap, episode_returns, value_gap
 from loopwm.envs.starts import Starts
@@ -33,8 +36,11 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "ENV_ID",
+    "FAMILIES",
     "ActionRepeat",
+    "EnvFamily",
     "Policy",
+    "ReplayLayout",
     "SB3VecEnv",
     "Starts",
     "ValueGap",
@@ -44,11 +50,14 @@ __all__ = [
     "action_from_model",
     "action_to_model",
     "check_spaces",
+    "env_spaces",
     "episode_returns",
+    "family_of",
     "make_env",
     "make_vector_env",
     "make_vector_world_model_env",
     "make_world_model_env",
     "register",
+    "replay_buffer",
     "value_gap",
 ]

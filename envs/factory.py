@@ -1,75 +1,22 @@
 """Build seeded Gymnasium environments from an `EnvConfig`, and map actions to and from the world model.
 
-Classic control, MuJoCo v5 and Atari (`ALE/*-v5`) are supported. The world model sees Box observations
-and works in normalised actions: a Box action is scaled to [-1, 1], a Discrete action is one-hot.
+Which family builds an id (classic control, MuJoCo v5, Atari `ALE/*-v5`) is decided in `envs.families`. The
+world model sees Box observations and works in normalised actions: a Box action is scaled to [-1, 1], a
+Discrete action is one-hot.
 """
 from __future__ import annotations
 
-import difflib
-import importlib
 from functools import partial
-from types import ModuleType
 
 import gymnasium as gym
 import numpy as np
-from gymnasium.envs.registration import EnvSpec
 from gymnasium.spaces import Box, Dict, Discrete, MultiBinary, MultiDiscrete, Space
-from gymnasium.wrappers import (
-    AtariPreprocessing,
-    FrameStackObservation,
-    TimeLimit,
-    TransformObservation,
-    TransformReward,
-)
 
-from loopwm.config import EnvConfig
+from loopwm.config import Config, EnvConfig
+from loopwm.envs.families import family_of
 from loopwm.envs.wrappers import ActionRepeat, FlattenDictObservation
 from loopwm.nets import SpaceSpec
-
-
-def _require(module: str, extra: str, env_id: str, what: str) -> ModuleType:
-    """Import an optional dependency, or fail with the pip extra that provides it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise ImportError(f"{env_id} needs {what}: pip install 'loopwm[{extra}]' ({exc})") from exc
-
-
-def _spec(env_id: str) -> EnvSpec:
-    """Look up a registered environment, suggesting close ids when it is unknown."""
-    try:
-        return gym.spec(env_id)
-    except gym.error.Error as exc:
-        close = difflib.get_close_matches(env_id, list(gym.registry), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown environment id {env_id!r}{hint} ({exc})") from None
-
-
-def _to_float32(obs: np.ndarray) -> np.ndarray:
-    return obs.astype(np.float32)
-
-
-def _make_atari(cfg: EnvConfig, render_mode: str | None, training: bool) -> gym.Env:
-    """Atari with the standard preprocessing: no-op starts, frame skip, 84x84 grayscale, frame stack."""
-    ale_py = _require("ale_py", "atari", cfg.id, "the Arcade Learning Environment")
-    _require("cv2", "atari", cfg.id, "OpenCV")
-    gym.register_envs(ale_py)
-    _spec(cfg.id)
-    env = gym.make(cfg.id, frameskip=1, repeat_action_probability=cfg.atari.sticky_actions, render_mode=render_mode)
-    env = AtariPreprocessing(
-        env,
-        noop_max=30,
-        frame_skip=cfg.atari.frame_skip,
-        screen_size=cfg.atari.screen_size,
-        terminal_on_life_loss=cfg.atari.terminal_on_life_loss,
-        grayscale_obs=True,
-    )
-    if cfg.max_episode_steps is not None:
-        env = TimeLimit(env, cfg.max_episode_steps)
-    env = FrameStackObservation(env, cfg.atari.frame_stack)
-    if training and cfg.atari.clip_rewards:
-        env = TransformReward(env, np.sign)
-    return env
+from loopwm.replay import ReplayBuffer
 
 
 def make_env(
@@ -81,16 +28,7 @@ def make_env(
     `cfg.max_episode_steps` counts environment steps before action repeat (for Atari, after frame skip).
     Reward clipping applies to Atari only, and only when `training` is true.
     """
-    if cfg.id.startswith("ALE/"):
-        env = _make_atari(cfg, render_mode, training)
-    else:
-        if str(_spec(cfg.id).entry_point).startswith("gymnasium.envs.mujoco"):
-            _require("mujoco", "mujoco", cfg.id, "MuJoCo")
-        env = gym.make(cfg.id, render_mode=render_mode, max_episode_steps=cfg.max_episode_steps)
-        space = env.observation_space
-        if isinstance(space, Box) and space.dtype == np.float64:
-            bounds = (space.low.astype(np.float32), space.high.astype(np.float32))
-            env = TransformObservation(env, _to_float32, Box(*bounds, dtype=np.float32))
+    env = family_of(cfg.id).make(cfg, render_mode, training)
     try:
         check_spaces(env.observation_space, env.action_space)
     except ValueError:
@@ -122,6 +60,21 @@ def make_vector_env(cfg: EnvConfig, seed: int | None = None, *, training: bool =
         envs.action_space.seed(seed)
         envs.observation_space.seed(seed)
     return envs
+
+
+def env_spaces(cfg: EnvConfig, seed: int | None = None) -> tuple[Space, Space]:
+    """The observation and action spaces of the configured environment (built once, then closed)."""
+    env = make_env(cfg, seed)
+    spaces = env.observation_space, env.action_space
+    env.close()
+    return spaces
+
+
+def replay_buffer(cfg: Config, obs_space: Space, act_space: Space) -> ReplayBuffer:
+    """An empty replay buffer of `data.capacity` transitions, laid out as the env's family needs."""
+    layout = family_of(cfg.env.id).layout(cfg.env)
+    return ReplayBuffer(obs_space.shape, action_dim(act_space), cfg.data.capacity, obs_space.dtype,
+                        frame_stack=layout.frame_stack)
 
 
 def check_spaces(obs_space: Space, act_space: Space) -> None:

@@ -15,7 +15,6 @@ from loopwm.loop import LoopOptions
 from loopwm.nets import SpaceSpec
 from loopwm.world_model import WorldModel
 
-
 CATEGORICAL = (Discrete, MultiDiscrete, MultiBinary)
 
 
@@ -33,7 +32,8 @@ def check_compatible(spec: SpaceSpec, obs_space: Optional[Space], act_space: Opt
     """
     if obs_space is not None:
         shape, dtype = tuple(getattr(obs_space, "shape", None) or ()), getattr(obs_space, "dtype", None)
-        if not isinstance(obs_space, Box) or shape != tuple(spec.obs_shape) or np.dtype(dtype) != np.dtype(spec.obs_dtype):
+        dtype_ok = dtype is not None and np.dtype(dtype) == np.dtype(spec.obs_dtype)
+        if not isinstance(obs_space, Box) or shape != tuple(spec.obs_shape) or not dtype_ok:
             raise ValueError(f"{where} has observation space {obs_space}; the model was trained on a Box of shape "
                              f"{tuple(spec.obs_shape)} and dtype {spec.obs_dtype}")
     if act_space is None:

@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 import gymnasium as gym
 import numpy as np
 
-from loopwm.checkpoint import config_from_payload, model_from_payload, read_checkpoint
+from loopwm.checkpoint import load_run
 from loopwm.config import EnvConfig
 from loopwm.envs.factory import make_env
 from loopwm.envs.model_io import check_compatible
@@ -66,9 +66,9 @@ def model_env_parts(checkpoint: Union[str, Path], env: RealEnv = None, reset_obs
     ``reset_obs="replay"`` starts episodes from the checkpoint's own replay buffer.
     """
     path = str(checkpoint)
-    payload = read_checkpoint(path)
-    wm: WorldModel = model_from_payload(payload, path).to(resolve_device(device)).eval()
-    cfg = config_from_payload(payload, path)
+    run = load_run(path)
+    wm: WorldModel = run.model.to(resolve_device(device)).eval()
+    cfg = run.config
     real, owned = real_env(env, cfg)
     if real is not None:
         try:
@@ -79,7 +79,7 @@ def model_env_parts(checkpoint: Union[str, Path], env: RealEnv = None, reset_obs
                 real.close()
             raise
     if isinstance(reset_obs, str) and reset_obs == "replay":
-        reset_obs = _replay_starts(payload, path)
+        reset_obs = _replay_starts(run.payload, path)
     if max_episode_steps is None:
         limit = real.spec.max_episode_steps if real is not None and real.spec is not None else None
         max_episode_steps = limit or (cfg.env.max_episode_steps if cfg is not None else None) or 1000

@@ -15,7 +15,7 @@ from gymnasium.spaces import Space
 from torch import Tensor
 
 from loopwm.envs.model_io import check_actions, format_obs, model_step, spaces_for
-from loopwm.envs.starts import StartSource, Starts, check_obs
+from loopwm.envs.starts import Starts, StartSource, check_obs
 from loopwm.loop import LoopOptions
 from loopwm.world_model import WorldModel
 

@@ -19,10 +19,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from loopwm.app.session import seed_everything
 from loopwm.config import load_config
 from loopwm.envs import VectorWorldModelEnv, WorldModelEnv, action_dim, action_to_model, make_env, value_gap
 from loopwm.replay import ReplayBuffer
-from loopwm.train import Trainer, seed_everything
+from loopwm.train import Trainer
 from loopwm.world_model import WorldModel
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pendulum.yaml"

@@ -1,13 +1,16 @@
-"""Atomic, versioned checkpoints that load with `torch.load(weights_only=True)`.
+"""Atomic, versioned checkpoints that load with `torch.load(weights_only=True)`, and the one loader of runs.
 
 A checkpoint is a dict of tensors and plain data: the model's weights, its config and space spec,
 a format tag and version, plus whatever extras the caller adds (optimiser, replay, RNG, counters).
+A run's checkpoint also holds the run config and its kind ("run" or "train"); `load_run` reads one,
+from its file or from the run folder that holds it.
 """
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -18,6 +21,8 @@ from loopwm.world_model import WorldModel
 
 FORMAT = "loopwm-checkpoint"
 VERSION = 2  # 2: LoopCore.gain_logit (was rho), config sections (env.atari, block_options), planner state
+LATEST = Path("checkpoints") / "latest.pt"
+"""Where a run folder keeps its resumable checkpoint."""
 
 
 class CheckpointError(RuntimeError):
@@ -86,3 +91,46 @@ def config_from_payload(payload: dict, path: str | Path = "<memory>") -> Config 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> WorldModel:
     """Load the world model from a checkpoint written by `save` (or by a training run)."""
     return model_from_payload(read_checkpoint(path, map_location), path)
+
+
+@dataclass(frozen=True)
+class LoadedRun:
+    """A checkpoint read back: the file, its payload, the rebuilt model, and the run config (None for a
+    bare model written by `save` alone: callers that need a config say so through `require_config`)."""
+
+    path: Path
+    payload: dict
+    model: WorldModel
+    config: Optional[Config]
+
+    @property
+    def kind(self) -> Optional[str]:
+        """"run" or "train" for a run's checkpoint (inferred from its parts for files that predate the tag),
+        None for a bare model."""
+        if "kind" in self.payload:
+            return self.payload["kind"]
+        if "trainer" in self.payload:
+            return "run" if "agent" in self.payload else "train"
+        return None
+
+    @property
+    def agent(self) -> Optional[dict]:
+        """The agent's parts (value, prior, planner, RNG) of a `loopwm run` checkpoint, else None."""
+        return self.payload.get("agent")
+
+    def require_config(self, purpose: str) -> Config:
+        """The run config, or a ConfigError saying that a bare model cannot serve `purpose`."""
+        if self.config is None:
+            raise ConfigError(f"checkpoint {str(self.path)!r} holds no run config (a bare model saved with "
+                              f"loopwm.save), so {purpose}")
+        return self.config
+
+
+def load_run(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedRun:
+    """Read a checkpoint file, or a run folder's `checkpoints/latest.pt`, into its model, config and payload."""
+    path = Path(path)
+    file = path / LATEST if path.is_dir() else path
+    if path.is_dir() and not file.is_file():
+        raise CheckpointError(f"run folder {str(path)!r} has no checkpoint ({LATEST})")
+    payload = read_checkpoint(file, map_location)
+    return LoadedRun(file, payload, model_from_payload(payload, file), config_from_payload(payload, file))

@@ -1,4 +1,5 @@
-"""The `loopwm` command: run, train, collect, eval and analyze. Heavy imports happen inside each command."""
+"""The `loopwm` command: run, train, collect, eval and analyze. It parses arguments and calls `loopwm.app`;
+heavy imports happen inside each command, so `--help` stays fast."""
 from __future__ import annotations
 
 import argparse
@@ -16,31 +17,29 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from loopwm.agents.online import run
+    from loopwm.app.run import run
 
     run(_config(args), progress=not args.quiet)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from loopwm.workflows import train
+    from loopwm.app.train import train
 
     train(_config(args), progress=not args.quiet)
 
 
 def cmd_collect(args: argparse.Namespace) -> None:
-    from loopwm.workflows import collect
+    from loopwm.app.collect import collect
 
     buffer = collect(_config(args), progress=not args.quiet)
     print(f"wrote {len(buffer)} transitions in {buffer.num_episodes} episodes")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from loopwm.evaluate import format_table
-    from loopwm.workflows import evaluate_checkpoint
+    from loopwm.analysis.prediction import format_table
+    from loopwm.app.evaluate import evaluate_checkpoint, evaluate_planner
 
-    if args.episodes:
-        from loopwm.agents.online import evaluate_planner
-
+    if args.episodes is not None:
         result = evaluate_planner(args.checkpoint, args.episodes, video_dir=args.video)
         print(f"return {result['return_mean']:.1f} ± {result['return_std']:.1f} over {args.episodes} episodes; "
               f"{result['ms_per_decision']:.1f} ms per decision")
@@ -52,10 +51,33 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
-    from loopwm.analysis.report import analyze_checkpoint
+    from loopwm.app.analyze import analyze_checkpoint
 
     report = analyze_checkpoint(args.checkpoint, data=args.data, out_dir=args.out, compare=args.compare)
     print(f"wrote {Path(args.out) / 'report.md'} ({len(report)} sections)")
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _exit_rule(name: str) -> str:
+    """An argparse type: the name of a registered exit rule (imported only when the option is given)."""
+    from loopwm.config import ConfigError
+    from loopwm.loop import check_exit
+
+    try:
+        check_exit(name)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return name
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -82,16 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("collect", "Write a dataset of environment transitions to data.path.", cmd_collect)
     p = sub.add_parser("eval", help="Prediction errors of a checkpoint, or planner returns with --episodes.",
                        description="Prediction errors of a checkpoint, or planner returns with --episodes.")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a run folder or a checkpoint file")
     p.add_argument("--data", help="held-out dataset (.npz); default: the run's own held-out split")
-    p.add_argument("--exit", choices=["fixed", "certified", "gate"], help="override the exit rule")
-    p.add_argument("--episodes", type=int, default=0, help="run the planner for N episodes instead")
+    p.add_argument("--exit", type=_exit_rule, help="override the exit rule (a name in loopwm.loop.EXIT_RULES)")
+    p.add_argument("--episodes", type=_positive_int, help="run the planner for N >= 1 episodes instead")
     p.add_argument("--video", help="folder for episode videos (rgb-capable envs)")
     p.add_argument("--out", help="write the JSON result here")
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("analyze", help="Stability report: figures, report.json and report.md.",
                        description="Stability report: figures, report.json and report.md.")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a run folder or a checkpoint file")
     p.add_argument("--data", help="dataset (.npz); default: the run's held-out split")
     p.add_argument("--out", default="analysis", help="output folder")
     p.add_argument("--compare", help="a paper-mode checkpoint to compare long-horizon behaviour with")
@@ -121,7 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         args.fn(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, ImportError) as exc:
+    except (ConfigError, CheckpointError, OSError, ValueError, ImportError) as exc:
         print(f"loopwm {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

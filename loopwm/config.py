@@ -349,7 +349,8 @@ def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
     for name, value in data.items():
         tp = hints[name]
         key = f"{prefix}.{name}" if prefix else name
-        kwargs[name] = build_dataclass(tp, {} if value is None else value, key) if dataclasses.is_dataclass(tp) else value
+        nested = dataclasses.is_dataclass(tp)
+        kwargs[name] = build_dataclass(tp, {} if value is None else value, key) if nested else value
     return cls(**kwargs)
 
 

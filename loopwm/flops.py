@@ -13,7 +13,8 @@ from loopwm.world_model import WorldModel
 
 def linear_macs(*modules: nn.Module) -> int:
     """Multiply-adds per input row of every linear map inside `modules`."""
-    return sum(m.weight.numel() for mod in modules for m in mod.modules() if isinstance(m, (nn.Linear, CertifiedLinear)))
+    linears = (nn.Linear, CertifiedLinear)
+    return sum(m.weight.numel() for mod in modules for m in mod.modules() if isinstance(m, linears))
 
 
 def step_macs(wm: WorldModel, loops: float, heads: bool = True) -> dict[str, float]:

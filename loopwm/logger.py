@@ -85,8 +85,9 @@ class RunLogger:
             import wandb
 
             key = hashlib.sha1(str(self.run_dir.resolve()).encode()).hexdigest()[:8]
-            self._wandb = wandb.init(project=self.wandb_project, name=self.run_dir.name, id=f"{self.run_dir.name}-{key}",
-                                     dir=str(self.run_dir), config=self.config, resume="allow")
+            name = self.run_dir.name
+            self._wandb = wandb.init(project=self.wandb_project, name=name, id=f"{name}-{key}", dir=str(self.run_dir),
+                                     config=self.config, resume="allow")
 
     def log(self, scalars: dict[str, float], step: int, histograms: Optional[dict[str, Any]] = None) -> None:
         """Log one step's scalars (and optional histograms)."""

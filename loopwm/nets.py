@@ -130,7 +130,8 @@ def argmax_groups(x: Tensor, groups: tuple[int, ...]) -> Tensor:
 
 
 def mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 2) -> nn.Sequential:
-    """Linear-LayerNorm-SiLU stacks (TD-MPC2 layout; SiLU costs ~9x less than Mish here, see benchmarks/activations.py), ending in a plain linear layer."""
+    """Linear-LayerNorm-SiLU stacks (TD-MPC2 layout; SiLU costs ~9x less than Mish here, see
+    benchmarks/activations.py), ending in a plain linear layer."""
     mods: list[nn.Module] = []
     d = in_dim
     for _ in range(layers - 1):

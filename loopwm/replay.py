@@ -61,7 +61,8 @@ class ReplayBuffer:
         self.frame_stack = int(frame_stack)
         if self.capacity < 1 or self.action_dim < 1 or self.frame_stack < 1:
             raise ValueError(
-                f"ReplayBuffer: capacity={capacity}, action_dim={action_dim} and frame_stack={frame_stack} must be >= 1")
+                f"ReplayBuffer: capacity={capacity}, action_dim={action_dim} and frame_stack={frame_stack} "
+                "must be >= 1")
         if self.frame_stack > 1 and (not self.obs_shape or self.obs_shape[0] != self.frame_stack):
             raise ValueError(
                 f"ReplayBuffer: obs_shape={self.obs_shape} must start with the stack size frame_stack={frame_stack}")

@@ -1,23 +1,21 @@
 """`Trainer`: fits a world model on a replay buffer, logs, checkpoints and resumes exactly."""
 from __future__ import annotations
 
-import signal
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 import torch
 
-from loopwm.checkpoint import model_from_payload, read_checkpoint
+from loopwm import checkpoint as ckpt
+from loopwm.checkpoint import LoadedRun, load_run
 from loopwm.config import Config, ConfigError, to_dict
 from loopwm.logger import RunLogger
 from loopwm.objective import TERMS, QuantileTracker, sequence_loss
 from loopwm.optim import build_optimizer, build_schedule, load_optimizer_state, optimizer_state
 from loopwm.replay import ReplayBuffer
 from loopwm.world_model import WorldModel
-from loopwm import checkpoint as ckpt
 
 
 def resolve_device(name: str) -> torch.device:
@@ -37,42 +35,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-class StopSignal:
-    """Inside the block, SIGTERM (from `kill` or a cluster scheduler) and Ctrl-C only set `received`,
-    so a loop stops at its next safe point and saves; a second signal interrupts at once."""
+class Stop(Protocol):
+    """What `Trainer.fit` polls between updates: `received` turns non-None once a stop was asked for
+    (`loopwm.app.session.StopSignal` sets it on SIGTERM or Ctrl-C)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.received: Optional[int] = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopSignal":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def exit_if_received(self) -> None:
-        """After the caller has saved: leave with the conventional status of the signal."""
-        if self.received is not None:
-            raise SystemExit(128 + self.received)
-
-
-def seed_everything(seed: int, threads: int = 0) -> None:
-    """Seed torch and numpy's global state (our own generators are seeded separately)."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    if threads:
-        torch.set_num_threads(threads)
+    received: Optional[int]
 
 
 class Trainer:
@@ -103,7 +70,8 @@ class Trainer:
             raise FloatingPointError(f"training loss became {float(loss)} at update {self.updates}")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.wm.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+        clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.wm.parameters(), clip)
         self.opt.step()
         self.schedule.step()
         self.updates += 1
@@ -111,7 +79,8 @@ class Trainer:
         elapsed = time.perf_counter() - start
         out = {f"loss/{k}": float(v) for k, v in terms.items()}
         out.update({
-            "loss/total": float(loss.detach()), "train/grad_norm": float(grad_norm), "train/lr": self.schedule.get_last_lr()[0],
+            "loss/total": float(loss.detach()), "train/grad_norm": float(grad_norm),
+            "train/lr": self.schedule.get_last_lr()[0],
             "loops/mean": float(loops.mean()), "loops/max": float(loops.max()),
             "loops/hard_fraction": stats.hard_fraction, "loops/hard_threshold": self.tracker.value or 0.0,
             "certificate/kappa": self.wm.certified_lipschitz(),
@@ -123,7 +92,7 @@ class Trainer:
 
     def fit(self, updates: Optional[int] = None, progress: bool = True,
             on_checkpoint: Optional[Callable[[], None]] = None,
-            stop: Optional[StopSignal] = None) -> dict[str, float]:
+            stop: Optional[Stop] = None) -> dict[str, float]:
         """Run updates until `updates` in total (or until `stop` receives a signal, after a final
         checkpoint), logging and checkpointing along the way."""
         from tqdm.auto import tqdm
@@ -153,7 +122,8 @@ class Trainer:
         self._window.setdefault(key, []).append(value)
 
     def flush_logs(self, step: Optional[int] = None) -> None:
-        """Log the mean of each scalar since the last flush, plus the loops-used histogram, at `step` (default: updates)."""
+        """Log the mean of each scalar since the last flush, plus the loops-used histogram, at `step`
+        (default: updates)."""
         if self.logger is not None and self._window:
             means = {k: float(np.mean(v)) for k, v in self._window.items()}
             self.logger.log(means, self.updates if step is None else step,
@@ -189,16 +159,17 @@ def save_run(path: str | Path, trainer: Trainer, **extras: Any) -> None:
               replay=trainer.replay.state_dict(), **extras)
 
 
-def restore_run(path: str | Path, trainer: Trainer) -> dict[str, Any]:
-    """Load a checkpoint written by `save_run` into an existing trainer (and its model and replay)."""
-    payload = read_checkpoint(path)
-    if "trainer" not in payload:
-        raise ckpt.CheckpointError(f"checkpoint {str(path)!r} has no trainer state: it cannot be resumed")
-    trainer.wm.load_state_dict(model_from_payload(payload, path).state_dict())
-    trainer.load_state_dict(payload["trainer"])
-    if "replay" in payload:
-        trainer.replay.load_state_dict(payload["replay"])
-    return payload
+def restore_run(source: str | Path | LoadedRun, trainer: Trainer) -> dict[str, Any]:
+    """Load a checkpoint written by `save_run` (a path, or one already read by `load_run`) into an existing
+    trainer, its model and its replay; returns the payload."""
+    run = source if isinstance(source, LoadedRun) else load_run(source)
+    if "trainer" not in run.payload:
+        raise ckpt.CheckpointError(f"checkpoint {str(run.path)!r} has no trainer state: it cannot be resumed")
+    trainer.wm.load_state_dict(run.model.state_dict())
+    trainer.load_state_dict(run.payload["trainer"])
+    if "replay" in run.payload:
+        trainer.replay.load_state_dict(run.payload["replay"])
+    return run.payload
 
 
-__all__ = ["Trainer", "save_run", "restore_run", "resolve_device", "seed_everything", "StopSignal", "TERMS"]
+__all__ = ["Stop", "Trainer", "save_run", "restore_run", "resolve_device", "TERMS"]

@@ -12,9 +12,10 @@ from loopwm.analysis.agreement import readout_errors
 from loopwm.analysis.convergence import relative_residuals, step_norms
 from loopwm.analysis.fit import fit_saturating
 from loopwm.analysis.geometry import effective_rank
-from loopwm.analysis.report import analyze, analyze_checkpoint
+from loopwm.analysis.report import analyze
 from loopwm.analysis.sections import SECTIONS, Settings, build_probe
 from loopwm.analysis.stats import auroc, quartiles, spearman, top_fraction
+from loopwm.app.analyze import analyze_checkpoint
 from loopwm.checkpoint import save
 from loopwm.config import ConfigError, from_dict, to_dict
 from loopwm.lipschitz import exact_spectral_norm

@@ -85,3 +85,28 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["wm.pt"]
     loopwm.load(path)
+
+
+def test_load_run_reads_a_run_folder_or_a_file_and_never_invents_a_config(tmp_path):
+    from loopwm.checkpoint import LATEST, load_run
+    from loopwm.config import ConfigError, to_dict
+    from tests.helpers import tiny_config
+
+    cfg = tiny_config(latent_dim=8)
+    model = tiny_model(latent_dim=8)
+    loopwm.save(tmp_path / "run" / LATEST, model, config=to_dict(cfg), kind="train", trainer={"updates": 3})
+    from_folder, from_file = load_run(tmp_path / "run"), load_run(tmp_path / "run" / LATEST)
+    assert from_folder.path == from_file.path == tmp_path / "run" / LATEST
+    assert from_folder.config == cfg and from_folder.kind == "train" and from_folder.agent is None
+    for key, value in model.state_dict().items():
+        assert torch.equal(from_folder.model.state_dict()[key], value), key
+    assert from_folder.require_config("it is needed") == cfg
+
+    loopwm.save(tmp_path / "bare.pt", model)
+    bare = load_run(tmp_path / "bare.pt")
+    assert bare.config is None and bare.kind is None
+    with pytest.raises(ConfigError, match=r"bare\.pt.*holds no run config.*so the planner needs one"):
+        bare.require_config("the planner needs one")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"run folder .*empty.* has no checkpoint \(checkpoints/latest\.pt\)"):
+        load_run(tmp_path / "empty")

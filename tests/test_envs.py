@@ -157,3 +157,31 @@ def test_discrete_action_round_trip():
     np.testing.assert_array_equal(onehot, np.eye(4, dtype=np.float32)[actions - 1])
     np.testing.assert_array_equal(action_from_model(onehot, space), actions)
     assert action_from_model(np.array([0.1, 0.7, 0.1, 0.1]), space) == 2
+
+
+def test_each_family_builds_its_envs_and_names_its_replay_layout():
+    from loopwm.config import from_dict
+    from loopwm.envs import family_of, replay_buffer
+
+    assert family_of("Pendulum-v1").name == family_of("CartPole-v1").name == "classic"
+    assert family_of("ALE/Pong-v5").name == "atari"  # by the id's namespace; ale_py is not needed to say so
+    atari = from_dict({"env": {"id": "ALE/Pong-v5", "atari": {"frame_stack": 3}}})
+    assert family_of("ALE/Pong-v5").layout(atari.env).frame_stack == 3
+    assert family_of("Pendulum-v1").layout(EnvConfig()).frame_stack == 1
+    stacked = replay_buffer(atari, Box(0, 255, (3, 84, 84), np.uint8), Discrete(6))
+    assert stacked.frame_stack == 3 and stacked.action_dim == 6 and stacked.obs_dtype == np.uint8
+
+
+def test_mujoco_is_recognised_by_its_env_class_not_its_name():
+    pytest.importorskip("mujoco")
+    from gymnasium.envs.mujoco.inverted_pendulum_v5 import InvertedPendulumEnv
+
+    from loopwm.envs import family_of
+
+    class Wobbly(InvertedPendulumEnv):  # a user's own MuJoCo task, registered outside gymnasium.envs.mujoco
+        pass
+
+    gym.register("loopwm-test/Wobbly-v0", entry_point=Wobbly, max_episode_steps=50)
+    assert family_of("InvertedPendulum-v5").name == family_of("loopwm-test/Wobbly-v0").name == "mujoco"
+    env = make_env(EnvConfig(id="loopwm-test/Wobbly-v0"), seed=0)
+    assert env.observation_space.dtype == np.float32 and env.reset(seed=0)[0].dtype == np.float32

@@ -8,6 +8,7 @@ import loopwm
 from loopwm.agents import PlanningAgent
 from tests.helpers import save_pendulum_run
 
+
 @pytest.fixture(scope="module")
 def run_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("run") / "latest.pt"

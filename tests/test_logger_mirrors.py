@@ -38,7 +38,7 @@ def test_a_video_lands_in_tensorboard_as_an_animated_gif(tmp_path):
 def test_the_online_loop_logs_its_evaluation_episode_as_a_video(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from loopwm.agents.online import run
+    from loopwm.app.run import run
 
     cfg = from_dict({"name": "vid", "run_dir": str(tmp_path), "device": "cpu", "env": {"id": "Pendulum-v1",
                      "max_episode_steps": 10},

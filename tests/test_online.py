@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from loopwm.agents.online import Agent, evaluate, run
+from loopwm.agents.online import Agent, evaluate
+from loopwm.app.run import run
 from loopwm.config import from_dict
 
 
@@ -178,7 +179,7 @@ def test_refuses_to_overwrite_a_run(tmp_path):
 
 
 def test_eval_refuses_a_checkpoint_with_an_untrained_continue_head(tmp_path):
-    from loopwm.agents.online import evaluate_planner
+    from loopwm.app.evaluate import evaluate_planner
     from loopwm.checkpoint import CheckpointError, atomic_torch_save, read_checkpoint
 
     run(tiny(tmp_path, total_steps=40, seed_steps=40), progress=False)

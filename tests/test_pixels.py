@@ -3,8 +3,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from loopwm.analysis.prediction import prediction_errors
 from loopwm.config import from_dict
-from loopwm.evaluate import prediction_errors
 from loopwm.objective import TERMS
 from loopwm.replay import ReplayBuffer
 from loopwm.train import Trainer

@@ -176,8 +176,10 @@ def test_warm_start_per_env_reset_and_discrete_shift():
 @pytest.mark.parametrize("uncertainty", ["bound", "unconverged"])
 def test_uncertainty_penalty_avoids_unconverged_arm(uncertainty):
     wm = bandit([1.0, 0.6], residuals=[2.0, 0.0])
-    act = lambda lam: make_planner(wm, cfg(uncertainty_penalty=lam, samples=32, elites=4), uncertainty=uncertainty,
-                              seed=0).act(np.zeros(2), eval_mode=True)
+    def act(lam):
+        return make_planner(wm, cfg(uncertainty_penalty=lam, samples=32, elites=4), uncertainty=uncertainty,
+                            seed=0).act(np.zeros(2), eval_mode=True)
+
     assert act(0.0) == 0
     assert act(1.0) == 1
 
@@ -185,7 +187,9 @@ def test_uncertainty_penalty_avoids_unconverged_arm(uncertainty):
 def test_uncertainty_penalty_shifts_continuous_optimum():
     # r = a and residual = 2 max(a, 0)^2: λ=0 goes to the bound, λ=1 to the maximiser of a - 2a², a = 0.25.
     wm = Analytic(1, 1, lambda z, a: z, lambda z, a, n: a[:, 0], lambda z, a: 2 * a[:, 0].clamp_min(0) ** 2)
-    act = lambda lam: make_planner(wm, cfg(horizon=1, uncertainty_penalty=lam), seed=0).act(np.zeros(1), eval_mode=True)
+    def act(lam):
+        return make_planner(wm, cfg(horizon=1, uncertainty_penalty=lam), seed=0).act(np.zeros(1), eval_mode=True)
+
     assert act(0.0)[0] > 0.9
     assert abs(act(1.0)[0] - 0.25) < 0.05
 
@@ -194,7 +198,9 @@ def test_policy_prior_seeds_samples():
     # One CEM iteration with few random samples is poor; an optimal prior in the sample set fixes it.
     wm = point_model()
     c = cfg(method="cem", iterations=1, samples=16, elites=2, policy_samples=2, momentum=0.0)
-    optimal = lambda z: TARGET - z
+    def optimal(z):
+        return TARGET - z
+
     without = make_planner(wm, c, seed=0).act(np.zeros(2), eval_mode=True)
     with_prior = make_planner(wm, c, prior=optimal, seed=0).act(np.zeros(2), eval_mode=True)
     assert np.abs(with_prior - TARGET.numpy()).max() < 0.02 < np.abs(without - TARGET.numpy()).max()

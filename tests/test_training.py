@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from loopwm import objective
+from loopwm.analysis.prediction import prediction_errors
 from loopwm.config import ConfigError, from_dict
-from loopwm.evaluate import prediction_errors
 from loopwm.logger import RunLogger
 from loopwm.loop import LoopOptions
 from loopwm.objective import QuantileTracker, gate_targets, hard_mask, sample_loops, sequence_loss
@@ -224,7 +224,7 @@ def test_a_signal_stops_fit_at_an_update_boundary_and_saves_there(tmp_path, monk
     import os
     import signal
 
-    from loopwm.train import StopSignal
+    from loopwm.app.session import StopSignal
 
     data = linear_dataset()
     cfg = config(updates=20, batch_size=8, horizon=2, log_every=1000, checkpoint_every=1000)
@@ -254,7 +254,7 @@ def test_a_second_signal_interrupts_at_once():
     import os
     import signal
 
-    from loopwm.train import StopSignal
+    from loopwm.app.session import StopSignal
 
     with StopSignal() as stop:
         os.kill(os.getpid(), signal.SIGINT)
@@ -363,7 +363,6 @@ def test_unknown_optimizer_name_is_named_in_the_error():
     model, _, _ = _regression()
     with pytest.raises(ConfigError, match=r"train\.optimizer='adamz'.*expected one of .*'adam'"):
         build_optimizer("adamz", model.parameters(), 1e-3)
-    data = linear_dataset(episodes=2)
     with pytest.raises(ConfigError, match=r"train\.optimizer='sgdd'"):  # refused when the config is built
         config(optimizer="sgdd")
 
@@ -410,15 +409,16 @@ def test_tensorboard_and_jsonl_hold_the_logged_scalars(tmp_path):
 
 # ---- 8. the slice learns real dynamics ------------------------------------------------------------
 def test_model_beats_both_baselines_on_pendulum(tmp_path):
-    from loopwm import workflows
+    from loopwm.app.collect import collect
+    from loopwm.envs import env_spaces
 
     cfg = from_dict({"device": "cpu", "seed": 0, "model": TINY,
                      "data": {"path": str(tmp_path / "pendulum.npz"), "steps": 3000},
                      "train": {"updates": 100, "batch_size": 16, "horizon": 1, "lr": 3e-3, "log_every": 1000}})
-    buffer = workflows.collect(cfg, progress=False)
+    buffer = collect(cfg, progress=False)
     assert buffer.num_episodes >= 10 and (tmp_path / "pendulum.npz").is_file()
     train_data, held_out = buffer.split(0.2, seed=0)
-    wm = WorldModel.from_config(cfg, *workflows.env_spaces(cfg))
+    wm = WorldModel.from_config(cfg, *env_spaces(cfg.env, cfg.seed))
     stats = train_data.stats()
     wm.set_obs_stats(stats["obs_mean"], stats["obs_std"])
     kwargs = dict(horizons=(1,), sequences=128, obs_mean=stats["obs_mean"], obs_var=stats["obs_std"].pow(2))

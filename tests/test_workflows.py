@@ -120,3 +120,25 @@ def test_unknown_optimizer_exits_2_naming_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "train.optimizer='adamm'" in err and "'adam'" in err
     assert not (tmp_path / "runs" / "e2e" / "checkpoints").exists()
+
+
+def test_eval_exit_names_come_from_the_loop_registry(tmp_path, capsys):
+    from loopwm.loop import EXIT_RULES
+
+    with pytest.raises(SystemExit) as exited:
+        main(["eval", str(tmp_path / "x.pt"), "--exit", "sometimes"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "exit='sometimes'" in err and all(repr(name) in err for name in EXIT_RULES)
+
+
+def test_a_bare_model_is_evaluated_only_where_no_config_is_needed(tmp_path, capsys):
+    import loopwm
+    from tests.helpers import tiny_model
+
+    loopwm.save(tmp_path / "bare.pt", tiny_model())
+    assert main(["eval", str(tmp_path / "bare.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "holds no run config" in err and "pass --data" in err
+    assert main(["eval", str(tmp_path / "bare.pt"), "--episodes", "1"]) == 2
+    assert "no environment or planner" in capsys.readouterr().err

@@ -1,7 +1,9 @@
 """Stability analyses of trained looped world models.
 
-The maths modules (jacobian, convergence, agreement, cycles, geometry, rollout, stats, fit) need only torch and
-numpy. The report entry points below draw figures with matplotlib and are imported on first use.
+The maths modules (jacobian, convergence, agreement, cycles, geometry, rollout, stats, fit) and `prediction`
+(open-loop errors next to baselines) need only torch and numpy. The report entry points below draw figures with
+matplotlib and are imported on first use. Analysis reads models and data only: loading checkpoints and datasets
+for `loopwm analyze` is the application layer's job (`loopwm.app.analyze`).
 """
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ from typing import Any
 
 _EXPORTS = {
     "analyze": "loopwm.analysis.report",
-    "analyze_checkpoint": "loopwm.analysis.report",
     "Settings": "loopwm.analysis.sections",
 }
 

@@ -1,7 +1,7 @@
 """`loopwm analyze`: run the nine stability analyses and write report.json, one PNG each and report.md.
 
-`analyze` takes a model and plain tensors, so it is testable without files; `analyze_checkpoint` is the command-line
-entry point that loads a checkpoint and a saved replay buffer first.
+`analyze` takes a model and plain tensors, so it is testable without files; `loopwm.app.analyze` loads a checkpoint
+and a saved replay buffer for the command line first.
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from torch import Tensor
 from loopwm.analysis import sections as S
 from loopwm.analysis.figures import FIGURES
 from loopwm.analysis.sections import Settings
-from loopwm.config import ConfigError
 from loopwm.replay import ReplayBuffer
 from loopwm.world_model import WorldModel
+
 
 def to_json(value: Any) -> Any:
     """Plain JSON types, with NaN and infinities as null (strict JSON has no NaN)."""
@@ -118,7 +118,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"A-posteriori bound ≥ true distance in {_f(v['bound_valid_fraction'])} of (loop, sample) pairs; "
             f"median bound/distance {_f(v['bound_tightness_median'])}."],
         "agreement": [
-            f"Median prediction depth {_f(a['depth_median'])} of {len(a['loops'])} loops (δ = {_f(a['delta'])}, {_f(a['delta_rel'])} × the median final error).",
+            f"Median prediction depth {_f(a['depth_median'])} of {len(a['loops'])} loops (δ = {_f(a['delta'])}, "
+            f"{_f(a['delta_rel'])} × the median final error).",
             f"AUROC for flagging the top-10% errors at {a['operating_loops']} loops: residual "
             f"{_f(a['auroc_residual'], '.3f')}, intermediate/final disagreement (PABEE) "
             f"{_f(a['auroc_agreement'], '.3f')}.",
@@ -176,37 +177,3 @@ def sample_sequences(buffer: ReplayBuffer, batch: int, length: int, seed: int = 
         except ValueError:
             hi = mid - 1
     return buffer.sample(batch, lo, np.random.default_rng(seed))
-
-
-def analyze_checkpoint(checkpoint: str | Path, data: Optional[str | Path], out_dir: str | Path, *,
-                       compare: Optional[str | Path] = None, sequences: int = 64,
-                       device: str = "cpu", **overrides: Any) -> dict[str, Any]:
-    """Load a checkpoint and a saved replay buffer (default: the run's held-out split), then `analyze`.
-
-    `overrides` set `Settings` fields by name; `train_loops` defaults to the run's `train.loop_mean`.
-    """
-    from loopwm.checkpoint import config_from_payload, model_from_payload, read_checkpoint
-
-    names = {f.name for f in dataclasses.fields(Settings)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ValueError(f"unknown analysis setting {unknown[0]!r}; expected one of {sorted(names)}")
-    payload = read_checkpoint(checkpoint, map_location=device)
-    wm = model_from_payload(payload, checkpoint)
-    cfg = config_from_payload(payload, checkpoint)
-    if data is not None:
-        buffer = ReplayBuffer.load(data)
-    elif cfg is not None:
-        from loopwm.workflows import load_dataset
-
-        buffer = load_dataset(cfg)[1]
-    else:
-        raise ConfigError(f"checkpoint {str(checkpoint)!r} holds no run config, so there is no default dataset: "
-                          "pass --data")
-    if cfg is not None and "train_loops" not in overrides:
-        overrides["train_loops"] = max(1, round(cfg.train.loop_mean))
-    settings = Settings(**overrides)
-    other = model_from_payload(read_checkpoint(compare, map_location=device), compare) if compare else None
-    batch = sample_sequences(buffer, sequences, settings.horizon, settings.seed)
-    return analyze(wm, batch["obs"], batch["actions"], out_dir, rewards=batch["rewards"], compare=other,
-                   settings=settings)

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from loopwm.analysis.stats import spearman
-from loopwm.replay import ReplayBuffer
 from loopwm.loop import LoopOptions
+from loopwm.replay import ReplayBuffer
 from loopwm.world_model import WorldModel
 
 

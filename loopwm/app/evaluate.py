@@ -1,0 +1,45 @@
+"""`loopwm eval`: held-out prediction errors of a saved model, or the returns of a saved agent's planner."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from loopwm.agents.online import Agent, evaluate
+from loopwm.analysis.prediction import prediction_errors
+from loopwm.app.train import held_out_split
+from loopwm.checkpoint import load_run
+from loopwm.config import ConfigError
+from loopwm.envs.factory import env_spaces
+from loopwm.loop import LoopOptions
+from loopwm.replay import ReplayBuffer
+
+
+def evaluate_checkpoint(path: str | Path, data: Optional[str | Path] = None, exit: Optional[str] = None,
+                        horizons: tuple[int, ...] = (1, 10, 50)) -> dict[str, Any]:
+    """Held-out prediction errors of a saved model (a run folder or a checkpoint file), on its run's own
+    held-out split or on the dataset `data`. A bare model needs `data`; its sequences are drawn with seed 0."""
+    run = load_run(path)
+    wm = run.model
+    if data is not None:
+        held_out, seed = ReplayBuffer.load(data), run.config.seed if run.config is not None else 0
+    else:
+        cfg = run.require_config("there is no held-out split to evaluate on: pass --data")
+        held_out, seed = held_out_split(cfg), cfg.seed
+    options = LoopOptions.from_config(wm.cfg, exit=exit) if exit else None
+    # vector models carry their training statistics; frames are normalised from the held-out data
+    norm = {} if wm.spec.pixels else {"obs_mean": wm.obs_mean, "obs_var": wm.obs_std.pow(2)}
+    return prediction_errors(wm, held_out, horizons, seed=seed, **norm, options=options)
+
+
+def evaluate_planner(path: str | Path, episodes: int, video_dir: Optional[str] = None) -> dict[str, Any]:
+    """`loopwm eval RUN --episodes N`: run the saved agent's planner (with its value and prior, when the run
+    learnt them) for N fresh episodes of its environment."""
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        raise ConfigError(f"episodes={episodes!r}: expected an integer >= 1")
+    run = load_run(path)
+    cfg = run.require_config("there is no environment or planner to evaluate it with: evaluate a run's checkpoint")
+    agent = Agent(cfg, *env_spaces(cfg.env))
+    agent.wm.load_state_dict(run.model.state_dict())
+    if run.agent is not None:
+        agent.load_state_dict(run.agent)
+    return evaluate(agent, episodes, seed=cfg.seed + 20_000, video_dir=video_dir)

@@ -1,0 +1,132 @@
+"""`loopwm run`: the online loop. Seed with random actions, then plan, act, store, update and evaluate.
+
+Checkpoints hold the world model, its optimiser, the replay buffer, value function, policy prior,
+every RNG and the counters. A resumed run restarts the episode that was in progress (environments
+cannot be checkpointed), so checkpoints are taken at episode ends, where nothing is lost.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import closing
+from dataclasses import dataclass, field
+from typing import Any
+
+from loopwm.agents.online import Agent, evaluate
+from loopwm.app.session import RunSession, seed_everything
+from loopwm.config import Config
+from loopwm.envs.factory import action_from_model, make_env
+
+
+@dataclass
+class Progress:
+    """Counters and the learning curve; all plain data so it checkpoints with weights_only."""
+
+    step: int = 0
+    episode: int = 0
+    updates_due: float = 0.0
+    episode_returns: list = field(default_factory=list)
+    curve: list = field(default_factory=list)  # [step, mean, std] per evaluation
+
+
+def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
+    """The online loop in the run folder `run_dir/name`; returns the learning curve and final evaluation."""
+    with RunSession(cfg, "run") as session:
+        seed_everything(cfg.seed, cfg.threads)
+        with closing(make_env(cfg.env, training=True)) as env:
+            agent = Agent(cfg, env.observation_space, env.action_space, session.logger)
+            session.start(agent.wm.spec)
+            state = Progress()
+            payload = session.restore(agent.trainer, log_step=lambda p: p["progress"]["step"])
+            if payload is not None:
+                agent.load_state_dict(payload["agent"])
+                state = Progress(**payload["progress"])
+                agent.replay.discard_open()
+            _loop(cfg, session, env, agent, state, progress)
+        summary = {"curve": state.curve, "episodes": state.episode, "updates": agent.trainer.updates,
+                   "kappa": agent.wm.certified_lipschitz()}
+        session.write_text("summary.json", json.dumps(summary, indent=2))
+    if progress:
+        print(format_curve(state.curve))
+    return summary
+
+
+def _loop(cfg: Config, session: RunSession, env: Any, agent: Agent, state: Progress, progress: bool) -> None:
+    """Act, store, update and evaluate until `agent.total_steps`, or until a stop signal; then save."""
+    from tqdm.auto import tqdm
+
+    a, logger, stop = cfg.agent, session.logger, session.stop
+
+    def checkpoint() -> None:
+        session.save(agent.trainer, agent=agent.state_dict(), progress=vars(state))
+
+    def evaluation() -> None:
+        result = evaluate(agent, a.eval_episodes, seed=10_000 + state.step, frames=a.eval_video)
+        if a.eval_video:
+            logger.log_video("eval/video", result.pop("frames"), state.step, fps=result.pop("fps"))
+        state.curve.append([state.step, result["return_mean"], result["return_std"]])
+        logger.log({"eval/return_mean": result["return_mean"], "eval/return_std": result["return_std"],
+                    "eval/ms_per_decision": result["ms_per_decision"]}, state.step)
+        bar.write(f"step {state.step:>7}: eval return {result['return_mean']:9.1f} ± "
+                  f"{result['return_std']:.1f}  ({result['ms_per_decision']:.1f} ms/decision)")
+
+    bar = tqdm(total=a.total_steps, initial=state.step, disable=not progress, desc="run", dynamic_ncols=True)
+    try:
+        if state.step == 0 and not state.curve and stop.received is None:  # the planner on the untrained model
+            evaluation()
+        obs, _ = env.reset(seed=cfg.seed + state.episode)
+        episode_return, t0, stats_set = 0.0, True, state.step >= a.seed_steps
+        last_saved = agent.trainer.updates
+        while state.step < a.total_steps and stop.received is None:
+            if state.step < a.seed_steps:
+                action = agent.random_action()
+            else:
+                action = agent.planned_action(obs, eval_mode=False, t0=t0)
+            next_obs, reward, terminated, truncated, _ = env.step(action_from_model(action, env.action_space))
+            agent.replay.add(obs, action, reward, next_obs, terminated, truncated)
+            episode_return += float(reward)
+            obs, t0 = next_obs, False
+            state.step += 1
+            if state.step >= a.seed_steps and len(agent.replay) > 0:
+                if not stats_set:
+                    stats = agent.replay.stats()
+                    agent.wm.set_obs_stats(stats["obs_mean"], stats["obs_std"])
+                    stats_set = True
+                    state.updates_due += a.seed_steps * a.updates_per_step  # pretrain on the seed data
+                state.updates_due += a.updates_per_step
+                if state.step % a.update_every == 0:
+                    while state.updates_due >= 1.0:
+                        for key, value in agent.update().items():
+                            agent.trainer.record(key, value)
+                        state.updates_due -= 1.0
+                    agent.trainer.record("agent/plan_loops", agent.planner.last_stats.get("loops", 0.0))
+                    if state.step % cfg.train.log_every == 0:
+                        agent.trainer.flush_logs(step=state.step)
+            if terminated or truncated:
+                state.episode_returns.append(episode_return)
+                logger.log({"episode/return": episode_return}, state.step)
+                bar.set_postfix(ret=f"{episode_return:.1f}", loops=f"{agent.planner.last_stats.get('loops', 0):.1f}")
+                state.episode += 1
+                obs, _ = env.reset(seed=cfg.seed + state.episode)
+                episode_return, t0 = 0.0, True
+            if state.step % a.eval_every == 0 or state.step == a.total_steps:
+                evaluation()
+            if (terminated or truncated) and agent.trainer.updates - last_saved >= cfg.train.checkpoint_every:
+                checkpoint()  # after this step's evaluation, so a resumed run neither repeats nor skips it
+                last_saved = agent.trainer.updates
+            bar.update(1)
+    except OSError:
+        raise  # a write failed: the last checkpoint stands, and saving again would fail the same way
+    except BaseException:
+        checkpoint()  # an error or a second signal: keep what was learnt up to here
+        raise
+    finally:
+        bar.close()
+    checkpoint()
+    stop.exit_if_received(f"at step {state.step}; its checkpoint continues with resume=true")
+
+
+def format_curve(curve: list) -> str:
+    """The learning curve as a terminal table."""
+    lines = [f"{'env steps':>10} | {'eval return':>12} | {'std':>8}", "-" * 36]
+    lines += [f"{int(s):>10} | {m:12.1f} | {sd:8.1f}" for s, m, sd in curve]
+    return "\n".join(lines)

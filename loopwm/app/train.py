@@ -1,0 +1,57 @@
+"""`loopwm train`: fit a world model on a saved dataset in a run folder, then report held-out prediction errors."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from loopwm.analysis.prediction import format_table, prediction_errors
+from loopwm.app.session import RunSession, seed_everything
+from loopwm.config import Config, ConfigError
+from loopwm.envs.factory import env_spaces
+from loopwm.replay import ReplayBuffer
+from loopwm.train import Trainer, resolve_device
+from loopwm.world_model import WorldModel
+
+
+def load_dataset(cfg: Config) -> tuple[ReplayBuffer, ReplayBuffer]:
+    """The dataset at `data.path`, split by whole episodes into train and held-out parts."""
+    path = Path(cfg.data.path)
+    if not path.is_file():
+        raise ConfigError(f"data.path={str(path)!r} does not exist: run `loopwm collect` first")
+    return ReplayBuffer.load(path).split(cfg.train.val_fraction, seed=cfg.seed)
+
+
+def held_out_split(cfg: Config) -> ReplayBuffer:
+    """The held-out episodes a run was evaluated on; a run trained on everything has none, so say so."""
+    if cfg.train.val_fraction == 0:
+        raise ConfigError("the run was trained with train.val_fraction=0, so it has no held-out split: pass --data")
+    return load_dataset(cfg)[1]
+
+
+def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
+    """Fit a world model on the dataset, checkpoint it, and report held-out prediction errors (written to
+    eval.json). With `train.val_fraction=0` every episode trains and the held-out report is skipped ({})."""
+    with RunSession(cfg, "train") as session:
+        seed_everything(cfg.seed, cfg.threads)
+        train_data, val_data = load_dataset(cfg)
+        if cfg.train.val_fraction == 0:
+            print("loopwm train: train.val_fraction=0 trains on every episode, so there is no held-out evaluation; "
+                  "evaluate on another dataset with `loopwm eval RUN --data FILE`", file=sys.stderr)
+        wm = WorldModel.from_config(cfg, *env_spaces(cfg.env, cfg.seed)).to(resolve_device(cfg.device))
+        stats = train_data.stats()
+        wm.set_obs_stats(stats["obs_mean"], stats["obs_std"])
+        trainer = Trainer(wm, cfg, train_data, session.logger)
+        session.start(wm.spec)
+        session.restore(trainer, log_step=lambda payload: payload["trainer"]["updates"])
+        trainer.fit(progress=progress, on_checkpoint=lambda: session.save(trainer), stop=session.stop)
+        session.stop.exit_if_received(f"at update {trainer.updates}; its checkpoint continues with resume=true")
+        if cfg.train.val_fraction == 0:
+            return {}
+        result = prediction_errors(wm, val_data, seed=cfg.seed, obs_mean=stats["obs_mean"],
+                                   obs_var=stats["obs_std"].pow(2))
+        session.write_text("eval.json", json.dumps(result, indent=2))
+    if progress:
+        print(format_table(result))
+    return result
