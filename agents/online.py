@@ -39,13 +39,14 @@ class Agent:
         self.value, self.prior, self.planner = planning_parts(cfg, self.wm)
         self.rng = np.random.default_rng(cfg.seed + 1)
 
-    def random_action(self) -> np.ndarray:
-        """A uniformly random action in model units (seeded by the agent's own generator)."""
-        return random_model_actions(self.wm, self.rng, 1)[0]
+    def random_actions(self, n: int) -> np.ndarray:
+        """n uniformly random actions in model units [n, A] (seeded by the agent's own generator)."""
+        return random_model_actions(self.wm, self.rng, n)
 
-    def planned_action(self, obs: np.ndarray, *, eval_mode: bool, t0: bool) -> np.ndarray:
-        """The planner's action for one observation, in model units."""
-        return self.planner.model_action(obs, eval_mode=eval_mode, t0=t0)
+    def planned_action(self, obs: np.ndarray, *, eval_mode: bool, t0: bool | np.ndarray,
+                       batched: bool = False) -> np.ndarray:
+        """The planner's action for one observation (or, `batched`, for a batch in one call), in model units."""
+        return self.planner.model_action(obs, eval_mode=eval_mode, t0=t0, batched=batched)
 
     def update(self) -> dict[str, float]:
         """One world-model update, then value and prior updates on fresh replay latents."""

@@ -45,16 +45,18 @@ def make_env(
     return env
 
 
-def make_vector_env(cfg: EnvConfig, seed: int | None = None, *, training: bool = True) -> gym.vector.VectorEnv:
+def make_vector_env(cfg: EnvConfig, seed: int | None = None, *, training: bool = True,
+                    autoreset: gym.vector.AutoresetMode = gym.vector.AutoresetMode.NEXT_STEP) -> gym.vector.VectorEnv:
     """`cfg.num_envs` copies of `make_env` in a Sync/AsyncVectorEnv; sub-env i is seeded with seed + i.
 
-    Autoreset is Gymnasium's NEXT_STEP mode, which `ReplayBuffer.add_batch` expects by default.
+    Autoreset defaults to Gymnasium's NEXT_STEP mode, which `ReplayBuffer.add_batch` expects by default
+    (the online loop's `VectorCollector` disables it and resets episodes itself).
     """
     fns = [
         partial(make_env, cfg, None if seed is None else seed + i, training=training) for i in range(cfg.num_envs)
     ]
     vector_cls = gym.vector.SyncVectorEnv if cfg.vectorization == "sync" else gym.vector.AsyncVectorEnv
-    envs = vector_cls(fns, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+    envs = vector_cls(fns, autoreset_mode=autoreset)
     if seed is not None:
         envs.reset(seed=seed)
         envs.action_space.seed(seed)

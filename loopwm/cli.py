@@ -140,10 +140,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.overrides += extra
     from loopwm.checkpoint import CheckpointError
     from loopwm.config import ConfigError
+    from loopwm.distributed import launched_processes
+    from loopwm.train import NonFiniteLoss
 
     try:
+        if args.command != "train" and launched_processes() > 1:
+            raise ConfigError(f"only `loopwm train` runs in several processes (torchrun); `loopwm {args.command}` "
+                              "runs in one (to act in several environments at once, set env.num_envs)")
         args.fn(args)
-    except (ConfigError, CheckpointError, OSError, ValueError, ImportError) as exc:
+    except (ConfigError, CheckpointError, OSError, ValueError, ImportError, NonFiniteLoss) as exc:
         print(f"loopwm {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

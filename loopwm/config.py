@@ -155,6 +155,7 @@ class TrainConfig(Section):
     val_fraction: float = field(default=0.1, metadata=_range(0.0, 0.9))
     log_every: int = field(default=50, metadata=_range(1))
     checkpoint_every: int = field(default=500, metadata=_range(1))
+    max_nonfinite: int = field(default=10, metadata=_range(1))  # NaN/inf updates in a row (skipped) before a stop
 
     def check(self) -> None:
         from loopwm.optim import OPTIMIZERS
@@ -294,7 +295,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond the float range
+                number = math.inf
         elif isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
             try:
                 number = float(value)
@@ -368,8 +372,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r}: malformed key {key!r}")
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:  # ValueError: an integer of > 4300 digits
+        raise ConfigError(f"override {text[:80]!r}: value is not valid YAML ({str(exc)[:200]})") from None
     return key.split("."), value
 
 
@@ -395,7 +399,7 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
         data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
     if data is None:
         return {}

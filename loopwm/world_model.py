@@ -142,7 +142,16 @@ class WorldModel(nn.Module):
     # ---- the verbs ---------------------------------------------------------------------
     def encode(self, obs: Tensor) -> Tensor:
         """Observations -> latents (LayerNorm-scaled, the space the loop predicts into)."""
-        return self._latent(self.encoder(self.normalize_obs(obs)))
+        x = self.encoder(self.normalize_obs(obs))
+        bad = ~torch.isfinite(x).all(-1)
+        if bool(bad.any()):  # finite observations whose sums overflow float32 (e.g. 1e38) give NaN latents
+            where = bad.nonzero()[0].tolist()
+            if not all(torch.isfinite(p).all() for p in self.encoder.parameters()):
+                raise ValueError("the encoder's parameters hold NaN or infinite values")
+            row = where[0] if len(where) == 1 else tuple(where)
+            raise ValueError(f"obs overflows the encoder: its features at row {row} are not finite in float32; "
+                             "rescale such observations")
+        return self._latent(x)
 
     def _latent(self, x: Tensor) -> Tensor:
         return F.layer_norm(x, (x.shape[-1],))

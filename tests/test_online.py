@@ -193,3 +193,66 @@ def test_eval_refuses_a_checkpoint_with_an_untrained_continue_head(tmp_path):
     atomic_torch_save(payload, path)
     with pytest.raises(CheckpointError, match="invalid config section.*no_such_key"):
         evaluate_planner(path, 1)
+
+
+def counting_planner_calls(monkeypatch) -> list[int]:
+    """Record the batch size of every training-time planner call (evaluation calls excluded)."""
+    planned, sizes = Agent.planned_action, []
+
+    def spy(self, obs, **kw):
+        if not kw["eval_mode"]:
+            sizes.append(len(obs) if kw.get("batched") else 1)
+        return planned(self, obs, **kw)
+
+    monkeypatch.setattr(Agent, "planned_action", spy)
+    return sizes
+
+
+def stored_transitions(path) -> int:
+    from loopwm.checkpoint import read_checkpoint
+
+    replay = read_checkpoint(path)["replay"]
+    return int(replay["episode_lengths"].sum()) + sum(len(ep["actions"]) for ep in replay["open"])
+
+
+@pytest.mark.parametrize("num_envs", [1, 4])
+def test_num_envs_collects_that_many_transitions_per_planner_call(tmp_path, monkeypatch, num_envs):
+    sizes = counting_planner_calls(monkeypatch)
+    cfg = tiny(tmp_path, total_steps=80, seed_steps=40, eval_episodes=1, updates_per_step=0.25)
+    cfg.env.num_envs = num_envs
+    summary = run(cfg, progress=False)
+    assert summary["curve"][-1][0] == 80 and summary["episodes"] == 4
+    assert len(sizes) == 40 // num_envs and set(sizes) == {num_envs}  # one batched call per step of all envs
+    latest = tmp_path / "pm" / "checkpoints" / "latest.pt"
+    assert stored_transitions(latest) == 80
+    # the k-th episode started is seeded seed + k, whichever env it ran in
+    from loopwm.checkpoint import read_checkpoint
+
+    replay = read_checkpoint(latest)["replay"]
+    starts = np.concatenate([[0], np.cumsum(replay["episode_lengths"].numpy() + 1)[:-1]])
+    first_obs = sorted(float(replay["obs"][s, 0]) for s in starts)
+    assert first_obs == sorted(float(PointMass().reset(seed=k)[0][0]) for k in range(4))
+
+
+def test_a_vector_run_resumes_exactly(tmp_path):
+    def vector(root, steps):
+        cfg = tiny(root, total_steps=steps, seed_steps=40, eval_episodes=1, updates_per_step=0.25)
+        cfg.env.num_envs = 4
+        return cfg
+
+    run(vector(tmp_path / "a", 160), progress=False)
+    run(vector(tmp_path / "b", 80), progress=False)  # stops where all four episodes end together
+    resumed = vector(tmp_path / "b", 160)
+    resumed.resume = True
+    run(resumed, progress=False)
+    for a, b in zip(params(tmp_path / "a" / "pm" / "checkpoints" / "latest.pt"),
+                    params(tmp_path / "b" / "pm" / "checkpoints" / "latest.pt")):
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+
+    def rows(root):  # the interrupted run also evaluated at its last step, 80
+        lines = (root / "pm" / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], {k: v for k, v in r.items() if "perf/" not in k and "ms_per" not in k})
+                for r in map(json.loads, lines) if r["step"] != 80 or "eval/return_mean" not in r]
+
+    assert rows(tmp_path / "b") == rows(tmp_path / "a")

@@ -144,7 +144,7 @@ def test_agent_trains_and_plans_on_dict_obs_and_multidiscrete_actions():
     agent = Agent(cfg, env.observation_space, env.action_space)
     obs, _ = env.reset(seed=0)
     for _ in range(60):
-        action = agent.random_action()
+        action = agent.random_actions(1)[0]
         assert action.shape == (7,) and action.sum() == 3
         next_obs, reward, terminated, truncated, _ = env.step(action_from_model(action, env.action_space))
         agent.replay.add(obs, action, reward, next_obs, terminated, truncated)

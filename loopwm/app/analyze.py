@@ -7,9 +7,8 @@ from typing import Any, Optional
 
 from loopwm.analysis.report import analyze, sample_sequences
 from loopwm.analysis.sections import Settings
-from loopwm.app.train import held_out_split
+from loopwm.app.train import held_out_split, load_checked
 from loopwm.checkpoint import load_run
-from loopwm.replay import ReplayBuffer
 
 
 def analyze_checkpoint(checkpoint: str | Path, data: Optional[str | Path], out_dir: str | Path, *,
@@ -23,9 +22,9 @@ def analyze_checkpoint(checkpoint: str | Path, data: Optional[str | Path], out_d
         raise ValueError(f"unknown analysis setting {unknown[0]!r}; expected one of {sorted(names)}")
     run = load_run(checkpoint, map_location=device)
     if data is not None:
-        buffer = ReplayBuffer.load(data)
+        buffer = load_checked(data, run.model)
     else:
-        buffer = held_out_split(run.require_config("there is no default dataset: pass --data"))
+        buffer = held_out_split(run.require_config("there is no default dataset: pass --data"), run.model)
     if run.config is not None and "train_loops" not in overrides:
         overrides["train_loops"] = max(1, round(run.config.train.loop_mean))
     settings = Settings(**overrides)

@@ -6,12 +6,11 @@ from typing import Any, Optional
 
 from loopwm.agents.online import Agent, evaluate
 from loopwm.analysis.prediction import prediction_errors
-from loopwm.app.train import held_out_split
+from loopwm.app.train import held_out_split, load_checked
 from loopwm.checkpoint import load_run
 from loopwm.config import ConfigError
 from loopwm.envs.factory import env_spaces
 from loopwm.loop import LoopOptions
-from loopwm.replay import ReplayBuffer
 
 
 def evaluate_checkpoint(path: str | Path, data: Optional[str | Path] = None, exit: Optional[str] = None,
@@ -21,10 +20,10 @@ def evaluate_checkpoint(path: str | Path, data: Optional[str | Path] = None, exi
     run = load_run(path)
     wm = run.model
     if data is not None:
-        held_out, seed = ReplayBuffer.load(data), run.config.seed if run.config is not None else 0
+        held_out, seed = load_checked(data, wm), run.config.seed if run.config is not None else 0
     else:
         cfg = run.require_config("there is no held-out split to evaluate on: pass --data")
-        held_out, seed = held_out_split(cfg), cfg.seed
+        held_out, seed = held_out_split(cfg, wm), cfg.seed
     options = LoopOptions.from_config(wm.cfg, exit=exit) if exit else None
     # vector models carry their training statistics; frames are normalised from the held-out data
     norm = {} if wm.spec.pixels else {"obs_mean": wm.obs_mean, "obs_var": wm.obs_std.pow(2)}

@@ -1,7 +1,9 @@
 """`loopwm run`: the online loop. Seed with random actions, then plan, act, store, update and evaluate.
 
+It acts in `env.num_envs` environments at once (`VectorCollector`), with one batched planner call per
+step of all of them; step counts advance by `env.num_envs` per such step.
 Checkpoints hold the world model, its optimiser, the replay buffer, value function, policy prior,
-every RNG and the counters. A resumed run restarts the episode that was in progress (environments
+every RNG and the counters. A resumed run restarts the episodes that were in progress (environments
 cannot be checkpointed), so checkpoints are taken at episode ends, where nothing is lost.
 """
 from __future__ import annotations
@@ -11,10 +13,14 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
+import gymnasium as gym
+import numpy as np
+
+from loopwm.agents.collector import VectorCollector
 from loopwm.agents.online import Agent, evaluate
 from loopwm.app.session import RunSession, seed_everything
 from loopwm.config import Config
-from loopwm.envs.factory import action_from_model, make_env
+from loopwm.envs.factory import make_vector_env
 
 
 @dataclass
@@ -32,16 +38,21 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
     """The online loop in the run folder `run_dir/name`; returns the learning curve and final evaluation."""
     with RunSession(cfg, "run") as session:
         seed_everything(cfg.seed, cfg.threads)
-        with closing(make_env(cfg.env, training=True)) as env:
-            agent = Agent(cfg, env.observation_space, env.action_space, session.logger)
+        envs = make_vector_env(cfg.env, training=True, autoreset=gym.vector.AutoresetMode.DISABLED)
+        with closing(envs):
+            agent = Agent(cfg, envs.single_observation_space, envs.single_action_space, session.logger)
+            collector = VectorCollector(envs, agent.replay, seed=cfg.seed)
             session.start(agent.wm.spec)
             state = Progress()
             payload = session.restore(agent.trainer, log_step=lambda p: p["progress"]["step"])
             if payload is not None:
                 agent.load_state_dict(payload["agent"])
                 state = Progress(**payload["progress"])
-                agent.replay.discard_open()
-            _loop(cfg, session, env, agent, state, progress)
+                if "collector" in payload:
+                    collector.load_state_dict(payload["collector"])
+                else:  # a checkpoint from before collectors had state
+                    collector.start_at(state.episode)
+            _loop(cfg, session, collector, agent, state, progress)
         summary = {"curve": state.curve, "episodes": state.episode, "updates": agent.trainer.updates,
                    "kappa": agent.wm.certified_lipschitz()}
         session.write_text("summary.json", json.dumps(summary, indent=2))
@@ -50,14 +61,24 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
     return summary
 
 
-def _loop(cfg: Config, session: RunSession, env: Any, agent: Agent, state: Progress, progress: bool) -> None:
+def _loop(cfg: Config, session: RunSession, collector: VectorCollector, agent: Agent, state: Progress,
+          progress: bool) -> None:
     """Act, store, update and evaluate until `agent.total_steps`, or until a stop signal; then save."""
     from tqdm.auto import tqdm
 
     a, logger, stop = cfg.agent, session.logger, session.stop
 
     def checkpoint() -> None:
-        session.save(agent.trainer, agent=agent.state_dict(), progress=vars(state))
+        session.save(agent.trainer, agent=agent.state_dict(), progress=vars(state), collector=collector.state_dict())
+
+    def random_policy(obs: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        return agent.random_actions(len(obs))
+
+    def planner_policy(obs: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        return agent.planned_action(obs, eval_mode=False, t0=starts, batched=True)
+
+    def crossed(every: int, before: int) -> bool:  # the last step reached a multiple of `every`
+        return state.step // every > before // every
 
     def evaluation() -> None:
         result = evaluate(agent, a.eval_episodes, seed=10_000 + state.step, frames=a.eval_video)
@@ -73,47 +94,39 @@ def _loop(cfg: Config, session: RunSession, env: Any, agent: Agent, state: Progr
     try:
         if state.step == 0 and not state.curve and stop.received is None:  # the planner on the untrained model
             evaluation()
-        obs, _ = env.reset(seed=cfg.seed + state.episode)
-        episode_return, t0, stats_set = 0.0, True, state.step >= a.seed_steps
+        collector.restart()  # every env starts (a resumed run: restarts) its current episode from its seed
+        stats_set = state.step >= a.seed_steps
         last_saved = agent.trainer.updates
         while state.step < a.total_steps and stop.received is None:
-            if state.step < a.seed_steps:
-                action = agent.random_action()
-            else:
-                action = agent.planned_action(obs, eval_mode=False, t0=t0)
-            next_obs, reward, terminated, truncated, _ = env.step(action_from_model(action, env.action_space))
-            agent.replay.add(obs, action, reward, next_obs, terminated, truncated)
-            episode_return += float(reward)
-            obs, t0 = next_obs, False
-            state.step += 1
+            before = state.step
+            returns = collector.step(random_policy if state.step < a.seed_steps else planner_policy)
+            state.step += collector.num_envs
             if state.step >= a.seed_steps and len(agent.replay) > 0:
                 if not stats_set:
                     stats = agent.replay.stats()
                     agent.wm.set_obs_stats(stats["obs_mean"], stats["obs_std"])
                     stats_set = True
                     state.updates_due += a.seed_steps * a.updates_per_step  # pretrain on the seed data
-                state.updates_due += a.updates_per_step
-                if state.step % a.update_every == 0:
+                state.updates_due += a.updates_per_step * collector.num_envs
+                if crossed(a.update_every, before):
                     while state.updates_due >= 1.0:
                         for key, value in agent.update().items():
                             agent.trainer.record(key, value)
                         state.updates_due -= 1.0
                     agent.trainer.record("agent/plan_loops", agent.planner.last_stats.get("loops", 0.0))
-                    if state.step % cfg.train.log_every == 0:
+                    if crossed(cfg.train.log_every, before):
                         agent.trainer.flush_logs(step=state.step)
-            if terminated or truncated:
+            for episode_return in returns:
                 state.episode_returns.append(episode_return)
                 logger.log({"episode/return": episode_return}, state.step)
                 bar.set_postfix(ret=f"{episode_return:.1f}", loops=f"{agent.planner.last_stats.get('loops', 0):.1f}")
                 state.episode += 1
-                obs, _ = env.reset(seed=cfg.seed + state.episode)
-                episode_return, t0 = 0.0, True
-            if state.step % a.eval_every == 0 or state.step == a.total_steps:
+            if crossed(a.eval_every, before) or state.step >= a.total_steps:
                 evaluation()
-            if (terminated or truncated) and agent.trainer.updates - last_saved >= cfg.train.checkpoint_every:
+            if returns and agent.trainer.updates - last_saved >= cfg.train.checkpoint_every:
                 checkpoint()  # after this step's evaluation, so a resumed run neither repeats nor skips it
                 last_saved = agent.trainer.updates
-            bar.update(1)
+            bar.update(collector.num_envs)
     except OSError:
         raise  # a write failed: the last checkpoint stands, and saving again would fail the same way
     except BaseException:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import yaml
 
+from loopwm import distributed
 from loopwm.atomic import atomic_write, remove_stale_temp_files
 from loopwm.checkpoint import LATEST, LoadedRun, load_run
 from loopwm.config import Config, ConfigError, to_dict
@@ -137,7 +138,8 @@ class RunSession:
     `session.start(spec)` writes, `session.restore(...)` resumes, `session.save(...)` checkpoints.
 
     `session.stop` is live from the start, so a signal during start-up ends the run before anything is
-    written; `session.logger` logs into the folder once started.
+    written; `session.logger` logs into the folder once started. Under torchrun only rank 0 (`main`)
+    creates, locks and writes the folder; the other ranks run the same checks and have no logger.
     """
 
     def __init__(self, cfg: Config, kind: str):
@@ -147,6 +149,7 @@ class RunSession:
         if cfg.wandb:
             require_wandb()
         self.cfg, self.kind = cfg, kind
+        self.main = distributed.current().main
         self.folder = run_folder(cfg)
         self.latest = self.folder / LATEST
         self.stop = StopSignal()
@@ -160,6 +163,9 @@ class RunSession:
     def __enter__(self) -> "RunSession":
         self.stop.__enter__()
         try:
+            if not self.main:  # torchrun's other ranks: the same checks, and nothing written
+                self._check_folder()
+                return self
             self._created = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)
@@ -212,6 +218,8 @@ class RunSession:
             if diff:
                 raise self._refuse(f"was saved for other spaces: {'; '.join(diff)}")
         self.stop.exit_if_received("during start-up; nothing was written")
+        if not self.main:
+            return
         self.started = True
         for folder in (self.folder, self.latest.parent):
             remove_stale_temp_files(folder)
@@ -227,11 +235,13 @@ class RunSession:
         if self.resumed is None:
             return None
         payload = restore_run(self.resumed, trainer)
-        self.logger.rewind(log_step(payload))
+        if self.logger is not None:
+            self.logger.rewind(log_step(payload))
         return payload
 
     def save(self, trainer: Trainer, **extras: Any) -> None:
-        """Write the resumable checkpoint; a failed write raises one `RunWriteError` and keeps the previous one."""
+        """Write the resumable checkpoint (under torchrun every rank calls this, and rank 0 writes); a failed
+        write raises one `RunWriteError` and keeps the previous one."""
         try:
             save_run(self.latest, trainer, kind=self.kind, **extras)
         except OSError as exc:
@@ -239,7 +249,9 @@ class RunSession:
                                 "there before is unchanged") from None
 
     def write_text(self, name: str, text: str) -> None:
-        """Write `folder/name` atomically; a failed write raises a `RunWriteError` naming the file."""
+        """Write `folder/name` atomically (rank 0 only); a failed write raises a `RunWriteError` naming it."""
+        if not self.main:
+            return
         path = self.folder / name
         try:
             atomic_write(path, lambda f: f.write(text.encode()))

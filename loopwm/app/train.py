@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+from loopwm import distributed
 from loopwm.analysis.prediction import format_table, prediction_errors
 from loopwm.app.session import RunSession, seed_everything
 from loopwm.config import Config, ConfigError
@@ -15,39 +16,55 @@ from loopwm.train import Trainer, resolve_device
 from loopwm.world_model import WorldModel
 
 
-def load_dataset(cfg: Config) -> tuple[ReplayBuffer, ReplayBuffer]:
-    """The dataset at `data.path`, split by whole episodes into train and held-out parts."""
+def load_dataset(cfg: Config, wm: Optional[WorldModel] = None,
+                 expected_by: str = "the model") -> tuple[ReplayBuffer, ReplayBuffer]:
+    """The dataset at `data.path` (checked against `wm`'s spaces when given), split by whole episodes into
+    train and held-out parts."""
     path = Path(cfg.data.path)
     if not path.is_file():
         raise ConfigError(f"data.path={str(path)!r} does not exist: run `loopwm collect` first")
-    return ReplayBuffer.load(path).split(cfg.train.val_fraction, seed=cfg.seed)
+    return load_checked(path, wm, expected_by).split(cfg.train.val_fraction, seed=cfg.seed)
 
 
-def held_out_split(cfg: Config) -> ReplayBuffer:
+def load_checked(path: str | Path, wm: Optional[WorldModel], expected_by: str = "the model") -> ReplayBuffer:
+    """`ReplayBuffer.load` (which refuses non-finite values), then the observation shape and action width
+    that `wm` needs."""
+    buffer = ReplayBuffer.load(path)
+    if wm is not None:
+        buffer.check_layout(wm.spec.obs_shape, wm.spec.action_dim, source=f"dataset {str(path)!r}",
+                            expected_by=expected_by)
+    return buffer
+
+
+def held_out_split(cfg: Config, wm: Optional[WorldModel] = None) -> ReplayBuffer:
     """The held-out episodes a run was evaluated on; a run trained on everything has none, so say so."""
     if cfg.train.val_fraction == 0:
         raise ConfigError("the run was trained with train.val_fraction=0, so it has no held-out split: pass --data")
-    return load_dataset(cfg)[1]
+    return load_dataset(cfg, wm)[1]
 
 
 def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
     """Fit a world model on the dataset, checkpoint it, and report held-out prediction errors (written to
-    eval.json). With `train.val_fraction=0` every episode trains and the held-out report is skipped ({})."""
-    with RunSession(cfg, "train") as session:
+    eval.json). With `train.val_fraction=0` every episode trains and the held-out report is skipped ({}).
+
+    Under `torchrun` every process trains its share of each batch (`loopwm.distributed`); rank 0 alone writes
+    the run folder and evaluates."""
+    with distributed.joined(resolve_device(cfg.device)) as device, RunSession(cfg, "train") as session:
         seed_everything(cfg.seed, cfg.threads)
-        train_data, val_data = load_dataset(cfg)
-        if cfg.train.val_fraction == 0:
+        wm = WorldModel.from_config(cfg, *env_spaces(cfg.env, cfg.seed)).to(device)
+        train_data, val_data = load_dataset(cfg, wm, expected_by=f"the environment {cfg.env.id}")
+        if cfg.train.val_fraction == 0 and session.main:
             print("loopwm train: train.val_fraction=0 trains on every episode, so there is no held-out evaluation; "
                   "evaluate on another dataset with `loopwm eval RUN --data FILE`", file=sys.stderr)
-        wm = WorldModel.from_config(cfg, *env_spaces(cfg.env, cfg.seed)).to(resolve_device(cfg.device))
         stats = train_data.stats()
         wm.set_obs_stats(stats["obs_mean"], stats["obs_std"])
         trainer = Trainer(wm, cfg, train_data, session.logger)
         session.start(wm.spec)
         session.restore(trainer, log_step=lambda payload: payload["trainer"]["updates"])
-        trainer.fit(progress=progress, on_checkpoint=lambda: session.save(trainer), stop=session.stop)
+        trainer.fit(progress=progress and session.main, on_checkpoint=lambda: session.save(trainer),
+                    stop=session.stop)
         session.stop.exit_if_received(f"at update {trainer.updates}; its checkpoint continues with resume=true")
-        if cfg.train.val_fraction == 0:
+        if cfg.train.val_fraction == 0 or not session.main:
             return {}
         result = prediction_errors(wm, val_data, seed=cfg.seed, obs_mean=stats["obs_mean"],
                                    obs_var=stats["obs_std"].pow(2))
