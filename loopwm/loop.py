@@ -83,6 +83,8 @@ def _check_count(name: str, value: object) -> None:
 class FixedExit:
     """Run a set number of loops per sample (`loops`, default the model's `loops`)."""
 
+    uses_bound = False  # whether `fire` reads the certified bound after every loop
+
     def check(self, opts: LoopOptions) -> None:
         """Every option applies."""
 
@@ -98,6 +100,8 @@ class FixedExit:
 class CertifiedExit:
     """Stop once the certified distance κ/(1−κ)·‖h(t) − h(t−1)‖ (plus rounding) is ≤ `tol`."""
 
+    uses_bound = True
+
     def check(self, opts: LoopOptions) -> None:
         _refuse_fixed_only("certified", opts)
 
@@ -111,6 +115,8 @@ class CertifiedExit:
 
 class GateExit:
     """Stop once the learned exit gate's probability exceeds `gate_threshold` (Ouro-style)."""
+
+    uses_bound = False
 
     def check(self, opts: LoopOptions) -> None:
         _refuse_fixed_only("gate", opts)
@@ -350,8 +356,8 @@ class LoopCore(nn.Module):
                 h = torch.where(active.unsqueeze(-1), h_next, h)
                 norms.append(torch.where(active, step_norm, torch.zeros_like(step_norm)))
                 last = torch.where(active, step_norm, last)
-                refine = active if opts.exit == "certified" else None
-                bound = torch.where(active, self.certified_bound(step_norm, h, ctx, refine), bound)
+                if rule.uses_bound:  # the other rules need the bound at exit only: computed once, below
+                    bound = torch.where(active, self.certified_bound(step_norm, h, ctx, active), bound)
                 used = used + active.long()
                 fire = rule.fire(self, h, step_norm, bound, opts, gates)
                 done = used >= target if fire is None else (fire & (used >= opts.min_loops)) | (used >= opts.max_loops)
@@ -362,7 +368,7 @@ class LoopCore(nn.Module):
                 readouts.append(readout(h))
             if not uniform and not bool(active.any()):
                 break
-        if uniform:
+        if not rule.uses_bound:  # exited samples keep their last step norm and state, so this is their bound at exit
             bound = self.certified_bound(last, h, ctx)
         trace = LoopTrace(
             step_norms=torch.stack(norms), loops_used=used, bound=bound, converged=bound <= opts.tol,

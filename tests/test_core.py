@@ -230,15 +230,15 @@ def test_a_warm_started_loop_reaches_the_cold_fixed_point_within_its_bound():
     model = tiny_model()
     randomize(model, std=0.3)
     with torch.no_grad():
-        e = torch.randn(32, model.cfg.inject_dim, generator=torch.Generator().manual_seed(3)) * 3.0
+        e = torch.randn(8, model.cfg.inject_dim, generator=torch.Generator().manual_seed(3)) * 3.0
         ctx = model.core.prepare(e)
         prev = model.core.prepare(e + 0.05 * torch.randn(e.shape, generator=torch.Generator().manual_seed(4)))
-        h_star = model.core.fixed_point(ctx, tol=1e-7, max_loops=5000)
-        warm0 = model.core.fixed_point(prev, tol=1e-7, max_loops=5000)
-        opts = LoopOptions(exit="certified", tol=1e-3, min_loops=1, max_loops=500)
+        h_star = model.core.fixed_point(ctx, tol=1e-5, max_loops=1000)
+        warm0 = model.core.fixed_point(prev, tol=1e-5, max_loops=1000)
+        opts = LoopOptions(exit="certified", tol=1e-2, min_loops=1, max_loops=500)
         cold, cold_trace = model.core.run(ctx, None, opts)
         warm, warm_trace = model.core.run(ctx, warm0, opts)
     for h, trace in ((cold, cold_trace), (warm, warm_trace)):
         assert torch.all(trace.converged)
-        assert torch.all((h - h_star).norm(dim=-1) <= trace.bound + 1e-5)
+        assert torch.all((h - h_star).norm(dim=-1) <= trace.bound + 1e-5)  # h_star itself is within 1e-5
     assert warm_trace.loops_used.float().mean() < cold_trace.loops_used.float().mean()
