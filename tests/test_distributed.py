@@ -220,7 +220,7 @@ def test_cli_exits_0_and_rank_1_writes_nothing(spawned):
     assert r1["writes"] == []
     run = root / "runs" / "straight"
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith("events")) == [
-        "checkpoints", "config.yaml", "eval.json", "metrics.jsonl"]
+        ".lock", "checkpoints", "config.yaml", "eval.json", "metrics.jsonl", "run.json"]
     assert len(list(run.glob("events.out.tfevents.*"))) == 1  # one writer: rank 0's
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6]
     trainer = read_checkpoint(run / "checkpoints" / "latest.pt")["trainer"]
