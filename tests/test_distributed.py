@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +36,10 @@ BATCH, HORIZON = 8, 2
 
 def ddp_config(**train):
     """Fixed loop counts (min = max) and no extra loops, so the loss is a plain mean over sequences and a
-    split batch gives the same gradient as the whole one."""
+    split batch gives the same gradient as the whole one; plain SGD, so a step shows the gradient's scale
+    (Adam would hide a wrong average)."""
     return config(model={"min_loops": 3, "max_loops": 3}, batch_size=BATCH, horizon=HORIZON, extra_loops=0,
-                  updates=6, log_every=1000, **train)
+                  optimizer="sgd", lr=0.05, updates=6, log_every=1000, **train)
 
 
 def cli_overrides(root: Path, run_dir: Path, name: str, updates: int) -> list[str]:
@@ -160,7 +162,13 @@ def _free_ports(n: int) -> list[int]:
 def spawned(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     pendulum_like(episodes=8).save(root / "data.npz")
-    mp.spawn(_worker, args=(2, _free_ports(4), root), nprocs=2, join=True)
+    processes = mp.spawn(_worker, args=(2, _free_ports(4), root), nprocs=2, join=False)
+    deadline = time.monotonic() + 600  # a collective that one rank never joins would otherwise hang the suite
+    while not processes.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in processes.processes:
+                p.kill()
+            pytest.fail("the two processes did not finish within 10 minutes (a rank waits in a collective)")
     return root, [torch.load(root / f"record{r}.pt", weights_only=False) for r in range(2)]
 
 
