@@ -17,21 +17,25 @@ from tests.test_training import config, linear_dataset, new_model
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "pendulum.yaml")
 
 
-def poison_calls(monkeypatch, bad: set[int]) -> list[int]:
-    """Make the loss NaN on the given (1-based) calls of `sequence_loss` inside the Trainer."""
+def poison_calls(monkeypatch, bad: set[int], how: str = "nan") -> list[int]:
+    """Make the loss non-finite on the given (1-based) calls of `sequence_loss` inside the Trainer: NaN
+    (its gradient is NaN too), or + inf (its gradient stays finite, so only the loss shows it)."""
     real, calls = train_module.sequence_loss, []
 
     def loss(*args, **kwargs):
         calls.append(len(calls) + 1)
         total, terms, stats = real(*args, **kwargs)
-        return (total * float("nan") if calls[-1] in bad else total), terms, stats
+        if calls[-1] in bad:
+            total = total * float("nan") if how == "nan" else total + float("inf")
+        return total, terms, stats
 
     monkeypatch.setattr(train_module, "sequence_loss", loss)
     return calls
 
 
-def test_a_nan_loss_skips_that_update_counts_and_logs_it(tmp_path, monkeypatch):
-    calls = poison_calls(monkeypatch, {4, 5})  # the 4th and 5th attempts, after the log at update 3
+@pytest.mark.parametrize("how", ["nan", "inf"])
+def test_a_nan_loss_skips_that_update_counts_and_logs_it(tmp_path, monkeypatch, how):
+    calls = poison_calls(monkeypatch, {4, 5}, how)  # the 4th and 5th attempts, after the log at update 3
     data = linear_dataset(episodes=4)
     cfg = config(updates=6, batch_size=4, horizon=2, log_every=3)
     logger = RunLogger(tmp_path)
@@ -50,6 +54,15 @@ def test_a_nan_loss_skips_that_update_counts_and_logs_it(tmp_path, monkeypatch):
     # the count survives a checkpoint
     save_run(tmp_path / "ckpt.pt", trainer)
     assert read_checkpoint(tmp_path / "ckpt.pt")["trainer"]["nonfinite_skipped"] == 2
+
+
+def test_only_consecutive_skips_count_toward_the_limit(monkeypatch):
+    poison_calls(monkeypatch, {2, 4, 6})
+    data = linear_dataset(episodes=4)
+    cfg = config(updates=5, batch_size=4, horizon=2, log_every=100, max_nonfinite=2)
+    trainer = Trainer(new_model(cfg, data), cfg, data)
+    trainer.fit(progress=False)  # three skips, never two in a row
+    assert trainer.updates == 5 and trainer.nonfinite_skipped == 3
 
 
 def test_a_non_finite_gradient_is_skipped_too(tmp_path, monkeypatch):
