@@ -1,6 +1,7 @@
 """A NaN or inf loss (or gradient) skips that update, is counted and logged as `train/nonfinite_skipped`;
 `train.max_nonfinite` of them in a row stop the run with an error naming the last good checkpoint."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,18 @@ def test_the_cli_exits_2_with_the_message(tmp_path, monkeypatch, capsys):
     assert main(["train", "-q", CONFIG, *overrides(tmp_path, data), "train.max_nonfinite=2"]) == 2
     err = capsys.readouterr().err
     assert "loopwm train: error:" in err and "2 consecutive updates" in err and "train.max_nonfinite=2" in err
+
+
+def test_the_online_run_stops_too_and_leaves_the_named_checkpoint_as_it_was(tmp_path, monkeypatch):
+    from loopwm.app.run import run
+    from tests.test_online import tiny
+
+    cfg = tiny(tmp_path, total_steps=200)
+    cfg.train.max_nonfinite = 2
+    poison_calls(monkeypatch, set(range(60, 10_000)))  # the model diverges after its first checkpoint
+    path = tmp_path / "pm" / "checkpoints" / "latest.pt"
+    with pytest.raises(FloatingPointError, match=rf"2 consecutive updates.*last good checkpoint: {path} "
+                                                 r"\(update (\d+)\)") as raised:
+        run(cfg, progress=False)
+    named = int(re.search(r"\(update (\d+)\)", str(raised.value)).group(1))
+    assert read_checkpoint(path)["trainer"]["updates"] == named > 0
