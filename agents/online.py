@@ -17,8 +17,7 @@ from loopwm.logger import RunLogger
 from loopwm.train import Trainer, resolve_device
 from loopwm.world_model import WorldModel
 
-from .planner import build_planner
-from .value import PolicyPrior, ValueFunction
+from .planning_agent import planning_parts
 
 
 def random_model_actions(wm: Any, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -37,14 +36,7 @@ class Agent:
         self.wm = WorldModel.from_config(cfg, obs_space, act_space).to(device)
         self.replay = replay_buffer(cfg, obs_space, act_space)
         self.trainer = Trainer(self.wm, cfg, self.replay, logger)
-        a = cfg.agent
-        self.value = ValueFunction(self.wm.latent_dim, a, device=device) if a.use_value else None
-        self.prior = (PolicyPrior(self.wm.latent_dim, self.wm.action_dim, self.wm.discrete, a,
-                                  groups=self.wm.action_groups, device=device)
-                      if a.use_policy_prior else None)
-        exploration = a.exploration_std if not self.wm.discrete else min(a.exploration_std, 1.0)
-        self.planner = build_planner(cfg, self.wm, value=self.value, prior=self.prior, seed=cfg.seed,
-                                     exploration=exploration)
+        self.value, self.prior, self.planner = planning_parts(cfg, self.wm)
         self.rng = np.random.default_rng(cfg.seed + 1)
 
     def random_actions(self, n: int) -> np.ndarray:
@@ -96,29 +88,32 @@ class Agent:
         self.rng.bit_generator.state = state["rng"]
 
 
-def evaluate(agent: Agent, episodes: int, seed: int, video_dir: Optional[str] = None) -> dict[str, Any]:
+def evaluate(agent: Agent, episodes: int, seed: int, video_dir: Optional[str] = None,
+             frames: bool = False) -> dict[str, Any]:
     """Return of the deterministic planner over `episodes` fresh evaluation episodes (rewards unclipped).
 
     Evaluation leaves every training RNG as it found it, so evaluating never changes what training does.
     """
     planner_state = agent.planner.state_dict()
     with torch.random.fork_rng(devices=[]):
-        result = _evaluate(agent, episodes, seed, video_dir)
+        result = _evaluate(agent, episodes, seed, video_dir, frames)
     agent.planner.load_state_dict(planner_state)
     return result
 
 
-def _evaluate(agent: Agent, episodes: int, seed: int, video_dir: Optional[str]) -> dict[str, Any]:
-    env = make_env(agent.cfg.env, render_mode="rgb_array" if video_dir else None, training=False)
+def _evaluate(agent: Agent, episodes: int, seed: int, video_dir: Optional[str], frames: bool) -> dict[str, Any]:
+    env = make_env(agent.cfg.env, render_mode="rgb_array" if video_dir or frames else None, training=False)
     if video_dir:
         from gymnasium.wrappers import RecordVideo
 
         env = RecordVideo(env, video_dir, episode_trigger=lambda _: True, disable_logger=True)
-    returns, decisions, plan_time = [], 0, 0.0
+    returns, decisions, plan_time, video = [], 0, 0.0, []
     for i in range(episodes):
         obs, _ = env.reset(seed=seed + i)
         done, total, t0 = False, 0.0, True
         while not done:
+            if frames and i == 0:
+                video.append(env.render())
             start = time.perf_counter()
             action = agent.planned_action(obs, eval_mode=True, t0=t0)
             plan_time += time.perf_counter() - start
@@ -127,7 +122,12 @@ def _evaluate(agent: Agent, episodes: int, seed: int, video_dir: Optional[str]) 
             total += float(reward)
             done, t0 = terminated or truncated, False
         returns.append(total)
+    fps = int(env.metadata.get("render_fps") or 30)
     env.close()
     agent.planner.reset()
-    return {"return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)),
-            "returns": returns, "ms_per_decision": 1000.0 * plan_time / max(decisions, 1)}
+    result = {"return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)),
+              "returns": returns, "ms_per_decision": 1000.0 * plan_time / max(decisions, 1)}
+    if frames:
+        result.update(frames=np.stack(video), fps=fps)  # the first episode, [T, H, W, 3]
+    return result
+

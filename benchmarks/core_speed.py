@@ -174,8 +174,9 @@ def bound_costs(hidden: int, repeats: int) -> dict[str, Any]:
             "ratio_chain_f64_vs_f32_cpu": paired_ratio(cpu["chain_f64"], cpu["chain_f32"]),
         }
         m = out["modes"][mode]
-        print(f"bound cost hidden {hidden} {mode}: legacy {m['legacy_cpu_us']:.0f} µs, robust {m['robust_cpu_us']:.0f} µs "
-              f"CPU (×{m['ratio_robust_vs_legacy_cpu']:.2f}); chain f64/f32 ×{m['ratio_chain_f64_vs_f32_cpu']:.2f}",
+        print(f"bound cost hidden {hidden} {mode}: legacy {m['legacy_cpu_us']:.0f} µs, "
+              f"robust {m['robust_cpu_us']:.0f} µs CPU (×{m['ratio_robust_vs_legacy_cpu']:.2f}); "
+              f"chain f64/f32 ×{m['ratio_chain_f64_vs_f32_cpu']:.2f}",
               flush=True)
     return out
 

@@ -93,7 +93,7 @@ def check_spaces(obs_space: Space, act_space: Space) -> None:
         raise ValueError(f"action space {act_space} has a dimension with high <= low")
 
 
-def _groups(space: Space) -> tuple[int, ...]:
+def action_groups(space: Space) -> tuple[int, ...]:
     """One-hot group sizes of a categorical action space, () for a Box; an unsupported space raises."""
     check_spaces(Box(-1.0, 1.0, (1,), np.float32), space)
     if isinstance(space, Discrete):
@@ -107,7 +107,7 @@ def _groups(space: Space) -> tuple[int, ...]:
 
 def action_dim(space: Space) -> int:
     """Width of the model's action vector: the Box dimension, or the total size of the one-hot groups."""
-    groups = _groups(space)
+    groups = action_groups(space)
     return sum(groups) if groups else int(space.shape[0])
 
 
@@ -120,7 +120,7 @@ def _starts(space: Space) -> np.ndarray:
 
 def action_to_model(action: np.ndarray, space: Space) -> np.ndarray:
     """Env actions (batched or not) to model actions: Box scaled to [-1, 1], categorical as one-hots; float32."""
-    groups = _groups(space)
+    groups = action_groups(space)
     if groups:
         index = np.asarray(action, dtype=np.int64)
         index = (index[..., None] if isinstance(space, Discrete) else index) - _starts(space)
@@ -131,7 +131,7 @@ def action_to_model(action: np.ndarray, space: Space) -> np.ndarray:
 
 def action_from_model(x: np.ndarray, space: Space) -> np.ndarray:
     """Model actions back to env actions: clip to [-1, 1] and rescale, or the argmax of each one-hot group."""
-    groups = _groups(space)
+    groups = action_groups(space)
     x = np.asarray(x)
     if groups:
         ends = np.cumsum(groups)

@@ -87,8 +87,9 @@ class LoopCertificate:
         u = unit_roundoff(last.dtype)
         s = abs(float(scale.detach()))
         up = 1 + 2.0 ** -51  # the float64 products below
-        lips = [float(c.lip) for c in weights[:-1]] + [s * (float(weights[-1].lip) + u * float(weights[-1].abs_norm)) * up]
-        abs_norms = [float(c.abs_norm) for c in weights[:-1]] + [s * float(weights[-1].abs_norm) * (1 + u) * up]
+        out_lip, out_abs = float(weights[-1].lip), float(weights[-1].abs_norm)
+        lips = [float(c.lip) for c in weights[:-1]] + [s * (out_lip + u * out_abs) * up]
+        abs_norms = [float(c.abs_norm) for c in weights[:-1]] + [s * out_abs * (1 + u) * up]
         inner, entries, count = [], [], retention.shape[0]
         for c in weights:
             out_features, in_features = c.weight.shape[0], c.weight.reshape(c.weight.shape[0], -1).shape[1]

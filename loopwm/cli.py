@@ -80,6 +80,13 @@ def _exit_rule(name: str) -> str:
     return name
 
 
+def cmd_plot(args: argparse.Namespace) -> None:
+    from loopwm.app.plot import plot_runs
+
+    groups = plot_runs(args.runs, args.out)
+    print(f"wrote {args.out} ({len(args.runs)} runs in {len(groups)} groups)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loopwm", description="Looped latent world models for Gymnasium.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="analysis", help="output folder")
     p.add_argument("--compare", help="a paper-mode checkpoint to compare long-horizon behaviour with")
     p.set_defaults(fn=cmd_analyze)
+    p = sub.add_parser("plot", help="Learning curves of runs (mean and spread across seeds) and losses, as a PNG.",
+                       description="Learning curves of runs (mean and spread across seeds) and losses, as a PNG.")
+    p.add_argument("runs", nargs="+", help="run folders (runs/<name>)")
+    p.add_argument("--out", default="plot.png", help="PNG to write")
+    p.set_defaults(fn=cmd_plot)
     return parser
 
 

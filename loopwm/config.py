@@ -221,6 +221,7 @@ class AgentConfig(Section):
     updates_per_step: float = field(default=1.0, metadata=_range(0.0))
     eval_every: int = field(default=1000, metadata=_range(1))
     eval_episodes: int = field(default=5, metadata=_range(1))
+    eval_video: bool = False  # also log each evaluation's first episode as a video to TensorBoard (and W&B)
     use_value: bool = True
     use_policy_prior: bool = True
     value_lr: float = field(default=3e-4, metadata=_range(0.0, lo_open=True))
@@ -243,6 +244,8 @@ class Config(Section):
     run_dir: str = "runs"
     resume: bool = False
     threads: int = field(default=0, metadata=_range(0))
+    wandb: bool = False            # mirror the TensorBoard scalars to Weights & Biases (extra [wandb])
+    wandb_project: str = "loopwm"  # the W&B project runs go to when wandb is true
     env: EnvConfig = field(default_factory=EnvConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -305,8 +305,7 @@ class LoopCore(nn.Module):
         h_norm, drive = norm_bounds(h), norm_bounds(ctx.drive)
         context = sum((norm_bounds(c) for c in ctx.block_ctx), torch.zeros_like(h_norm))
         bound, stalled = cert.step_bound(step_norm, h_norm, context, drive)
-        stalled = stalled & refine if refine is not None else torch.zeros_like(stalled)
-        if bool(stalled.any()):
+        if refine is not None and bool((stalled := stalled & refine).any()):
             idx = slice(None) if bool(stalled.all()) else stalled.nonzero().squeeze(1)
             sub = ctx.select(idx)
             wide = dataclasses.replace(sub, retention=sub.retention.double(), drive=sub.drive.double(),

@@ -22,10 +22,20 @@ from loopwm.world_model import WorldModel
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present, else the CPU."""
+    """`auto` picks CUDA when present, else the CPU; a CUDA device this machine lacks is a ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r}: expected 'auto', 'cpu' or 'cuda[:N]'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name!r}: CUDA is not available (torch {torch.__version__} sees no GPU); "
+                              "use device=cpu, or device=auto to take a GPU when there is one")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={name!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 class Stop(Protocol):

@@ -22,3 +22,30 @@ def box_spaces(obs_dim: int = 3, act_dim: int = 1) -> tuple[gym.spaces.Box, gym.
 
 def tiny_model(**model) -> WorldModel:
     return WorldModel.from_config(tiny_config(**model), *box_spaces())
+
+
+TINY_PENDULUM_RUN = {
+    "env": {"id": "Pendulum-v1"},
+    "model": {"latent_dim": 16, "hidden_dim": 32, "inject_dim": 32, "mlp_dim": 64, "loops": 2},
+    "planner": {"horizon": 2, "iterations": 2, "samples": 32, "elites": 4, "policy_samples": 4},
+    "agent": {"exploration_std": 0.3},
+    "device": "cpu",
+}
+
+
+def save_pendulum_run(path):
+    """A Pendulum run checkpoint (model, config, replay, value and prior) whose value and prior differ from
+    freshly built ones; returns the online `Agent` that was saved."""
+    import torch
+
+    from loopwm.agents.online import Agent
+    from loopwm.train import save_run
+
+    real = gym.make("Pendulum-v1")
+    torch.manual_seed(0)
+    agent = Agent(from_dict(TINY_PENDULUM_RUN), real.observation_space, real.action_space)
+    with torch.no_grad():
+        for p in [*agent.value.net.parameters(), *agent.prior.net.parameters()]:
+            p.add_(0.1 * torch.randn_like(p))
+    save_run(path, agent.trainer, agent=agent.state_dict())
+    return agent

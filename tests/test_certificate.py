@@ -13,8 +13,7 @@ import loopwm
 from loopwm.certificate import norm_bounds
 from loopwm.checkpoint import CheckpointError
 from loopwm.config import ConfigError, ModelConfig, load_config
-from loopwm.lipschitz import (CertifiedLinear, NonFiniteWeightError, exact_spectral_norm, gamma,
-                              spectral_norm_bound)
+from loopwm.lipschitz import CertifiedLinear, NonFiniteWeightError, exact_spectral_norm, gamma, spectral_norm_bound
 from loopwm.loop import LoopOptions
 from tests.helpers import tiny_model
 
@@ -152,9 +151,8 @@ def adversarial_ratio(model, steps=40, batch=16, seed=1):
             with torch.no_grad():
                 a, b = h1.detach(), (h1 + dh).detach()
                 gap = (core.loop_map(a, ctx) - core.loop_map(b, ctx)).double().norm(dim=-1)
-                cert = ctx.certificate
-                rho = sum(cert.rounding(norm_bounds(x), sum(norm_bounds(c) for c in ctx.block_ctx), norm_bounds(ctx.drive), a.dtype)
-                          for x in (a, b))
+                cert, context = ctx.certificate, sum(norm_bounds(c) for c in ctx.block_ctx)
+                rho = sum(cert.rounding(norm_bounds(x), context, norm_bounds(ctx.drive), a.dtype) for x in (a, b))
                 allowed = float(cert.kappa) * (a.double() - b.double()).norm(dim=-1) + rho
                 excess = max(excess, float((gap - allowed).max()))
             opt.zero_grad()

@@ -59,7 +59,8 @@ class _Payload:
 
 def test_pickled_code_is_not_executed(tmp_path):
     marker = tmp_path / "payload-ran"
-    torch.save({"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "x": _Payload(marker)}, tmp_path / "evil.pt")
+    payload = {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "x": _Payload(marker)}
+    torch.save(payload, tmp_path / "evil.pt")
     with pytest.raises(CheckpointError, match="not a safe torch file|truncated, corrupt"):
         loopwm.load(tmp_path / "evil.pt")
     assert not marker.exists()

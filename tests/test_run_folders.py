@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,6 +52,19 @@ def dataset(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def straight_runs(tmp_path_factory, dataset) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("straight")
+    assert main(["run", "-q", *run_args(out, name="run")]) == 0
+    assert main(["train", "-q", *train_args(dataset, out, name="train")]) == 0
+    return {"run": out / "runs" / "run", "train": out / "runs" / "train"}
+
+
+def copy_of(folder: Path, tmp_path: Path, name: str) -> Path:
+    """A copy of a finished run folder as `tmp_path/runs/name` (what the command would find there)."""
+    return Path(shutil.copytree(folder, tmp_path / "runs" / name))
+
+
 def files(folder: Path) -> dict[str, bytes]:
     """Every file under a run folder and its bytes (the lock file aside)."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
@@ -80,9 +94,8 @@ def cli_process(args: list[str], cwd: Path, prelude: str = "", wait: bool = True
 
 
 # ---- 1 and 9: a folder's kind and its config are checked before anything is written ---------------------
-def test_train_resume_on_a_run_folder_is_refused_and_changes_nothing(tmp_path, dataset, capsys):
-    assert main(["run", "-q", *run_args(tmp_path, name="x", steps=40)]) == 0
-    folder = tmp_path / "runs" / "x"
+def test_train_resume_on_a_run_folder_is_refused_and_changes_nothing(tmp_path, dataset, straight_runs, capsys):
+    folder = copy_of(straight_runs["run"], tmp_path, "x")
     before = files(folder)
     assert main(["train", "-q", *train_args(dataset, tmp_path, name="x"), "resume=true"]) == 2
     err = capsys.readouterr().err
@@ -90,9 +103,8 @@ def test_train_resume_on_a_run_folder_is_refused_and_changes_nothing(tmp_path, d
     assert files(folder) == before
 
 
-def test_run_resuming_a_train_folder_is_refused_clearly(tmp_path, dataset, capsys):
-    assert main(["train", "-q", *train_args(dataset, tmp_path, name="x")]) == 0
-    folder = tmp_path / "runs" / "x"
+def test_run_resuming_a_train_folder_is_refused_clearly(tmp_path, straight_runs, capsys):
+    folder = copy_of(straight_runs["train"], tmp_path, "x")
     before = files(folder)
     assert main(["run", "-q", *run_args(tmp_path, name="x"), "resume=true"]) == 2
     err = capsys.readouterr().err
@@ -100,10 +112,9 @@ def test_run_resuming_a_train_folder_is_refused_clearly(tmp_path, dataset, capsy
     assert files(folder) == before
 
 
-def test_resuming_with_another_model_or_env_lists_the_differing_keys(tmp_path, dataset, capsys):
+def test_resuming_with_another_model_or_env_lists_the_differing_keys(tmp_path, dataset, straight_runs, capsys):
     args = train_args(dataset, tmp_path)
-    assert main(["train", "-q", *args]) == 0
-    folder = tmp_path / "runs" / "t"
+    folder = copy_of(straight_runs["train"], tmp_path, "t")
     before = files(folder)
     assert main(["train", "-q", *args, "resume=true", "model.hidden_dim=32", "model.loops=3"]) == 2
     err = capsys.readouterr().err
@@ -143,21 +154,19 @@ def test_a_second_writer_is_refused_naming_the_holders_pid(tmp_path, capsys):
 
 
 # ---- 3: logs without a checkpoint are never appended to ------------------------------------------------
-def test_logs_without_a_checkpoint_are_refused_or_restarted_clean(tmp_path, capsys):
-    assert main(["run", "-q", *run_args(tmp_path, name="straight", steps=40)]) == 0
-    assert main(["run", "-q", *run_args(tmp_path, name="x", steps=40)]) == 0
-    folder = tmp_path / "runs" / "x"
+def test_logs_without_a_checkpoint_are_refused_or_restarted_clean(tmp_path, straight_runs, capsys):
+    straight = straight_runs["run"]
+    folder = copy_of(straight, tmp_path, "x")
     for path in (folder / "checkpoints").iterdir():  # what a run killed before its first checkpoint leaves
         path.unlink()
     before = files(folder)
-    assert main(["run", "-q", *run_args(tmp_path, name="x", steps=40)]) == 2
+    assert main(["run", "-q", *run_args(tmp_path, name="x")]) == 2
     err = capsys.readouterr().err
     assert "has logs but no checkpoint" in err and "resume=true" in err
     assert files(folder) == before
-    assert main(["run", "-q", *run_args(tmp_path, name="x", steps=40), "resume=true"]) == 0
-    straight = tmp_path / "runs" / "straight"
+    assert main(["run", "-q", *run_args(tmp_path, name="x"), "resume=true"]) == 0
     assert comparable(rows(folder)) == comparable(rows(straight))
-    assert [r["step"] for r in rows(folder) if "eval/return_mean" in r] == [0, 40]
+    assert [r["step"] for r in rows(folder) if "eval/return_mean" in r] == [0, 60]
     assert len(list(folder.glob("events.out.tfevents.*"))) == 1
     for key, value in last_model(straight).items():
         assert torch.equal(last_model(folder)[key], value), key
@@ -202,12 +211,10 @@ def test_a_relative_name_inside_run_dir_is_fine(tmp_path, dataset):
 
 
 # ---- 6: a full disk or an unwritable folder: one clear error, the old checkpoint intact -----------------
-def test_a_full_disk_gives_one_clear_error_and_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):
-    args = run_args(tmp_path, steps=40)
-    assert main(["run", "-q", *args]) == 0
-    latest = tmp_path / "runs" / "r" / "checkpoints" / "latest.pt"
+def test_a_full_disk_gives_one_clear_error_and_keeps_the_checkpoint(tmp_path, straight_runs, capsys, monkeypatch):
+    args = run_args(tmp_path)
+    latest = copy_of(straight_runs["run"], tmp_path, "r") / "checkpoints" / "latest.pt"
     before = latest.read_bytes()
-    capsys.readouterr()
 
     def full_disk(obj, f, *a, **k):
         f.write(b"partial")
@@ -219,7 +226,7 @@ def test_a_full_disk_gives_one_clear_error_and_keeps_the_checkpoint(tmp_path, ca
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "No space left on device" in err and "latest.pt" in err, err
     assert latest.read_bytes() == before
-    assert read_checkpoint(latest)["progress"]["step"] == 40
+    assert read_checkpoint(latest)["progress"]["step"] == 60
     assert not list(latest.parent.glob(".*.tmp"))
 
 
@@ -295,14 +302,6 @@ def _kill_then_resume(args: list[str], verb: str, where: str, n: int, tmp_path: 
     killed = cli_process([verb, "-q", *args], tmp_path, prelude=KILL_ON_CALL.format(module=module, attr=attr, n=n))
     assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr)
     assert main([verb, "-q", *args, "resume=true"]) == 0
-
-
-@pytest.fixture(scope="module")
-def straight_runs(tmp_path_factory, dataset) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("straight")
-    assert main(["run", "-q", *run_args(out, name="run")]) == 0
-    assert main(["train", "-q", *train_args(dataset, out, name="train")]) == 0
-    return {"run": out / "runs" / "run", "train": out / "runs" / "train"}
 
 
 @pytest.mark.parametrize("verb, where, calls", [("run", "log", 8), ("run", "rename", 4), ("train", "log", 4),

@@ -140,21 +140,20 @@ def test_truncation_at_max_episode_steps_and_gymnasium_wrappers():
     assert truncated and info["episode"]["l"] == 4
 
 
-def test_invalid_actions_raise_or_are_clipped():
+def test_invalid_actions_raise():
     env = make(box_model())
     env.reset(seed=0)
     with pytest.raises(ValueError, match="NaN"):
         env.step(np.array([np.nan, 0.5], np.float32))
     with pytest.raises(ValueError, match="shape"):
         env.step(np.zeros(3, np.float32))
-    outside = env.step(np.array([5.0, -1.0], np.float32))
-    env.reset(seed=0)
-    at_bounds = env.step(np.array([2.0, 0.0], np.float32))
-    np.testing.assert_array_equal(outside[0], at_bounds[0])  # Box actions are clipped to the bounds
+    with pytest.raises(ValueError, match=r"\[5.0\] lies outside the action space's bounds"):
+        env.step(np.array([5.0, 0.5], np.float32))
+    env.step(np.array([2.0, 0.0], np.float32))  # the bounds themselves are inside
     discrete = make(discrete_model())
     discrete.reset(seed=0)
     for bad in (3, -1, 1.0, float("nan")):
-        with pytest.raises(ValueError, match=r"integer in \[0, 3\)"):
+        with pytest.raises(ValueError, match=r"integers in \[0, 3\)"):
             discrete.step(bad)
 
 
@@ -167,13 +166,18 @@ def test_reset_options_and_errors():
     with pytest.raises(ValueError, match="no start observations"):
         env.reset(seed=0)
     first, _ = env.reset(seed=0, options={"obs": obs})
+    after_first = env.step(np.zeros(2, np.float32))[0]
+    with pytest.raises(ValueError, match="start observation contains NaN"):
+        env.reset(seed=5, options={"obs": np.array([0.5, np.nan, 2.0], np.float32)})
+    env.reset(seed=0, options={"obs": obs})
+    np.testing.assert_array_equal(env.step(np.zeros(2, np.float32))[0], after_first)
     np.testing.assert_array_equal(first, obs)
     assert first is not obs
     with pytest.raises(ValueError, match="unknown reset option"):
         env.reset(options={"state": obs})
     with pytest.raises(ValueError, match="shape"):
         env.reset(options={"obs": np.zeros(4, np.float32)})
-    with pytest.raises(ValueError, match="reset_obs has shape"):
+    with pytest.raises(ValueError, match="start observations have shape"):
         WorldModelEnv(wm, reset_obs=np.zeros((5, 4), np.float32))
     sampled = WorldModelEnv(wm, reset_obs=lambda rng: rng.normal(size=3).astype(np.float32))
     np.testing.assert_array_equal(sampled.reset(seed=2)[0], sampled.reset(seed=2)[0])

@@ -1,5 +1,6 @@
 """The application layer: what each `loopwm` command does, as plain functions above the agents.
 
 `session` (one run folder: lock, kind, config, logger, resume, signals), `collect`, `train`, `run`,
-`evaluate` and `analyze`. `loopwm.cli` only parses arguments and calls these.
+`evaluate`, `analyze` and `plot` (learning curves of run folders). `loopwm.cli` only parses arguments
+and calls these.
 """

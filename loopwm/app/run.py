@@ -82,7 +82,9 @@ def _loop(cfg: Config, session: RunSession, collector: VectorCollector, agent: A
         return state.step // every > before // every
 
     def evaluation() -> None:
-        result = evaluate(agent, a.eval_episodes, seed=10_000 + state.step)
+        result = evaluate(agent, a.eval_episodes, seed=10_000 + state.step, frames=a.eval_video)
+        if a.eval_video:
+            logger.log_video("eval/video", result.pop("frames"), state.step, fps=result.pop("fps"))
         state.curve.append([state.step, result["return_mean"], result["return_std"]])
         logger.log({"eval/return_mean": result["return_mean"], "eval/return_std": result["return_std"],
                     "eval/ms_per_decision": result["ms_per_decision"]}, state.step)

@@ -30,9 +30,9 @@ from loopwm import distributed
 from loopwm.atomic import atomic_write, remove_stale_temp_files
 from loopwm.checkpoint import LATEST, LoadedRun, load_run
 from loopwm.config import Config, ConfigError, to_dict
-from loopwm.logger import RunLogger
+from loopwm.logger import RunLogger, require_wandb
 from loopwm.nets import SpaceSpec
-from loopwm.train import Trainer, restore_run, save_run
+from loopwm.train import Trainer, resolve_device, restore_run, save_run
 
 KINDS = ("run", "train")
 MARKER, LOCK = "run.json", ".lock"
@@ -145,6 +145,9 @@ class RunSession:
     def __init__(self, cfg: Config, kind: str):
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
+        resolve_device(cfg.device)  # a device this machine lacks fails here, before any folder exists
+        if cfg.wandb:
+            require_wandb()
         self.cfg, self.kind = cfg, kind
         self.main = distributed.current().main
         self.folder = run_folder(cfg)
@@ -170,7 +173,7 @@ class RunSession:
                 raise RunWriteError(f"cannot create run folder {str(self.folder)!r}: {exc}") from None
             self._lock = _lock(self.folder)
             self._check_folder()
-            self.logger = RunLogger(self.folder)  # opens its files on the first log
+            self.logger = RunLogger.for_config(self.folder, self.cfg)  # opens its files on the first log
         except BaseException:
             self.__exit__()
             raise
