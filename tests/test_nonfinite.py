@@ -1,6 +1,7 @@
 """A NaN or inf loss (or gradient) skips that update, is counted and logged as `train/nonfinite_skipped`;
 `train.max_nonfinite` of them in a row stop the run with an error naming the last good checkpoint."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -17,21 +18,25 @@ from tests.test_training import config, linear_dataset, new_model
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "pendulum.yaml")
 
 
-def poison_calls(monkeypatch, bad: set[int]) -> list[int]:
-    """Make the loss NaN on the given (1-based) calls of `sequence_loss` inside the Trainer."""
+def poison_calls(monkeypatch, bad: set[int], how: str = "nan") -> list[int]:
+    """Make the loss non-finite on the given (1-based) calls of `sequence_loss` inside the Trainer: NaN
+    (its gradient is NaN too), or + inf (its gradient stays finite, so only the loss shows it)."""
     real, calls = train_module.sequence_loss, []
 
     def loss(*args, **kwargs):
         calls.append(len(calls) + 1)
         total, terms, stats = real(*args, **kwargs)
-        return (total * float("nan") if calls[-1] in bad else total), terms, stats
+        if calls[-1] in bad:
+            total = total * float("nan") if how == "nan" else total + float("inf")
+        return total, terms, stats
 
     monkeypatch.setattr(train_module, "sequence_loss", loss)
     return calls
 
 
-def test_a_nan_loss_skips_that_update_counts_and_logs_it(tmp_path, monkeypatch):
-    calls = poison_calls(monkeypatch, {4, 5})  # the 4th and 5th attempts, after the log at update 3
+@pytest.mark.parametrize("how", ["nan", "inf"])
+def test_a_nan_loss_skips_that_update_counts_and_logs_it(tmp_path, monkeypatch, how):
+    calls = poison_calls(monkeypatch, {4, 5}, how)  # the 4th and 5th attempts, after the log at update 3
     data = linear_dataset(episodes=4)
     cfg = config(updates=6, batch_size=4, horizon=2, log_every=3)
     logger = RunLogger(tmp_path)
@@ -50,6 +55,15 @@ def test_a_nan_loss_skips_that_update_counts_and_logs_it(tmp_path, monkeypatch):
     # the count survives a checkpoint
     save_run(tmp_path / "ckpt.pt", trainer)
     assert read_checkpoint(tmp_path / "ckpt.pt")["trainer"]["nonfinite_skipped"] == 2
+
+
+def test_only_consecutive_skips_count_toward_the_limit(monkeypatch):
+    poison_calls(monkeypatch, {2, 4, 6})
+    data = linear_dataset(episodes=4)
+    cfg = config(updates=5, batch_size=4, horizon=2, log_every=100, max_nonfinite=2)
+    trainer = Trainer(new_model(cfg, data), cfg, data)
+    trainer.fit(progress=False)  # three skips, never two in a row
+    assert trainer.updates == 5 and trainer.nonfinite_skipped == 3
 
 
 def test_a_non_finite_gradient_is_skipped_too(tmp_path, monkeypatch):
@@ -118,3 +132,18 @@ def test_the_cli_exits_2_with_the_message(tmp_path, monkeypatch, capsys):
     assert main(["train", "-q", CONFIG, *overrides(tmp_path, data), "train.max_nonfinite=2"]) == 2
     err = capsys.readouterr().err
     assert "loopwm train: error:" in err and "2 consecutive updates" in err and "train.max_nonfinite=2" in err
+
+
+def test_the_online_run_stops_too_and_leaves_the_named_checkpoint_as_it_was(tmp_path, monkeypatch):
+    from loopwm.app.run import run
+    from tests.test_online import tiny
+
+    cfg = tiny(tmp_path, total_steps=200)
+    cfg.train.max_nonfinite = 2
+    poison_calls(monkeypatch, set(range(60, 10_000)))  # the model diverges after its first checkpoint
+    path = tmp_path / "pm" / "checkpoints" / "latest.pt"
+    with pytest.raises(FloatingPointError, match=rf"2 consecutive updates.*last good checkpoint: {path} "
+                                                 r"\(update (\d+)\)") as raised:
+        run(cfg, progress=False)
+    named = int(re.search(r"\(update (\d+)\)", str(raised.value)).group(1))
+    assert read_checkpoint(path)["trainer"]["updates"] == named > 0

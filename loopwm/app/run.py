@@ -21,6 +21,7 @@ from loopwm.agents.online import Agent, evaluate
 from loopwm.app.session import RunSession, seed_everything
 from loopwm.config import Config
 from loopwm.envs.factory import make_vector_env
+from loopwm.train import NonFiniteLoss
 
 
 @dataclass
@@ -129,6 +130,8 @@ def _loop(cfg: Config, session: RunSession, collector: VectorCollector, agent: A
             bar.update(collector.num_envs)
     except OSError:
         raise  # a write failed: the last checkpoint stands, and saving again would fail the same way
+    except NonFiniteLoss:
+        raise  # the error names the last good checkpoint: it stays as it is
     except BaseException:
         checkpoint()  # an error or a second signal: keep what was learnt up to here
         raise
