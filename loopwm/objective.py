@@ -2,7 +2,8 @@
 
 Over a horizon H the model rolls forward from z₀ = E(o₀) in latent space only and is scored, per
 step and discounted by ρᵏ, on latent consistency against a stop-gradient encoder target,
-observation reconstruction, reward and continue. Loop counts are sampled per sequence (Poisson,
+observation reconstruction, reward and continue (and, with the delta decoder, on the observations it
+decodes by adding each step's change to the previous decoded one). Loop counts are sampled per sequence (Poisson,
 Huginn-style) with backprop through the last k loops; intermediate loop readouts get deep
 supervision; the steps whose error is in the running top quantile get extra loops and their
 deeper readout a loss; and the exit gate learns, from the real per-loop losses, whether one more
@@ -21,7 +22,7 @@ from loopwm.config import ModelConfig, TrainConfig
 from loopwm.loop import LoopOptions, LoopTrace, StepContext
 from loopwm.world_model import WorldModel
 
-TERMS = ("consistency", "obs", "reward", "continue", "deep", "extra", "gate")
+TERMS = ("consistency", "obs", "reward", "continue", "deep", "extra", "gate", "delta")
 
 
 def sample_loops(batch: int, mean: float, model: ModelConfig, generator: torch.Generator) -> Tensor:
@@ -83,6 +84,16 @@ def obs_loss(wm: WorldModel, z_next: Tensor, target_obs: Tensor) -> Tensor:
     return (wm.decoder(z_next) - target_obs).pow(2).flatten(1).mean(-1).mean()
 
 
+def delta_loss(wm: WorldModel, z: Tensor, z_next: Tensor, x: Tensor, target_obs: Tensor) -> tuple[Tensor, Tensor]:
+    """The delta decoder's next observation x + Δ(z, z_next) (normalised units) and its squared error.
+
+    `x` is the previous step's decoded observation (the true one at the start), so over the horizon the
+    loss scores the same chained, open-loop decoding that imagination produces.
+    """
+    x_next = x + wm.decode_delta(z, z_next)
+    return x_next, (x_next - target_obs).pow(2).flatten(1).mean(-1).mean()
+
+
 def reward_loss(wm: WorldModel, z_next: Tensor, rewards: Tensor) -> Tensor:
     return wm.reward_head.loss(z_next, rewards).mean()
 
@@ -140,6 +151,7 @@ def sequence_loss(wm: WorldModel, batch: dict[str, Tensor], cfg: TrainConfig, ge
     stats = StepStats()
     hard_total = 0
     z = wm.encode(obs[0])
+    x = wm.normalize_obs(obs[0])  # the delta decoder's chain starts from the true observation
     with wm.core.weight_scope():
         for k in range(horizon):
             w = cfg.rho ** k
@@ -161,6 +173,9 @@ def sequence_loss(wm: WorldModel, batch: dict[str, Tensor], cfg: TrainConfig, ge
             terms["obs"] = terms["obs"] + w * obs_loss(wm, z_next, target_obs[k])
             terms["reward"] = terms["reward"] + w * reward_loss(wm, z_next, rewards[k])
             terms["continue"] = terms["continue"] + w * continue_loss(wm, z_next, terminated[k])
+            if wm.delta_decoder is not None:
+                x, chained = delta_loss(wm, z, z_next, x, target_obs[k])
+                terms["delta"] = terms["delta"] + w * chained
             if want_readouts:
                 per_loop = per_loop_errors(trace, target_z[k])
                 terms["deep"] = terms["deep"] + w * per_loop.mean()

@@ -19,6 +19,7 @@ from loopwm.nets import (
     RewardHead,
     SpaceSpec,
     build_decoder,
+    build_delta_decoder,
     build_encoder,
     frame_mask,
     mlp,
@@ -57,6 +58,7 @@ class WorldModel(nn.Module):
         self.core = LoopCore(cfg)
         self.coda = mlp(cfg.hidden_dim, m, z)
         self.decoder = build_decoder(spec, z, m)
+        self.delta_decoder = build_delta_decoder(spec, z, m) if cfg.obs_decoder == "delta" else None
         self.reward_head = RewardHead(z, m, cfg.reward_head, cfg.reward_bins)
         self.continue_head = mlp(z, m, 1)
         frames = frame_mask(spec)  # frame pixels of a Dict observation: x/255 − 0.5, like pixel observations
@@ -182,12 +184,42 @@ class WorldModel(nn.Module):
         return torch.sigmoid(self.continue_head(z).squeeze(-1))
 
     def decode(self, z: Tensor) -> Tensor:
-        """Latents -> observations in the environment's units."""
+        """Latents -> observations in the environment's units (the absolute decoder, no anchor needed)."""
         return self.denormalize_obs(self.decoder(z))
 
+    def decode_delta(self, z_prev: Tensor, z: Tensor) -> Tensor:
+        """The normalised observation change o_k − o_{k−1} of the latent transition z_{k−1} -> z_k."""
+        if self.delta_decoder is None:
+            raise ValueError("decode_delta needs model.obs_decoder='delta'")
+        return self.delta_decoder(torch.cat([z_prev, z], -1))
+
+    def decode_rollout(self, latents: Tensor, obs: Optional[Tensor] = None) -> Tensor:
+        """Observations [H, B, ...] of a latent rollout `latents` [H+1, B, Z] (latents[0] is the start).
+
+        With the delta decoder each step adds its decoded change to the previous decoded observation,
+        starting from `obs` (the observation latents[0] was encoded from) or, without it, from the absolute
+        decoding of the start; otherwise every latent is decoded on its own and `obs` is not needed.
+        """
+        if self.delta_decoder is None:
+            return torch.stack([self.decode(z_k) for z_k in latents[1:]])
+        if obs is None:
+            x = self.decoder(latents[0])
+        else:
+            x = self.normalize_obs(obs)
+            if x.shape[:-1] != latents.shape[1:-1]:
+                raise ValueError(f"obs has shape {tuple(obs.shape)}; expected a batch of {latents.shape[1]}")
+        out = []
+        for z_prev, z_k in zip(latents[:-1], latents[1:]):
+            x = x + self.decode_delta(z_prev, z_k)
+            out.append(x)
+        return self.denormalize_obs(torch.stack(out))
+
     def imagine(self, z: Tensor, actions: Tensor, decode: Decode = "final", keep_traces: bool = False,
-                options: Optional[LoopOptions] = None) -> ImagineOutput:
-        """Roll out `actions` [H, B, A] from z in latent space only; decode observations only where asked."""
+                options: Optional[LoopOptions] = None, obs: Optional[Tensor] = None) -> ImagineOutput:
+        """Roll out `actions` [H, B, A] from z in latent space only; decode observations only where asked.
+
+        `obs`, the observation z was encoded from, anchors the delta decoder (`decode_rollout`).
+        """
         if decode not in ("final", "all", "none"):
             raise ValueError(f"decode={decode!r}: expected 'final', 'all' or 'none'")
         actions = torch.as_tensor(actions, device=z.device)
@@ -200,11 +232,11 @@ class WorldModel(nn.Module):
                 latents.append(z)
                 traces.append(trace)
         lat = torch.stack(latents)
-        obs = None
+        decoded = None
         if decode == "all":
-            obs = torch.stack([self.decode(z_k) for z_k in lat[1:]])
+            decoded = self.decode_rollout(lat, obs)
         elif decode == "final":
-            obs = self.decode(lat[-1])
+            decoded = self.decode(lat[-1]) if self.delta_decoder is None else self.decode_rollout(lat, obs)[-1]
         return ImagineOutput(
             latents=lat,
             rewards=self.predict_reward(lat[1:]),
@@ -212,7 +244,7 @@ class WorldModel(nn.Module):
             bound=torch.stack([t.bound for t in traces]),
             converged=torch.stack([t.converged for t in traces]),
             loops=torch.stack([t.loops_used for t in traces]),
-            obs=obs,
+            obs=decoded,
             traces=traces if keep_traces else None,
         )
 
