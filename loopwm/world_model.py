@@ -7,7 +7,7 @@ Heads decode observation, reward and continue from z_k.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +57,9 @@ class WorldModel(nn.Module):
         self.prelude = nn.Linear(3 * z, cfg.inject_dim)
         self.core = LoopCore(cfg)
         self.coda = mlp(cfg.hidden_dim, m, z)
+        if cfg.latent_update == "residual":  # an untrained model predicts "no change" in latent space
+            nn.init.zeros_(self.coda[-1].weight)
+            nn.init.zeros_(self.coda[-1].bias)
         self.decoder = build_decoder(spec, z, m)
         self.delta_decoder = build_delta_decoder(spec, z, m) if cfg.obs_decoder == "delta" else None
         self.reward_head = RewardHead(z, m, cfg.reward_head, cfg.reward_bins)
@@ -149,9 +152,22 @@ class WorldModel(nn.Module):
     def _latent(self, x: Tensor) -> Tensor:
         return F.layer_norm(x, (x.shape[-1],))
 
-    def readout(self, h: Tensor) -> Tensor:
-        """Coda: a loop state -> a latent. Applied after every loop for intermediate predictions."""
-        return self._latent(self.coda(h))
+    def readout(self, h: Tensor, z_prev: Optional[Tensor] = None) -> Tensor:
+        """Coda: a loop state -> a latent. Applied after every loop for intermediate predictions.
+
+        With `model.latent_update="residual"` the coda's output is the change from `z_prev`, the latent
+        the step started from, which must then be given.
+        """
+        out = self.coda(h)
+        if self.cfg.latent_update == "residual":
+            if z_prev is None:
+                raise ValueError("model.latent_update='residual' reads out a change: pass z_prev, the step's start")
+            out = z_prev + out
+        return self._latent(out)
+
+    def readout_for(self, z_prev: Tensor) -> Callable[[Tensor], Tensor]:
+        """The readout of one step that started from `z_prev`, as a function of the loop state alone."""
+        return lambda h: self.readout(h, z_prev)
 
     def injection(self, z: Tensor, action: Tensor, obs: Optional[Tensor] = None) -> Tensor:
         """e = RMSNorm(P([z; E(o) or 0; U(a)])), so ‖e‖ = √inject_dim whatever the inputs."""
@@ -173,8 +189,8 @@ class WorldModel(nn.Module):
         if h0 is not None and isinstance(h0, Tensor) and not torch.isfinite(h0).all():
             raise ValueError("h0 contains NaN or infinite values")
         ctx = self.core.prepare(self.injection(z, action, obs))
-        h, trace = self.core.run(ctx, h0, options, readout=self.readout if readouts else None)
-        return self.readout(h), trace
+        h, trace = self.core.run(ctx, h0, options, readout=self.readout_for(z) if readouts else None)
+        return self.readout(h, z), trace
 
     def predict_reward(self, z: Tensor) -> Tensor:
         return self.reward_head(z)

@@ -254,6 +254,25 @@ def test_delta_decoder_chains_changes_from_the_start_observation():
         tiny_model().decode_delta(z, z)
 
 
+def test_residual_latent_update_adds_the_coda_output_to_the_start():
+    torch.manual_seed(0)
+    model = tiny_model(latent_update="residual")
+    z = model.encode(torch.randn(5, 3))
+    with torch.no_grad():
+        z1, _ = model.step(z, torch.zeros(5, 1))
+        assert torch.allclose(z1, z, atol=1e-3)                          # zero-initialised coda: "no change"
+        for p in model.coda.parameters():
+            p.normal_(0.0, 0.3)
+        z1, trace = model.step(z, torch.rand(5, 1), readouts=True, options=LoopOptions(loops=3))
+        h = trace.final_state
+        expected = torch.nn.functional.layer_norm(z + model.coda(h), (z.shape[-1],))
+        assert torch.allclose(z1, expected, atol=1e-6)
+        assert torch.allclose(trace.readouts[-1], z1, atol=1e-6)         # per-loop readouts start from z too
+        assert not torch.allclose(model.readout_for(-z)(h), z1, atol=1e-2)
+    with pytest.raises(ValueError, match="pass z_prev"):
+        model.readout(h)
+
+
 def test_delta_decoder_refuses_frames():
     from loopwm.config import from_dict
 
