@@ -64,6 +64,10 @@ VARIANTS = {v.name: v for v in [
     Variant("obs-mlp", kind="obs-mlp", note="4x200 SiLU, normalised delta, 1-step loss"),
     Variant("loopwm-delta", overrides=["model.obs_decoder=delta"],
             note="delta decoder: o_k = o_{k-1} + D(z_{k-1}, z_k), chained from the true first observation"),
+    Variant("loopwm-residual", overrides=["model.latent_update=residual"],
+            note="residual latent: z_k = LN(z_{k-1} + C(h))"),
+    Variant("loopwm-delta-residual", overrides=["model.obs_decoder=delta", "model.latent_update=residual"],
+            note="delta decoder and residual latent"),
 ]}
 
 
@@ -135,7 +139,9 @@ def loopwm_diagnostics(wm: Any, batch: dict[str, torch.Tensor], var: torch.Tenso
     - `recon_floor`: decode(encode(o)) against o over every held-out observation, i.e. the 1-step error if the
       loop predicted the encoder's latent exactly;
     - `latent_error`: ‖ẑ_h − E(o_h)‖² over the variance of E(o) across the batch, at each horizon (0 = perfect,
-      1 = no better than the mean latent).
+      1 = no better than the mean latent);
+    - `delta_floor` (delta decoder only): o_k + D(E(o_k), E(o_{k+1})) against o_{k+1}, the 1-step error with
+      the latent transition predicted exactly.
     """
     wm.eval()
     obs, actions = batch["obs"].float(), batch["actions"].float()
@@ -143,8 +149,12 @@ def loopwm_diagnostics(wm: Any, batch: dict[str, torch.Tensor], var: torch.Tenso
     recon = wm.decode(target)
     out = wm.imagine(target[0], actions, decode="none")
     latent_err = (out.latents[1:] - target[1:]).pow(2).mean(-1) / target.var(1).mean(-1)[1:, None]
-    return {"recon_floor": float(normalised_errors(recon, obs, var).mean()),
-            "latent_error": horizon_means(latent_err, horizons)}
+    result = {"recon_floor": float(normalised_errors(recon, obs, var).mean()),
+              "latent_error": horizon_means(latent_err, horizons)}
+    if wm.delta_decoder is not None:
+        nxt = wm.denormalize_obs(wm.normalize_obs(obs[:-1]) + wm.decode_delta(target[:-1], target[1:]))
+        result["delta_floor"] = float(normalised_errors(nxt, obs[1:], var).mean())
+    return result
 
 
 def count_parameters(module: torch.nn.Module) -> int:

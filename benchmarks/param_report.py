@@ -18,8 +18,9 @@ sequences fixed). FLOPs are 2 × the analytic multiply-adds of one imagined envi
 linear maps only). Training time counts the updates only, on one thread of a shared 2-core CPU.
 
 The reconstruction floor is decode(encode(o)) against o: the 1-step error a loopwm model would have if its loop
-predicted the encoder's latent exactly. The latent error is ‖ẑ_h − E(o_h)‖² over the variance of E(o) across
-the batch."""
+predicted the encoder's latent exactly; the delta floor (delta decoder only) is o_k + D(E(o_k), E(o_{k+1}))
+against o_{k+1}, the same for a delta decoder. The latent error is ‖ẑ_h − E(o_h)‖² over the variance of E(o)
+across the batch."""
 
 
 def spread(values: list[float]) -> str:
@@ -51,6 +52,7 @@ def task_tables(task: str, entry: dict[str, Any], horizons: list[int]) -> list[s
         if v["kind"] == "loopwm":
             last = [r["curve"][-1] for r in runs]
             diag.append([f"`{name}`", spread([c["recon_floor"] for c in last]),
+                         spread([c["delta_floor"] for c in last if "delta_floor" in c]),
                          *[spread([c["latent_error"][str(h)] for c in last]) for h in horizons]])
         points = sorted({c["updates"] for r in runs for c in r["curve"]})
         if len(points) > 1:
@@ -61,7 +63,8 @@ def task_tables(task: str, entry: dict[str, Any], horizons: list[int]) -> list[s
                        rows), ""]
     if diag:
         lines += ["Where the loopwm error sits (final models):", "",
-                  md_table(["variant", "reconstruction floor", *[f"latent err@{h}" for h in horizons]], diag), ""]
+                  md_table(["variant", "reconstruction floor", "delta floor",
+                            *[f"latent err@{h}" for h in horizons]], diag), ""]
     if curves:
         lines += ["Errors against updates:", "",
                   md_table(["variant", "updates", *[f"err@{h}" for h in horizons]], curves), ""]
