@@ -109,6 +109,10 @@ class ModelConfig(Section):
     reward_head: Literal["symlog", "twohot"] = "symlog"
     reward_bins: int = field(default=101, metadata=_range(3))
     encoder: Literal["auto", "mlp", "cnn"] = "auto"
+    # "delta" adds a head that decodes o_k − o_{k−1} from (z_{k−1}, z_k): rollouts add it to the previous decoded obs
+    obs_decoder: Literal["absolute", "delta"] = "absolute"
+    # "residual": the coda's output is a change added to the previous latent (z_k = LN(z_{k−1} + C(h))), not z_k itself
+    latent_update: Literal["absolute", "residual"] = "absolute"
 
     def check(self) -> None:
         from loopwm.blocks import check_block
@@ -147,6 +151,9 @@ class TrainConfig(Section):
     w_deep: float = field(default=0.1, metadata=_range(0.0))
     w_gate: float = field(default=0.1, metadata=_range(0.0))
     w_extra: float = field(default=0.5, metadata=_range(0.0))
+    w_delta: float = field(default=1.0, metadata=_range(0.0))  # chained delta-decoder loss (model.obs_decoder=delta)
+    w_recon: float = field(default=0.0, metadata=_range(0.0))  # decode(E(o)) against o, gradients into the encoder
+    loop_sampling: Literal["poisson", "fixed"] = "poisson"  # per-sequence 1 + Poisson(loop_mean − 1), or model.loops
     loop_mean: float = field(default=4.0, metadata=_range(0.0))
     bptt_loops: int = field(default=4, metadata=_range(1))
     hard_quantile: float = field(default=0.9, metadata=_range(0.0, 1.0))

@@ -308,6 +308,19 @@ def build_decoder(spec: SpaceSpec, latent: int, hidden: int) -> nn.Module:
     return mlp(latent, hidden, spec.obs_shape[0])
 
 
+def build_delta_decoder(spec: SpaceSpec, latent: int, hidden: int) -> nn.Module:
+    """Head from a latent transition [z_{k−1}; z_k] to the normalised observation change, for vector observations.
+
+    Its last layer starts at zero, so an untrained model predicts "no change" rather than noise.
+    """
+    if spec.pixels or any(frames for _, _, frames in spec.obs_parts):
+        raise ValueError(f"model.obs_decoder='delta' needs vector observations, got shape {spec.obs_shape}")
+    head = mlp(2 * latent, hidden, spec.obs_shape[0])
+    nn.init.zeros_(head[-1].weight)
+    nn.init.zeros_(head[-1].bias)
+    return head
+
+
 def frame_mask(spec: SpaceSpec) -> Tensor:
     """Which entries of a flattened Dict observation are frame pixels (normalised by a fixed 0..255 scale)."""
     if not spec.obs_parts:

@@ -2,8 +2,9 @@
 
 Over a horizon H the model rolls forward from z₀ = E(o₀) in latent space only and is scored, per
 step and discounted by ρᵏ, on latent consistency against a stop-gradient encoder target,
-observation reconstruction, reward and continue. Loop counts are sampled per sequence (Poisson,
-Huginn-style) with backprop through the last k loops; intermediate loop readouts get deep
+observation reconstruction, reward and continue (and, with the delta decoder, on the observations it
+decodes by adding each step's change to the previous decoded one). Loop counts are sampled per sequence (Poisson,
+Huginn-style; or fixed at model.loops) with backprop through the last k loops; intermediate loop readouts get deep
 supervision; the steps whose error is in the running top quantile get extra loops and their
 deeper readout a loss; and the exit gate learns, from the real per-loop losses, whether one more
 loop still helps (Ouro-style improvement targets).
@@ -21,7 +22,7 @@ from loopwm.config import ModelConfig, TrainConfig
 from loopwm.loop import LoopOptions, LoopTrace, StepContext
 from loopwm.world_model import WorldModel
 
-TERMS = ("consistency", "obs", "reward", "continue", "deep", "extra", "gate")
+TERMS = ("consistency", "obs", "reward", "continue", "deep", "extra", "gate", "delta", "recon")
 
 
 def sample_loops(batch: int, mean: float, model: ModelConfig, generator: torch.Generator) -> Tensor:
@@ -83,6 +84,21 @@ def obs_loss(wm: WorldModel, z_next: Tensor, target_obs: Tensor) -> Tensor:
     return (wm.decoder(z_next) - target_obs).pow(2).flatten(1).mean(-1).mean()
 
 
+def recon_loss(wm: WorldModel, obs: Tensor) -> Tensor:
+    """Autoencoder error decode(E(o)) against o over every observation of the sequence, gradients into the encoder."""
+    return (wm.decoder(wm.encode(obs)) - wm.normalize_obs(obs)).pow(2).flatten(2).mean(-1).mean()
+
+
+def delta_loss(wm: WorldModel, z: Tensor, z_next: Tensor, x: Tensor, target_obs: Tensor) -> tuple[Tensor, Tensor]:
+    """The delta decoder's next observation x + Δ(z, z_next) (normalised units) and its squared error.
+
+    `x` is the previous step's decoded observation (the true one at the start), so over the horizon the
+    loss scores the same chained, open-loop decoding that imagination produces.
+    """
+    x_next = x + wm.decode_delta(z, z_next)
+    return x_next, (x_next - target_obs).pow(2).flatten(1).mean(-1).mean()
+
+
 def reward_loss(wm: WorldModel, z_next: Tensor, rewards: Tensor) -> Tensor:
     return wm.reward_head.loss(z_next, rewards).mean()
 
@@ -105,9 +121,9 @@ def gate_loss(wm: WorldModel, trace: LoopTrace, per_loop: Tensor) -> Tensor:
     return (bce * valid).sum() / valid.sum().clamp_min(1)
 
 
-def deepen_hard(wm: WorldModel, ctx: StepContext, h: Tensor, z_next: Tensor, err: Tensor, target_z: Tensor,
-                cfg: TrainConfig, tracker: QuantileTracker) -> tuple[Tensor, Tensor, Tensor]:
-    """Give the samples whose error is in the running top quantile `extra_loops` more loops.
+def deepen_hard(wm: WorldModel, ctx: StepContext, h: Tensor, z: Tensor, z_next: Tensor, err: Tensor,
+                target_z: Tensor, cfg: TrainConfig, tracker: QuantileTracker) -> tuple[Tensor, Tensor, Tensor]:
+    """Give the samples whose error is in the running top quantile `extra_loops` more loops (`z`: the step's start).
 
     Returns the latents with the hard ones replaced by their deeper readout, the deeper readouts'
     summed consistency error (the "extra" term, before dividing by the batch) and the hard mask.
@@ -116,7 +132,7 @@ def deepen_hard(wm: WorldModel, ctx: StepContext, h: Tensor, z_next: Tensor, err
     if not bool(hard.any()):
         return z_next, err.new_zeros(()), hard
     h_deep, _ = wm.core.run(ctx.select(hard), h[hard], LoopOptions(exit="fixed", loops=cfg.extra_loops))
-    z_deep = wm.readout(h_deep)
+    z_deep = wm.readout(h_deep, z[hard])
     z_next = z_next.clone()
     z_next[hard] = z_deep
     return z_next, consistency_loss(z_deep, target_z[hard]).sum(), hard
@@ -132,14 +148,15 @@ def sequence_loss(wm: WorldModel, batch: dict[str, Tensor], cfg: TrainConfig, ge
         target_z = wm.encode(obs[1:])
         target_obs = wm.normalize_obs(obs[1:])
     weights = term_weights(cfg)
-    options = LoopOptions(exit="fixed", loops=sample_loops(size, cfg.loop_mean, wm.cfg, generator),
-                          bptt=cfg.bptt_loops)
+    loops = wm.cfg.loops if cfg.loop_sampling == "fixed" else sample_loops(size, cfg.loop_mean, wm.cfg, generator)
+    options = LoopOptions(exit="fixed", loops=loops, bptt=cfg.bptt_loops)
     want_readouts = weights["deep"] > 0 or weights["gate"] > 0
     deepen = cfg.extra_loops > 0 and weights["extra"] > 0
     terms = {name: torch.zeros(()) for name in TERMS}
     stats = StepStats()
     hard_total = 0
     z = wm.encode(obs[0])
+    x = wm.normalize_obs(obs[0])  # the delta decoder's chain starts from the true observation
     with wm.core.weight_scope():
         for k in range(horizon):
             w = cfg.rho ** k
@@ -148,12 +165,12 @@ def sequence_loss(wm: WorldModel, batch: dict[str, Tensor], cfg: TrainConfig, ge
                 inject_obs = obs[k]
             ctx = wm.core.prepare(wm.injection(z, actions[k], inject_obs))
             h, trace = wm.core.run(ctx, options=options, keep_states=weights["gate"] > 0,
-                                   readout=wm.readout if want_readouts else None)
-            z_next = wm.readout(h)
+                                   readout=wm.readout_for(z) if want_readouts else None)
+            z_next = wm.readout(h, z)
             err = consistency_loss(z_next, target_z[k])
             used = trace.loops_used
             if deepen:
-                z_next, extra, hard = deepen_hard(wm, ctx, h, z_next, err, target_z[k], cfg, tracker)
+                z_next, extra, hard = deepen_hard(wm, ctx, h, z, z_next, err, target_z[k], cfg, tracker)
                 terms["extra"] = terms["extra"] + w * extra / size
                 hard_total += int(hard.sum())
                 used = used + hard.long() * cfg.extra_loops
@@ -161,6 +178,9 @@ def sequence_loss(wm: WorldModel, batch: dict[str, Tensor], cfg: TrainConfig, ge
             terms["obs"] = terms["obs"] + w * obs_loss(wm, z_next, target_obs[k])
             terms["reward"] = terms["reward"] + w * reward_loss(wm, z_next, rewards[k])
             terms["continue"] = terms["continue"] + w * continue_loss(wm, z_next, terminated[k])
+            if wm.delta_decoder is not None:
+                x, chained = delta_loss(wm, z, z_next, x, target_obs[k])
+                terms["delta"] = terms["delta"] + w * chained
             if want_readouts:
                 per_loop = per_loop_errors(trace, target_z[k])
                 terms["deep"] = terms["deep"] + w * per_loop.mean()
@@ -170,5 +190,7 @@ def sequence_loss(wm: WorldModel, batch: dict[str, Tensor], cfg: TrainConfig, ge
             stats.bounds.append(trace.bound)
             z = z_next
     stats.hard_fraction = hard_total / (size * horizon)
+    if weights["recon"] > 0:  # a per-step mean, scaled like the horizon-summed terms
+        terms["recon"] = recon_loss(wm, obs) * horizon
     total = sum(weights[name] * terms[name] for name in TERMS) / horizon
     return total, {name: t.detach() / horizon for name, t in terms.items()}, stats

@@ -7,7 +7,7 @@ Heads decode observation, reward and continue from z_k.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +19,7 @@ from loopwm.nets import (
     RewardHead,
     SpaceSpec,
     build_decoder,
+    build_delta_decoder,
     build_encoder,
     frame_mask,
     mlp,
@@ -56,7 +57,11 @@ class WorldModel(nn.Module):
         self.prelude = nn.Linear(3 * z, cfg.inject_dim)
         self.core = LoopCore(cfg)
         self.coda = mlp(cfg.hidden_dim, m, z)
+        if cfg.latent_update == "residual":  # an untrained model predicts "no change" in latent space
+            nn.init.zeros_(self.coda[-1].weight)
+            nn.init.zeros_(self.coda[-1].bias)
         self.decoder = build_decoder(spec, z, m)
+        self.delta_decoder = build_delta_decoder(spec, z, m) if cfg.obs_decoder == "delta" else None
         self.reward_head = RewardHead(z, m, cfg.reward_head, cfg.reward_bins)
         self.continue_head = mlp(z, m, 1)
         frames = frame_mask(spec)  # frame pixels of a Dict observation: x/255 − 0.5, like pixel observations
@@ -156,9 +161,22 @@ class WorldModel(nn.Module):
     def _latent(self, x: Tensor) -> Tensor:
         return F.layer_norm(x, (x.shape[-1],))
 
-    def readout(self, h: Tensor) -> Tensor:
-        """Coda: a loop state -> a latent. Applied after every loop for intermediate predictions."""
-        return self._latent(self.coda(h))
+    def readout(self, h: Tensor, z_prev: Optional[Tensor] = None) -> Tensor:
+        """Coda: a loop state -> a latent. Applied after every loop for intermediate predictions.
+
+        With `model.latent_update="residual"` the coda's output is the change from `z_prev`, the latent
+        the step started from, which must then be given.
+        """
+        out = self.coda(h)
+        if self.cfg.latent_update == "residual":
+            if z_prev is None:
+                raise ValueError("model.latent_update='residual' reads out a change: pass z_prev, the step's start")
+            out = z_prev + out
+        return self._latent(out)
+
+    def readout_for(self, z_prev: Tensor) -> Callable[[Tensor], Tensor]:
+        """The readout of one step that started from `z_prev`, as a function of the loop state alone."""
+        return lambda h: self.readout(h, z_prev)
 
     def injection(self, z: Tensor, action: Tensor, obs: Optional[Tensor] = None) -> Tensor:
         """e = RMSNorm(P([z; E(o) or 0; U(a)])), so ‖e‖ = √inject_dim whatever the inputs."""
@@ -180,8 +198,8 @@ class WorldModel(nn.Module):
         if h0 is not None and isinstance(h0, Tensor) and not torch.isfinite(h0).all():
             raise ValueError("h0 contains NaN or infinite values")
         ctx = self.core.prepare(self.injection(z, action, obs))
-        h, trace = self.core.run(ctx, h0, options, readout=self.readout if readouts else None)
-        return self.readout(h), trace
+        h, trace = self.core.run(ctx, h0, options, readout=self.readout_for(z) if readouts else None)
+        return self.readout(h, z), trace
 
     def predict_reward(self, z: Tensor) -> Tensor:
         return self.reward_head(z)
@@ -191,12 +209,42 @@ class WorldModel(nn.Module):
         return torch.sigmoid(self.continue_head(z).squeeze(-1))
 
     def decode(self, z: Tensor) -> Tensor:
-        """Latents -> observations in the environment's units."""
+        """Latents -> observations in the environment's units (the absolute decoder, no anchor needed)."""
         return self.denormalize_obs(self.decoder(z))
 
+    def decode_delta(self, z_prev: Tensor, z: Tensor) -> Tensor:
+        """The normalised observation change o_k − o_{k−1} of the latent transition z_{k−1} -> z_k."""
+        if self.delta_decoder is None:
+            raise ValueError("decode_delta needs model.obs_decoder='delta'")
+        return self.delta_decoder(torch.cat([z_prev, z], -1))
+
+    def decode_rollout(self, latents: Tensor, obs: Optional[Tensor] = None) -> Tensor:
+        """Observations [H, B, ...] of a latent rollout `latents` [H+1, B, Z] (latents[0] is the start).
+
+        With the delta decoder each step adds its decoded change to the previous decoded observation,
+        starting from `obs` (the observation latents[0] was encoded from) or, without it, from the absolute
+        decoding of the start; otherwise every latent is decoded on its own and `obs` is not needed.
+        """
+        if self.delta_decoder is None:
+            return torch.stack([self.decode(z_k) for z_k in latents[1:]])
+        if obs is None:
+            x = self.decoder(latents[0])
+        else:
+            x = self.normalize_obs(obs)
+            if x.shape[:-1] != latents.shape[1:-1]:
+                raise ValueError(f"obs has shape {tuple(obs.shape)}; expected a batch of {latents.shape[1]}")
+        out = []
+        for z_prev, z_k in zip(latents[:-1], latents[1:]):
+            x = x + self.decode_delta(z_prev, z_k)
+            out.append(x)
+        return self.denormalize_obs(torch.stack(out))
+
     def imagine(self, z: Tensor, actions: Tensor, decode: Decode = "final", keep_traces: bool = False,
-                options: Optional[LoopOptions] = None) -> ImagineOutput:
-        """Roll out `actions` [H, B, A] from z in latent space only; decode observations only where asked."""
+                options: Optional[LoopOptions] = None, obs: Optional[Tensor] = None) -> ImagineOutput:
+        """Roll out `actions` [H, B, A] from z in latent space only; decode observations only where asked.
+
+        `obs`, the observation z was encoded from, anchors the delta decoder (`decode_rollout`).
+        """
         if decode not in ("final", "all", "none"):
             raise ValueError(f"decode={decode!r}: expected 'final', 'all' or 'none'")
         actions = torch.as_tensor(actions, device=z.device)
@@ -209,11 +257,11 @@ class WorldModel(nn.Module):
                 latents.append(z)
                 traces.append(trace)
         lat = torch.stack(latents)
-        obs = None
+        decoded = None
         if decode == "all":
-            obs = torch.stack([self.decode(z_k) for z_k in lat[1:]])
+            decoded = self.decode_rollout(lat, obs)
         elif decode == "final":
-            obs = self.decode(lat[-1])
+            decoded = self.decode(lat[-1]) if self.delta_decoder is None else self.decode_rollout(lat, obs)[-1]
         return ImagineOutput(
             latents=lat,
             rewards=self.predict_reward(lat[1:]),
@@ -221,7 +269,7 @@ class WorldModel(nn.Module):
             bound=torch.stack([t.bound for t in traces]),
             converged=torch.stack([t.converged for t in traces]),
             loops=torch.stack([t.loops_used for t in traces]),
-            obs=obs,
+            obs=decoded,
             traces=traces if keep_traces else None,
         )
 

@@ -1,10 +1,13 @@
 """The certificate of the looped core holds numerically, and the loop behaves as the maths says."""
+import gymnasium as gym
+import numpy as np
 import pytest
 import torch
 
 from loopwm import lipschitz
 from loopwm.loop import LoopOptions
-from tests.helpers import tiny_model
+from loopwm.world_model import WorldModel
+from tests.helpers import box_spaces, tiny_model
 
 
 def randomize(model, std=1.0, seed=0):
@@ -171,6 +174,62 @@ def test_deferred_decoding_final_equals_last_of_all():
     assert none.obs is None
     assert torch.equal(none.latents, final.latents)
     assert final.rewards.shape == final.continues.shape == final.loops.shape == (7, 5)
+
+
+def test_delta_decoder_chains_changes_from_the_start_observation():
+    torch.manual_seed(0)
+    model = tiny_model(obs_decoder="delta")
+    obs = torch.randn(5, 3)
+    actions = torch.rand(6, 5, 1) * 2 - 1
+    with torch.no_grad():
+        z = model.encode(obs)
+        untrained = model.imagine(z, actions, decode="all", obs=obs)
+        assert torch.allclose(untrained.obs, obs.expand(6, 5, 3))       # zero-initialised head: "no change"
+        for p in model.delta_decoder.parameters():
+            p.normal_(0.0, 0.3)
+        every = model.imagine(z, actions, decode="all", obs=obs)
+        final = model.imagine(z, actions, decode="final", obs=obs)
+        lat = every.latents
+        steps = torch.stack([model.decode_delta(a, b) for a, b in zip(lat[:-1], lat[1:])])
+        expected = model.denormalize_obs(model.normalize_obs(obs) + steps.cumsum(0))
+        assert torch.allclose(every.obs, expected, atol=1e-5)
+        assert torch.equal(final.obs, every.obs[-1])
+        # without the observation the chain starts from the absolute decoding of z
+        unanchored = model.imagine(z, actions, decode="all")
+        assert torch.allclose(unanchored.obs - every.obs, (model.decode(z) - obs).expand(6, 5, 3), atol=1e-5)
+    with pytest.raises(ValueError, match="obs has shape"):
+        model.imagine(z, actions, decode="all", obs=obs[:2])
+    with pytest.raises(ValueError, match="obs_decoder='delta'"):
+        tiny_model().decode_delta(z, z)
+
+
+def test_residual_latent_update_adds_the_coda_output_to_the_start():
+    torch.manual_seed(0)
+    model = tiny_model(latent_update="residual")
+    z = model.encode(torch.randn(5, 3))
+    with torch.no_grad():
+        z1, _ = model.step(z, torch.zeros(5, 1))
+        assert torch.allclose(z1, z, atol=1e-3)                          # zero-initialised coda: "no change"
+        for p in model.coda.parameters():
+            p.normal_(0.0, 0.3)
+        z1, trace = model.step(z, torch.rand(5, 1), readouts=True, options=LoopOptions(loops=3))
+        h = trace.final_state
+        expected = torch.nn.functional.layer_norm(z + model.coda(h), (z.shape[-1],))
+        assert torch.allclose(z1, expected, atol=1e-6)
+        assert torch.allclose(trace.readouts[-1], z1, atol=1e-6)         # per-loop readouts start from z too
+        assert not torch.allclose(model.readout_for(-z)(h), z1, atol=1e-2)
+    with pytest.raises(ValueError, match="pass z_prev"):
+        model.readout(h)
+
+
+def test_delta_decoder_refuses_frames():
+    from loopwm.config import from_dict
+
+    frames = gym.spaces.Box(0, 255, (3, 32, 32), np.uint8)
+    cfg = from_dict({"model": {"latent_dim": 16, "hidden_dim": 32, "inject_dim": 32, "mlp_dim": 64,
+                               "obs_decoder": "delta"}})
+    with pytest.raises(ValueError, match="needs vector observations"):
+        WorldModel.from_config(cfg, frames, box_spaces()[1])
 
 
 def test_bad_inputs_get_clear_errors():

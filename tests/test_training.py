@@ -80,8 +80,10 @@ def trained():
 # ---- 1. every loss term falls -------------------------------------------------------------------
 def test_training_lowers_every_loss_term(trained):
     _, history, _ = trained
-    assert set(objective.TERMS) == {"consistency", "obs", "reward", "continue", "deep", "extra", "gate"}
-    for term in objective.TERMS:
+    assert set(objective.TERMS) == {"consistency", "obs", "reward", "continue", "deep", "extra", "gate", "delta",
+                                    "recon"}
+    assert all(h["loss/delta"] == h["loss/recon"] == 0 for h in history)  # no delta decoder; w_recon = 0
+    for term in set(objective.TERMS) - {"delta", "recon"}:
         values = np.array([h[f"loss/{term}"] for h in history])
         assert np.isfinite(values).all(), term
         early, late = values[:15].mean(), values[-15:].mean()
@@ -93,6 +95,22 @@ def test_training_lowers_every_loss_term(trained):
     assert total[-15:].mean() < 0.2 * total[:15].mean()
     assert all(h["certificate/kappa"] < 1.0 for h in history)
     assert any(h["loops/hard_fraction"] > 0 for h in history[-30:])  # extra loops still in use late on
+
+
+@pytest.mark.parametrize("latent_update", ["absolute", "residual"])
+def test_delta_decoder_learns_changes_better_than_no_change(latent_update):
+    """Its head starts at "no change", so its first losses are the no-change error; training goes well below,
+    with either latent update; consistency and the autoencoder term fall too."""
+    torch.set_num_threads(1)
+    data = linear_dataset()
+    cfg = config({"obs_decoder": "delta", "latent_update": latent_update}, updates=100, batch_size=16, horizon=3,
+                 lr=3e-3, log_every=1000, w_recon=1.0)
+    trainer = Trainer(new_model(cfg, data), cfg, data)
+    history = [trainer.update() for _ in range(cfg.train.updates)]
+    for term, factor in (("delta", 0.3), ("consistency", 0.5), ("recon", 0.5)):
+        values = np.array([h[f"loss/{term}"] for h in history])
+        assert np.isfinite(values).all() and values[:10].mean() > 0, term
+        assert values[-10:].mean() < factor * values[:10].mean(), term
 
 
 # ---- 2. more loops for the samples with the higher error -----------------------------------------

@@ -28,8 +28,9 @@ def prediction_errors(wm: WorldModel, data: ReplayBuffer, horizons: Sequence[int
                       obs_mean: Optional[torch.Tensor] = None, options: Optional[LoopOptions] = None) -> dict[str, Any]:
     """1/10/50-step open-loop errors of the model and both baselines, plus reward, continue and loop stats.
 
-    Rolls out from z₀ = E(o₀) with the logged actions, decoding every step. Horizons longer than the
-    longest stored episode are dropped. `options` overrides the model's loop options (e.g. the certified exit).
+    Rolls out from z₀ = E(o₀) with the logged actions, decoding every step (a delta decoder starts from
+    o₀). Horizons longer than the longest stored episode are dropped. `options` overrides the model's
+    loop options (e.g. the certified exit).
     """
     wm.eval()
     longest = max(len(ep["rewards"]) for ep in data.episodes())
@@ -46,7 +47,7 @@ def prediction_errors(wm: WorldModel, data: ReplayBuffer, horizons: Sequence[int
         var = var.expand(wm.spec.obs_shape).mean().expand(wm.spec.obs_shape)
     var = var.clamp_min(1e-8)
     out = wm.imagine(wm.encode(obs[0]), batch["actions"].to(device).float(), decode="all", keep_traces=True,
-                     options=options)
+                     options=options, obs=obs[0])
     true = obs[1:]
     model_err = _norm_sq_error(out.obs, true, var)                          # [H, B]
     mean_err = _norm_sq_error(mean.expand_as(true), true, var)

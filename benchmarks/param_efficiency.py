@@ -1,0 +1,326 @@
+"""Parameter efficiency: loopwm next to a plain observation-space MLP on the same data, split and held-out sequences.
+
+For each task a random-policy dataset is collected once (`loopwm.workflows.collect`, seeded) and split by whole
+episodes (`ReplayBuffer.split`, seed 0). Every variant is trained on the same train split with the same number of
+updates and scored on the same 256 held-out sequences with the semantics of `loopwm.evaluate.prediction_errors`:
+open-loop rollouts from the first observation with the logged actions, squared error divided per dimension by the
+train split's variance, averaged over dimensions, at 1/10/50 steps.
+
+Variants (`VARIANTS`; `--define NAME='key=value ...'` adds a loopwm variant with config overrides):
+- loopwm variants: `configs/<task>.yaml` plus overrides, trained with `loopwm.train.Trainer`, scored with
+  `prediction_errors`; diagnostics at every evaluation point: the reconstruction floor (decoding the encoder's
+  latent of the true observation) and the latent error against the encoder's target at 1/10/50 steps;
+- "obs-mlp" (`obs_mlp.py`): 4x200 SiLU in observation space predicting the normalised observation delta from a
+  1-step loss (PETS/MBPO style), rolled out open loop from the same first observations.
+
+Each run records parameters, analytic multiply-adds per environment step (`loopwm.flops.step_macs`), the errors at
+every `--eval-at` point and the training wall time (updates only). Runs are merged into
+`<docs>/param_efficiency.json` under a protocol name (one job per invocation on a shared machine), and the markdown
+is rebuilt from the whole JSON.
+
+    python benchmarks/param_efficiency.py --task pendulum --variants loopwm obs-mlp --seeds 0 --eval-at 250 500 1000
+    python benchmarks/param_efficiency.py --smoke --out /tmp/pe --docs /tmp/pe      # seconds, tiny sizes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from common import REPO, command, machine_info
+from obs_mlp import ObsMLP, fit_obs_mlp
+from param_report import markdown
+from loopwm.config import Config, load_config
+from loopwm.replay import ReplayBuffer
+
+TASKS = {"pendulum": ("configs/pendulum.yaml", 2000), "halfcheetah": ("configs/halfcheetah.yaml", 1000),
+         "hopper": ("configs/hopper.yaml", 1000)}
+"""Each task's config and its default number of updates (the reference MLP measurements used these)."""
+HORIZONS = (1, 10, 50)
+SEQUENCES = 256
+SPLIT_SEED = EVAL_SEED = DATA_SEED = 0
+
+
+@dataclass
+class Variant:
+    """A model to compare: a loopwm config (overrides on the task's YAML) or the observation-space MLP."""
+
+    name: str
+    kind: str = "loopwm"                      # "loopwm" or "obs-mlp"
+    overrides: list[str] = field(default_factory=list)
+    note: str = ""
+
+
+VARIANTS = {v.name: v for v in [
+    Variant("loopwm", note="configs/<task>.yaml as shipped"),
+    Variant("obs-mlp", kind="obs-mlp", note="4x200 SiLU, normalised delta, 1-step loss"),
+    Variant("loopwm-delta", overrides=["model.obs_decoder=delta"],
+            note="delta decoder: o_k = o_{k-1} + D(z_{k-1}, z_k), chained from the true first observation"),
+    Variant("loopwm-residual", overrides=["model.latent_update=residual"],
+            note="residual latent: z_k = LN(z_{k-1} + C(h))"),
+    Variant("loopwm-delta-residual", overrides=["model.obs_decoder=delta", "model.latent_update=residual"],
+            note="delta decoder and residual latent"),
+]}
+
+
+@dataclass
+class Protocol:
+    """What every variant of one task shares: data size, updates, the MLP's batch and the evaluation points."""
+
+    steps: int
+    updates: int
+    mlp_batch: int = 256
+    eval_at: list[int] = field(default_factory=list)
+    smoke: bool = False
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def task_config(task: str, seed: int, overrides: list[str], protocol: Protocol, data_path: Path) -> Config:
+    """The task's YAML with the protocol's and the variant's overrides: one thread, CPU, fixed updates."""
+    base = [f"seed={seed}", "threads=1", "device=cpu", f"train.updates={protocol.updates}",
+            f"data.path={data_path}", f"data.steps={protocol.steps}", "data.policy=random", "env.num_envs=1"]
+    if protocol.smoke:
+        base += ["model.latent_dim=8", "model.hidden_dim=16", "model.inject_dim=16", "model.mlp_dim=16",
+                 "train.batch_size=8", "train.horizon=3"]
+    return load_config(REPO / TASKS[task][0], [*base, *overrides])
+
+
+def dataset(task: str, protocol: Protocol, out: Path) -> tuple[ReplayBuffer, ReplayBuffer, dict[str, Any]]:
+    """The task's random-policy dataset (collected once and cached), split into train and held-out episodes."""
+    from loopwm import workflows
+
+    path = out / f"{task}-random-{protocol.steps}-s{DATA_SEED}.npz"
+    cfg = task_config(task, DATA_SEED, [], protocol, path)
+    start = time.perf_counter()
+    if path.is_file():
+        buffer, seconds = ReplayBuffer.load(path), None
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = workflows.collect(cfg, progress=False)
+        seconds = round(time.perf_counter() - start, 1)
+    train, val = buffer.split(cfg.train.val_fraction, seed=SPLIT_SEED)
+    info = {"env": cfg.env.id, "policy": "random", "transitions": len(buffer), "episodes": buffer.num_episodes,
+            "seed": DATA_SEED, "split_seed": SPLIT_SEED, "val_fraction": cfg.train.val_fraction,
+            "train_transitions": len(train), "val_transitions": len(val), "val_episodes": val.num_episodes,
+            "collect_seconds": seconds}
+    return train, val, info
+
+
+def held_out(val: ReplayBuffer, horizon: int) -> dict[str, torch.Tensor]:
+    """The held-out sequences every variant is scored on: those `prediction_errors` samples (same seed and length)."""
+    return val.sample(SEQUENCES, horizon, np.random.default_rng(EVAL_SEED))
+
+
+def normalised_errors(pred: torch.Tensor, true: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """[H, B] squared error divided by the per-dimension variance, averaged over dimensions (prediction_errors')."""
+    return ((pred - true).pow(2) / var.clamp_min(1e-8)).flatten(2).mean(-1)
+
+
+def horizon_means(err: torch.Tensor, horizons: tuple[int, ...]) -> dict[str, float]:
+    return {str(h): float(err[h - 1].mean()) for h in horizons if h <= err.shape[0]}
+
+
+@torch.no_grad()
+def loopwm_diagnostics(wm: Any, batch: dict[str, torch.Tensor], var: torch.Tensor,
+                       horizons: tuple[int, ...]) -> dict[str, Any]:
+    """Where a loopwm error comes from: the decoder's floor on true latents, and the latent's own drift.
+
+    - `recon_floor`: decode(encode(o)) against o over every held-out observation, i.e. the 1-step error if the
+      loop predicted the encoder's latent exactly;
+    - `latent_error`: ‖ẑ_h − E(o_h)‖² over the variance of E(o) across the batch, at each horizon (0 = perfect,
+      1 = no better than the mean latent);
+    - `delta_floor` (delta decoder only): o_k + D(E(o_k), E(o_{k+1})) against o_{k+1}, the 1-step error with
+      the latent transition predicted exactly.
+    """
+    wm.eval()
+    obs, actions = batch["obs"].float(), batch["actions"].float()
+    target = wm.encode(obs)                                     # [H+1, B, Z]
+    recon = wm.decode(target)
+    out = wm.imagine(target[0], actions, decode="none")
+    latent_err = (out.latents[1:] - target[1:]).pow(2).mean(-1) / target.var(1).mean(-1)[1:, None]
+    result = {"recon_floor": float(normalised_errors(recon, obs, var).mean()),
+              "latent_error": horizon_means(latent_err, horizons)}
+    if wm.delta_decoder is not None:
+        nxt = wm.denormalize_obs(wm.normalize_obs(obs[:-1]) + wm.decode_delta(target[:-1], target[1:]))
+        result["delta_floor"] = float(normalised_errors(nxt, obs[1:], var).mean())
+    return result
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def run_loopwm(task: str, variant: Variant, seed: int, protocol: Protocol, train: ReplayBuffer, val: ReplayBuffer,
+               data_path: Path) -> dict[str, Any]:
+    """Train one loopwm variant with the Trainer and score it with `prediction_errors` at every evaluation point."""
+    from loopwm.evaluate import prediction_errors
+    from loopwm.flops import step_macs
+    from loopwm.train import Trainer, seed_everything
+    from loopwm.workflows import env_spaces
+    from loopwm.world_model import WorldModel
+
+    cfg = task_config(task, seed, variant.overrides, protocol, data_path)
+    seed_everything(cfg.seed, cfg.threads)
+    wm = WorldModel.from_config(cfg, *env_spaces(cfg))
+    stats = train.stats()
+    wm.set_obs_stats(stats["obs_mean"], stats["obs_std"])
+    var = stats["obs_std"].pow(2)
+    batch = held_out(val, max(HORIZONS))
+    trainer = Trainer(wm, cfg, train)
+
+    def evaluate() -> dict[str, Any]:
+        res = prediction_errors(wm, val, HORIZONS, SEQUENCES, seed=EVAL_SEED, obs_mean=stats["obs_mean"],
+                                obs_var=var)
+        return {"errors": {h: r["model"] for h, r in res["horizons"].items()},
+                "baselines": {h: {"predict_mean": r["predict_mean"], "no_change": r["no_change"]}
+                              for h, r in res["horizons"].items()},
+                **loopwm_diagnostics(wm, batch, var, HORIZONS)}
+
+    def update() -> float:
+        return float(trainer.update()["loss/total"])
+
+    record = train_and_score(update, evaluate, protocol)
+    loops = cfg.model.loops
+    record.update(parameters=count_parameters(wm), macs_per_step=step_macs(wm, loops)["total"], loops=loops,
+                  transitions_per_update=cfg.train.batch_size * cfg.train.horizon, kappa=wm.certified_lipschitz())
+    return record
+
+
+def run_obs_mlp(task: str, variant: Variant, seed: int, protocol: Protocol, train: ReplayBuffer,
+                val: ReplayBuffer, data_path: Path) -> dict[str, Any]:
+    """Train the observation-space MLP with a 1-step loss and score its open-loop rollouts on the same sequences."""
+    torch.manual_seed(seed)
+    stats = train.stats()
+    var = stats["obs_std"].pow(2)
+    width, layers = (16, 2) if protocol.smoke else (200, 4)
+    model = ObsMLP.from_data(train, width, layers)
+    batch = held_out(val, max(HORIZONS))
+    step = fit_obs_mlp(model, train, protocol.mlp_batch, np.random.default_rng(seed))
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, Any]:
+        pred = model.rollout(batch["obs"][0].float(), batch["actions"].float())
+        return {"errors": horizon_means(normalised_errors(pred, batch["obs"][1:].float(), var), HORIZONS)}
+
+    record = train_and_score(step, evaluate, protocol)
+    record.update(parameters=count_parameters(model), macs_per_step=float(model.macs()), width=width, layers=layers,
+                  transitions_per_update=protocol.mlp_batch)
+    return record
+
+
+RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {"loopwm": run_loopwm, "obs-mlp": run_obs_mlp}
+
+
+def train_and_score(update: Callable[[], float], evaluate: Callable[[], dict[str, Any]],
+                    protocol: Protocol) -> dict[str, Any]:
+    """Run `protocol.updates` updates, evaluating at each `eval_at` point and at the end; time the updates only."""
+    points = sorted({p for p in protocol.eval_at if 0 < p < protocol.updates} | {protocol.updates})
+    curve, seconds, cpu, losses = [], 0.0, 0.0, []
+    done = 0
+    for point in points:
+        w0, c0 = time.perf_counter(), time.process_time()
+        while done < point:
+            losses.append(update())
+            done += 1
+        seconds += time.perf_counter() - w0
+        cpu += time.process_time() - c0
+        curve.append({"updates": point, "train_seconds": round(seconds, 2), "loss": float(np.mean(losses[-50:])),
+                      **evaluate()})
+        log(f"  {point} updates, {seconds:.0f}s: errors {fmt(curve[-1]['errors'])}")
+    final = curve[-1]
+    return {"updates": protocol.updates, "train_seconds": round(seconds, 2), "train_cpu_seconds": round(cpu, 2),
+            "errors": final["errors"], "curve": curve, "load_average_end": [round(x, 2) for x in os.getloadavg()]}
+
+
+def fmt(errors: dict[str, float]) -> str:
+    return " · ".join(f"{h}: {e:.2e}" for h, e in errors.items())
+
+
+def merge(path: Path, protocol_name: str, protocol: Protocol, task: str, data_info: dict[str, Any],
+          variant: Variant, seed: int, record: dict[str, Any]) -> dict[str, Any]:
+    """Add one run to the JSON at `path`; a protocol name always stands for the same settings."""
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    proto = {"steps": protocol.steps, "updates": protocol.updates, "mlp_batch": protocol.mlp_batch,
+             "horizons": list(HORIZONS), "sequences": SEQUENCES, "eval_seed": EVAL_SEED}
+    entry = data.setdefault("protocols", {}).setdefault(protocol_name, {"settings": proto, "tasks": {}})
+    if entry["settings"] != proto:
+        raise SystemExit(f"protocol {protocol_name!r} was recorded with {entry['settings']}, not {proto}: "
+                         "pass another --protocol name")
+    task_entry = entry["tasks"].setdefault(task, {"dataset": data_info, "variants": {}})
+    var_entry = task_entry["variants"].setdefault(variant.name, {"kind": variant.kind, "overrides": variant.overrides,
+                                                                 "note": variant.note, "seeds": {}})
+    var_entry.update(kind=variant.kind, overrides=variant.overrides, note=variant.note)
+    var_entry["seeds"][str(seed)] = record
+    data["machine"] = machine_info()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+    return data
+
+
+def parse_define(text: str) -> Variant:
+    name, _, overrides = text.partition("=")
+    if not name or not overrides:
+        raise SystemExit(f"--define {text!r}: expected NAME='key=value key=value'")
+    return Variant(name, overrides=shlex.split(overrides), note="defined on the command line")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=sorted(TASKS), default="pendulum")
+    parser.add_argument("--variants", nargs="+", default=["loopwm", "obs-mlp"])
+    parser.add_argument("--define", action="append", default=[], help="NAME='key=value ...': a loopwm variant")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--steps", type=int, default=20_000, help="dataset transitions (random policy)")
+    parser.add_argument("--updates", type=int, default=None, help="default: the task's (TASKS)")
+    parser.add_argument("--eval-at", type=int, nargs="*", default=[], help="extra evaluation points (updates)")
+    parser.add_argument("--protocol", default="full", help="name the settings are recorded under")
+    parser.add_argument("--smoke", action="store_true", help="tiny data, models and updates: runs in seconds")
+    parser.add_argument("--out", default="benchmarks/out/param_efficiency", help="datasets")
+    parser.add_argument("--docs", default="docs/benchmarks", help="param_efficiency.json and .md")
+    args = parser.parse_args(argv)
+    os.chdir(REPO)
+    torch.set_num_threads(1)
+    variants = dict(VARIANTS)
+    for text in args.define:
+        v = parse_define(text)
+        variants[v.name] = v
+    unknown = [v for v in args.variants if v not in variants]
+    if unknown:
+        raise SystemExit(f"unknown variant {unknown[0]!r}: expected one of {sorted(variants)} or --define it")
+    if args.smoke:
+        protocol = Protocol(steps=600, updates=6, mlp_batch=16, eval_at=[3], smoke=True)
+        name = "smoke"
+    else:
+        protocol = Protocol(args.steps, args.updates or TASKS[args.task][1], eval_at=args.eval_at)
+        name = args.protocol
+    out, docs = Path(args.out), Path(args.docs)
+    train, val, info = dataset(args.task, protocol, out)
+    data_path = out / f"{args.task}-random-{protocol.steps}-s{DATA_SEED}.npz"
+    log(f"{args.task}: {info['transitions']} transitions, held-out {info['val_transitions']} "
+        f"({info['val_episodes']} episodes)")
+    for seed in args.seeds:
+        for vname in args.variants:
+            variant = variants[vname]
+            log(f"{args.task} / {vname} / seed {seed} ({protocol.updates} updates)")
+            record = RUNNERS[variant.kind](args.task, variant, seed, protocol, train, val, data_path)
+            record["command"] = command()
+            data = merge(docs / "param_efficiency.json", name, protocol, args.task, info, variant, seed, record)
+            (docs / "param_efficiency.md").write_text(markdown(data))
+    log(f"wrote {docs / 'param_efficiency.json'} and .md")
+
+
+if __name__ == "__main__":
+    main()
