@@ -59,9 +59,18 @@ class Variant:
     note: str = ""
 
 
+PLAIN_LOOP = ["train.loop_sampling=fixed", "train.w_deep=0", "train.w_gate=0", "train.extra_loops=0"]
+"""The loop's training extras switched off: fixed loop count, no deep supervision, no extra loops, no gate."""
+DELTA_DESIGN = ["model.obs_decoder=delta", "model.latent_update=residual", "train.w_delta=10", "train.w_obs=10"]
+"""Observation-space design: the delta decoder, the residual latent update and observation-space weights."""
+
 VARIANTS = {v.name: v for v in [
     Variant("loopwm", note="configs/<task>.yaml as shipped"),
     Variant("obs-mlp", kind="obs-mlp", note="4x200 SiLU, normalised delta, 1-step loss"),
+    Variant("loopwm-plain", overrides=PLAIN_LOOP,
+            note="the shipped latent design, trained at model.loops without deep supervision, extra loops or gate"),
+    Variant("loopwm+delta+plain", overrides=[*DELTA_DESIGN, *PLAIN_LOOP],
+            note="delta decoder, residual latent, observation weights 10, plain loop objective"),
     Variant("loopwm-delta", overrides=["model.obs_decoder=delta"],
             note="delta decoder: o_k = o_{k-1} + D(z_{k-1}, z_k), chained from the true first observation"),
     Variant("loopwm-residual", overrides=["model.latent_update=residual"],
