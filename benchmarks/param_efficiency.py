@@ -2,7 +2,8 @@
 
 For each task a random-policy dataset is collected once (`loopwm.app.collect.collect`, seeded) and split by whole
 episodes (`ReplayBuffer.split`, seed 0). Every variant is trained on the same train split with the same number of
-updates and scored on the same 256 held-out sequences with the semantics of `loopwm.analysis.prediction.prediction_errors`:
+updates and scored on the same 256 held-out sequences with the semantics of
+`loopwm.analysis.prediction.prediction_errors`:
 open-loop rollouts from the first observation with the logged actions, squared error divided per dimension by the
 train split's variance, averaged over dimensions, at 1/10/50 steps.
 
@@ -34,12 +35,13 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-
-from common import REPO, command, machine_info
 from obs_mlp import ObsMLP, fit_obs_mlp
 from param_report import markdown
+
 from loopwm.config import Config, load_config
 from loopwm.replay import ReplayBuffer
+
+from common import REPO, command, machine_info
 
 TASKS = {"pendulum": ("configs/pendulum.yaml", 2000), "halfcheetah": ("configs/halfcheetah.yaml", 1000),
          "hopper": ("configs/hopper.yaml", 1000)}
@@ -174,10 +176,10 @@ def run_loopwm(task: str, variant: Variant, seed: int, protocol: Protocol, train
                data_path: Path) -> dict[str, Any]:
     """Train one loopwm variant with the Trainer and score it with `prediction_errors` at every evaluation point."""
     from loopwm.analysis.prediction import prediction_errors
-    from loopwm.flops import step_macs
     from loopwm.app.session import seed_everything
-    from loopwm.train import Trainer
     from loopwm.envs import env_spaces
+    from loopwm.flops import step_macs
+    from loopwm.train import Trainer
     from loopwm.world_model import WorldModel
 
     cfg = task_config(task, seed, variant.overrides, protocol, data_path)
