@@ -34,12 +34,13 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-
-from common import REPO, command, machine_info
 from obs_mlp import ObsMLP, fit_obs_mlp
 from param_report import markdown
+
 from loopwm.config import Config, load_config
 from loopwm.replay import ReplayBuffer
+
+from common import REPO, command, machine_info
 
 TASKS = {"pendulum": ("configs/pendulum.yaml", 2000), "halfcheetah": ("configs/halfcheetah.yaml", 1000),
          "hopper": ("configs/hopper.yaml", 1000)}
