@@ -1,8 +1,9 @@
 """Parameter efficiency: loopwm next to a plain observation-space MLP on the same data, split and held-out sequences.
 
-For each task a random-policy dataset is collected once (`loopwm.workflows.collect`, seeded) and split by whole
+For each task a random-policy dataset is collected once (`loopwm.app.collect.collect`, seeded) and split by whole
 episodes (`ReplayBuffer.split`, seed 0). Every variant is trained on the same train split with the same number of
-updates and scored on the same 256 held-out sequences with the semantics of `loopwm.evaluate.prediction_errors`:
+updates and scored on the same 256 held-out sequences with the semantics of
+`loopwm.analysis.prediction.prediction_errors`:
 open-loop rollouts from the first observation with the logged actions, squared error divided per dimension by the
 train split's variance, averaged over dimensions, at 1/10/50 steps.
 
@@ -99,7 +100,7 @@ def task_config(task: str, seed: int, overrides: list[str], protocol: Protocol, 
 
 def dataset(task: str, protocol: Protocol, out: Path) -> tuple[ReplayBuffer, ReplayBuffer, dict[str, Any]]:
     """The task's random-policy dataset (collected once and cached), split into train and held-out episodes."""
-    from loopwm import workflows
+    from loopwm.app.collect import collect
 
     path = out / f"{task}-random-{protocol.steps}-s{DATA_SEED}.npz"
     cfg = task_config(task, DATA_SEED, [], protocol, path)
@@ -108,7 +109,7 @@ def dataset(task: str, protocol: Protocol, out: Path) -> tuple[ReplayBuffer, Rep
         buffer, seconds = ReplayBuffer.load(path), None
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
-        buffer = workflows.collect(cfg, progress=False)
+        buffer = collect(cfg, progress=False)
         seconds = round(time.perf_counter() - start, 1)
     train, val = buffer.split(cfg.train.val_fraction, seed=SPLIT_SEED)
     info = {"env": cfg.env.id, "policy": "random", "transitions": len(buffer), "episodes": buffer.num_episodes,
@@ -165,15 +166,16 @@ def count_parameters(module: torch.nn.Module) -> int:
 def run_loopwm(task: str, variant: Variant, seed: int, protocol: Protocol, train: ReplayBuffer, val: ReplayBuffer,
                data_path: Path) -> dict[str, Any]:
     """Train one loopwm variant with the Trainer and score it with `prediction_errors` at every evaluation point."""
-    from loopwm.evaluate import prediction_errors
+    from loopwm.analysis.prediction import prediction_errors
+    from loopwm.app.session import seed_everything
+    from loopwm.envs.factory import env_spaces
     from loopwm.flops import step_macs
-    from loopwm.train import Trainer, seed_everything
-    from loopwm.workflows import env_spaces
+    from loopwm.train import Trainer
     from loopwm.world_model import WorldModel
 
     cfg = task_config(task, seed, variant.overrides, protocol, data_path)
     seed_everything(cfg.seed, cfg.threads)
-    wm = WorldModel.from_config(cfg, *env_spaces(cfg))
+    wm = WorldModel.from_config(cfg, *env_spaces(cfg.env, cfg.seed))
     stats = train.stats()
     wm.set_obs_stats(stats["obs_mean"], stats["obs_std"])
     var = stats["obs_std"].pow(2)

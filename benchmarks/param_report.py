@@ -11,7 +11,8 @@ INTRO = """# Parameter efficiency: loopwm next to an observation-space MLP
 
 `benchmarks/param_efficiency.py`. Every variant of a task is trained on the same random-policy dataset and
 train split, for the same number of updates, and scored on the same 256 held-out sequences with the semantics
-of `loopwm eval` (`loopwm.evaluate.prediction_errors`): open-loop rollouts from the first observation with the
+of `loopwm eval` (`loopwm.analysis.prediction.prediction_errors`): open-loop rollouts from the first observation
+with the
 logged actions, squared error divided per dimension by the train split's variance and averaged over dimensions
 (1.0 = always predicting the mean). Errors are the mean ± std over model seeds (dataset, split and held-out
 sequences fixed). FLOPs are 2 × the analytic multiply-adds of one imagined environment step (`loopwm.flops`:

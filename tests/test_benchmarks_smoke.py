@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from loopwm.evaluate import prediction_errors
+from loopwm.analysis.prediction import prediction_errors
 from tests.helpers import tiny_model
 from tests.test_training import linear_dataset
 
