@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LINTED := loopwm envs agents tests benchmarks $(wildcard examples)
 
 .PHONY: install test demo clean
 
@@ -16,7 +17,8 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check loopwm envs agents tests benchmarks $(wildcard examples)
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)

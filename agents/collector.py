@@ -8,6 +8,7 @@ environment's current episode has) checkpoints; a resumed run restarts each envi
 episode from that seed, which continues the run exactly when the checkpoint was taken as every
 episode ended (fixed-length tasks such as Pendulum end them together).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -28,8 +29,10 @@ class VectorCollector:
 
     def __init__(self, envs: gym.vector.VectorEnv, replay: ReplayBuffer, seed: int):
         if envs.metadata.get("autoreset_mode") != gym.vector.AutoresetMode.DISABLED:
-            raise ValueError("VectorCollector needs a vector env made with autoreset_mode=AutoresetMode.DISABLED "
-                             f"(got {envs.metadata.get('autoreset_mode')}): it seeds every new episode itself")
+            raise ValueError(
+                "VectorCollector needs a vector env made with autoreset_mode=AutoresetMode.DISABLED "
+                f"(got {envs.metadata.get('autoreset_mode')}): it seeds every new episode itself"
+            )
         self.envs, self.replay, self.seed = envs, replay, seed
         self.num_envs = envs.num_envs
         self.episode_seeds = [seed + i for i in range(self.num_envs)]  # of each env's current episode
@@ -53,7 +56,8 @@ class VectorCollector:
             raise RuntimeError("VectorCollector.step before restart()")
         actions = policy(self.obs, self.starts)
         next_obs, rewards, terminated, truncated, _ = self.envs.step(
-            action_from_model(actions, self.envs.single_action_space))
+            action_from_model(actions, self.envs.single_action_space)
+        )
         self.replay.add_batch(self.obs, actions, rewards, next_obs, terminated, truncated, autoreset="disabled")
         self.returns += rewards
         done = terminated | truncated

@@ -3,6 +3,7 @@
 `loopwm.app.run` drives it (seed steps, then plan, act, store, update, evaluate); everything it holds
 checkpoints through `Agent.state_dict` and the trainer's own state.
 """
+
 from __future__ import annotations
 
 import time
@@ -43,8 +44,9 @@ class Agent:
         """n uniformly random actions in model units [n, A] (seeded by the agent's own generator)."""
         return random_model_actions(self.wm, self.rng, n)
 
-    def planned_action(self, obs: np.ndarray, *, eval_mode: bool, t0: bool | np.ndarray,
-                       batched: bool = False) -> np.ndarray:
+    def planned_action(
+        self, obs: np.ndarray, *, eval_mode: bool, t0: bool | np.ndarray, batched: bool = False
+    ) -> np.ndarray:
         """The planner's action for one observation (or, `batched`, for a batch in one call), in model units."""
         return self.planner.model_action(obs, eval_mode=eval_mode, t0=t0, batched=batched)
 
@@ -66,18 +68,26 @@ class Agent:
                     starts = latents[:-1].reshape(-1, latents.shape[-1])
                     imagined, _ = self.prior.imagined_return(self.wm, starts, self.value.target_value)
                 imagined = imagined.view(latents.shape[0] - 1, -1)
-            out.update({f"value/{k}": v for k, v in
-                        self.value.update(latents, batch["rewards"].to(device), continues, imagined=imagined).items()})
+            out.update(
+                {
+                    f"value/{k}": v
+                    for k, v in self.value.update(
+                        latents, batch["rewards"].to(device), continues, imagined=imagined
+                    ).items()
+                }
+            )
         if self.prior is not None:
             starts = latents[0]  # one start latent per sequence keeps the actor update cheap
             out.update({f"prior/{k}": v for k, v in self.prior.update(self.wm, starts, self.value).items()})
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"value": self.value.state_dict() if self.value else None,
-                "prior": self.prior.state_dict() if self.prior else None,
-                "planner": self.planner.state_dict(),
-                "rng": self.rng.bit_generator.state}
+        return {
+            "value": self.value.state_dict() if self.value else None,
+            "prior": self.prior.state_dict() if self.prior else None,
+            "planner": self.planner.state_dict(),
+            "rng": self.rng.bit_generator.state,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.value is not None:
@@ -88,8 +98,9 @@ class Agent:
         self.rng.bit_generator.state = state["rng"]
 
 
-def evaluate(agent: Agent, episodes: int, seed: int, video_dir: Optional[str] = None,
-             frames: bool = False) -> dict[str, Any]:
+def evaluate(
+    agent: Agent, episodes: int, seed: int, video_dir: Optional[str] = None, frames: bool = False
+) -> dict[str, Any]:
     """Return of the deterministic planner over `episodes` fresh evaluation episodes (rewards unclipped).
 
     Evaluation leaves every training RNG as it found it, so evaluating never changes what training does.
@@ -125,9 +136,12 @@ def _evaluate(agent: Agent, episodes: int, seed: int, video_dir: Optional[str], 
     fps = int(env.metadata.get("render_fps") or 30)
     env.close()
     agent.planner.reset()
-    result = {"return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)),
-              "returns": returns, "ms_per_decision": 1000.0 * plan_time / max(decisions, 1)}
+    result = {
+        "return_mean": float(np.mean(returns)),
+        "return_std": float(np.std(returns)),
+        "returns": returns,
+        "ms_per_decision": 1000.0 * plan_time / max(decisions, 1),
+    }
     if frames:
         result.update(frames=np.stack(video), fps=fps)  # the first episode, [T, H, W, 3]
     return result
-

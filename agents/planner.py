@@ -7,6 +7,7 @@ differ only in the elite weights (MPPI: softmax, CEM: uniform) and the action fa
 subclass plus one `@register_planner("name")` line; `build_planner` makes the one named by
 `planner.method`.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Literal, Optional
@@ -23,8 +24,7 @@ LatentFn = Callable[[Tensor], Tensor]
 Params = dict[str, Tensor]
 
 
-def discounted_return(rewards: Tensor, continues: Tensor, discount: float,
-                      terminal: Optional[Tensor] = None) -> Tensor:
+def discounted_return(rewards: Tensor, continues: Tensor, discount: float, terminal: Optional[Tensor] = None) -> Tensor:
     """G = Σ_k γ^k (Π_{j<k} c_j) r_k + γ^H (Π_k c_k) V(z_H) over dim 0 of [H, B] tensors; differentiable."""
     horizon = rewards.shape[0]
     gamma = discount ** torch.arange(horizon + 1, device=rewards.device, dtype=rewards.dtype)
@@ -70,7 +70,7 @@ class GaussianSampler:
         mean, std = params["mean"][:, 0], params["std"][:, 0]
         if eval_mode:
             return mean
-        std = (std ** 2 + exploration ** 2).sqrt()
+        std = (std**2 + exploration**2).sqrt()
         return (mean + std * torch.randn(mean.shape, generator=gen, device=mean.device)).clamp(-1, 1)
 
     def spread(self, params: Params) -> Tensor:
@@ -106,8 +106,10 @@ class CategoricalSampler:
 
     def _draw(self, probs: Tensor, k: int, gen: torch.Generator) -> Tensor:
         """k one-hot draws [M, k, A] from each row of concatenated group probabilities [M, A]."""
-        hots = [F.one_hot(torch.multinomial(probs[:, sl], k, replacement=True, generator=gen), sl.stop - sl.start)
-                for sl in self.slices]
+        hots = [
+            F.one_hot(torch.multinomial(probs[:, sl], k, replacement=True, generator=gen), sl.stop - sl.start)
+            for sl in self.slices
+        ]
         return torch.cat(hots, -1).to(probs.dtype)
 
     def sample(self, params: Params, k: int, gen: torch.Generator) -> Tensor:
@@ -125,8 +127,9 @@ class CategoricalSampler:
         """First action per env, one-hot per group: argmax in eval, else a sample mixed ε=`exploration` with uniform."""
         probs = params["probs"][:, 0]
         if eval_mode:
-            return torch.cat([F.one_hot(probs[:, sl].argmax(-1), sl.stop - sl.start) for sl in self.slices],
-                             -1).to(probs.dtype)
+            return torch.cat([F.one_hot(probs[:, sl].argmax(-1), sl.stop - sl.start) for sl in self.slices], -1).to(
+                probs.dtype
+            )
         probs = (1.0 - exploration) * probs + exploration / self.sizes.to(probs.device)
         return self._draw(probs, 1, gen)[:, 0]
 
@@ -152,11 +155,20 @@ class Planner:
     move to the refit with new = momentum · old + (1 − momentum) · fit.
     """
 
-    def __init__(self, wm: Any, cfg: PlannerConfig, value: Optional[LatentFn] = None,
-                 prior: Optional[LatentFn] = None, *, discount: float = 0.99,
-                 uncertainty: Literal["bound", "unconverged"] = "bound",
-                 exploration: float = 0.0, min_prob: float = 0.01, seed: Optional[int] = None,
-                 device: Optional[torch.device | str] = None):
+    def __init__(
+        self,
+        wm: Any,
+        cfg: PlannerConfig,
+        value: Optional[LatentFn] = None,
+        prior: Optional[LatentFn] = None,
+        *,
+        discount: float = 0.99,
+        uncertainty: Literal["bound", "unconverged"] = "bound",
+        exploration: float = 0.0,
+        min_prob: float = 0.01,
+        seed: Optional[int] = None,
+        device: Optional[torch.device | str] = None,
+    ):
         self.policy_samples = cfg.policy_samples if prior is not None else 0
         if not 0.0 <= discount <= 1.0:
             raise ValueError(f"discount={discount}: expected a value in [0, 1]")
@@ -167,8 +179,7 @@ class Planner:
         self.wm, self.cfg, self.value, self.prior, self.discount = wm, cfg, value, prior, discount
         self.uncertainty, self.exploration = uncertainty, exploration
         groups = getattr(wm, "action_groups", None) or (wm.action_dim,)
-        self.sampler = (CategoricalSampler(cfg, groups, min_prob) if wm.discrete
-                        else GaussianSampler(cfg, wm.action_dim))
+        self.sampler = CategoricalSampler(cfg, groups, min_prob) if wm.discrete else GaussianSampler(cfg, wm.action_dim)
         self.device = torch.device(device) if device is not None else _device_of(wm)
         self.gen = torch.Generator(device=self.device)
         if seed is None:
@@ -191,8 +202,9 @@ class Planner:
         self.prev = None if state["prev"] is None else {k: v.to(self.device) for k, v in state["prev"].items()}
 
     @torch.no_grad()
-    def model_action(self, obs: Any, *, eval_mode: bool = False, t0: bool | np.ndarray = False,
-                     batched: bool = False) -> np.ndarray:
+    def model_action(
+        self, obs: Any, *, eval_mode: bool = False, t0: bool | np.ndarray = False, batched: bool = False
+    ) -> np.ndarray:
         """The planned action in model units for one observation (or a batch when `batched`): a Box action
         in [-1, 1], or concatenated one-hots for a categorical one (float32)."""
         x = torch.as_tensor(np.asarray(obs), device=self.device)
@@ -202,8 +214,9 @@ class Planner:
         action = action.float().cpu().numpy()
         return action if batched else action[0]
 
-    def act(self, obs: Any, *, eval_mode: bool = False, t0: bool | np.ndarray = False,
-            batched: bool = False) -> np.ndarray | int:
+    def act(
+        self, obs: Any, *, eval_mode: bool = False, t0: bool | np.ndarray = False, batched: bool = False
+    ) -> np.ndarray | int:
         """Planned action for one observation (or a batch): Box -> array in [-1, 1], Discrete -> int,
         MultiDiscrete/MultiBinary -> one index per group."""
         action = self.model_action(obs, eval_mode=eval_mode, t0=t0, batched=batched)
@@ -293,11 +306,13 @@ PLANNERS: dict[str, type[Planner]] = {}
 
 def register_planner(name: str) -> Callable[[type[Planner]], type[Planner]]:
     """Class decorator: make a `Planner` subclass buildable as `planner.method: name`."""
+
     def add(cls: type[Planner]) -> type[Planner]:
         if name in PLANNERS and PLANNERS[name] is not cls:
             raise ValueError(f"a planner named {name!r} is already registered ({PLANNERS[name].__name__})")
         PLANNERS[name] = cls
         return cls
+
     return add
 
 
@@ -323,9 +338,18 @@ def check_planner(cfg: PlannerConfig) -> None:
         raise ConfigError(f"planner.method={cfg.method!r}: expected one of {sorted(PLANNERS)}")
 
 
-def build_planner(cfg: Config, wm: Any, value: Optional[LatentFn] = None, prior: Optional[LatentFn] = None, *,
-                  seed: Optional[int] = None, exploration: float = 0.0, **kwargs: Any) -> Planner:
+def build_planner(
+    cfg: Config,
+    wm: Any,
+    value: Optional[LatentFn] = None,
+    prior: Optional[LatentFn] = None,
+    *,
+    seed: Optional[int] = None,
+    exploration: float = 0.0,
+    **kwargs: Any,
+) -> Planner:
     """The planner named by `cfg.planner.method`, planning with the agent's one discount."""
     check_planner(cfg.planner)
-    return PLANNERS[cfg.planner.method](wm, cfg.planner, value, prior, discount=cfg.agent.discount, seed=seed,
-                                        exploration=exploration, **kwargs)
+    return PLANNERS[cfg.planner.method](
+        wm, cfg.planner, value, prior, discount=cfg.agent.discount, seed=seed, exploration=exploration, **kwargs
+    )

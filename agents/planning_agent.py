@@ -8,6 +8,7 @@
 `PlanningAgent` is a policy in the sense of `loopwm.envs.rollouts` (callable, with `reset`), so it plugs
 into `value_gap` and anything else that takes ``policy(obs) -> action``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,16 +33,21 @@ from .planner import Planner, build_planner
 from .value import PolicyPrior, ValueFunction
 
 
-def planning_parts(cfg: Config, wm: WorldModel, *, seed: Optional[int] = None
-                   ) -> tuple[Optional[ValueFunction], Optional[PolicyPrior], Planner]:
+def planning_parts(
+    cfg: Config, wm: WorldModel, *, seed: Optional[int] = None
+) -> tuple[Optional[ValueFunction], Optional[PolicyPrior], Planner]:
     """The value, policy prior and planner that `cfg.agent` and `cfg.planner` ask for, on `wm`'s device."""
     a, device = cfg.agent, wm.device
     value = ValueFunction(wm.latent_dim, a, device=device) if a.use_value else None
-    prior = (PolicyPrior(wm.latent_dim, wm.action_dim, wm.discrete, a, groups=wm.action_groups, device=device)
-             if a.use_policy_prior else None)
+    prior = (
+        PolicyPrior(wm.latent_dim, wm.action_dim, wm.discrete, a, groups=wm.action_groups, device=device)
+        if a.use_policy_prior
+        else None
+    )
     exploration = a.exploration_std if not wm.discrete else min(a.exploration_std, 1.0)
-    planner = build_planner(cfg, wm, value=value, prior=prior, seed=cfg.seed if seed is None else seed,
-                            exploration=exploration)
+    planner = build_planner(
+        cfg, wm, value=value, prior=prior, seed=cfg.seed if seed is None else seed, exploration=exploration
+    )
     return value, prior, planner
 
 
@@ -55,9 +61,17 @@ class PlanningAgent:
     exploration noise instead.
     """
 
-    def __init__(self, wm: WorldModel, planner: Planner, value: Optional[ValueFunction] = None,
-                 prior: Optional[PolicyPrior] = None, *, cfg: Optional[Config] = None,
-                 action_space: Optional[Space] = None, explore: bool = False):
+    def __init__(
+        self,
+        wm: WorldModel,
+        planner: Planner,
+        value: Optional[ValueFunction] = None,
+        prior: Optional[PolicyPrior] = None,
+        *,
+        cfg: Optional[Config] = None,
+        action_space: Optional[Space] = None,
+        explore: bool = False,
+    ):
         self.wm, self.planner, self.value, self.prior = wm, planner, value, prior
         self.cfg = cfg
         self.action_space = action_space if action_space is not None else model_action_space(wm.spec)
@@ -73,16 +87,23 @@ class PlanningAgent:
     def act(self, obs: Any) -> Union[np.ndarray, int]:
         """The planned action for one real observation, in the environment's own units."""
         obs = check_obs(obs, tuple(self.wm.spec.obs_shape), "observation given to act()")
-        action = action_from_model(self.planner.model_action(obs, eval_mode=not self.explore, t0=self._t0),
-                                   self.action_space)
+        action = action_from_model(
+            self.planner.model_action(obs, eval_mode=not self.explore, t0=self._t0), self.action_space
+        )
         self._t0 = False
         return int(action) if isinstance(self.action_space, Discrete) else action
 
     __call__ = act
 
 
-def load_agent(path: Union[str, Path], *, env: Union[None, str, gym.Env] = None, device: str = "cpu",
-               seed: Optional[int] = None, explore: bool = False) -> PlanningAgent:
+def load_agent(
+    path: Union[str, Path],
+    *,
+    env: Union[None, str, gym.Env] = None,
+    device: str = "cpu",
+    seed: Optional[int] = None,
+    explore: bool = False,
+) -> PlanningAgent:
     """Load a trained agent from a checkpoint file or a run folder: the model, and the planner, value and
     prior its run used.
 
@@ -97,15 +118,22 @@ def load_agent(path: Union[str, Path], *, env: Union[None, str, gym.Env] = None,
     if env is not None:
         real, owned = real_env(env, cfg)
         try:
-            check_compatible(wm.spec, real.observation_space, real.action_space,
-                             f"environment {real.spec.id if real.spec else real!s} (requested for {str(path)!r})")
+            check_compatible(
+                wm.spec,
+                real.observation_space,
+                real.action_space,
+                f"environment {real.spec.id if real.spec else real!s} (requested for {str(path)!r})",
+            )
             action_space = real.action_space
         finally:
             if owned:
                 real.close()
     if cfg.train.w_continue == 0:
-        warnings.warn(f"{str(path)!r} was trained with train.w_continue=0: its continue head is untrained, so the "
-                      "planner discounts every imagined step by about 0.5; retrain it", stacklevel=2)
+        warnings.warn(
+            f"{str(path)!r} was trained with train.w_continue=0: its continue head is untrained, so the "
+            "planner discounts every imagined step by about 0.5; retrain it",
+            stacklevel=2,
+        )
     state = run.agent or {}
     if not state:  # a bare model: no value or prior was trained
         cfg = dataclasses.replace(cfg, agent=dataclasses.replace(cfg.agent, use_value=False, use_policy_prior=False))

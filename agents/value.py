@@ -6,6 +6,7 @@ Both learn on world-model latents only. Shapes, with T the replay sequence lengt
     continues  [T, B]       1 - terminated_{t+1}; a time-limit truncation is not a termination
     mask       [T, B]       optional, 0 where o_{t+1} does not follow o_t (an episode boundary inside the sequence)
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,9 +27,15 @@ _LOG_STD_MIN, _LOG_STD_MAX = -5.0, 1.0
 
 def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """Two hidden layers with LayerNorm and SiLU (the TD-MPC2 layout)."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.SiLU(),
-                         nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.SiLU(),
-                         nn.Linear(hidden_dim, out_dim))
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim),
+        nn.LayerNorm(hidden_dim),
+        nn.SiLU(),
+        nn.Linear(hidden_dim, hidden_dim),
+        nn.LayerNorm(hidden_dim),
+        nn.SiLU(),
+        nn.Linear(hidden_dim, out_dim),
+    )
 
 
 def _step(optim: torch.optim.Optimizer, params: list[Tensor], grads: tuple[Tensor, ...], clip: float) -> float:
@@ -41,8 +48,9 @@ def _step(optim: torch.optim.Optimizer, params: list[Tensor], grads: tuple[Tenso
     return float(norm)
 
 
-def lambda_returns(rewards: Tensor, continues: Tensor, next_values: Tensor, discount: float, lam: float,
-                   mask: Optional[Tensor] = None) -> Tensor:
+def lambda_returns(
+    rewards: Tensor, continues: Tensor, next_values: Tensor, discount: float, lam: float, mask: Optional[Tensor] = None
+) -> Tensor:
     """λ-returns G_t = r_t + γ c_t ((1 − λ) V(z_{t+1}) + λ G_{t+1}) over [T, B] tensors, G_T = V(z_T).
 
     λ = 0 is TD(0); λ = 1 sums the sequence's rewards and bootstraps only at its end. Where mask_{t+1} is 0
@@ -66,8 +74,9 @@ class ValueFunction:
     updates rather than thousands.
     """
 
-    def __init__(self, latent_dim: int, cfg: AgentConfig, *, grad_clip: float = 10.0,
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self, latent_dim: int, cfg: AgentConfig, *, grad_clip: float = 10.0, device: torch.device | str = "cpu"
+    ):
         self.cfg, self.grad_clip = cfg, grad_clip
         self.net = _mlp(latent_dim, cfg.hidden_dim, 1).to(device)
         nn.init.zeros_(self.net[-1].weight)  # V starts at exactly zero: no spurious optimism before any data
@@ -84,8 +93,14 @@ class ValueFunction:
         """V_target(z): the slow copy, for bootstrapped targets."""
         return symexp(self.target(z).squeeze(-1))
 
-    def update(self, latents: Tensor, rewards: Tensor, continues: Tensor,
-               mask: Optional[Tensor] = None, imagined: Optional[Tensor] = None) -> dict[str, float]:
+    def update(
+        self,
+        latents: Tensor,
+        rewards: Tensor,
+        continues: Tensor,
+        mask: Optional[Tensor] = None,
+        imagined: Optional[Tensor] = None,
+    ) -> dict[str, float]:
         """One regression step towards λ-returns of a replay batch (shapes in the module docstring), then a
         Polyak target update. Errors are measured in symlog units.
 
@@ -93,8 +108,9 @@ class ValueFunction:
         return from z_t (Dreamer-style), which evaluates the improving policy rather than the data's.
         """
         latents = latents.detach()
-        target = lambda_returns(rewards, continues, self.target_value(latents[1:]), self.cfg.discount,
-                                self.cfg.value_lambda, mask)
+        target = lambda_returns(
+            rewards, continues, self.target_value(latents[1:]), self.cfg.discount, self.cfg.value_lambda, mask
+        )
         pred = self.net(latents[:-1]).squeeze(-1)
         err = (pred - symlog(target)) ** 2
         if imagined is not None:
@@ -126,10 +142,19 @@ class PolicyPrior:
     coefficient means the same for any reward scale. Only the actor's parameters are updated.
     """
 
-    def __init__(self, latent_dim: int, action_dim: int, discrete: bool, cfg: AgentConfig, *,
-                 groups: Optional[tuple[int, ...]] = None, lr: Optional[float] = None, grad_clip: float = 10.0,
-                 scale_decay: float = 0.99,
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        latent_dim: int,
+        action_dim: int,
+        discrete: bool,
+        cfg: AgentConfig,
+        *,
+        groups: Optional[tuple[int, ...]] = None,
+        lr: Optional[float] = None,
+        grad_clip: float = 10.0,
+        scale_decay: float = 0.99,
+        device: torch.device | str = "cpu",
+    ):
         self.cfg, self.discrete, self.action_dim = cfg, discrete, action_dim
         self.slices = group_slices(tuple(groups) if groups else (action_dim,))
         if discrete and self.slices[-1].stop != action_dim:
@@ -156,8 +181,8 @@ class PolicyPrior:
         log_std = _LOG_STD_MIN + 0.5 * (_LOG_STD_MAX - _LOG_STD_MIN) * (torch.tanh(log_std) + 1)
         eps = torch.randn_like(mu)
         action = torch.tanh(mu + log_std.exp() * eps)
-        log_prob = (-0.5 * eps ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-        log_prob = log_prob - torch.log((1 - action ** 2).clamp_min(1e-6)).sum(-1)
+        log_prob = (-0.5 * eps**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        log_prob = log_prob - torch.log((1 - action**2).clamp_min(1e-6)).sum(-1)
         return action, -log_prob
 
     @torch.no_grad()
@@ -170,8 +195,9 @@ class PolicyPrior:
         """The most likely action [B, A]: tanh(μ) for Box, the argmax one-hot for Discrete."""
         out = self.net(z)
         if self.discrete:
-            return torch.cat([F.one_hot(out[..., sl].argmax(-1), sl.stop - sl.start) for sl in self.slices],
-                             -1).to(out.dtype)
+            return torch.cat([F.one_hot(out[..., sl].argmax(-1), sl.stop - sl.start) for sl in self.slices], -1).to(
+                out.dtype
+            )
         return torch.tanh(out.chunk(2, -1)[0])
 
     def imagined_return(self, wm: Any, z: Tensor, value: Optional[LatentFn] = None) -> tuple[Tensor, Tensor]:
@@ -198,8 +224,12 @@ class PolicyPrior:
         loss = -(ret / self.scale.clamp_min(1.0)).mean() - self.entropy_coef * entropy.mean()
         params = list(self.net.parameters())
         norm = _step(self.optim, params, torch.autograd.grad(loss, params), self.grad_clip)
-        return {"prior_loss": loss.item(), "prior_return": ret.mean().item(),
-                "prior_entropy": entropy.mean().item(), "prior_grad_norm": norm}
+        return {
+            "prior_loss": loss.item(),
+            "prior_return": ret.mean().item(),
+            "prior_entropy": entropy.mean().item(),
+            "prior_grad_norm": norm,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """Network, optimiser state and the running return scale."""

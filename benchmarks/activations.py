@@ -1,7 +1,8 @@
 """Elementwise activation cost on this CPU: why the loop uses ReLU and the heads SiLU.
 
-    python benchmarks/activations.py
+python benchmarks/activations.py
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,14 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-ACTIVATIONS = {"relu": F.relu, "leaky_relu": F.leaky_relu, "silu": F.silu, "gelu": F.gelu, "tanh": torch.tanh,
-               "mish": F.mish}
+ACTIVATIONS = {
+    "relu": F.relu,
+    "leaky_relu": F.leaky_relu,
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "tanh": torch.tanh,
+    "mish": F.mish,
+}
 
 
 def median_us(fn, x: torch.Tensor, repeats: int, inner: int = 50) -> float:
@@ -41,9 +48,12 @@ def main() -> None:
     lines = ["| activation | 1 thread µs | 2 threads µs | × relu (1 thread) |", "| --- | ---: | ---: | ---: |"]
     for name in ACTIVATIONS:
         lines.append(f"| {name} | {rows[1][name]:.1f} | {rows[2][name]:.1f} | {rows[1][name] / rows[1]['relu']:.1f} |")
-    md = ("# Activation cost on a 256×256 float32 tensor\n\nMedian of "
-          f"{args.repeats} timings; torch {torch.__version__}; command `python benchmarks/activations.py`.\n\n"
-          + "\n".join(lines) + "\n")
+    md = (
+        "# Activation cost on a 256×256 float32 tensor\n\nMedian of "
+        f"{args.repeats} timings; torch {torch.__version__}; command `python benchmarks/activations.py`.\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "activations.json").write_text(json.dumps({"torch": torch.__version__, "us": rows}, indent=2))

@@ -1,4 +1,5 @@
 """Shared helpers for the benchmark scripts: timing, matmul peak, machine description, output files."""
+
 from __future__ import annotations
 
 import json
@@ -114,16 +115,18 @@ def matmul_peak(threads: int, repeats: int, sizes: Sequence[int] = (256, 512, 10
     for n in sizes:
         a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
         t = interleaved({"mm": lambda a=a, b=b, c=c: torch.mm(a, b, out=c)}, repeats, warmup=3)["mm"].wall
-        out[str(n)] = 2 * n ** 3 / median(t) / 1e9
+        out[str(n)] = 2 * n**3 / median(t) / 1e9
     return out
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub markdown table; floats from 100 up print as integers, smaller ones with three significant digits."""
+
     def cell(x: Any) -> str:
         if isinstance(x, float):
             return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
         return str(x)
+
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -131,13 +134,16 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def machine_md(info: dict[str, Any]) -> str:
     """The machine section of a markdown report."""
-    return "\n".join([
-        f"- CPU: {info['cpu_model']}, `nproc` = {info['nproc']}",
-        f"- torch {info['torch']}, Python {info['python']}; threading variables: {info['threading_env'] or 'none set'}",
-        f"- load average (1/5/15 min) at start {info['load_average_start']}, "
-        f"at end {info['load_average_end']}: other processes shared the cores, so timings are noisy",
-        f"- command: `{info['command']}`",
-    ])
+    return "\n".join(
+        [
+            f"- CPU: {info['cpu_model']}, `nproc` = {info['nproc']}",
+            f"- torch {info['torch']}, Python {info['python']}; "
+            f"threading variables: {info['threading_env'] or 'none set'}",
+            f"- load average (1/5/15 min) at start {info['load_average_start']}, "
+            f"at end {info['load_average_end']}: other processes shared the cores, so timings are noisy",
+            f"- command: `{info['command']}`",
+        ]
+    )
 
 
 def write_outputs(out_dir: Path, name: str, payload: dict[str, Any], markdown: str) -> None:

@@ -7,6 +7,7 @@ on fresh episodes. stable-baselines3 is a benchmark-only dependency (`pip instal
     python benchmarks/control.py --env pendulum --seeds 0 1 --steps 2000 4000 --sac
     python benchmarks/control.py --env halfcheetah --seeds 0 --steps 50000 --override planner.horizon=10 --tag h10
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,27 +23,52 @@ from loopwm.config import load_config
 
 from common import machine_info
 
-CONFIGS = {"pendulum": "configs/pendulum.yaml", "inverted_pendulum": "configs/inverted_pendulum.yaml",
-           "halfcheetah": "configs/halfcheetah.yaml"}
+CONFIGS = {
+    "pendulum": "configs/pendulum.yaml",
+    "inverted_pendulum": "configs/inverted_pendulum.yaml",
+    "halfcheetah": "configs/halfcheetah.yaml",
+}
 
 
-def loopwm_curve(env: str, seed: int, steps: list[int], eval_episodes: int, out: Path, threads: int,
-                 overrides: list[str], resume: bool, tag: str = "") -> dict:
+def loopwm_curve(
+    env: str,
+    seed: int,
+    steps: list[int],
+    eval_episodes: int,
+    out: Path,
+    threads: int,
+    overrides: list[str],
+    resume: bool,
+    tag: str = "",
+) -> dict:
     """One online run to max(steps), evaluated at every budget; returns {budget: (mean, std)} and timing.
 
     With `resume`, a run interrupted earlier continues from its last checkpoint (the wall time then
     counts this invocation only)."""
     every = int(np.gcd.reduce(steps))
     name = f"{env}-s{seed}" + (f"-{tag}" if tag else "")
-    cfg = load_config(CONFIGS[env], [f"seed={seed}", f"name={name}", f"run_dir={out}",
-                                      f"agent.total_steps={max(steps)}", f"agent.eval_every={every}",
-                                      f"agent.eval_episodes={eval_episodes}", f"threads={threads}",
-                                      f"resume={str(resume).lower()}", *overrides])
+    cfg = load_config(
+        CONFIGS[env],
+        [
+            f"seed={seed}",
+            f"name={name}",
+            f"run_dir={out}",
+            f"agent.total_steps={max(steps)}",
+            f"agent.eval_every={every}",
+            f"agent.eval_episodes={eval_episodes}",
+            f"threads={threads}",
+            f"resume={str(resume).lower()}",
+            *overrides,
+        ],
+    )
     start = time.perf_counter()
     summary = run(cfg, progress=False)
     curve = {int(s): (m, sd) for s, m, sd in summary["curve"]}
-    return {"curve": {s: curve[s] for s in steps if s in curve}, "seconds": time.perf_counter() - start,
-            "kappa": summary["kappa"]}
+    return {
+        "curve": {s: curve[s] for s in steps if s in curve},
+        "seconds": time.perf_counter() - start,
+        "kappa": summary["kappa"],
+    }
 
 
 def sac_curve(env: str, seed: int, steps: list[int], eval_episodes: int) -> dict:
@@ -65,8 +91,10 @@ def sac_curve(env: str, seed: int, steps: list[int], eval_episodes: int) -> dict
 
 
 def table(results: dict, steps: list[int]) -> str:
-    lines = ["| method | seed | " + " | ".join(f"{s} steps" for s in steps) + " | wall s |",
-             "| --- | --- | " + " | ".join("---" for _ in steps) + " | --- |"]
+    lines = [
+        "| method | seed | " + " | ".join(f"{s} steps" for s in steps) + " | wall s |",
+        "| --- | --- | " + " | ".join("---" for _ in steps) + " | --- |",
+    ]
     for method, runs in results.items():
         for seed, r in runs.items():
             cells = [f"{r['curve'][s][0]:.0f} ± {r['curve'][s][1]:.0f}" if s in r["curve"] else "–" for s in steps]
@@ -84,8 +112,13 @@ def main() -> None:
     parser.add_argument("--eval-episodes", type=int, default=5)
     parser.add_argument("--sac", action="store_true", help="also run stable-baselines3 SAC")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is robust on a shared machine)")
-    parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="config overrides for the loopwm runs, e.g. planner.samples=128")
+    parser.add_argument(
+        "--override",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides for the loopwm runs, e.g. planner.samples=128",
+    )
     parser.add_argument("--resume", action="store_true", help="continue interrupted loopwm runs from their checkpoints")
     parser.add_argument("--out", default="docs/benchmarks")
     parser.add_argument("--tag", default="", help="names a variant (with --override): its runs and report files get it")
@@ -94,8 +127,9 @@ def main() -> None:
     work = Path("benchmarks/out/control")
     results: dict = {"loopwm": {}}
     for seed in args.seeds:
-        results["loopwm"][seed] = loopwm_curve(args.env, seed, args.steps, args.eval_episodes, work, args.threads,
-                                                 args.override, args.resume, args.tag)
+        results["loopwm"][seed] = loopwm_curve(
+            args.env, seed, args.steps, args.eval_episodes, work, args.threads, args.override, args.resume, args.tag
+        )
         print(f"loopwm seed {seed}: {results['loopwm'][seed]['curve']}", flush=True)
     if args.sac:
         results["sac"] = {}
@@ -103,18 +137,29 @@ def main() -> None:
             results["sac"][seed] = sac_curve(args.env, seed, args.steps, args.eval_episodes)
             print(f"sac seed {seed}: {results['sac'][seed]['curve']}", flush=True)
     command = "python benchmarks/control.py " + " ".join(
-        [f"--env {args.env}", "--seeds " + " ".join(map(str, args.seeds)), "--steps " + " ".join(map(str, args.steps)),
-         f"--eval-episodes {args.eval_episodes}", f"--threads {args.threads}"] + (["--sac"] if args.sac else [])
-        + (["--override " + " ".join(args.override)] if args.override else []) + (["--resume"] if args.resume else [])
-        + ([f"--tag {args.tag}"] if args.tag else []))
+        [
+            f"--env {args.env}",
+            "--seeds " + " ".join(map(str, args.seeds)),
+            "--steps " + " ".join(map(str, args.steps)),
+            f"--eval-episodes {args.eval_episodes}",
+            f"--threads {args.threads}",
+        ]
+        + (["--sac"] if args.sac else [])
+        + (["--override " + " ".join(args.override)] if args.override else [])
+        + (["--resume"] if args.resume else [])
+        + ([f"--tag {args.tag}"] if args.tag else [])
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"env": args.env, "command": command, "machine": machine_info(), "results": results}
     stem = f"control_{args.env}" + (f"_{args.tag}" if args.tag else "")
     (out / f"{stem}.json").write_text(json.dumps(record, indent=2))
-    md = (f"# Online control on {args.env}\n\nEval return (mean ± std over {args.eval_episodes} deterministic "
-          f"episodes) at each environment-step budget.\n\nMachine: {record['machine']}\n\nCommand: `{command}`\n\n"
-          + table(results, args.steps) + "\n")
+    md = (
+        f"# Online control on {args.env}\n\nEval return (mean ± std over {args.eval_episodes} deterministic "
+        f"episodes) at each environment-step budget.\n\nMachine: {record['machine']}\n\nCommand: `{command}`\n\n"
+        + table(results, args.steps)
+        + "\n"
+    )
     (out / f"{stem}.md").write_text(md)
     print(md)
 

@@ -20,6 +20,7 @@ the plain Gram-chain bound it replaces, which squared W before any rescaling:
 
     .venv/bin/python benchmarks/core_speed.py
 """
+
 from __future__ import annotations
 
 import argparse
@@ -123,8 +124,11 @@ def weight_costs(core: LoopCore, repeats: int) -> dict[str, float]:
         no_grad = interleaved({"fresh": fresh, "cached": core.effective_weights}, repeats)
     with torch.enable_grad():
         grad = interleaved({"fresh": fresh}, repeats)
-    return {"no_grad_fresh": median(no_grad["fresh"].wall), "no_grad_cached": median(no_grad["cached"].wall),
-            "grad_fresh": median(grad["fresh"].wall)}
+    return {
+        "no_grad_fresh": median(no_grad["fresh"].wall),
+        "no_grad_cached": median(no_grad["cached"].wall),
+        "grad_fresh": median(grad["fresh"].wall),
+    }
 
 
 def legacy_bound(weight: Tensor, squarings: int = 4) -> Tensor:
@@ -174,10 +178,12 @@ def bound_costs(hidden: int, repeats: int) -> dict[str, Any]:
             "ratio_chain_f64_vs_f32_cpu": paired_ratio(cpu["chain_f64"], cpu["chain_f32"]),
         }
         m = out["modes"][mode]
-        print(f"bound cost hidden {hidden} {mode}: legacy {m['legacy_cpu_us']:.0f} µs, "
-              f"robust {m['robust_cpu_us']:.0f} µs CPU (×{m['ratio_robust_vs_legacy_cpu']:.2f}); "
-              f"chain f64/f32 ×{m['ratio_chain_f64_vs_f32_cpu']:.2f}",
-              flush=True)
+        print(
+            f"bound cost hidden {hidden} {mode}: legacy {m['legacy_cpu_us']:.0f} µs, "
+            f"robust {m['robust_cpu_us']:.0f} µs CPU (×{m['ratio_robust_vs_legacy_cpu']:.2f}); "
+            f"chain f64/f32 ×{m['ratio_chain_f64_vs_f32_cpu']:.2f}",
+            flush=True,
+        )
     return out
 
 
@@ -188,8 +194,13 @@ def measure(hidden: int, threads: int, loops: list[int], batch: int, repeats: in
     core = build_core(hidden)
     e = torch.randn(batch, core.cfg.inject_dim)
     weights = weight_costs(core, repeats)
-    result: dict[str, Any] = {"hidden": hidden, "width": core.block.out.weight.shape[1], "threads": threads,
-                              "weights_s": weights, "modes": {}}
+    result: dict[str, Any] = {
+        "hidden": hidden,
+        "width": core.block.out.weight.shape[1],
+        "threads": threads,
+        "weights_s": weights,
+        "modes": {},
+    }
     for mode in MODES:
         with mode_context(mode):
             fns = {f"{name}@{t}": fn for t in loops for name, fn in loop_variants(core, e, t).items()}
@@ -203,15 +214,17 @@ def measure(hidden: int, threads: int, loops: list[int], batch: int, repeats: in
         rows = []
         for t in loops:
             wall = {name: samples[f"{name}@{t}"].wall for name in ("run", "call", "mlp", "mlp+update")}
-            rows.append({
-                "loops": t,
-                **{f"{name}_per_loop_us": 1e6 * median(v) / t for name, v in wall.items()},
-                "ratio_run_vs_mlp": paired_ratio(wall["run"], wall["mlp"]),
-                "ratio_run_vs_mlp_cpu": paired_ratio(samples[f"run@{t}"].cpu, samples[f"mlp@{t}"].cpu),
-                "ratio_call_vs_mlp": paired_ratio(wall["call"], wall["mlp"]),
-                "ratio_run_vs_mlp_update": paired_ratio(wall["run"], wall["mlp+update"]),
-                "bound_calls_per_call": counts[t],
-            })
+            rows.append(
+                {
+                    "loops": t,
+                    **{f"{name}_per_loop_us": 1e6 * median(v) / t for name, v in wall.items()},
+                    "ratio_run_vs_mlp": paired_ratio(wall["run"], wall["mlp"]),
+                    "ratio_run_vs_mlp_cpu": paired_ratio(samples[f"run@{t}"].cpu, samples[f"mlp@{t}"].cpu),
+                    "ratio_call_vs_mlp": paired_ratio(wall["call"], wall["mlp"]),
+                    "ratio_run_vs_mlp_update": paired_ratio(wall["run"], wall["mlp+update"]),
+                    "bound_calls_per_call": counts[t],
+                }
+            )
         call_times = np.array([median(samples[f"call@{t}"].wall) for t in loops])
         slope, intercept = np.polyfit(np.array(loops, dtype=float), call_times, 1)
         paid_s = weights["no_grad_cached" if mode == "no_grad" else "grad_fresh"]
@@ -222,12 +235,18 @@ def measure(hidden: int, threads: int, loops: list[int], batch: int, repeats: in
             "fit_slope_us": 1e6 * slope,
             "prepare_us": 1e6 * median(samples["prepare"].wall),
             "weights_per_call_us": 1e6 * paid_s,
-            "per_loop_recompute_ratio": median([(r["run_per_loop_us"] + 1e6 * fresh_s) / r["mlp_per_loop_us"]
-                                                for r in rows]),
+            "per_loop_recompute_ratio": median(
+                [(r["run_per_loop_us"] + 1e6 * fresh_s) / r["mlp_per_loop_us"] for r in rows]
+            ),
         }
-        print(f"hidden {hidden} threads {threads} {mode}: "
-              + ", ".join(f"T={r['loops']} run/mlp {r['ratio_run_vs_mlp']:.2f} (CPU {r['ratio_run_vs_mlp_cpu']:.2f})"
-                          for r in rows), flush=True)
+        print(
+            f"hidden {hidden} threads {threads} {mode}: "
+            + ", ".join(
+                f"T={r['loops']} run/mlp {r['ratio_run_vs_mlp']:.2f} (CPU {r['ratio_run_vs_mlp_cpu']:.2f})"
+                for r in rows
+            ),
+            flush=True,
+        )
     return result
 
 
@@ -258,15 +277,32 @@ def markdown(payload: dict[str, Any]) -> str:
         "Ratios of wall-clock time, and of process CPU time (which leaves out time the scheduler gave to other "
         "processes; with 2 threads it includes threads spinning while they wait).",
         "",
-        md_table(["threads", "H → W → H", "mode", *[f"wall T = {t}" for t in payload["loops"]], "wall ≤ 1.5?",
-                  *[f"CPU T = {t}" for t in payload["loops"]], "CPU ≤ 1.5?", "bound calls per call"],
-                 [[res["threads"], f"{res['hidden']} → {res['width']} → {res['hidden']}", mode,
-                   *[r["ratio_run_vs_mlp"] for r in m["rows"]],
-                   "yes" if all(r["ratio_run_vs_mlp"] <= 1.5 for r in m["rows"]) else "no",
-                   *[r["ratio_run_vs_mlp_cpu"] for r in m["rows"]],
-                   "yes" if all(r["ratio_run_vs_mlp_cpu"] <= 1.5 for r in m["rows"]) else "no",
-                   ", ".join(sorted({str(r["bound_calls_per_call"]) for r in m["rows"]}))]
-                  for res in payload["results"] for mode, m in res["modes"].items()]),
+        md_table(
+            [
+                "threads",
+                "H → W → H",
+                "mode",
+                *[f"wall T = {t}" for t in payload["loops"]],
+                "wall ≤ 1.5?",
+                *[f"CPU T = {t}" for t in payload["loops"]],
+                "CPU ≤ 1.5?",
+                "bound calls per call",
+            ],
+            [
+                [
+                    res["threads"],
+                    f"{res['hidden']} → {res['width']} → {res['hidden']}",
+                    mode,
+                    *[r["ratio_run_vs_mlp"] for r in m["rows"]],
+                    "yes" if all(r["ratio_run_vs_mlp"] <= 1.5 for r in m["rows"]) else "no",
+                    *[r["ratio_run_vs_mlp_cpu"] for r in m["rows"]],
+                    "yes" if all(r["ratio_run_vs_mlp_cpu"] <= 1.5 for r in m["rows"]) else "no",
+                    ", ".join(sorted({str(r["bound_calls_per_call"]) for r in m["rows"]})),
+                ]
+                for res in payload["results"]
+                for mode, m in res["modes"].items()
+            ],
+        ),
         "",
     ]
     for res in payload["results"]:
@@ -279,15 +315,39 @@ def markdown(payload: dict[str, Any]) -> str:
             "",
         ]
         for mode, m in res["modes"].items():
-            rows = [[r["loops"], r["run_per_loop_us"], r["call_per_loop_us"], r["mlp_per_loop_us"],
-                     r["mlp+update_per_loop_us"], r["ratio_run_vs_mlp"], r["ratio_run_vs_mlp_cpu"],
-                     r["ratio_call_vs_mlp"], r["ratio_run_vs_mlp_update"], r["bound_calls_per_call"]]
-                    for r in m["rows"]]
+            rows = [
+                [
+                    r["loops"],
+                    r["run_per_loop_us"],
+                    r["call_per_loop_us"],
+                    r["mlp_per_loop_us"],
+                    r["mlp+update_per_loop_us"],
+                    r["ratio_run_vs_mlp"],
+                    r["ratio_run_vs_mlp_cpu"],
+                    r["ratio_call_vs_mlp"],
+                    r["ratio_run_vs_mlp_update"],
+                    r["bound_calls_per_call"],
+                ]
+                for r in m["rows"]
+            ]
             lines += [
                 f"### {mode}",
                 "",
-                md_table(["T", "run µs/loop", "call µs/loop", "mlp µs/loop", "mlp+update µs/loop",
-                          "run/mlp", "run/mlp (CPU)", "call/mlp", "run/(mlp+update)", "bound calls per call"], rows),
+                md_table(
+                    [
+                        "T",
+                        "run µs/loop",
+                        "call µs/loop",
+                        "mlp µs/loop",
+                        "mlp+update µs/loop",
+                        "run/mlp",
+                        "run/mlp (CPU)",
+                        "call/mlp",
+                        "run/(mlp+update)",
+                        "bound calls per call",
+                    ],
+                    rows,
+                ),
                 "",
                 f"Fit call(T) ≈ a + b·T: a = {m['fit_intercept_us']:.0f} µs, b = {m['fit_slope_us']:.0f} µs/loop; "
                 f"`prepare` alone {m['prepare_us']:.0f} µs, of which the weights {m['weights_per_call_us']:.0f} µs "
@@ -300,11 +360,24 @@ def markdown(payload: dict[str, Any]) -> str:
 
 def bound_markdown(payload: dict[str, Any]) -> list[str]:
     """The certificate's cost per forward: legacy against robust weights, float32 against float64 chains."""
-    rows = [[b["hidden"], " + ".join("×".join(map(str, s)) for s in b["shapes"]), mode,
-             m["legacy_us"], m["robust_us"], m["ratio_robust_vs_legacy"],
-             m["legacy_cpu_us"], m["robust_cpu_us"], m["ratio_robust_vs_legacy_cpu"],
-             m["chain_f32_cpu_us"], m["chain_f64_cpu_us"], m["ratio_chain_f64_vs_f32_cpu"]]
-            for b in payload["bound_costs"] for mode, m in b["modes"].items()]
+    rows = [
+        [
+            b["hidden"],
+            " + ".join("×".join(map(str, s)) for s in b["shapes"]),
+            mode,
+            m["legacy_us"],
+            m["robust_us"],
+            m["ratio_robust_vs_legacy"],
+            m["legacy_cpu_us"],
+            m["robust_cpu_us"],
+            m["ratio_robust_vs_legacy_cpu"],
+            m["chain_f32_cpu_us"],
+            m["chain_f64_cpu_us"],
+            m["ratio_chain_f64_vs_f32_cpu"],
+        ]
+        for b in payload["bound_costs"]
+        for mode, m in b["modes"].items()
+    ]
     return [
         "## The certificate's cost per forward (one thread)",
         "",
@@ -316,9 +389,23 @@ def bound_markdown(payload: dict[str, Any]) -> list[str]:
         "and of process CPU time (which leaves out time the scheduler gave to other processes); ratios are medians "
         "of per-round ratios.",
         "",
-        md_table(["hidden", "maps (out×in)", "mode", "legacy µs", "robust µs", "robust/legacy",
-                  "legacy CPU µs", "robust CPU µs", "robust/legacy CPU", "chain f32 CPU µs", "chain f64 CPU µs",
-                  "f64/f32 CPU"], rows),
+        md_table(
+            [
+                "hidden",
+                "maps (out×in)",
+                "mode",
+                "legacy µs",
+                "robust µs",
+                "robust/legacy",
+                "legacy CPU µs",
+                "robust CPU µs",
+                "robust/legacy CPU",
+                "chain f32 CPU µs",
+                "chain f64 CPU µs",
+                "f64/f32 CPU",
+            ],
+            rows,
+        ),
         "",
     ]
 
@@ -330,8 +417,13 @@ def main() -> None:
     parser.add_argument("--loops", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--hidden", type=int, nargs="+", default=[128, 256], help="model.hidden_dim values")
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
-    parser.add_argument("--bound-hidden", type=int, nargs="+", default=[128, 512],
-                        help="model.hidden_dim values for the certificate's cost per forward (one thread)")
+    parser.add_argument(
+        "--bound-hidden",
+        type=int,
+        nargs="+",
+        default=[128, 512],
+        help="model.hidden_dim values for the certificate's cost per forward (one thread)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for core_speed.json/.md")
     args = parser.parse_args()
     info = machine_info()
@@ -340,8 +432,15 @@ def main() -> None:
     bounds = [bound_costs(h, args.repeats) for h in args.bound_hidden]
     info["load_average_end"] = load_average()
     info["command"] = command()
-    payload = {"machine": info, "batch": args.batch, "repeats": args.repeats, "loops": args.loops,
-               "config": "configs/pendulum.yaml", "results": results, "bound_costs": bounds}
+    payload = {
+        "machine": info,
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "loops": args.loops,
+        "config": "configs/pendulum.yaml",
+        "results": results,
+        "bound_costs": bounds,
+    }
     write_outputs(args.out, "core_speed", payload, markdown(payload))
 
 

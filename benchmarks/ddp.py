@@ -10,6 +10,7 @@ and also over the whole launch (start-up, dataset loading and the held-out evalu
 
     .venv/bin/python benchmarks/ddp.py --updates 300
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,9 +40,16 @@ VARIANTS = {  # name: (processes, threads per process)
 def launch(name: str, processes: int, threads: int, args: argparse.Namespace, data: Path) -> dict[str, Any]:
     """One `loopwm train` run (under torchrun when processes > 1); returns its timings and logged losses."""
     run_name = f"p{processes}t{threads}"
-    overrides = [f"name={run_name}", f"run_dir={WORK / 'runs'}", f"data.path={data}", "device=cpu",
-                 f"threads={threads}", f"train.updates={args.updates}", f"train.log_every={args.log_every}",
-                 f"train.checkpoint_every={args.updates}"]
+    overrides = [
+        f"name={run_name}",
+        f"run_dir={WORK / 'runs'}",
+        f"data.path={data}",
+        "device=cpu",
+        f"threads={threads}",
+        f"train.updates={args.updates}",
+        f"train.log_every={args.log_every}",
+        f"train.checkpoint_every={args.updates}",
+    ]
     cli = ["-m", "loopwm", "train", "-q", str(CONFIG), *overrides]
     if processes > 1:
         cli = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *cli]
@@ -53,33 +61,55 @@ def launch(name: str, processes: int, threads: int, args: argparse.Namespace, da
     cfg = load_config(CONFIG)
     per_update = cfg.train.batch_size * cfg.train.horizon
     rates = [r["perf/transitions_per_s"] / per_update for r in rows]
-    return {"processes": processes, "threads": threads, "wall_s": wall, "updates": args.updates,
-            "updates_per_s_in_update": sorted(rates)[len(rates) // 2],  # median over logging windows
-            "updates_per_s_wall": args.updates / wall,
-            "loss": [[r["step"], r["loss/total"]] for r in rows]}
+    return {
+        "processes": processes,
+        "threads": threads,
+        "wall_s": wall,
+        "updates": args.updates,
+        "updates_per_s_in_update": sorted(rates)[len(rates) // 2],  # median over logging windows
+        "updates_per_s_wall": args.updates / wall,
+        "loss": [[r["step"], r["loss/total"]] for r in rows],
+    }
 
 
 def markdown(payload: dict[str, Any]) -> str:
     runs = payload["runs"]
     base = runs["1 process, 1 thread"]["updates_per_s_in_update"]
-    speed = md_table(["variant", "updates/s (inside update)", "× 1 process", "updates/s (whole launch)", "wall s"],
-                     [[name, r["updates_per_s_in_update"], r["updates_per_s_in_update"] / base,
-                       r["updates_per_s_wall"], r["wall_s"]] for name, r in runs.items()])
+    speed = md_table(
+        ["variant", "updates/s (inside update)", "× 1 process", "updates/s (whole launch)", "wall s"],
+        [
+            [
+                name,
+                r["updates_per_s_in_update"],
+                r["updates_per_s_in_update"] / base,
+                r["updates_per_s_wall"],
+                r["wall_s"],
+            ]
+            for name, r in runs.items()
+        ],
+    )
     names = list(runs)
     steps = [s for s, _ in runs[names[0]]["loss"]]
     curves = {name: dict(map(tuple, r["loss"])) for name, r in runs.items()}
-    loss = md_table(["update", *[f"loss/total: {n}" for n in names]],
-                    [[s, *[curves[n].get(s, float("nan")) for n in names]] for s in steps])
-    return "\n\n".join([
-        "# Data-parallel training on 2 cores",
-        __doc__.split("\n\n")[1].replace("\n", " "),
-        f"Dataset: {payload['dataset_steps']} random Pendulum-v1 transitions (`loopwm collect`); "
-        f"{payload['updates']} updates per variant, losses logged every {payload['log_every']} updates "
-        "(the mean over those updates; the 2-process value is averaged over both processes).",
-        "## Speed", speed,
-        "## Loss curves (same global batch and seed; the 2-process run samples from two streams)", loss,
-        "## Machine", machine_md(payload["machine"]),
-    ])
+    loss = md_table(
+        ["update", *[f"loss/total: {n}" for n in names]],
+        [[s, *[curves[n].get(s, float("nan")) for n in names]] for s in steps],
+    )
+    return "\n\n".join(
+        [
+            "# Data-parallel training on 2 cores",
+            __doc__.split("\n\n")[1].replace("\n", " "),
+            f"Dataset: {payload['dataset_steps']} random Pendulum-v1 transitions (`loopwm collect`); "
+            f"{payload['updates']} updates per variant, losses logged every {payload['log_every']} updates "
+            "(the mean over those updates; the 2-process value is averaged over both processes).",
+            "## Speed",
+            speed,
+            "## Loss curves (same global batch and seed; the 2-process run samples from two streams)",
+            loss,
+            "## Machine",
+            machine_md(payload["machine"]),
+        ]
+    )
 
 
 def main() -> None:
@@ -97,8 +127,14 @@ def main() -> None:
     runs = {name: launch(name, p, t, args, data) for name, (p, t) in VARIANTS.items()}
     info["load_average_end"] = load_average()
     info["command"] = command()
-    payload = {"machine": info, "config": "configs/pendulum.yaml", "updates": args.updates,
-               "log_every": args.log_every, "dataset_steps": args.dataset_steps, "runs": runs}
+    payload = {
+        "machine": info,
+        "config": "configs/pendulum.yaml",
+        "updates": args.updates,
+        "log_every": args.log_every,
+        "dataset_steps": args.dataset_steps,
+        "runs": runs,
+    }
     write_outputs(args.out, "ddp", payload, markdown(payload))
 
 

@@ -13,6 +13,7 @@ so a variant that stops flipping points at the planner, not at what the model le
     .venv/bin/python benchmarks/halfcheetah_flips.py CKPT [CKPT ...] --episodes 3 \\
         --variant eval --variant train --variant eval:planner.horizon=10,planner.samples=128,planner.elites=16
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,16 +77,22 @@ def replay_report(agent: Agent, parts: int = 4) -> dict[str, Any]:
     obs = torch.as_tensor(np.concatenate([episode["obs"] for episode in agent.replay.episodes()])).float()
     flipped = obs[:, PITCH].abs() > FLIP_PITCH
     with torch.no_grad():
-        value = torch.cat([agent.value(agent.wm.encode(obs[i:i + 4096])).flatten()
-                           for i in range(0, len(obs), 4096)])
+        value = torch.cat([agent.value(agent.wm.encode(obs[i : i + 4096])).flatten() for i in range(0, len(obs), 4096)])
     bounds = np.linspace(0, len(obs), parts + 1).astype(int)
     groups = {"upright": ~flipped, "upright, speed > 5": ~flipped & (obs[:, SPEED] > 5), "flipped": flipped}
     return {
         "states": len(obs),
-        "flipped_share_by_part": [[int(a), int(b), float(flipped[a:b].float().mean())]
-                                  for a, b in zip(bounds[:-1], bounds[1:])],
-        "value": {k: {"n": int(m.sum()), "value": float(value[m].mean()) if m.any() else None,
-                      "speed": float(obs[m, SPEED].mean()) if m.any() else None} for k, m in groups.items()},
+        "flipped_share_by_part": [
+            [int(a), int(b), float(flipped[a:b].float().mean())] for a, b in zip(bounds[:-1], bounds[1:])
+        ],
+        "value": {
+            k: {
+                "n": int(m.sum()),
+                "value": float(value[m].mean()) if m.any() else None,
+                "speed": float(obs[m, SPEED].mean()) if m.any() else None,
+            }
+            for k, m in groups.items()
+        },
     }
 
 
@@ -93,8 +100,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoints", nargs="+", type=Path)
     parser.add_argument("--episodes", type=int, default=3)
-    parser.add_argument("--variant", action="append", default=[], metavar="MODE[:planner.KEY=VALUE,...]",
-                        help="eval or train, with optional planner overrides; repeatable (default: eval)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="MODE[:planner.KEY=VALUE,...]",
+        help="eval or train, with optional planner overrides; repeatable (default: eval)",
+    )
     parser.add_argument("--seed", type=int, default=900, help="first episode seed (fresh episodes)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -117,30 +129,52 @@ def main() -> None:
             eps = episodes(agent, env, args.episodes, mode == "eval", args.seed)
             returns = [e["return"] for e in eps]
             flips = [e["flipped_at"] for e in eps]
-            results.append({"checkpoint": str(path), "step": step, "mode": mode, "planner": text or "config",
-                            "episodes": eps})
-            rows.append([step, mode, text or "config", f"{np.mean(returns):.0f}",
-                         ", ".join(f"{r:.0f}" for r in returns),
-                         f"{sum(f is not None for f in flips)}/{len(flips)}",
-                         ", ".join("–" if f is None else str(f) for f in flips)])
+            results.append(
+                {"checkpoint": str(path), "step": step, "mode": mode, "planner": text or "config", "episodes": eps}
+            )
+            rows.append(
+                [
+                    step,
+                    mode,
+                    text or "config",
+                    f"{np.mean(returns):.0f}",
+                    ", ".join(f"{r:.0f}" for r in returns),
+                    f"{sum(f is not None for f in flips)}/{len(flips)}",
+                    ", ".join("–" if f is None else str(f) for f in flips),
+                ]
+            )
             print(rows[-1], flush=True)
         results.append({"checkpoint": str(path), "step": step, "replay": replay})
         env.close()
     info.update(command=command(), load_average_end=load_average())
-    replay_rows = [[r["step"], r["replay"]["states"],
-                    ", ".join(f"{share:.2f}" for _, _, share in r["replay"]["flipped_share_by_part"]),
-                    *(f"{g['value']:.0f} (n={g['n']})" if g["value"] is not None else "–"
-                      for g in r["replay"]["value"].values())]
-                   for r in results if "replay" in r]
-    md = "\n\n".join([
-        "# HalfCheetah: flips, by checkpoint and planner setting",
-        "Episodes replayed with each saved agent (seeds from {}); *flipped at* is the first step with "
-        "|rooty| > {} rad.".format(args.seed, FLIP_PITCH),
-        md_table(["run step", "mode", "planner", "mean return", "returns", "flipped", "flipped at"], rows),
-        "Replay buffer: flipped share of the states in each quarter of the run, and the learned value.",
-        md_table(["run step", "states", "flipped share by quarter", "V upright", "V upright, speed > 5",
-                  "V flipped"], replay_rows),
-        "## Machine", machine_md(info)])
+    replay_rows = [
+        [
+            r["step"],
+            r["replay"]["states"],
+            ", ".join(f"{share:.2f}" for _, _, share in r["replay"]["flipped_share_by_part"]),
+            *(
+                f"{g['value']:.0f} (n={g['n']})" if g["value"] is not None else "–"
+                for g in r["replay"]["value"].values()
+            ),
+        ]
+        for r in results
+        if "replay" in r
+    ]
+    md = "\n\n".join(
+        [
+            "# HalfCheetah: flips, by checkpoint and planner setting",
+            "Episodes replayed with each saved agent (seeds from {}); *flipped at* is the first step with "
+            "|rooty| > {} rad.".format(args.seed, FLIP_PITCH),
+            md_table(["run step", "mode", "planner", "mean return", "returns", "flipped", "flipped at"], rows),
+            "Replay buffer: flipped share of the states in each quarter of the run, and the learned value.",
+            md_table(
+                ["run step", "states", "flipped share by quarter", "V upright", "V upright, speed > 5", "V flipped"],
+                replay_rows,
+            ),
+            "## Machine",
+            machine_md(info),
+        ]
+    )
     write_outputs(args.out, "halfcheetah_flips", {"machine": info, "results": results}, md)
 
 

@@ -4,6 +4,7 @@ Inputs are the observation normalised by the train split's statistics and the ac
 ([−1, 1] for a Box); the output is the observation delta normalised by its own train statistics, fitted with a
 1-step squared loss; rollouts add the de-normalised delta to the previous (predicted) observation.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -66,8 +67,9 @@ class ObsMLP(nn.Module):
         return sum(m.weight.numel() for m in self.net if isinstance(m, nn.Linear))
 
 
-def fit_obs_mlp(model: ObsMLP, data: ReplayBuffer, batch: int, rng: np.random.Generator,
-                lr: float = 1e-3) -> Callable[[], float]:
+def fit_obs_mlp(
+    model: ObsMLP, data: ReplayBuffer, batch: int, rng: np.random.Generator, lr: float = 1e-3
+) -> Callable[[], float]:
     """A function doing one Adam step of the 1-step loss on a fresh batch of transitions; returns the loss."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
 

@@ -22,6 +22,7 @@ is rebuilt from the whole JSON.
     python benchmarks/param_efficiency.py --task pendulum --variants loopwm obs-mlp --seeds 0 --eval-at 250 500 1000
     python benchmarks/param_efficiency.py --smoke --out /tmp/pe --docs /tmp/pe      # seconds, tiny sizes
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,11 @@ from loopwm.replay import ReplayBuffer
 
 from common import REPO, command, machine_info
 
-TASKS = {"pendulum": ("configs/pendulum.yaml", 2000), "halfcheetah": ("configs/halfcheetah.yaml", 1000),
-         "hopper": ("configs/hopper.yaml", 1000)}
+TASKS = {
+    "pendulum": ("configs/pendulum.yaml", 2000),
+    "halfcheetah": ("configs/halfcheetah.yaml", 1000),
+    "hopper": ("configs/hopper.yaml", 1000),
+}
 """Each task's config and its default number of updates (the reference MLP measurements used these)."""
 HORIZONS = (1, 10, 50)
 SEQUENCES = 256
@@ -56,7 +60,7 @@ class Variant:
     """A model to compare: a loopwm config (overrides on the task's YAML) or the observation-space MLP."""
 
     name: str
-    kind: str = "loopwm"                      # "loopwm" or "obs-mlp"
+    kind: str = "loopwm"  # "loopwm" or "obs-mlp"
     overrides: list[str] = field(default_factory=list)
     note: str = ""
 
@@ -66,20 +70,38 @@ PLAIN_LOOP = ["train.loop_sampling=fixed", "train.w_deep=0", "train.w_gate=0", "
 DELTA_DESIGN = ["model.obs_decoder=delta", "model.latent_update=residual", "train.w_delta=10", "train.w_obs=10"]
 """Observation-space design: the delta decoder, the residual latent update and observation-space weights."""
 
-VARIANTS = {v.name: v for v in [
-    Variant("loopwm", note="configs/<task>.yaml as shipped"),
-    Variant("obs-mlp", kind="obs-mlp", note="4x200 SiLU, normalised delta, 1-step loss"),
-    Variant("loopwm-plain", overrides=PLAIN_LOOP,
-            note="the shipped latent design, trained at model.loops without deep supervision, extra loops or gate"),
-    Variant("loopwm+delta+plain", overrides=[*DELTA_DESIGN, *PLAIN_LOOP],
-            note="delta decoder, residual latent, observation weights 10, plain loop objective"),
-    Variant("loopwm-delta", overrides=["model.obs_decoder=delta"],
-            note="delta decoder: o_k = o_{k-1} + D(z_{k-1}, z_k), chained from the true first observation"),
-    Variant("loopwm-residual", overrides=["model.latent_update=residual"],
-            note="residual latent: z_k = LN(z_{k-1} + C(h))"),
-    Variant("loopwm-delta-residual", overrides=["model.obs_decoder=delta", "model.latent_update=residual"],
-            note="delta decoder and residual latent"),
-]}
+VARIANTS = {
+    v.name: v
+    for v in [
+        Variant("loopwm", note="configs/<task>.yaml as shipped"),
+        Variant("obs-mlp", kind="obs-mlp", note="4x200 SiLU, normalised delta, 1-step loss"),
+        Variant(
+            "loopwm-plain",
+            overrides=PLAIN_LOOP,
+            note="the shipped latent design, trained at model.loops without deep supervision, extra loops or gate",
+        ),
+        Variant(
+            "loopwm+delta+plain",
+            overrides=[*DELTA_DESIGN, *PLAIN_LOOP],
+            note="delta decoder, residual latent, observation weights 10, plain loop objective",
+        ),
+        Variant(
+            "loopwm-delta",
+            overrides=["model.obs_decoder=delta"],
+            note="delta decoder: o_k = o_{k-1} + D(z_{k-1}, z_k), chained from the true first observation",
+        ),
+        Variant(
+            "loopwm-residual",
+            overrides=["model.latent_update=residual"],
+            note="residual latent: z_k = LN(z_{k-1} + C(h))",
+        ),
+        Variant(
+            "loopwm-delta-residual",
+            overrides=["model.obs_decoder=delta", "model.latent_update=residual"],
+            note="delta decoder and residual latent",
+        ),
+    ]
+}
 
 
 @dataclass
@@ -99,11 +121,25 @@ def log(msg: str) -> None:
 
 def task_config(task: str, seed: int, overrides: list[str], protocol: Protocol, data_path: Path) -> Config:
     """The task's YAML with the protocol's and the variant's overrides: one thread, CPU, fixed updates."""
-    base = [f"seed={seed}", "threads=1", "device=cpu", f"train.updates={protocol.updates}",
-            f"data.path={data_path}", f"data.steps={protocol.steps}", "data.policy=random", "env.num_envs=1"]
+    base = [
+        f"seed={seed}",
+        "threads=1",
+        "device=cpu",
+        f"train.updates={protocol.updates}",
+        f"data.path={data_path}",
+        f"data.steps={protocol.steps}",
+        "data.policy=random",
+        "env.num_envs=1",
+    ]
     if protocol.smoke:
-        base += ["model.latent_dim=8", "model.hidden_dim=16", "model.inject_dim=16", "model.mlp_dim=16",
-                 "train.batch_size=8", "train.horizon=3"]
+        base += [
+            "model.latent_dim=8",
+            "model.hidden_dim=16",
+            "model.inject_dim=16",
+            "model.mlp_dim=16",
+            "train.batch_size=8",
+            "train.horizon=3",
+        ]
     return load_config(REPO / TASKS[task][0], [*base, *overrides])
 
 
@@ -121,10 +157,19 @@ def dataset(task: str, protocol: Protocol, out: Path) -> tuple[ReplayBuffer, Rep
         buffer = collect(cfg, progress=False)
         seconds = round(time.perf_counter() - start, 1)
     train, val = buffer.split(cfg.train.val_fraction, seed=SPLIT_SEED)
-    info = {"env": cfg.env.id, "policy": "random", "transitions": len(buffer), "episodes": buffer.num_episodes,
-            "seed": DATA_SEED, "split_seed": SPLIT_SEED, "val_fraction": cfg.train.val_fraction,
-            "train_transitions": len(train), "val_transitions": len(val), "val_episodes": val.num_episodes,
-            "collect_seconds": seconds}
+    info = {
+        "env": cfg.env.id,
+        "policy": "random",
+        "transitions": len(buffer),
+        "episodes": buffer.num_episodes,
+        "seed": DATA_SEED,
+        "split_seed": SPLIT_SEED,
+        "val_fraction": cfg.train.val_fraction,
+        "train_transitions": len(train),
+        "val_transitions": len(val),
+        "val_episodes": val.num_episodes,
+        "collect_seconds": seconds,
+    }
     return train, val, info
 
 
@@ -143,8 +188,9 @@ def horizon_means(err: torch.Tensor, horizons: tuple[int, ...]) -> dict[str, flo
 
 
 @torch.no_grad()
-def loopwm_diagnostics(wm: Any, batch: dict[str, torch.Tensor], var: torch.Tensor,
-                       horizons: tuple[int, ...]) -> dict[str, Any]:
+def loopwm_diagnostics(
+    wm: Any, batch: dict[str, torch.Tensor], var: torch.Tensor, horizons: tuple[int, ...]
+) -> dict[str, Any]:
     """Where a loopwm error comes from: the decoder's floor on true latents, and the latent's own drift.
 
     - `recon_floor`: decode(encode(o)) against o over every held-out observation, i.e. the 1-step error if the
@@ -156,12 +202,14 @@ def loopwm_diagnostics(wm: Any, batch: dict[str, torch.Tensor], var: torch.Tenso
     """
     wm.eval()
     obs, actions = batch["obs"].float(), batch["actions"].float()
-    target = wm.encode(obs)                                     # [H+1, B, Z]
+    target = wm.encode(obs)  # [H+1, B, Z]
     recon = wm.decode(target)
     out = wm.imagine(target[0], actions, decode="none")
     latent_err = (out.latents[1:] - target[1:]).pow(2).mean(-1) / target.var(1).mean(-1)[1:, None]
-    result = {"recon_floor": float(normalised_errors(recon, obs, var).mean()),
-              "latent_error": horizon_means(latent_err, horizons)}
+    result = {
+        "recon_floor": float(normalised_errors(recon, obs, var).mean()),
+        "latent_error": horizon_means(latent_err, horizons),
+    }
     if wm.delta_decoder is not None:
         nxt = wm.denormalize_obs(wm.normalize_obs(obs[:-1]) + wm.decode_delta(target[:-1], target[1:]))
         result["delta_floor"] = float(normalised_errors(nxt, obs[1:], var).mean())
@@ -172,8 +220,9 @@ def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def run_loopwm(task: str, variant: Variant, seed: int, protocol: Protocol, train: ReplayBuffer, val: ReplayBuffer,
-               data_path: Path) -> dict[str, Any]:
+def run_loopwm(
+    task: str, variant: Variant, seed: int, protocol: Protocol, train: ReplayBuffer, val: ReplayBuffer, data_path: Path
+) -> dict[str, Any]:
     """Train one loopwm variant with the Trainer and score it with `prediction_errors` at every evaluation point."""
     from loopwm.analysis.prediction import prediction_errors
     from loopwm.app.session import seed_everything
@@ -192,25 +241,33 @@ def run_loopwm(task: str, variant: Variant, seed: int, protocol: Protocol, train
     trainer = Trainer(wm, cfg, train)
 
     def evaluate() -> dict[str, Any]:
-        res = prediction_errors(wm, val, HORIZONS, SEQUENCES, seed=EVAL_SEED, obs_mean=stats["obs_mean"],
-                                obs_var=var)
-        return {"errors": {h: r["model"] for h, r in res["horizons"].items()},
-                "baselines": {h: {"predict_mean": r["predict_mean"], "no_change": r["no_change"]}
-                              for h, r in res["horizons"].items()},
-                **loopwm_diagnostics(wm, batch, var, HORIZONS)}
+        res = prediction_errors(wm, val, HORIZONS, SEQUENCES, seed=EVAL_SEED, obs_mean=stats["obs_mean"], obs_var=var)
+        return {
+            "errors": {h: r["model"] for h, r in res["horizons"].items()},
+            "baselines": {
+                h: {"predict_mean": r["predict_mean"], "no_change": r["no_change"]} for h, r in res["horizons"].items()
+            },
+            **loopwm_diagnostics(wm, batch, var, HORIZONS),
+        }
 
     def update() -> float:
         return float(trainer.update()["loss/total"])
 
     record = train_and_score(update, evaluate, protocol)
     loops = cfg.model.loops
-    record.update(parameters=count_parameters(wm), macs_per_step=step_macs(wm, loops)["total"], loops=loops,
-                  transitions_per_update=cfg.train.batch_size * cfg.train.horizon, kappa=wm.certified_lipschitz())
+    record.update(
+        parameters=count_parameters(wm),
+        macs_per_step=step_macs(wm, loops)["total"],
+        loops=loops,
+        transitions_per_update=cfg.train.batch_size * cfg.train.horizon,
+        kappa=wm.certified_lipschitz(),
+    )
     return record
 
 
-def run_obs_mlp(task: str, variant: Variant, seed: int, protocol: Protocol, train: ReplayBuffer,
-                val: ReplayBuffer, data_path: Path) -> dict[str, Any]:
+def run_obs_mlp(
+    task: str, variant: Variant, seed: int, protocol: Protocol, train: ReplayBuffer, val: ReplayBuffer, data_path: Path
+) -> dict[str, Any]:
     """Train the observation-space MLP with a 1-step loss and score its open-loop rollouts on the same sequences."""
     torch.manual_seed(seed)
     stats = train.stats()
@@ -226,16 +283,22 @@ def run_obs_mlp(task: str, variant: Variant, seed: int, protocol: Protocol, trai
         return {"errors": horizon_means(normalised_errors(pred, batch["obs"][1:].float(), var), HORIZONS)}
 
     record = train_and_score(step, evaluate, protocol)
-    record.update(parameters=count_parameters(model), macs_per_step=float(model.macs()), width=width, layers=layers,
-                  transitions_per_update=protocol.mlp_batch)
+    record.update(
+        parameters=count_parameters(model),
+        macs_per_step=float(model.macs()),
+        width=width,
+        layers=layers,
+        transitions_per_update=protocol.mlp_batch,
+    )
     return record
 
 
 RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {"loopwm": run_loopwm, "obs-mlp": run_obs_mlp}
 
 
-def train_and_score(update: Callable[[], float], evaluate: Callable[[], dict[str, Any]],
-                    protocol: Protocol) -> dict[str, Any]:
+def train_and_score(
+    update: Callable[[], float], evaluate: Callable[[], dict[str, Any]], protocol: Protocol
+) -> dict[str, Any]:
     """Run `protocol.updates` updates, evaluating at each `eval_at` point and at the end; time the updates only."""
     points = sorted({p for p in protocol.eval_at if 0 < p < protocol.updates} | {protocol.updates})
     curve, seconds, cpu, losses = [], 0.0, 0.0, []
@@ -247,31 +310,55 @@ def train_and_score(update: Callable[[], float], evaluate: Callable[[], dict[str
             done += 1
         seconds += time.perf_counter() - w0
         cpu += time.process_time() - c0
-        curve.append({"updates": point, "train_seconds": round(seconds, 2), "loss": float(np.mean(losses[-50:])),
-                      **evaluate()})
+        curve.append(
+            {"updates": point, "train_seconds": round(seconds, 2), "loss": float(np.mean(losses[-50:])), **evaluate()}
+        )
         log(f"  {point} updates, {seconds:.0f}s: errors {fmt(curve[-1]['errors'])}")
     final = curve[-1]
-    return {"updates": protocol.updates, "train_seconds": round(seconds, 2), "train_cpu_seconds": round(cpu, 2),
-            "errors": final["errors"], "curve": curve, "load_average_end": [round(x, 2) for x in os.getloadavg()]}
+    return {
+        "updates": protocol.updates,
+        "train_seconds": round(seconds, 2),
+        "train_cpu_seconds": round(cpu, 2),
+        "errors": final["errors"],
+        "curve": curve,
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 def fmt(errors: dict[str, float]) -> str:
     return " · ".join(f"{h}: {e:.2e}" for h, e in errors.items())
 
 
-def merge(path: Path, protocol_name: str, protocol: Protocol, task: str, data_info: dict[str, Any],
-          variant: Variant, seed: int, record: dict[str, Any]) -> dict[str, Any]:
+def merge(
+    path: Path,
+    protocol_name: str,
+    protocol: Protocol,
+    task: str,
+    data_info: dict[str, Any],
+    variant: Variant,
+    seed: int,
+    record: dict[str, Any],
+) -> dict[str, Any]:
     """Add one run to the JSON at `path`; a protocol name always stands for the same settings."""
     data = json.loads(path.read_text()) if path.is_file() else {}
-    proto = {"steps": protocol.steps, "updates": protocol.updates, "mlp_batch": protocol.mlp_batch,
-             "horizons": list(HORIZONS), "sequences": SEQUENCES, "eval_seed": EVAL_SEED}
+    proto = {
+        "steps": protocol.steps,
+        "updates": protocol.updates,
+        "mlp_batch": protocol.mlp_batch,
+        "horizons": list(HORIZONS),
+        "sequences": SEQUENCES,
+        "eval_seed": EVAL_SEED,
+    }
     entry = data.setdefault("protocols", {}).setdefault(protocol_name, {"settings": proto, "tasks": {}})
     if entry["settings"] != proto:
-        raise SystemExit(f"protocol {protocol_name!r} was recorded with {entry['settings']}, not {proto}: "
-                         "pass another --protocol name")
+        raise SystemExit(
+            f"protocol {protocol_name!r} was recorded with {entry['settings']}, not {proto}: "
+            "pass another --protocol name"
+        )
     task_entry = entry["tasks"].setdefault(task, {"dataset": data_info, "variants": {}})
-    var_entry = task_entry["variants"].setdefault(variant.name, {"kind": variant.kind, "overrides": variant.overrides,
-                                                                 "note": variant.note, "seeds": {}})
+    var_entry = task_entry["variants"].setdefault(
+        variant.name, {"kind": variant.kind, "overrides": variant.overrides, "note": variant.note, "seeds": {}}
+    )
     var_entry.update(kind=variant.kind, overrides=variant.overrides, note=variant.note)
     var_entry["seeds"][str(seed)] = record
     data["machine"] = machine_info()
@@ -321,8 +408,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     out, docs = Path(args.out), Path(args.docs)
     train, val, info = dataset(args.task, protocol, out)
     data_path = out / f"{args.task}-random-{protocol.steps}-s{DATA_SEED}.npz"
-    log(f"{args.task}: {info['transitions']} transitions, held-out {info['val_transitions']} "
-        f"({info['val_episodes']} episodes)")
+    log(
+        f"{args.task}: {info['transitions']} transitions, held-out {info['val_transitions']} "
+        f"({info['val_episodes']} episodes)"
+    )
     for seed in args.seeds:
         for vname in args.variants:
             variant = variants[vname]

@@ -1,4 +1,5 @@
 """The markdown of `param_efficiency.json`: one table per protocol and task, means ± std over seeds."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -39,38 +40,66 @@ def _seeds(variant: dict[str, Any]) -> list[dict[str, Any]]:
 
 def task_tables(task: str, entry: dict[str, Any], horizons: list[int]) -> list[str]:
     d = entry["dataset"]
-    lines = [f"### {task} ({d['env']})", "",
-             f"Dataset: {d['transitions']} random-policy transitions ({d['episodes']} episodes, seed {d['seed']}); "
-             f"held-out {d['val_transitions']} transitions ({d['val_episodes']} episodes, split seed "
-             f"{d['split_seed']}).", ""]
+    lines = [
+        f"### {task} ({d['env']})",
+        "",
+        f"Dataset: {d['transitions']} random-policy transitions ({d['episodes']} episodes, seed {d['seed']}); "
+        f"held-out {d['val_transitions']} transitions ({d['val_episodes']} episodes, split seed "
+        f"{d['split_seed']}).",
+        "",
+    ]
     rows, diag, curves = [], [], []
     for name, v in entry["variants"].items():
         runs = _seeds(v)
         seeds = ",".join(sorted(v["seeds"], key=int))
         errs = [spread([r["errors"][str(h)] for r in runs if str(h) in r["errors"]]) for h in horizons]
-        rows.append([f"`{name}`", runs[0]["parameters"], f"{2 * runs[0]['macs_per_step'] / 1e3:.0f}k", *errs,
-                     spread([r["train_seconds"] for r in runs]), seeds])
+        rows.append(
+            [
+                f"`{name}`",
+                runs[0]["parameters"],
+                f"{2 * runs[0]['macs_per_step'] / 1e3:.0f}k",
+                *errs,
+                spread([r["train_seconds"] for r in runs]),
+                seeds,
+            ]
+        )
         if v["kind"] == "loopwm":
             last = [r["curve"][-1] for r in runs]
-            diag.append([f"`{name}`", spread([c["recon_floor"] for c in last]),
-                         spread([c["delta_floor"] for c in last if "delta_floor" in c]),
-                         *[spread([c["latent_error"][str(h)] for c in last]) for h in horizons]])
+            diag.append(
+                [
+                    f"`{name}`",
+                    spread([c["recon_floor"] for c in last]),
+                    spread([c["delta_floor"] for c in last if "delta_floor" in c]),
+                    *[spread([c["latent_error"][str(h)] for c in last]) for h in horizons],
+                ]
+            )
         points = sorted({c["updates"] for r in runs for c in r["curve"]})
         if len(points) > 1:
             for p in points:
                 at = [c for r in runs for c in r["curve"] if c["updates"] == p]
                 curves.append([f"`{name}`", p, *[spread([c["errors"][str(h)] for c in at]) for h in horizons]])
-    lines += [md_table(["variant", "parameters", "FLOPs/step", *[f"err@{h}" for h in horizons], "train s", "seeds"],
-                       rows), ""]
+    lines += [
+        md_table(["variant", "parameters", "FLOPs/step", *[f"err@{h}" for h in horizons], "train s", "seeds"], rows),
+        "",
+    ]
     if diag:
-        lines += ["Where the loopwm error sits (final models):", "",
-                  md_table(["variant", "reconstruction floor", "delta floor",
-                            *[f"latent err@{h}" for h in horizons]], diag), ""]
+        lines += [
+            "Where the loopwm error sits (final models):",
+            "",
+            md_table(["variant", "reconstruction floor", "delta floor", *[f"latent err@{h}" for h in horizons]], diag),
+            "",
+        ]
     if curves:
-        lines += ["Errors against updates:", "",
-                  md_table(["variant", "updates", *[f"err@{h}" for h in horizons]], curves), ""]
-    notes = [f"- `{name}`: {v['note']}" + (f"; overrides `{' '.join(v['overrides'])}`" if v["overrides"] else "")
-             for name, v in entry["variants"].items()]
+        lines += [
+            "Errors against updates:",
+            "",
+            md_table(["variant", "updates", *[f"err@{h}" for h in horizons]], curves),
+            "",
+        ]
+    notes = [
+        f"- `{name}`: {v['note']}" + (f"; overrides `{' '.join(v['overrides'])}`" if v["overrides"] else "")
+        for name, v in entry["variants"].items()
+    ]
     commands = sorted({r["command"] for v in entry["variants"].values() for r in _seeds(v) if "command" in r})
     lines += ["Variants:", "", *notes, "", "Commands:", "", *[f"- `{c}`" for c in commands], ""]
     return lines
@@ -80,9 +109,13 @@ def markdown(data: dict[str, Any]) -> str:
     lines = [INTRO, ""]
     for pname, proto in data.get("protocols", {}).items():
         s = proto["settings"]
-        lines += [f"## Protocol `{pname}`: {s['steps']} transitions, {s['updates']} updates", "",
-                  f"The observation-space MLP trains on batches of {s['mlp_batch']} transitions; loopwm on its "
-                  f"config's batch of sequences. Held-out: {s['sequences']} sequences, seed {s['eval_seed']}.", ""]
+        lines += [
+            f"## Protocol `{pname}`: {s['steps']} transitions, {s['updates']} updates",
+            "",
+            f"The observation-space MLP trains on batches of {s['mlp_batch']} transitions; loopwm on its "
+            f"config's batch of sequences. Held-out: {s['sequences']} sequences, seed {s['eval_seed']}.",
+            "",
+        ]
         for task, entry in proto["tasks"].items():
             lines += task_tables(task, entry, s["horizons"])
     machine = dict(data.get("machine", {}))

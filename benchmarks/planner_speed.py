@@ -17,6 +17,7 @@ torch.mm on n×n matrices (n = 256, 512, 1024) at the same thread count, measure
 
     .venv/bin/python benchmarks/planner_speed.py --repeats 20
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,15 @@ from common import (
 )
 
 CONFIG = REPO / "configs" / "pendulum.yaml"
-TDMPC2_OVERRIDES = ["planner.samples=512", "planner.horizon=3", "planner.iterations=6", "planner.elites=64",
-                    "model.latent_dim=128", "model.mlp_dim=384", "model.hidden_dim=384"]
+TDMPC2_OVERRIDES = [
+    "planner.samples=512",
+    "planner.horizon=3",
+    "planner.iterations=6",
+    "planner.elites=64",
+    "model.latent_dim=128",
+    "model.mlp_dim=384",
+    "model.hidden_dim=384",
+]
 TDMPC2_FRACTION = 0.30  # TD-MPC2's planner on this CPU: ~50 GFLOP/s of a ~170 GFLOP/s peak, 255-268 ms/decision
 LATENCY_TARGET_MS = 20.0
 
@@ -65,7 +73,7 @@ def bound_flops(wm: WorldModel) -> int:
     for lin in wm.core.block.linears():
         rows, cols = lin.weight.shape
         k = min(rows, cols)
-        total += 2 * k * k * max(rows, cols) + 4 * 2 * k ** 3  # spectral_norm_bound's default 4 squarings
+        total += 2 * k * k * max(rows, cols) + 4 * 2 * k**3  # spectral_norm_bound's default 4 squarings
     return total
 
 
@@ -80,8 +88,12 @@ def decision_flops(wm: WorldModel, planner: Planner) -> dict[str, float]:
         p = planner.policy_samples
         total += cfg.horizon * p * linear_macs(planner.prior.net) + (cfg.horizon - 1) * p * step
         imagine_calls += cfg.horizon - 1
-    return {"useful_gflop": 2 * total / 1e9, "model_step_mflop_per_sample": 2 * step / 1e6,
-            "weights_gflop": imagine_calls * bound_flops(wm) / 1e9, "imagine_calls": imagine_calls}
+    return {
+        "useful_gflop": 2 * total / 1e9,
+        "model_step_mflop_per_sample": 2 * step / 1e6,
+        "weights_gflop": imagine_calls * bound_flops(wm) / 1e9,
+        "imagine_calls": imagine_calls,
+    }
 
 
 def build(cfg: Config, with_prior_value: bool, seed: int) -> tuple[Any, WorldModel, Planner]:
@@ -111,6 +123,7 @@ class Timers:
                 return fn(*args, **kwargs)
             finally:
                 self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - start
+
         return timed
 
     def take(self) -> dict[str, float]:
@@ -123,8 +136,9 @@ def instrumented(wm: WorldModel, planner: Planner, timers: Timers) -> Iterator[N
     """Time model forwards (wm.imagine), the certified weights inside them, the value net and the prior net."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(wm, "imagine", timers.wrap("imagine", wm.imagine)))
-        stack.enter_context(mock.patch.object(
-            lipschitz, "spectral_norm_bound", timers.wrap("weights", lipschitz.spectral_norm_bound)))
+        stack.enter_context(
+            mock.patch.object(lipschitz, "spectral_norm_bound", timers.wrap("weights", lipschitz.spectral_norm_bound))
+        )
         for name in ("value", "prior"):
             fn: Optional[Callable] = getattr(planner, name)
             if fn is not None:
@@ -132,8 +146,7 @@ def instrumented(wm: WorldModel, planner: Planner, timers: Timers) -> Iterator[N
         yield
 
 
-def decisions(env: Any, wm: WorldModel, planner: Planner, repeats: int, warmup: int,
-              budget_s: float) -> dict[str, Any]:
+def decisions(env: Any, wm: WorldModel, planner: Planner, repeats: int, warmup: int, budget_s: float) -> dict[str, Any]:
     """Time up to `repeats` decisions along a real rollout, warm-up included in `budget_s` (past it, stop
     once 3 are timed); per-decision wall time, process CPU time and shares of the instrumented parts."""
     timers = Timers()
@@ -158,10 +171,14 @@ def decisions(env: Any, wm: WorldModel, planner: Planner, repeats: int, warmup: 
             t0 = terminated or truncated
             if t0:
                 obs, _ = env.reset()
-    return {"decisions": len(latency), "latency_ms": 1e3 * median(latency), "cpu_ms": 1e3 * median(cpu),
-            "latency_p10_ms": 1e3 * float(np.percentile(latency, 10)),
-            "latency_p90_ms": 1e3 * float(np.percentile(latency, 90)),
-            "share": {k: median(v) for k, v in shares.items()}}
+    return {
+        "decisions": len(latency),
+        "latency_ms": 1e3 * median(latency),
+        "cpu_ms": 1e3 * median(cpu),
+        "latency_p10_ms": 1e3 * float(np.percentile(latency, 10)),
+        "latency_p90_ms": 1e3 * float(np.percentile(latency, 90)),
+        "share": {k: median(v) for k, v in shares.items()},
+    }
 
 
 def top_ops(env: Any, planner: Planner, n_decisions: int, rows: int = 8) -> list[dict[str, Any]]:
@@ -173,18 +190,30 @@ def top_ops(env: Any, planner: Planner, n_decisions: int, rows: int = 8) -> list
             planner.act(obs)
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
-    return [{"op": e.key, "calls_per_decision": e.count / n_decisions,
-             "self_ms_per_decision": e.self_cpu_time_total / 1e3 / n_decisions,
-             "self_share": e.self_cpu_time_total / total} for e in events[:rows]]
+    return [
+        {
+            "op": e.key,
+            "calls_per_decision": e.count / n_decisions,
+            "self_ms_per_decision": e.self_cpu_time_total / 1e3 / n_decisions,
+            "self_share": e.self_cpu_time_total / total,
+        }
+        for e in events[:rows]
+    ]
 
 
-def run_config(name: str, cfg: Config, with_prior_value: bool, args: argparse.Namespace,
-               profile: bool) -> dict[str, Any]:
+def run_config(
+    name: str, cfg: Config, with_prior_value: bool, args: argparse.Namespace, profile: bool
+) -> dict[str, Any]:
     """Latency, shares and throughput of one planner config at each thread count."""
     env, wm, planner = build(cfg, with_prior_value, cfg.seed)
     flops = decision_flops(wm, planner)
-    out: dict[str, Any] = {"name": name, "flops": flops, "prior_and_value": with_prior_value,
-                           "planner": dataclasses.asdict(cfg.planner), "threads": {}}
+    out: dict[str, Any] = {
+        "name": name,
+        "flops": flops,
+        "prior_and_value": with_prior_value,
+        "planner": dataclasses.asdict(cfg.planner),
+        "threads": {},
+    }
     for n in args.threads:
         torch.set_num_threads(n)
         res = decisions(env, wm, planner, args.repeats, args.warmup, args.budget_s)
@@ -219,8 +248,9 @@ def markdown(payload: dict[str, Any]) -> str:
         "Matmul peak: median GFLOP/s of float32 `torch.mm` on n×n matrices, measured before and after the "
         "planner runs; the better of the two medians is shown and used:",
         "",
-        md_table(["threads", *[f"n = {k}" for k in next(iter(peaks.values()))]],
-                 [[n, *p.values()] for n, p in peaks.items()]),
+        md_table(
+            ["threads", *[f"n = {k}" for k in next(iter(peaks.values()))]], [[n, *p.values()] for n, p in peaks.items()]
+        ),
         "",
         "## (a) Default Pendulum config",
         "",
@@ -232,20 +262,57 @@ def markdown(payload: dict[str, Any]) -> str:
         f"weights would add {a['flops']['weights_gflop']:.2f} GFLOP over {a['flops']['imagine_calls']} imagine calls, "
         "but under no_grad they come from a cache keyed on the parameters' versions (the 'of which weights' column).",
         "",
-        md_table(["threads", "decisions", "median ms", "p10 ms", "p90 ms", "CPU ms", f"≤ {LATENCY_TARGET_MS:.0f} ms?",
-                  "imagine share", "of which weights", "value share", "prior share", "GFLOP/s", "of best square peak"],
-                 [[n, r["decisions"], r["latency_ms"], r["latency_p10_ms"], r["latency_p90_ms"], r["cpu_ms"],
-                   "yes" if r["latency_ms"] <= LATENCY_TARGET_MS else "no", r["share"]["imagine"],
-                   r["share"]["weights"], r["share"]["value"], r["share"]["prior"], r["gflops_per_s"],
-                   r["fraction_of_best_square_peak"]] for n, r in a["threads"].items()]),
+        md_table(
+            [
+                "threads",
+                "decisions",
+                "median ms",
+                "p10 ms",
+                "p90 ms",
+                "CPU ms",
+                f"≤ {LATENCY_TARGET_MS:.0f} ms?",
+                "imagine share",
+                "of which weights",
+                "value share",
+                "prior share",
+                "GFLOP/s",
+                "of best square peak",
+            ],
+            [
+                [
+                    n,
+                    r["decisions"],
+                    r["latency_ms"],
+                    r["latency_p10_ms"],
+                    r["latency_p90_ms"],
+                    r["cpu_ms"],
+                    "yes" if r["latency_ms"] <= LATENCY_TARGET_MS else "no",
+                    r["share"]["imagine"],
+                    r["share"]["weights"],
+                    r["share"]["value"],
+                    r["share"]["prior"],
+                    r["gflops_per_s"],
+                    r["fraction_of_best_square_peak"],
+                ]
+                for n, r in a["threads"].items()
+            ],
+        ),
         "",
     ]
     for n, r in a["threads"].items():
         if "top_ops" in r:
-            lines += [f"Top operators by self CPU time, {n} thread(s) (torch.profiler):", "",
-                      md_table(["op", "calls/decision", "self ms/decision", "share"],
-                               [[o["op"], o["calls_per_decision"], o["self_ms_per_decision"], o["self_share"]]
-                                for o in r["top_ops"]]), ""]
+            lines += [
+                f"Top operators by self CPU time, {n} thread(s) (torch.profiler):",
+                "",
+                md_table(
+                    ["op", "calls/decision", "self ms/decision", "share"],
+                    [
+                        [o["op"], o["calls_per_decision"], o["self_ms_per_decision"], o["self_share"]]
+                        for o in r["top_ops"]
+                    ],
+                ),
+                "",
+            ]
     target = 1.5 * TDMPC2_FRACTION
     lines += [
         "## (b) TD-MPC2 planning config",
@@ -258,12 +325,33 @@ def markdown(payload: dict[str, Any]) -> str:
         "TD-MPC2's planner on this CPU, 255–268 ms per "
         f"decision, about 50 GFLOP/s = {TDMPC2_FRACTION:.0%} of a ~170 GFLOP/s peak; target ≥ {target:.0%} of peak.",
         "",
-        md_table(["threads", "decisions", "median ms", "CPU ms", "GFLOP/s", "GFLOP per CPU-s", "of best square peak",
-                  f"≥ {target:.0%}?", "of 1024² peak"],
-                 [[n, r["decisions"], r["latency_ms"], r["cpu_ms"], r["gflops_per_s"],
-                   b["flops"]["useful_gflop"] / (r["cpu_ms"] / 1e3), r["fraction_of_best_square_peak"],
-                   "yes" if r["fraction_of_best_square_peak"] >= target else "no", r["fraction_of_peak_1024"]]
-                  for n, r in b["threads"].items()]),
+        md_table(
+            [
+                "threads",
+                "decisions",
+                "median ms",
+                "CPU ms",
+                "GFLOP/s",
+                "GFLOP per CPU-s",
+                "of best square peak",
+                f"≥ {target:.0%}?",
+                "of 1024² peak",
+            ],
+            [
+                [
+                    n,
+                    r["decisions"],
+                    r["latency_ms"],
+                    r["cpu_ms"],
+                    r["gflops_per_s"],
+                    b["flops"]["useful_gflop"] / (r["cpu_ms"] / 1e3),
+                    r["fraction_of_best_square_peak"],
+                    "yes" if r["fraction_of_best_square_peak"] >= target else "no",
+                    r["fraction_of_peak_1024"],
+                ]
+                for n, r in b["threads"].items()
+            ],
+        ),
         "",
         "GFLOP per CPU-s: the useful work divided by process CPU time; with 1 thread it is the rate the planner "
         "reaches while it actually runs, to set against the 1-thread peak. The target is judged against the best "
@@ -277,8 +365,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=20, help="timed decisions per point (median reported)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--budget-s", type=float, default=30.0,
-                        help="seconds per (config, threads) point after which timing stops (keeps >= 3 decisions)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=30.0,
+        help="seconds per (config, threads) point after which timing stops (keeps >= 3 decisions)",
+    )
     parser.add_argument("--threads", type=int, nargs="+", default=[2, 1])
     parser.add_argument("--profile-decisions", type=int, default=5, help="decisions profiled for (a); 0 skips")
     parser.add_argument("--profile-threads", type=int, nargs="+", default=[1], help="thread counts profiled for (a)")
@@ -299,11 +391,19 @@ def main() -> None:
             r["fraction_of_best_square_peak"] = r["gflops_per_s"] / max(peaks[n].values())
     info["load_average_end"] = load_average()
     info["command"] = command()
-    payload = {"machine": info, "repeats": args.repeats, "warmup": args.warmup, "budget_s": args.budget_s,
-               "config": "configs/pendulum.yaml",
-               "tdmpc2_overrides": TDMPC2_OVERRIDES, "tdmpc2_reference_fraction": TDMPC2_FRACTION,
-               "matmul_peak_gflops": peaks, "matmul_peak_before": before, "matmul_peak_after": after,
-               "configs": configs}
+    payload = {
+        "machine": info,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "budget_s": args.budget_s,
+        "config": "configs/pendulum.yaml",
+        "tdmpc2_overrides": TDMPC2_OVERRIDES,
+        "tdmpc2_reference_fraction": TDMPC2_FRACTION,
+        "matmul_peak_gflops": peaks,
+        "matmul_peak_before": before,
+        "matmul_peak_after": after,
+        "configs": configs,
+    }
     write_outputs(args.out, args.name, payload, markdown(payload))
 
 

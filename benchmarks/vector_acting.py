@@ -8,6 +8,7 @@ weights. One thread, as the config sets.
 
     .venv/bin/python benchmarks/vector_acting.py
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,20 +55,52 @@ def measure(num_envs: int, vectorization: str, seconds: float, warmup: int) -> d
         calls += 1
     wall = time.perf_counter() - start
     collector.close()
-    return {"num_envs": num_envs, "vectorization": vectorization, "planner_calls": calls, "wall_s": wall,
-            "env_steps_per_s": num_envs * calls / wall, "ms_per_planner_call": 1000 * plan_time / calls,
-            "planning_share": plan_time / wall}
+    return {
+        "num_envs": num_envs,
+        "vectorization": vectorization,
+        "planner_calls": calls,
+        "wall_s": wall,
+        "env_steps_per_s": num_envs * calls / wall,
+        "ms_per_planner_call": 1000 * plan_time / calls,
+        "planning_share": plan_time / wall,
+    }
 
 
 def markdown(payload: dict[str, Any]) -> str:
     rows = payload["results"]
     base = next(r["env_steps_per_s"] for r in rows if r["num_envs"] == 1 and r["vectorization"] == "sync")
-    table = md_table(["env.num_envs", "vectorization", "env steps/s", "× num_envs=1", "ms per planner call",
-                      "share of time planning", "planner calls timed"],
-                     [[r["num_envs"], r["vectorization"], r["env_steps_per_s"], r["env_steps_per_s"] / base,
-                       r["ms_per_planner_call"], r["planning_share"], r["planner_calls"]] for r in rows])
-    return "\n\n".join(["# Vector acting on Pendulum-v1", __doc__.split("\n\n")[1].replace("\n", " "), table,
-                        "## Machine", machine_md(payload["machine"])])
+    table = md_table(
+        [
+            "env.num_envs",
+            "vectorization",
+            "env steps/s",
+            "× num_envs=1",
+            "ms per planner call",
+            "share of time planning",
+            "planner calls timed",
+        ],
+        [
+            [
+                r["num_envs"],
+                r["vectorization"],
+                r["env_steps_per_s"],
+                r["env_steps_per_s"] / base,
+                r["ms_per_planner_call"],
+                r["planning_share"],
+                r["planner_calls"],
+            ]
+            for r in rows
+        ],
+    )
+    return "\n\n".join(
+        [
+            "# Vector acting on Pendulum-v1",
+            __doc__.split("\n\n")[1].replace("\n", " "),
+            table,
+            "## Machine",
+            machine_md(payload["machine"]),
+        ]
+    )
 
 
 def main() -> None:

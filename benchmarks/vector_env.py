@@ -9,6 +9,7 @@ resets); the real environment is stepped with random actions in the same run, in
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/vector_env.py --threads 1
     .venv/bin/python benchmarks/vector_env.py --smoke --out /tmp/bench     # seconds, for the test suite
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,6 +55,7 @@ def stepper(env: Any, actions: np.ndarray) -> Callable[[], int]:
                 if terminated or truncated:
                     env.reset()
         return len(actions)
+
     return run
 
 
@@ -98,12 +100,20 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     timed["WorldModelEnv"] = (stepper(single, actions(max(8, budget // 40), None)), 1)
     for n in sizes:
         for decode in (True, False) if n >= 1024 or args.smoke else (True,):
-            env = VectorWorldModelEnv(wm, n, reset_obs=starts, observation_space=real.observation_space,
-                                      max_episode_steps=1000, decode_obs=decode)
+            env = VectorWorldModelEnv(
+                wm,
+                n,
+                reset_obs=starts,
+                observation_space=real.observation_space,
+                max_episode_steps=1000,
+                decode_obs=decode,
+            )
             env.reset(seed=0)
             steps = max(4, min(budget // n, 1000 if n > 1 else budget // 40))
             timed[f"VectorWorldModelEnv N={n}{'' if decode else ' (latent obs)'}"] = (
-                stepper(env, actions(steps, n)), n)
+                stepper(env, actions(steps, n)),
+                n,
+            )
     rates: dict[str, list[float]] = {name: [] for name in timed}
     for r in range(args.rounds):
         for name, (fn, n) in timed.items():
@@ -117,35 +127,57 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     for name, values in rates.items():
         m = median(values)
         gflops = None if name.startswith("real") else 2 * m * (macs if "latent" in name else decoded_macs) / 1e9
-        results.append({"env": name, "transitions_per_s": m, "rounds": values, "vs_real": m / real_rate,
-                        "model_gflop_per_s": gflops})
+        results.append(
+            {
+                "env": name,
+                "transitions_per_s": m,
+                "rounds": values,
+                "vs_real": m / real_rate,
+                "model_gflop_per_s": gflops,
+            }
+        )
         rows.append([name, f"{m:,.0f}", f"{m / real_rate:.2f}×", "" if gflops is None else f"{gflops:.1f}"])
     key = "VectorWorldModelEnv N=1024"
     target = {"n": 1024, "ratio": next((r["vs_real"] for r in results if r["env"] == key), None), "goal": 20.0}
     info.update(load_average_end=load_average(), command=command(), threads=args.threads)
-    payload = {"machine": info, "smoke": args.smoke, "model": {"config": "configs/halfcheetah.yaml",
-               "latent_dim": cfg.model.latent_dim, "hidden_dim": cfg.model.hidden_dim, "loops": cfg.model.loops},
-               "macs_per_transition": {"latent_obs": macs, "decoded": decoded_macs},
-               "matmul_peak_gflop_per_s_256": peak, "results": results, "target": target}
+    payload = {
+        "machine": info,
+        "smoke": args.smoke,
+        "model": {
+            "config": "configs/halfcheetah.yaml",
+            "latent_dim": cfg.model.latent_dim,
+            "hidden_dim": cfg.model.hidden_dim,
+            "loops": cfg.model.loops,
+        },
+        "macs_per_transition": {"latent_obs": macs, "decoded": decoded_macs},
+        "matmul_peak_gflop_per_s_256": peak,
+        "results": results,
+        "target": target,
+    }
     ceiling = peak * 1e9 / (2 * decoded_macs)  # transitions/s if every multiply-add ran at the matmul peak
     target["ceiling_vs_real"] = ceiling / real_rate
-    verdict = ("n/a (smoke run)" if target["ratio"] is None else
-               f"{target['ratio']:.1f}× the real environment at N = 1024 (target ≥ 20×): "
-               f"{'met' if target['ratio'] >= 20 else 'not met'}. Even with every multiply-add at the matmul "
-               f"peak the model would step {ceiling:,.0f} transitions/s, {ceiling / real_rate:.1f}× the real "
-               "environment: the ratio is set by the model's arithmetic, not by the environment around it")
-    markdown = "\n\n".join([
-        "# VectorWorldModelEnv throughput",
-        __doc__.split("\n\n")[1].replace("\n", " "),
-        "## Machine\n\n" + machine_md(info) + f"\n- torch threads: {args.threads}",
-        f"Median over {args.rounds} interleaved rounds; \"transitions/s\" counts one environment step of one "
-        "environment (N per batched step).",
-        f"One imagined transition is {decoded_macs / 1e3:.0f}k multiply-adds with the observation decoded "
-        f"({macs / 1e3:.0f}k without; `loopwm.flops`); the model GFLOP/s column is what the batched forward "
-        f"sustains, against a float32 matmul peak of {peak:.0f} GFLOP/s (256×256, same threads, same run).",
-        md_table(["environment", "transitions/s", "vs real", "model GFLOP/s"], rows),
-        f"Result: {verdict}.",
-    ])
+    verdict = (
+        "n/a (smoke run)"
+        if target["ratio"] is None
+        else f"{target['ratio']:.1f}× the real environment at N = 1024 (target ≥ 20×): "
+        f"{'met' if target['ratio'] >= 20 else 'not met'}. Even with every multiply-add at the matmul "
+        f"peak the model would step {ceiling:,.0f} transitions/s, {ceiling / real_rate:.1f}× the real "
+        "environment: the ratio is set by the model's arithmetic, not by the environment around it"
+    )
+    markdown = "\n\n".join(
+        [
+            "# VectorWorldModelEnv throughput",
+            __doc__.split("\n\n")[1].replace("\n", " "),
+            "## Machine\n\n" + machine_md(info) + f"\n- torch threads: {args.threads}",
+            f'Median over {args.rounds} interleaved rounds; "transitions/s" counts one environment step of one '
+            "environment (N per batched step).",
+            f"One imagined transition is {decoded_macs / 1e3:.0f}k multiply-adds with the observation decoded "
+            f"({macs / 1e3:.0f}k without; `loopwm.flops`); the model GFLOP/s column is what the batched forward "
+            f"sustains, against a float32 matmul peak of {peak:.0f} GFLOP/s (256×256, same threads, same run).",
+            md_table(["environment", "transitions/s", "vs real", "model GFLOP/s"], rows),
+            f"Result: {verdict}.",
+        ]
+    )
     write_outputs(args.out, "vector_env", payload, markdown)
     return payload
 

@@ -20,6 +20,7 @@ For one environment (Pendulum-v1 or HalfCheetah-v5):
 
 Writes <docs>/world_model.json (one entry per environment) and <docs>/world_model.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,9 @@ from common import machine_info
 ROOT = Path(__file__).resolve().parent.parent
 ENVS = {"pendulum": "configs/pendulum.yaml", "halfcheetah": "configs/halfcheetah.yaml"}
 # The offline fit uses a wider HalfCheetah model than the online config, which is sized for planning speed.
-WIDER = {"halfcheetah": ["model.latent_dim=128", "model.hidden_dim=256", "model.inject_dim=256",
-                         "train.batch_size=256"]}
+WIDER = {
+    "halfcheetah": ["model.latent_dim=128", "model.hidden_dim=256", "model.inject_dim=256", "train.batch_size=256"]
+}
 TARGET_STEP1_FACTOR = 5.0
 
 
@@ -92,8 +94,9 @@ def episode_steps(cfg: Config) -> int:
     return int(steps)
 
 
-def collect_part(cfg: Config, policy: str, transitions: int, path: Path, seed: int,
-                 planner_ckpt: Path | None, extra: list[str]) -> tuple[Any, dict[str, Any]]:
+def collect_part(
+    cfg: Config, policy: str, transitions: int, path: Path, seed: int, planner_ckpt: Path | None, extra: list[str]
+) -> tuple[Any, dict[str, Any]]:
     """`collect` sized so that every env finishes whole episodes (none is cut off and dropped).
 
     `collect` stops once stored + still-open transitions reach data.steps and stores the open ones as truncated
@@ -103,8 +106,7 @@ def collect_part(cfg: Config, policy: str, transitions: int, path: Path, seed: i
 
     n, t = cfg.env.num_envs, episode_steps(cfg)
     per_env = max(1, math.ceil(transitions / (n * t)))
-    overrides = [f"data.policy={policy}", f"data.steps={n * per_env * t}", f"data.path={path}", f"seed={seed}",
-                 *extra]
+    overrides = [f"data.policy={policy}", f"data.steps={n * per_env * t}", f"data.path={path}", f"seed={seed}", *extra]
     if planner_ckpt is not None:
         overrides.append(f"data.planner_checkpoint={planner_ckpt}")
     part_cfg = load_config(ROOT / ENVS_ACTIVE, [*BASE_OVERRIDES, *overrides])
@@ -113,10 +115,19 @@ def collect_part(cfg: Config, policy: str, transitions: int, path: Path, seed: i
     buffer = collect(part_cfg, progress=False)
     seconds = time.perf_counter() - start
     lengths = [len(ep["rewards"]) for ep in buffer.episodes()]
-    info = {"policy": policy, "transitions": len(buffer), "episodes": buffer.num_episodes, "num_envs": n,
-            "episode_length_min": min(lengths), "episode_length_max": max(lengths),
-            "episodes_per_env": per_env, "seconds": round(seconds, 1), "seed": seed, "path": rel(path),
-            "overrides": overrides}
+    info = {
+        "policy": policy,
+        "transitions": len(buffer),
+        "episodes": buffer.num_episodes,
+        "num_envs": n,
+        "episode_length_min": min(lengths),
+        "episode_length_max": max(lengths),
+        "episodes_per_env": per_env,
+        "seconds": round(seconds, 1),
+        "seed": seed,
+        "path": rel(path),
+        "overrides": overrides,
+    }
     if policy != "random":
         info["noise"] = part_cfg.data.noise
         info["planner"] = dict(vars(part_cfg.planner))
@@ -149,15 +160,24 @@ def train_for(cfg: Config, train_data: Any, minutes: float, label: str) -> tuple
             window.setdefault(k, []).append(out[k])
         if train_s >= next_report or train_s >= budget:
             means = {k: float(np.mean(v)) for k, v in window.items()}
-            log(f"{label}: {trainer.updates} updates, {train_s:.0f}s  loss={means['loss/total']:.4f} "
-                f"obs={means['loss/obs']:.4f} loops={means['loops/mean']:.2f} kappa={means['certificate/kappa']:.3f}")
+            log(
+                f"{label}: {trainer.updates} updates, {train_s:.0f}s  loss={means['loss/total']:.4f} "
+                f"obs={means['loss/obs']:.4f} loops={means['loops/mean']:.2f} kappa={means['certificate/kappa']:.3f}"
+            )
             window, next_report = {}, next_report + 60.0
     t = cfg.train
-    info = {"budget_s": budget, "updates": trainer.updates, "train_seconds": round(train_s, 2),
-            "train_cpu_seconds": round(cpu_s, 2), "batch_size": t.batch_size, "horizon": t.horizon,
-            "transitions_per_s": t.batch_size * t.horizon * trainer.updates / train_s,
-            "updates_per_s": trainer.updates / train_s, "final_loss": out["loss/total"],
-            "final_kappa": out["certificate/kappa"]}
+    info = {
+        "budget_s": budget,
+        "updates": trainer.updates,
+        "train_seconds": round(train_s, 2),
+        "train_cpu_seconds": round(cpu_s, 2),
+        "batch_size": t.batch_size,
+        "horizon": t.horizon,
+        "transitions_per_s": t.batch_size * t.horizon * trainer.updates / train_s,
+        "updates_per_s": trainer.updates / train_s,
+        "final_loss": out["loss/total"],
+        "final_kappa": out["certificate/kappa"],
+    }
     return wm, trainer, info
 
 
@@ -166,21 +186,33 @@ def loop_spread(wm: Any, data: Any, seed: int, horizon: int, options: LoopOption
     batch = data.sample(256, horizon, np.random.default_rng(seed))
     with torch.no_grad():
         device = wm.device
-        out = wm.imagine(wm.encode(batch["obs"][0].to(device).float()), batch["actions"][:1].to(device).float(),
-                         decode="none", options=options)
+        out = wm.imagine(
+            wm.encode(batch["obs"][0].to(device).float()),
+            batch["actions"][:1].to(device).float(),
+            decode="none",
+            options=options,
+        )
     used = out.loops[0].float().cpu().numpy()
-    return {"min": float(used.min()), "max": float(used.max()), "mean": float(used.mean()), "std": float(used.std()),
-            "distinct": int(len(np.unique(used)))}
+    return {
+        "min": float(used.min()),
+        "max": float(used.max()),
+        "mean": float(used.mean()),
+        "std": float(used.std()),
+        "distinct": int(len(np.unique(used))),
+    }
 
 
 def table(result: dict[str, Any]) -> str:
-    rows = [f"{'horizon':>7} | {'model':>8} | {'predict-mean':>12} | {'no-change':>9} | {'best/model':>10} | "
-            f"{'loops':>5}"]
+    rows = [
+        f"{'horizon':>7} | {'model':>8} | {'predict-mean':>12} | {'no-change':>9} | {'best/model':>10} | {'loops':>5}"
+    ]
     rows.append("-" * len(rows[0]))
     for h, r in result["horizons"].items():
         best = min(r["predict_mean"], r["no_change"])
-        rows.append(f"{h:>7} | {r['model']:8.4f} | {r['predict_mean']:12.4f} | {r['no_change']:9.4f} | "
-                    f"{best / r['model']:9.2f}x | {r['loops_mean']:5.2f}")
+        rows.append(
+            f"{h:>7} | {r['model']:8.4f} | {r['predict_mean']:12.4f} | {r['no_change']:9.4f} | "
+            f"{best / r['model']:9.2f}x | {r['loops_mean']:5.2f}"
+        )
     return "\n".join(rows)
 
 
@@ -208,16 +240,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ENVS_ACTIVE = ENVS[args.env]
     out_dir = Path(args.out) / args.env
     data_path = out_dir / "dataset.npz"
-    BASE_OVERRIDES = [f"name={args.env}", f"run_dir={rel(Path(args.out))}", f"data.path={rel(data_path)}",
-                      f"env.num_envs={args.num_envs}", f"seed={args.seed}", f"threads={args.threads}",
-                      *WIDER.get(args.env, [])]
+    BASE_OVERRIDES = [
+        f"name={args.env}",
+        f"run_dir={rel(Path(args.out))}",
+        f"data.path={rel(data_path)}",
+        f"env.num_envs={args.num_envs}",
+        f"seed={args.seed}",
+        f"threads={args.threads}",
+        *WIDER.get(args.env, []),
+    ]
     cfg = load_config(ROOT / ENVS_ACTIVE, BASE_OVERRIDES)
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     machine = machine_info()
-    log(f"{args.env}: {machine['nproc']} CPUs ({machine['cpu_model']}), torch {machine['torch']}, "
-        f"load {machine['load_average_start']}")
-    record: dict[str, Any] = {"env": cfg.env.id, "config": ENVS_ACTIVE, "command": command_line(),
-                              "machine_at_start": machine, "overrides": BASE_OVERRIDES}
+    log(
+        f"{args.env}: {machine['nproc']} CPUs ({machine['cpu_model']}), torch {machine['torch']}, "
+        f"load {machine['load_average_start']}"
+    )
+    record: dict[str, Any] = {
+        "env": cfg.env.id,
+        "config": ENVS_ACTIVE,
+        "command": command_line(),
+        "machine_at_start": machine,
+        "overrides": BASE_OVERRIDES,
+    }
     wall0 = time.perf_counter()
 
     # ---- 1. dataset: random half, quick model, noisy-planner half --------------------------------------
@@ -230,10 +275,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     quick_ckpt = out_dir / "quick" / "latest.pt"
     save_run(quick_ckpt, quick_trainer)
     quick_info["checkpoint"] = rel(quick_ckpt)
-    planner_extra = [f"planner.samples={args.plan_samples}", f"planner.elites={args.plan_elites}",
-                     f"planner.iterations={args.plan_iterations}", f"data.noise={args.noise}"]
-    planner_buf, planner_info = collect_part(cfg, "noisy_planner", args.steps - half, out_dir / "planner.npz",
-                                             args.seed + 1000, quick_ckpt, planner_extra)
+    planner_extra = [
+        f"planner.samples={args.plan_samples}",
+        f"planner.elites={args.plan_elites}",
+        f"planner.iterations={args.plan_iterations}",
+        f"data.noise={args.noise}",
+    ]
+    planner_buf, planner_info = collect_part(
+        cfg, "noisy_planner", args.steps - half, out_dir / "planner.npz", args.seed + 1000, quick_ckpt, planner_extra
+    )
     obs_space, act_space = env_spaces(cfg.env, cfg.seed)
     merged = replay_buffer(cfg, obs_space, act_space)
     for part in (random_buf, planner_buf):
@@ -242,14 +292,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     merged.save(data_path)
     train_data, val_data = load_dataset(cfg)  # exactly the split `loopwm train` uses
     record["dataset"] = {
-        "path": rel(data_path), "transitions": len(merged), "episodes": merged.num_episodes,
-        "parts": [random_info, planner_info], "quick_model": quick_info,
+        "path": rel(data_path),
+        "transitions": len(merged),
+        "episodes": merged.num_episodes,
+        "parts": [random_info, planner_info],
+        "quick_model": quick_info,
         "val_fraction": cfg.train.val_fraction,
         "train": {"transitions": len(train_data), "episodes": train_data.num_episodes},
         "val": {"transitions": len(val_data), "episodes": val_data.num_episodes},
     }
-    log(f"dataset {len(merged)} transitions ({merged.num_episodes} episodes): train {len(train_data)}, "
-        f"held-out {len(val_data)} ({val_data.num_episodes} episodes)")
+    log(
+        f"dataset {len(merged)} transitions ({merged.num_episodes} episodes): train {len(train_data)}, "
+        f"held-out {len(val_data)} ({val_data.num_episodes} episodes)"
+    )
 
     # ---- 2. fixed-budget training --------------------------------------------------------------------
     load0 = list(os.getloadavg())
@@ -261,8 +316,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dump_yaml(trainer.cfg, out_dir / "config.yaml")
     train_info["checkpoint"] = rel(ckpt)
     record["training"] = train_info
-    log(f"trained {trainer.updates} updates in {train_info['train_seconds']:.0f}s "
-        f"({train_info['transitions_per_s']:.0f} transitions/s); checkpoint {rel(ckpt)}")
+    log(
+        f"trained {trainer.updates} updates in {train_info['train_seconds']:.0f}s "
+        f"({train_info['transitions_per_s']:.0f} transitions/s); checkpoint {rel(ckpt)}"
+    )
 
     # ---- 3. held-out evaluation ------------------------------------------------------------------------
     stats = train_data.stats()
@@ -282,78 +339,109 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         res["step1_loops"] = loop_spread(wm, val_data, cfg.seed, longest, certified)
         res["verdict"] = verdict(res)
         certified.append(res)
-        print(f"\ncertified exit tol={tol:g} (min_loops={cfg.model.min_loops}, max_loops={cfg.model.max_loops}): "
-              f"spearman(loops, step-1 error)={res['loops_error_spearman_step1']:.3f}, "
-              f"step-1 loops {res['step1_loops']}\n{table(res)}")
+        print(
+            f"\ncertified exit tol={tol:g} (min_loops={cfg.model.min_loops}, max_loops={cfg.model.max_loops}): "
+            f"spearman(loops, step-1 error)={res['loops_error_spearman_step1']:.3f}, "
+            f"step-1 loops {res['step1_loops']}\n{table(res)}"
+        )
     record["eval_certified_exit"] = certified
     record["peak_rss_mb"] = peak_rss_mb()
     record["total_wall_s"] = round(time.perf_counter() - wall0, 1)
     record["machine_at_end"] = {"loadavg": list(os.getloadavg())}
-    print(f"\nthroughput {train_info['transitions_per_s']:.0f} transitions/s "
-          f"({trainer.updates} updates x {cfg.train.batch_size} x {cfg.train.horizon} / "
-          f"{train_info['train_seconds']:.0f}s), peak RSS {record['peak_rss_mb']:.0f} MB")
+    print(
+        f"\nthroughput {train_info['transitions_per_s']:.0f} transitions/s "
+        f"({trainer.updates} updates x {cfg.train.batch_size} x {cfg.train.horizon} / "
+        f"{train_info['train_seconds']:.0f}s), peak RSS {record['peak_rss_mb']:.0f} MB"
+    )
     return record
 
 
 def markdown(data: dict[str, Any]) -> str:
     m = data.get("machine", {})
-    lines = ["# World-model benchmark", "",
-             "Held-out open-loop prediction error after a fixed CPU training budget "
-             "(`benchmarks/world_model.py`). Errors are MSE divided per dimension by the *train* split's variance "
-             "(1.0 = predicting the train mean). Held-out = whole episodes of the dataset's val split "
-             "(train.val_fraction); 256 sampled sequences. Targets: step-1 error at least 5x below the better "
-             "baseline; step-50 error below both baselines.", "",
-             f"Machine: {m.get('nproc')} CPUs, {m.get('cpu_model')}, {m.get('memory_gb')} GB, "
-             f"torch {m.get('torch')}, Python {m.get('python')}. Timings are wall clock on a shared machine: the load "
-             "average is recorded next to each run, and a load above the CPU count means the budget bought fewer "
-             "updates.", ""]
+    lines = [
+        "# World-model benchmark",
+        "",
+        "Held-out open-loop prediction error after a fixed CPU training budget "
+        "(`benchmarks/world_model.py`). Errors are MSE divided per dimension by the *train* split's variance "
+        "(1.0 = predicting the train mean). Held-out = whole episodes of the dataset's val split "
+        "(train.val_fraction); 256 sampled sequences. Targets: step-1 error at least 5x below the better "
+        "baseline; step-50 error below both baselines.",
+        "",
+        f"Machine: {m.get('nproc')} CPUs, {m.get('cpu_model')}, {m.get('memory_gb')} GB, "
+        f"torch {m.get('torch')}, Python {m.get('python')}. Timings are wall clock on a shared machine: the load "
+        "average is recorded next to each run, and a load above the CPU count means the budget bought fewer "
+        "updates.",
+        "",
+    ]
     for r in data.get("results", {}).values():
         d, t = r["dataset"], r["training"]
-        lines += [f"## {r['env']}", "", f"Command: `{r['command']}`", "",
-                  f"- Dataset `{d['path']}`: {d['transitions']} transitions / {d['episodes']} episodes; "
-                  f"train {d['train']['transitions']} ({d['train']['episodes']} ep.), held-out "
-                  f"{d['val']['transitions']} ({d['val']['episodes']} ep.)."]
+        lines += [
+            f"## {r['env']}",
+            "",
+            f"Command: `{r['command']}`",
+            "",
+            f"- Dataset `{d['path']}`: {d['transitions']} transitions / {d['episodes']} episodes; "
+            f"train {d['train']['transitions']} ({d['train']['episodes']} ep.), held-out "
+            f"{d['val']['transitions']} ({d['val']['episodes']} ep.).",
+        ]
         for p in d["parts"]:
             extra = ""
             if p["policy"] != "random":
                 pl = p["planner"]
-                extra = (f"; MPPI samples={pl['samples']}, elites={pl['elites']}, iterations={pl['iterations']}, "
-                         f"horizon={pl['horizon']}, noise={p['noise']}")
-            lines.append(f"  - {p['policy']}: {p['transitions']} transitions, {p['episodes']} episodes, "
-                         f"{p['num_envs']} envs, seed {p['seed']}, {p['seconds']} s{extra}")
+                extra = (
+                    f"; MPPI samples={pl['samples']}, elites={pl['elites']}, iterations={pl['iterations']}, "
+                    f"horizon={pl['horizon']}, noise={p['noise']}"
+                )
+            lines.append(
+                f"  - {p['policy']}: {p['transitions']} transitions, {p['episodes']} episodes, "
+                f"{p['num_envs']} envs, seed {p['seed']}, {p['seconds']} s{extra}"
+            )
         q = d["quick_model"]
-        lines += [f"  - quick model for the planner: {q['updates']} updates in {q['train_seconds']} s on the random "
-                  "half",
-                  f"- Training: `{r['config']}`, budget {t['budget_s'] / 60:g} min of `Trainer.update` wall clock -> "
-                  f"**{t['updates']} updates** in {t['train_seconds']} s (process CPU {t['train_cpu_seconds']} s); "
-                  f"load average before/after {t['loadavg_before'][0]:.1f}/{t['loadavg_after'][0]:.1f}.",
-                  f"- Throughput: **{t['transitions_per_s']:.0f} transitions/s** "
-                  f"({t['batch_size']} x {t['horizon']} x {t['updates']} / {t['train_seconds']} s); "
-                  f"peak RSS **{r['peak_rss_mb']:.0f} MB** (whole process, collection included).",
-                  f"- Checkpoint: `{t['checkpoint']}` (save_run: config, trainer state and replay inside); "
-                  f"certified kappa {r['eval_default_exit']['kappa']:.4f}.", "",
-                  f"Default exit ({r['eval_default_exit']['exit']}):", "",
-                  "| horizon | model | predict-mean | no-change | best baseline / model | loops |",
-                  "|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"  - quick model for the planner: {q['updates']} updates in {q['train_seconds']} s on the random half",
+            f"- Training: `{r['config']}`, budget {t['budget_s'] / 60:g} min of `Trainer.update` wall clock -> "
+            f"**{t['updates']} updates** in {t['train_seconds']} s (process CPU {t['train_cpu_seconds']} s); "
+            f"load average before/after {t['loadavg_before'][0]:.1f}/{t['loadavg_after'][0]:.1f}.",
+            f"- Throughput: **{t['transitions_per_s']:.0f} transitions/s** "
+            f"({t['batch_size']} x {t['horizon']} x {t['updates']} / {t['train_seconds']} s); "
+            f"peak RSS **{r['peak_rss_mb']:.0f} MB** (whole process, collection included).",
+            f"- Checkpoint: `{t['checkpoint']}` (save_run: config, trainer state and replay inside); "
+            f"certified kappa {r['eval_default_exit']['kappa']:.4f}.",
+            "",
+            f"Default exit ({r['eval_default_exit']['exit']}):",
+            "",
+            "| horizon | model | predict-mean | no-change | best baseline / model | loops |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
         for h, e in r["eval_default_exit"]["horizons"].items():
             best = min(e["predict_mean"], e["no_change"])
-            lines.append(f"| {h} | {e['model']:.4f} | {e['predict_mean']:.4f} | {e['no_change']:.4f} | "
-                         f"{best / e['model']:.2f}x | {e['loops_mean']:.2f} |")
+            lines.append(
+                f"| {h} | {e['model']:.4f} | {e['predict_mean']:.4f} | {e['no_change']:.4f} | "
+                f"{best / e['model']:.2f}x | {e['loops_mean']:.2f} |"
+            )
         v = r["eval_default_exit"]["verdict"]
-        lines += ["", f"Targets: step 1 >= 5x below the better baseline: "
-                      f"**{'met' if v.get('step1_target_met') else 'NOT met'}** "
-                      f"({v.get('step1_factor_below_best_baseline', float('nan')):.2f}x); "
-                      f"step 50 below both baselines: **{'met' if v.get('step50_below_both') else 'NOT met'}**.", "",
-                  "Certified exit (every tolerance tried is listed):", "",
-                  "| tol | step-1 loops min/mean/max (distinct) | Spearman(loops, step-1 error) | err@1 | err@10 | "
-                  "err@50 | mean loops @50 |", "|---:|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            f"Targets: step 1 >= 5x below the better baseline: "
+            f"**{'met' if v.get('step1_target_met') else 'NOT met'}** "
+            f"({v.get('step1_factor_below_best_baseline', float('nan')):.2f}x); "
+            f"step 50 below both baselines: **{'met' if v.get('step50_below_both') else 'NOT met'}**.",
+            "",
+            "Certified exit (every tolerance tried is listed):",
+            "",
+            "| tol | step-1 loops min/mean/max (distinct) | Spearman(loops, step-1 error) | err@1 | err@10 | "
+            "err@50 | mean loops @50 |",
+            "|---:|---|---:|---:|---:|---:|---:|",
+        ]
         for c in r["eval_certified_exit"]:
             s, hs = c["step1_loops"], c["horizons"]
             sp = c["loops_error_spearman_step1"]
-            lines.append(f"| {c['tol']:g} | {s['min']:.0f}/{s['mean']:.2f}/{s['max']:.0f} ({s['distinct']}) | "
-                         f"{'n/a (loops constant)' if sp != sp else f'{sp:.3f}'} | "
-                         + " | ".join(f"{hs[h]['model']:.4f}" if h in hs else "-" for h in ("1", "10", "50"))
-                         + f" | {hs[max(hs, key=int)]['loops_mean']:.2f} |")
+            lines.append(
+                f"| {c['tol']:g} | {s['min']:.0f}/{s['mean']:.2f}/{s['max']:.0f} ({s['distinct']}) | "
+                f"{'n/a (loops constant)' if sp != sp else f'{sp:.3f}'} | "
+                + " | ".join(f"{hs[h]['model']:.4f}" if h in hs else "-" for h in ("1", "10", "50"))
+                + f" | {hs[max(hs, key=int)]['loops_mean']:.2f} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -364,18 +452,24 @@ def main() -> None:
     parser.add_argument("--budget-min", type=float, default=10.0, help="training budget, minutes of update wall clock")
     parser.add_argument("--quick-min", type=float, default=2.0, help="training minutes of the planner's quick model")
     parser.add_argument("--steps", type=int, default=50_000, help="dataset transitions (half random, half planner)")
-    parser.add_argument("--num-envs", type=int, default=25,
-                        help="vector envs for collection (25 gives whole episodes summing to exactly 25k for "
-                             "both envs)")
+    parser.add_argument(
+        "--num-envs",
+        type=int,
+        default=25,
+        help="vector envs for collection (25 gives whole episodes summing to exactly 25k for both envs)",
+    )
     parser.add_argument("--plan-samples", type=int, default=32)
     parser.add_argument("--plan-elites", type=int, default=4)
     parser.add_argument("--plan-iterations", type=int, default=2)
     parser.add_argument("--noise", type=float, default=0.3, help="data.noise: Gaussian std added to planner actions")
     parser.add_argument("--tols", type=float, nargs="+", default=[0.3, 0.1, 0.03, 0.01, 0.003])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (configs say 2; on a shared 2-core machine 2 OpenMP threads were "
-                             "~100x slower)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (configs say 2; on a shared 2-core machine 2 OpenMP threads were ~100x slower)",
+    )
     parser.add_argument("--out", default="benchmarks/out")
     parser.add_argument("--docs", default="docs/benchmarks")
     args = parser.parse_args()

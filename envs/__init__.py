@@ -3,6 +3,7 @@
 Importing it registers `loopwm/WorldModel-v0` with Gymnasium. `SB3VecEnv` (the stable-baselines3
 adapter) is imported on first use, so stable-baselines3 stays optional.
 """
+
 from typing import Any
 
 from loopwm.envs.factory import (

@@ -4,6 +4,7 @@ Which family builds an id (classic control, MuJoCo v5, Atari `ALE/*-v5`) is deci
 world model sees Box observations and works in normalised actions: a Box action is scaled to [-1, 1], a
 Discrete action is one-hot.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -45,16 +46,19 @@ def make_env(
     return env
 
 
-def make_vector_env(cfg: EnvConfig, seed: int | None = None, *, training: bool = True,
-                    autoreset: gym.vector.AutoresetMode = gym.vector.AutoresetMode.NEXT_STEP) -> gym.vector.VectorEnv:
+def make_vector_env(
+    cfg: EnvConfig,
+    seed: int | None = None,
+    *,
+    training: bool = True,
+    autoreset: gym.vector.AutoresetMode = gym.vector.AutoresetMode.NEXT_STEP,
+) -> gym.vector.VectorEnv:
     """`cfg.num_envs` copies of `make_env` in a Sync/AsyncVectorEnv; sub-env i is seeded with seed + i.
 
     Autoreset defaults to Gymnasium's NEXT_STEP mode, which `ReplayBuffer.add_batch` expects by default
     (the online loop's `VectorCollector` disables it and resets episodes itself).
     """
-    fns = [
-        partial(make_env, cfg, None if seed is None else seed + i, training=training) for i in range(cfg.num_envs)
-    ]
+    fns = [partial(make_env, cfg, None if seed is None else seed + i, training=training) for i in range(cfg.num_envs)]
     vector_cls = gym.vector.SyncVectorEnv if cfg.vectorization == "sync" else gym.vector.AsyncVectorEnv
     envs = vector_cls(fns, autoreset_mode=autoreset)
     if seed is not None:
@@ -75,8 +79,9 @@ def env_spaces(cfg: EnvConfig, seed: int | None = None) -> tuple[Space, Space]:
 def replay_buffer(cfg: Config, obs_space: Space, act_space: Space) -> ReplayBuffer:
     """An empty replay buffer of `data.capacity` transitions, laid out as the env's family needs."""
     layout = family_of(cfg.env.id).layout(cfg.env)
-    return ReplayBuffer(obs_space.shape, action_dim(act_space), cfg.data.capacity, obs_space.dtype,
-                        frame_stack=layout.frame_stack)
+    return ReplayBuffer(
+        obs_space.shape, action_dim(act_space), cfg.data.capacity, obs_space.dtype, frame_stack=layout.frame_stack
+    )
 
 
 def check_spaces(obs_space: Space, act_space: Space) -> None:
@@ -135,7 +140,7 @@ def action_from_model(x: np.ndarray, space: Space) -> np.ndarray:
     x = np.asarray(x)
     if groups:
         ends = np.cumsum(groups)
-        index = np.stack([np.argmax(x[..., e - n:e], axis=-1) for n, e in zip(groups, ends)], -1) + _starts(space)
+        index = np.stack([np.argmax(x[..., e - n : e], axis=-1) for n, e in zip(groups, ends)], -1) + _starts(space)
         return (index[..., 0] if isinstance(space, Discrete) else index).astype(space.dtype)
     low, high = space.low.astype(np.float64), space.high.astype(np.float64)
     unit = (np.clip(x.astype(np.float64), -1.0, 1.0) + 1.0) / 2.0

@@ -4,6 +4,7 @@ Each family makes its environments with the wrappers they need and says how thei
 out in a replay buffer (Atari stores single frames and rebuilds stacks). `family_of` is the one place that
 tells which family an env id belongs to; a new family is one class here plus one line in `FAMILIES`.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -137,8 +138,14 @@ class Atari(EnvFamily):
         env_spec(cfg.id)
         a = cfg.atari
         env = gym.make(cfg.id, frameskip=1, repeat_action_probability=a.sticky_actions, render_mode=render_mode)
-        env = AtariPreprocessing(env, noop_max=30, frame_skip=a.frame_skip, screen_size=a.screen_size,
-                                 terminal_on_life_loss=a.terminal_on_life_loss, grayscale_obs=True)
+        env = AtariPreprocessing(
+            env,
+            noop_max=30,
+            frame_skip=a.frame_skip,
+            screen_size=a.screen_size,
+            terminal_on_life_loss=a.terminal_on_life_loss,
+            grayscale_obs=True,
+        )
         if cfg.max_episode_steps is not None:
             env = TimeLimit(env, cfg.max_episode_steps)
         env = FrameStackObservation(env, a.frame_stack)

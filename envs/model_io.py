@@ -1,5 +1,6 @@
 """What the model environments share: their spaces, checks on actions, observation formatting, and one
 batched model step that reads out everything an environment step returns."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,21 +35,28 @@ def check_compatible(spec: SpaceSpec, obs_space: Optional[Space], act_space: Opt
         shape, dtype = tuple(getattr(obs_space, "shape", None) or ()), getattr(obs_space, "dtype", None)
         dtype_ok = dtype is not None and np.dtype(dtype) == np.dtype(spec.obs_dtype)
         if not isinstance(obs_space, Box) or shape != tuple(spec.obs_shape) or not dtype_ok:
-            raise ValueError(f"{where} has observation space {obs_space}; the model was trained on a Box of shape "
-                             f"{tuple(spec.obs_shape)} and dtype {spec.obs_dtype}")
+            raise ValueError(
+                f"{where} has observation space {obs_space}; the model was trained on a Box of shape "
+                f"{tuple(spec.obs_shape)} and dtype {spec.obs_dtype}"
+            )
     if act_space is None:
         return
     if spec.discrete:
         ok = isinstance(act_space, CATEGORICAL) and action_groups(act_space) == tuple(spec.action_groups)
     else:
-        ok = (isinstance(act_space, Box) and act_space.shape == (spec.action_dim,)
-              and np.allclose(act_space.low, spec.action_low) and np.allclose(act_space.high, spec.action_high))
+        ok = (
+            isinstance(act_space, Box)
+            and act_space.shape == (spec.action_dim,)
+            and np.allclose(act_space.low, spec.action_low)
+            and np.allclose(act_space.high, spec.action_high)
+        )
     if not ok:
         raise ValueError(f"{where} has action space {act_space}; the model was trained on {_describe_actions(spec)}")
 
 
-def spaces_for(wm: WorldModel, observation_space: Optional[Space], action_space: Optional[Space],
-               decode_obs: bool) -> tuple[Box, Space]:
+def spaces_for(
+    wm: WorldModel, observation_space: Optional[Space], action_space: Optional[Space], decode_obs: bool
+) -> tuple[Box, Space]:
     """The single-env observation and action spaces of a model environment.
 
     Given real spaces (checked against the model) are used as they are, so decoded observations carry
@@ -91,8 +99,10 @@ def check_actions(actions: Any, space: Space, batch: Optional[int]) -> np.ndarra
         low = np.asarray(getattr(space, "start", 0))  # MultiBinary entries are 0 or 1
         high = low + (space.nvec if isinstance(space, MultiDiscrete) else space.n if isinstance(space, Discrete) else 2)
         if a.shape != shape or not np.issubdtype(a.dtype, np.integer) or (a.size and ((a < low) | (a >= high)).any()):
-            raise ValueError(f"expected {type(space).__name__} actions of shape {shape}: integers in "
-                             f"[{low.tolist()}, {high.tolist()}), got {actions!r}")
+            raise ValueError(
+                f"expected {type(space).__name__} actions of shape {shape}: integers in "
+                f"[{low.tolist()}, {high.tolist()}), got {actions!r}"
+            )
     else:
         if a.shape != shape or not np.issubdtype(a.dtype, np.number):
             raise ValueError(f"action has shape {a.shape} and dtype {a.dtype}; expected numbers of shape {shape}")
@@ -100,8 +110,10 @@ def check_actions(actions: Any, space: Space, batch: Optional[int]) -> np.ndarra
             raise ValueError(f"action contains NaN or infinite values: {actions!r}")
         outside = (a < space.low) | (a > space.high)
         if outside.any():
-            raise ValueError(f"action {a[outside].tolist()} lies outside the action space's bounds "
-                             f"[{space.low.tolist()}, {space.high.tolist()}]")
+            raise ValueError(
+                f"action {a[outside].tolist()} lies outside the action space's bounds "
+                f"[{space.low.tolist()}, {space.high.tolist()}]"
+            )
     return action_to_model(a if batch is not None else a[None], space)
 
 
@@ -119,25 +131,27 @@ def format_obs(obs: np.ndarray, space: Box, pixels: bool) -> np.ndarray:
 class ModelStep:
     """One batched model step, read out: the next latents and, per env, everything a step reports."""
 
-    z: Tensor               # [B, Z] next latents
+    z: Tensor  # [B, Z] next latents
     obs: Optional[np.ndarray]  # [B, *obs] decoded (not yet formatted), or None when not decoding
-    reward: np.ndarray      # [B] float64
+    reward: np.ndarray  # [B] float64
     continue_prob: np.ndarray  # [B] float32
     loops_used: np.ndarray  # [B] int64
-    bound: np.ndarray       # [B] float32, certified distance to the loop's fixed point at exit
-    converged: np.ndarray   # [B] bool
+    bound: np.ndarray  # [B] float32, certified distance to the loop's fixed point at exit
+    converged: np.ndarray  # [B] bool
     kappa: float
 
 
 @torch.no_grad()
-def model_step(wm: WorldModel, z: Tensor, actions: np.ndarray, options: Optional[LoopOptions],
-               decode: bool) -> ModelStep:
+def model_step(
+    wm: WorldModel, z: Tensor, actions: np.ndarray, options: Optional[LoopOptions], decode: bool
+) -> ModelStep:
     """Advance latents `z` [B, Z] under model actions [B, A] with one `wm.step`, and read out rewards,
     continues, loop statistics and (when `decode`) observations, each moved to the host once."""
     z, trace = wm.step(z, torch.as_tensor(actions, device=z.device), options=options)
     obs = wm.decode(z).cpu().numpy() if decode else None
     return ModelStep(
-        z=z, obs=obs,
+        z=z,
+        obs=obs,
         reward=wm.predict_reward(z).cpu().numpy().astype(np.float64),
         continue_prob=wm.predict_continue(z).cpu().numpy(),
         loops_used=trace.loops_used.cpu().numpy().astype(np.int64),

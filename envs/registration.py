@@ -6,6 +6,7 @@
 The real environment is rebuilt from the checkpoint's config (or given as ``env``). It supplies the
 observation bounds, the time limit and, unless ``reset_obs`` says otherwise, the start observations.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,8 +42,9 @@ def _replay_starts(payload: dict, path: str) -> ReplayBuffer:
     state = payload.get("replay")
     if state is None:
         raise ValueError(f"reset_obs='replay': checkpoint {path!r} holds no replay buffer (only run checkpoints do)")
-    buffer = ReplayBuffer(state["obs_shape"], state["action_dim"], state["capacity"], np.dtype(state["obs_dtype"]),
-                          state["frame_stack"])
+    buffer = ReplayBuffer(
+        state["obs_shape"], state["action_dim"], state["capacity"], np.dtype(state["obs_dtype"]), state["frame_stack"]
+    )
     buffer.load_state_dict(state)
     return buffer
 
@@ -58,8 +60,13 @@ def real_env(env: RealEnv, cfg: Any) -> tuple[Optional[gym.Env], bool]:
     return make_env(env_cfg, training=False), True
 
 
-def model_env_parts(checkpoint: Union[str, Path], env: RealEnv = None, reset_obs: Union[StartSource, str] = None,
-                    max_episode_steps: Optional[int] = None, device: str = "cpu") -> dict[str, Any]:
+def model_env_parts(
+    checkpoint: Union[str, Path],
+    env: RealEnv = None,
+    reset_obs: Union[StartSource, str] = None,
+    max_episode_steps: Optional[int] = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
     """The model, spaces, start source and time limit that both registered environments are built from.
 
     A real environment whose spaces differ from the checkpoint's model raises a ValueError naming both.
@@ -72,8 +79,12 @@ def model_env_parts(checkpoint: Union[str, Path], env: RealEnv = None, reset_obs
     real, owned = real_env(env, cfg)
     if real is not None:
         try:
-            check_compatible(wm.spec, real.observation_space, real.action_space,
-                             f"environment {real.spec.id if real.spec else real!s} (requested for {path!r})")
+            check_compatible(
+                wm.spec,
+                real.observation_space,
+                real.action_space,
+                f"environment {real.spec.id if real.spec else real!s} (requested for {path!r})",
+            )
         except ValueError:
             if owned:
                 real.close()
@@ -83,10 +94,13 @@ def model_env_parts(checkpoint: Union[str, Path], env: RealEnv = None, reset_obs
     if max_episode_steps is None:
         limit = real.spec.max_episode_steps if real is not None and real.spec is not None else None
         max_episode_steps = limit or (cfg.env.max_episode_steps if cfg is not None else None) or 1000
-    parts = {"wm": wm, "reset_obs": reset_obs if reset_obs is not None else real,
-             "observation_space": real.observation_space if real is not None else None,
-             "action_space": real.action_space if real is not None else None,
-             "max_episode_steps": max_episode_steps}
+    parts = {
+        "wm": wm,
+        "reset_obs": reset_obs if reset_obs is not None else real,
+        "observation_space": real.observation_space if real is not None else None,
+        "action_space": real.action_space if real is not None else None,
+        "max_episode_steps": max_episode_steps,
+    }
     if owned and parts["reset_obs"] is not real:
         real.close()  # it gave its spaces and time limit; episodes start elsewhere
         owned = False
@@ -99,10 +113,17 @@ def _finish(model_env: Union[WorldModelEnv, VectorWorldModelEnv], owns_env: bool
     return model_env
 
 
-def make_world_model_env(checkpoint: Union[str, Path], *, env: RealEnv = None,
-                         reset_obs: Union[StartSource, str] = None, max_episode_steps: Optional[int] = None,
-                         decode_obs: bool = True, render_mode: Optional[str] = None,
-                         options: Optional[LoopOptions] = None, device: str = "cpu") -> WorldModelEnv:
+def make_world_model_env(
+    checkpoint: Union[str, Path],
+    *,
+    env: RealEnv = None,
+    reset_obs: Union[StartSource, str] = None,
+    max_episode_steps: Optional[int] = None,
+    decode_obs: bool = True,
+    render_mode: Optional[str] = None,
+    options: Optional[LoopOptions] = None,
+    device: str = "cpu",
+) -> WorldModelEnv:
     """`gymnasium.make("loopwm/WorldModel-v0", checkpoint=PATH, ...)`: a `WorldModelEnv` of a saved model.
 
     `gymnasium.make`'s own ``max_episode_steps`` adds a TimeLimit on top; the model env itself truncates
@@ -110,20 +131,30 @@ def make_world_model_env(checkpoint: Union[str, Path], *, env: RealEnv = None,
     """
     parts = model_env_parts(checkpoint, env, reset_obs, max_episode_steps, device)
     owns = parts.pop("owns_env")
-    return _finish(WorldModelEnv(**parts, decode_obs=decode_obs, render_mode=render_mode,
-                                 options=options), owns)
+    return _finish(WorldModelEnv(**parts, decode_obs=decode_obs, render_mode=render_mode, options=options), owns)
 
 
-def make_vector_world_model_env(checkpoint: Union[str, Path], num_envs: int = 1, *, env: RealEnv = None,
-                                reset_obs: Union[StartSource, str] = None, max_episode_steps: Optional[int] = None,
-                                decode_obs: bool = True, autoreset_mode: Any = gym.vector.AutoresetMode.NEXT_STEP,
-                                options: Optional[LoopOptions] = None,
-                                device: str = "cpu") -> VectorWorldModelEnv:
+def make_vector_world_model_env(
+    checkpoint: Union[str, Path],
+    num_envs: int = 1,
+    *,
+    env: RealEnv = None,
+    reset_obs: Union[StartSource, str] = None,
+    max_episode_steps: Optional[int] = None,
+    decode_obs: bool = True,
+    autoreset_mode: Any = gym.vector.AutoresetMode.NEXT_STEP,
+    options: Optional[LoopOptions] = None,
+    device: str = "cpu",
+) -> VectorWorldModelEnv:
     """`gymnasium.make_vec("loopwm/WorldModel-v0", num_envs=N, checkpoint=PATH, ...)`: one batched model env."""
     parts = model_env_parts(checkpoint, env, reset_obs, max_episode_steps, device)
     owns = parts.pop("owns_env")
-    return _finish(VectorWorldModelEnv(**parts, num_envs=num_envs, decode_obs=decode_obs,
-                                       autoreset_mode=autoreset_mode, options=options), owns)
+    return _finish(
+        VectorWorldModelEnv(
+            **parts, num_envs=num_envs, decode_obs=decode_obs, autoreset_mode=autoreset_mode, options=options
+        ),
+        owns,
+    )
 
 
 __all__ = ["ENV_ID", "real_env", "make_vector_world_model_env", "make_world_model_env", "model_env_parts", "register"]

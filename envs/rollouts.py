@@ -6,6 +6,7 @@ a lambda, a hand-written controller). If it has a ``reset()`` method, that is ca
 start. `value_gap` plays it from the same start observations in both environments: the difference of
 the returns is the model's error as that policy experiences it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -22,8 +23,9 @@ class Policy(Protocol):
     def __call__(self, obs: np.ndarray) -> Any: ...
 
 
-def play(policy: Policy, env: gym.Env, *, seed: Optional[int] = None,
-         options: Optional[dict[str, Any]] = None) -> tuple[float, np.ndarray, int]:
+def play(
+    policy: Policy, env: gym.Env, *, seed: Optional[int] = None, options: Optional[dict[str, Any]] = None
+) -> tuple[float, np.ndarray, int]:
     """One episode of `policy` in `env`; returns (return, start observation, steps)."""
     if not callable(policy):
         raise TypeError(f"policy must be callable as policy(obs) -> action, got {type(policy).__name__}")
@@ -70,9 +72,15 @@ class ValueGap:
 
     def summary(self) -> dict[str, Any]:
         """Plain data for JSON: both returns, their means and the gap."""
-        return {"real": self.real, "model": self.model, "real_mean": self.real_mean,
-                "model_mean": self.model_mean, "gap": self.gap,
-                "real_steps": self.real_steps, "model_steps": self.model_steps}
+        return {
+            "real": self.real,
+            "model": self.model,
+            "real_mean": self.real_mean,
+            "model_mean": self.model_mean,
+            "gap": self.gap,
+            "real_steps": self.real_steps,
+            "model_steps": self.model_steps,
+        }
 
 
 def value_gap(policy: Policy, real_env: gym.Env, model_env: gym.Env, episodes: int = 5, seed: int = 0) -> ValueGap:

@@ -15,6 +15,7 @@ copied per environment except the small info dicts SB3's API requires (empty unl
 
 stable-baselines3 is an optional dependency: ``pip install 'loopwm[examples]'``.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence
@@ -43,8 +44,10 @@ class SB3VecEnv(VecEnv):
         if not isinstance(venv, VectorWorldModelEnv):
             raise TypeError(f"SB3VecEnv wraps a loopwm VectorWorldModelEnv, got {type(venv).__name__}")
         if venv.autoreset_mode != AutoresetMode.SAME_STEP:
-            raise ValueError(f"SB3VecEnv needs a VectorWorldModelEnv with autoreset_mode=SAME_STEP (SB3's own "
-                             f"convention), got {venv.autoreset_mode.value}")
+            raise ValueError(
+                f"SB3VecEnv needs a VectorWorldModelEnv with autoreset_mode=SAME_STEP (SB3's own "
+                f"convention), got {venv.autoreset_mode.value}"
+            )
         self.venv = venv
         self.last_info: dict[str, Any] = {}
         self._actions: Optional[np.ndarray] = None
@@ -69,8 +72,10 @@ class SB3VecEnv(VecEnv):
         dones = terminated | truncated
         infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
         for i in np.flatnonzero(dones):
-            infos[i] = {"terminal_observation": info["final_obs"][i],
-                        "TimeLimit.truncated": bool(truncated[i] and not terminated[i])}
+            infos[i] = {
+                "terminal_observation": info["final_obs"][i],
+                "TimeLimit.truncated": bool(truncated[i] and not terminated[i]),
+            }
         self.last_info = info
         return obs, rewards.astype(np.float32), dones, infos
 

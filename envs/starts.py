@@ -1,5 +1,6 @@
 """Where imagined episodes start: real observations from a replay buffer, a dataset, an array, a sampler
 or resets of the real environment, drawn with a caller's generator so a seed fixes every start."""
+
 from __future__ import annotations
 
 import os
@@ -33,15 +34,19 @@ class Starts:
             source = ReplayBuffer.load(source)
         if isinstance(source, ReplayBuffer):
             if tuple(source.obs_shape) != self.obs_shape:
-                raise ValueError(f"replay buffer holds observations of shape {tuple(source.obs_shape)}; the model "
-                                 f"expects {self.obs_shape}")
+                raise ValueError(
+                    f"replay buffer holds observations of shape {tuple(source.obs_shape)}; the model "
+                    f"expects {self.obs_shape}"
+                )
             if source.num_episodes == 0:
                 raise ValueError("replay buffer has no complete episode to draw start observations from")
         elif isinstance(source, gym.Env):
             space = source.observation_space
             if tuple(space.shape or ()) != self.obs_shape:
-                raise ValueError(f"start environment {source} has observations of shape {space.shape}; the model "
-                                 f"expects {self.obs_shape}")
+                raise ValueError(
+                    f"start environment {source} has observations of shape {space.shape}; the model "
+                    f"expects {self.obs_shape}"
+                )
         elif source is not None and not callable(source):
             source = self._rows(source)
         self.source = source
@@ -52,9 +57,11 @@ class Starts:
         if data.shape == self.obs_shape:
             data = data[None]
         if data.ndim != len(self.obs_shape) + 1 or tuple(data.shape[1:]) != self.obs_shape or len(data) == 0:
-            raise ValueError(f"start observations have shape {data.shape}; expected (N, "
-                             f"{', '.join(map(str, self.obs_shape))}) with N >= 1, a ReplayBuffer, a dataset path, "
-                             "an environment or a callable f(rng) -> obs")
+            raise ValueError(
+                f"start observations have shape {data.shape}; expected (N, "
+                f"{', '.join(map(str, self.obs_shape))}) with N >= 1, a ReplayBuffer, a dataset path, "
+                "an environment or a callable f(rng) -> obs"
+            )
         check_obs(data, self.obs_shape, "start observations", batched=True)
         return data
 
@@ -66,8 +73,10 @@ class Starts:
         """One start observation, drawn with `rng`."""
         source = self.source
         if source is None:
-            raise ValueError("no start observations: pass reset_obs=... (a ReplayBuffer, a dataset path, an array, "
-                             "an environment or a callable) or reset(options={'obs': ...})")
+            raise ValueError(
+                "no start observations: pass reset_obs=... (a ReplayBuffer, a dataset path, an array, "
+                "an environment or a callable) or reset(options={'obs': ...})"
+            )
         if isinstance(source, ReplayBuffer):
             obs = source.sample(1, 1, rng)["obs"][0, 0].numpy()
         elif isinstance(source, gym.Env):
@@ -84,8 +93,9 @@ class Starts:
             self.source.close()
 
 
-def check_obs(obs: object, shape: tuple[int, ...], what: str, *, batched: bool = False,
-              rows: Optional[int] = None) -> np.ndarray:
+def check_obs(
+    obs: object, shape: tuple[int, ...], what: str, *, batched: bool = False, rows: Optional[int] = None
+) -> np.ndarray:
     """`obs` as an array of `shape` (with a leading batch dimension when `batched`, of `rows` rows when given)
     holding finite numbers, or a ValueError that says what was wrong."""
     obs = np.asarray(obs)

@@ -3,6 +3,7 @@
 A real ``gymnasium.vector.VectorEnv`` (Gymnasium 1.x), so vector-aware libraries see one environment
 of batch N rather than N Python objects: one model forward per step whatever N is.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Union
@@ -71,8 +72,9 @@ class VectorWorldModelEnv(gym.vector.VectorEnv):
         try:
             self.autoreset_mode = AutoresetMode(autoreset_mode)
         except ValueError:
-            raise ValueError(f"autoreset_mode={autoreset_mode!r}: expected one of "
-                             f"{[m.value for m in AutoresetMode]}") from None
+            raise ValueError(
+                f"autoreset_mode={autoreset_mode!r}: expected one of {[m.value for m in AutoresetMode]}"
+            ) from None
         self.wm, self.num_envs = wm, int(num_envs)
         self.max_episode_steps = check_episode_steps(max_episode_steps)
         self.decode_obs = decode_obs
@@ -121,19 +123,28 @@ class VectorWorldModelEnv(gym.vector.VectorEnv):
         if mode == AutoresetMode.DISABLED and self._ended.any():
             raise gym.error.ResetNeeded(
                 f"VectorWorldModelEnv: envs {np.flatnonzero(self._ended).tolist()} ended and autoreset is disabled; "
-                "call reset(options={'reset_mask': mask}) for them first")
+                "call reset(options={'reset_mask': mask}) for them first"
+            )
         restarting = self._ended.copy() if mode == AutoresetMode.NEXT_STEP else np.zeros(self.num_envs, bool)
         out = model_step(self.wm, self._z, model_actions, self.options, self.decode_obs)
         self._z = out.z
         self._obs = format_obs(out.obs, self._obs_bounds, self.wm.spec.pixels) if self.decode_obs else None
         self._elapsed += 1
         terminated = out.continue_prob < 0.5
-        truncated = (self._elapsed >= self.max_episode_steps if self.max_episode_steps is not None
-                     else np.zeros(self.num_envs, bool))
+        truncated = (
+            self._elapsed >= self.max_episode_steps
+            if self.max_episode_steps is not None
+            else np.zeros(self.num_envs, bool)
+        )
         rewards = out.reward
         stepped = ~restarting
-        info = {"loops_used": out.loops_used, "bound": out.bound, "converged": out.converged,
-                "continue_prob": out.continue_prob, "kappa": np.full(self.num_envs, out.kappa, np.float64)}
+        info = {
+            "loops_used": out.loops_used,
+            "bound": out.bound,
+            "converged": out.converged,
+            "continue_prob": out.continue_prob,
+            "kappa": np.full(self.num_envs, out.kappa, np.float64),
+        }
         if restarting.any():
             self._restart(np.flatnonzero(restarting), None)
             rewards = np.where(restarting, 0.0, rewards)
@@ -175,8 +186,10 @@ class VectorWorldModelEnv(gym.vector.VectorEnv):
             return np.ones(self.num_envs, bool)
         mask = np.asarray(mask)
         if mask.shape != (self.num_envs,) or mask.dtype != np.bool_ or not mask.any():
-            raise ValueError(f"options['reset_mask'] must be a bool array of shape ({self.num_envs},) with at least "
-                             f"one True, got {mask!r}")
+            raise ValueError(
+                f"options['reset_mask'] must be a bool array of shape ({self.num_envs},) with at least "
+                f"one True, got {mask!r}"
+            )
         return mask
 
     def _restart(self, rows: np.ndarray, given: Optional[np.ndarray]) -> None:

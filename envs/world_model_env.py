@@ -4,6 +4,7 @@ Like mbrl-lib's ``ModelEnv`` or TorchRL's ``WorldModelEnv``, but a true ``gymnas
 ``check_env`` and composes with Gymnasium wrappers, so policies can be trained or evaluated "in
 imagination" with ordinary Gymnasium tooling. `VectorWorldModelEnv` steps many of them in one forward.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional, SupportsFloat, Union
@@ -25,8 +26,10 @@ Action = Union[np.ndarray, int]
 def check_episode_steps(max_episode_steps: Optional[int]) -> Optional[int]:
     """An episode length limit: an integer >= 1, or None for none."""
     if max_episode_steps is not None and (
-            isinstance(max_episode_steps, bool) or not isinstance(max_episode_steps, (int, np.integer))
-            or max_episode_steps < 1):
+        isinstance(max_episode_steps, bool)
+        or not isinstance(max_episode_steps, (int, np.integer))
+        or max_episode_steps < 1
+    ):
         raise ValueError(f"max_episode_steps must be an integer >= 1 or None, got {max_episode_steps!r}")
     return None if max_episode_steps is None else int(max_episode_steps)
 
@@ -92,8 +95,10 @@ class WorldModelEnv(gym.Env[np.ndarray, Action]):
         # the model has no clock of its own; 30 fps is how rendered frames are paced
         self.metadata = {"render_modes": ["rgb_array"] if spec.pixels else [], "render_fps": 30}
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode={render_mode!r}: expected one of {self.metadata['render_modes']} "
-                             f"or None ({'pixel' if spec.pixels else 'vector'} observations)")
+            raise ValueError(
+                f"render_mode={render_mode!r}: expected one of {self.metadata['render_modes']} "
+                f"or None ({'pixel' if spec.pixels else 'vector'} observations)"
+            )
         self.wm = wm
         self.render_mode = render_mode
         self.max_episode_steps = check_episode_steps(max_episode_steps)
@@ -131,8 +136,9 @@ class WorldModelEnv(gym.Env[np.ndarray, Action]):
         """Advance the latent one environment step with ``wm.step`` and read out obs, reward and flags."""
         if self._z is None:
             raise gym.error.ResetNeeded("WorldModelEnv: call reset() before step()")
-        out = model_step(self.wm, self._z, check_actions(action, self.action_space, None), self.options,
-                         self.decode_obs)
+        out = model_step(
+            self.wm, self._z, check_actions(action, self.action_space, None), self.options, self.decode_obs
+        )
         self._z = out.z
         self._elapsed += 1
         truncated = self.max_episode_steps is not None and self._elapsed >= self.max_episode_steps

@@ -1,4 +1,5 @@
 """Gymnasium wrappers used by the environment factory."""
+
 from __future__ import annotations
 
 from typing import Any, SupportsFloat

@@ -6,6 +6,7 @@
 The agent plans with the checkpoint's world model, value and policy prior, and returns actions in the
 environment's own units (torques in [-2, 2] for Pendulum), so they go straight into `env.step`.
 """
+
 from __future__ import annotations
 
 import argparse

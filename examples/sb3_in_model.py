@@ -10,6 +10,7 @@ the real environment and in the model from the same starts (`value_gap`).
     python examples/sb3_in_model.py                      # under ten minutes on one core
     python examples/sb3_in_model.py --rounds 1 --real-steps 200 --updates 20 --sb3-steps 256   # seconds
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,8 +71,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     seed_everything(args.seed, args.threads)
     real = make_env(cfg.env, seed=args.seed)
     wm = WorldModel.from_config(cfg, real.observation_space, real.action_space)
-    buffer = ReplayBuffer(real.observation_space.shape, action_dim(real.action_space),
-                          args.rounds * args.real_steps + 1000)
+    buffer = ReplayBuffer(
+        real.observation_space.shape, action_dim(real.action_space), args.rounds * args.real_steps + 1000
+    )
     trainer = Trainer(wm, cfg, buffer)
     rng, agent = np.random.default_rng(args.seed), None
 
@@ -84,21 +86,41 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         wm.set_obs_stats(stats["obs_mean"], stats["obs_std"])
         trainer.fit(trainer.updates + args.updates, progress=False)
         wm.eval()
-        imagined = SB3VecEnv(VectorWorldModelEnv(
-            wm, args.num_envs, reset_obs=buffer, observation_space=real.observation_space,
-            action_space=real.action_space, max_episode_steps=args.horizon, autoreset_mode="SameStep"))
+        imagined = SB3VecEnv(
+            VectorWorldModelEnv(
+                wm,
+                args.num_envs,
+                reset_obs=buffer,
+                observation_space=real.observation_space,
+                action_space=real.action_space,
+                max_episode_steps=args.horizon,
+                autoreset_mode="SameStep",
+            )
+        )
         imagined.seed(args.seed + round_)
         if agent is None:
-            agent = SAC("MlpPolicy", imagined, learning_starts=min(1000, args.sb3_steps // 2),
-                        gradient_steps=args.gradient_steps, seed=args.seed, device="cpu")
+            agent = SAC(
+                "MlpPolicy",
+                imagined,
+                learning_starts=min(1000, args.sb3_steps // 2),
+                gradient_steps=args.gradient_steps,
+                seed=args.seed,
+                device="cpu",
+            )
         else:
             agent.set_env(imagined)
         agent.learn(args.sb3_steps, reset_num_timesteps=False)
-        print(f"round {round_ + 1}: {len(buffer)} real transitions, {trainer.updates} model updates, "
-              f"{agent.num_timesteps} imagined transitions for SAC")
+        print(
+            f"round {round_ + 1}: {len(buffer)} real transitions, {trainer.updates} model updates, "
+            f"{agent.num_timesteps} imagined transitions for SAC"
+        )
     evaluation = make_env(cfg.env, training=False)
-    in_model = WorldModelEnv(wm, observation_space=real.observation_space, action_space=real.action_space,
-                             max_episode_steps=evaluation.spec.max_episode_steps)
+    in_model = WorldModelEnv(
+        wm,
+        observation_space=real.observation_space,
+        action_space=real.action_space,
+        max_episode_steps=evaluation.spec.max_episode_steps,
+    )
     gap = value_gap(policy, evaluation, in_model, episodes=args.eval_episodes, seed=10_000)
     print(f"real return  {gap.real_mean:9.1f}  {np.round(gap.real, 1).tolist()}")
     print(f"model return {gap.model_mean:9.1f}  {np.round(gap.model, 1).tolist()}")

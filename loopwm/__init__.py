@@ -2,6 +2,7 @@
 
 Public names are imported lazily so that `import loopwm` (and the CLI's `--help`) stays fast.
 """
+
 from __future__ import annotations
 
 import importlib

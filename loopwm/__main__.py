@@ -1,4 +1,5 @@
 """`python -m loopwm ...` is the `loopwm` command; it is the form `torchrun ... -m loopwm train CONFIG` launches."""
+
 import sys
 
 from loopwm.cli import main

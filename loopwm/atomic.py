@@ -1,4 +1,5 @@
 """Atomic file writes: temp file in the same folder, fsync, rename; and the clean-up of temp files a kill left."""
+
 from __future__ import annotations
 
 import os

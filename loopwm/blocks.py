@@ -8,6 +8,7 @@ activation, so Lip_h(block) ≤ Π‖W_i‖₂; the loop passes the output map p
 A new block is one class that follows `Block` plus one `@register_block("name")` line; it builds
 itself from the model config, and its own settings live in `model.block_options`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -63,11 +64,13 @@ BLOCKS: dict[str, type] = {}
 
 def register_block(name: str) -> Callable[[type], type]:
     """Class decorator: make a block buildable as `model.block: name`."""
+
     def add(cls: type) -> type:
         if name in BLOCKS and BLOCKS[name] is not cls:
             raise ValueError(f"a block named {name!r} is already registered ({BLOCKS[name].__name__})")
         BLOCKS[name] = cls
         return cls
+
     return add
 
 
@@ -104,8 +107,9 @@ class MLPBlock(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, options: NoOptions) -> "MLPBlock":
-        return cls(cfg.hidden_dim, cfg.inject_dim, cfg.block_depth, 2 * cfg.hidden_dim, cfg.activation,
-                   cfg.constrain_block)
+        return cls(
+            cfg.hidden_dim, cfg.inject_dim, cfg.block_depth, 2 * cfg.hidden_dim, cfg.activation, cfg.constrain_block
+        )
 
     @staticmethod
     def check(cfg: ModelConfig, options: NoOptions) -> None:
@@ -114,8 +118,9 @@ class MLPBlock(nn.Module):
     def __init__(self, hidden: int, inject: int, depth: int, width: int, activation: str, constrained: bool):
         super().__init__()
         dims = [hidden] + [width] * depth
-        self.h_path = nn.ModuleList(CertifiedLinear(a, b, bias=False, constrained=constrained)
-                                    for a, b in zip(dims[:-1], dims[1:]))
+        self.h_path = nn.ModuleList(
+            CertifiedLinear(a, b, bias=False, constrained=constrained) for a, b in zip(dims[:-1], dims[1:])
+        )
         self.e_path = nn.ModuleList(nn.Linear(inject, width) for _ in range(depth))
         self.out = CertifiedLinear(width, hidden, bias=False, constrained=constrained)
         self.act = ACTIVATIONS[activation]
@@ -133,7 +138,7 @@ class MLPBlock(nn.Module):
 
     def loop_macs(self, from_zero: bool) -> int:
         """The first loop from h = 0 skips the first h-path matmul (`forward` with h=None)."""
-        return sum(lin.weight.numel() for lin in self.linears()[int(from_zero):])
+        return sum(lin.weight.numel() for lin in self.linears()[int(from_zero) :])
 
     def forward(self, h: Optional[Tensor], ctx: list[Tensor], weights: list[Tensor], base: Tensor) -> Tensor:
         """base + R(h); h=None stands for h = 0, where the first layer is φ(U e + b) and its matmul is skipped."""
@@ -172,26 +177,29 @@ class TokenBlock(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, options: TokenOptions) -> "TokenBlock":
-        return cls(cfg.hidden_dim, cfg.inject_dim, cfg.block_depth, options.tokens, cfg.activation,
-                   cfg.constrain_block)
+        return cls(cfg.hidden_dim, cfg.inject_dim, cfg.block_depth, options.tokens, cfg.activation, cfg.constrain_block)
 
     @staticmethod
     def check(cfg: ModelConfig, options: TokenOptions) -> None:
         """The hidden state must split evenly into tokens."""
         if cfg.hidden_dim % options.tokens:
-            raise ConfigError(f"model.hidden_dim={cfg.hidden_dim} must be divisible by "
-                              f"model.block_options.tokens={options.tokens}")
+            raise ConfigError(
+                f"model.hidden_dim={cfg.hidden_dim} must be divisible by model.block_options.tokens={options.tokens}"
+            )
 
     def __init__(self, hidden: int, inject: int, depth: int, tokens: int, activation: str, constrained: bool):
         super().__init__()
         self.tokens, self.dim = tokens, hidden // tokens
         width = 2 * self.dim
-        self.mix = nn.ModuleList(CertifiedLinear(tokens, tokens, bias=False, constrained=constrained)
-                                 for _ in range(depth))
-        self.up = nn.ModuleList(CertifiedLinear(self.dim, width, bias=False, constrained=constrained)
-                                for _ in range(depth))
-        self.down = nn.ModuleList(CertifiedLinear(width, self.dim, bias=False, constrained=constrained)
-                                  for _ in range(depth))
+        self.mix = nn.ModuleList(
+            CertifiedLinear(tokens, tokens, bias=False, constrained=constrained) for _ in range(depth)
+        )
+        self.up = nn.ModuleList(
+            CertifiedLinear(self.dim, width, bias=False, constrained=constrained) for _ in range(depth)
+        )
+        self.down = nn.ModuleList(
+            CertifiedLinear(width, self.dim, bias=False, constrained=constrained) for _ in range(depth)
+        )
         self.e_path = nn.ModuleList(nn.Linear(inject, tokens * width) for _ in range(depth))
         self.act = ACTIVATIONS[activation]
         self.width = width
@@ -214,7 +222,7 @@ class TokenBlock(nn.Module):
     def _layers(self, h: Tensor, ctx: list[Tensor], weights: list[Tensor]):
         x = h.view(h.shape[0], self.tokens, self.dim)
         for i, u in enumerate(ctx):
-            w_mix, w_up, w_down = weights[3 * i: 3 * i + 3]
+            w_mix, w_up, w_down = weights[3 * i : 3 * i + 3]
             x = torch.einsum("nm,bmd->bnd", w_mix, x)
             x = self.down[i].forward_with(self.act(self.up[i].forward_with(x, w_up) + u), w_down)
             yield x

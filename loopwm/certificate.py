@@ -26,6 +26,7 @@ stage), A_i ≥ ‖|W_i|‖₂ and τ_i allows for underflow. The output sum and
 most 2u(1 + u)(‖D‖ + a_S + e_S + max Ā‖h‖). Every norm is computed in the loop's dtype and rounded up
 by its own γ; the bound is assembled in float64 and rounded up to the loop's dtype.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ def matmul_roundoff(dtype: torch.dtype, device: torch.device) -> float:
     """The relative error of a matmul's inputs on top of γ_n: nonzero where CUDA multiplies float32 in TF32/bf16."""
     if device.type != "cuda" or dtype != torch.float32:
         return 0.0
-    return {"highest": 0.0, "high": 2.0 ** -11, "medium": 2.0 ** -8}[torch.get_float32_matmul_precision()]
+    return {"highest": 0.0, "high": 2.0**-11, "medium": 2.0**-8}[torch.get_float32_matmul_precision()]
 
 
 def norm_bounds(x: Tensor) -> Tensor:
@@ -60,16 +61,16 @@ def norm_bounds(x: Tensor) -> Tensor:
 class LoopCertificate:
     """κ and the per-stage constants of the rounding term, computed from the parameters the loop applies."""
 
-    kappa: Tensor                 # float64: max Ā + Π L_i
-    max_retention: float          # max Ā
-    lips: tuple[float, ...]       # L_i ≥ ‖W_i‖₂ of each applied h-path weight
+    kappa: Tensor  # float64: max Ā + Π L_i
+    max_retention: float  # max Ā
+    lips: tuple[float, ...]  # L_i ≥ ‖W_i‖₂ of each applied h-path weight
     abs_norms: tuple[float, ...]  # A_i ≥ ‖|W_i|‖₂
-    inner: tuple[int, ...]        # n_i: each weight's input width (a matmul's inner dimension)
-    entries: tuple[int, ...]      # output entries per sample of each stage (for the underflow allowance)
+    inner: tuple[int, ...]  # n_i: each weight's input width (a matmul's inner dimension)
+    entries: tuple[int, ...]  # output entries per sample of each stage (for the underflow allowance)
     activation: str
-    dtype: torch.dtype            # the loop's
+    dtype: torch.dtype  # the loop's
     device: torch.device
-    loop_rounding: tuple[float, ...] = field(init=False)     # ρ's coefficients for F in `dtype`
+    loop_rounding: tuple[float, ...] = field(init=False)  # ρ's coefficients for F in `dtype`
     float64_rounding: tuple[float, ...] = field(init=False)  # and for F evaluated in float64
 
     def __post_init__(self) -> None:
@@ -77,8 +78,9 @@ class LoopCertificate:
         object.__setattr__(self, "float64_rounding", self.rounding_coefficients(torch.float64))
 
     @classmethod
-    def build(cls, retention: Tensor, scale: Tensor, weights: Sequence[Certified], activation: str
-              ) -> tuple["LoopCertificate", Tensor]:
+    def build(
+        cls, retention: Tensor, scale: Tensor, weights: Sequence[Certified], activation: str
+    ) -> tuple["LoopCertificate", Tensor]:
         """The certificate for h-path weights `weights` whose last map the loop multiplies by `scale`.
 
         Returns it with the last weight as applied, fl(W_S·s), whose norm is ≤ s(‖W_S‖₂ + u‖|W_S|‖₂).
@@ -86,7 +88,7 @@ class LoopCertificate:
         last = weights[-1].weight * scale
         u = unit_roundoff(last.dtype)
         s = abs(float(scale.detach()))
-        up = 1 + 2.0 ** -51  # the float64 products below
+        up = 1 + 2.0**-51  # the float64 products below
         out_lip, out_abs = float(weights[-1].lip), float(weights[-1].abs_norm)
         lips = [float(c.lip) for c in weights[:-1]] + [s * (out_lip + u * out_abs) * up]
         abs_norms = [float(c.abs_norm) for c in weights[:-1]] + [s * out_abs * (1 + u) * up]
@@ -100,10 +102,20 @@ class LoopCertificate:
         product = 1.0
         for lip in lips:
             product *= lip
-        kappa = torch.tensor((a_max + product) * (1 + gamma(len(lips) + 2, torch.float64)), dtype=torch.float64,
-                             device=last.device)
-        return cls(kappa, a_max, tuple(lips), tuple(abs_norms), tuple(inner), tuple(entries), activation,
-                   last.dtype, last.device), last
+        kappa = torch.tensor(
+            (a_max + product) * (1 + gamma(len(lips) + 2, torch.float64)), dtype=torch.float64, device=last.device
+        )
+        return cls(
+            kappa,
+            a_max,
+            tuple(lips),
+            tuple(abs_norms),
+            tuple(inner),
+            tuple(entries),
+            activation,
+            last.dtype,
+            last.device,
+        ), last
 
     def rounding_coefficients(self, dtype: torch.dtype) -> tuple[float, ...]:
         """(c_0, c_h, c_C, c_D) with ρ = c_0 + c_h‖h‖ + c_C·C + c_D‖D‖ for F evaluated in `dtype`: the stage
@@ -146,7 +158,7 @@ class LoopCertificate:
         if kappa >= 1.0:
             return torch.full_like(residual, float("inf"))
         rho = _affine(self.float64_rounding, h, context, drive)
-        return (residual * (1 + 2.0 ** -52) + rho) / (1 - kappa) * FLOAT64_SLACK
+        return (residual * (1 + 2.0**-52) + rho) / (1 - kappa) * FLOAT64_SLACK
 
 
 def _affine(c: tuple[float, ...], h: Tensor, context: Tensor, drive: Tensor) -> Tensor:

@@ -5,6 +5,7 @@ a format tag and version, plus whatever extras the caller adds (optimiser, repla
 A run's checkpoint also holds the run config and its kind ("run" or "train"); `load_run` reads one,
 from its file or from the run folder that holds it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,13 +58,15 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as exc:  # torch raises many types for truncated or garbage files
         raise CheckpointError(
             f"checkpoint {str(path)!r} is truncated, corrupt or not a safe torch file: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+            f"{str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a loopwm checkpoint (no '{FORMAT}' format tag)")
     if payload.get("version") != VERSION:
         raise CheckpointError(
             f"checkpoint {str(path)!r} has format version {payload.get('version')!r}; "
-            f"this loopwm reads version {VERSION}")
+            f"this loopwm reads version {VERSION}"
+        )
     return payload
 
 
@@ -105,7 +108,7 @@ class LoadedRun:
 
     @property
     def kind(self) -> Optional[str]:
-        """"run" or "train" for a run's checkpoint (inferred from its parts for files that predate the tag),
+        """ "run" or "train" for a run's checkpoint (inferred from its parts for files that predate the tag),
         None for a bare model."""
         if "kind" in self.payload:
             return self.payload["kind"]
@@ -121,8 +124,9 @@ class LoadedRun:
     def require_config(self, purpose: str) -> Config:
         """The run config, or a ConfigError saying that a bare model cannot serve `purpose`."""
         if self.config is None:
-            raise ConfigError(f"checkpoint {str(self.path)!r} holds no run config (a bare model saved with "
-                              f"loopwm.save), so {purpose}")
+            raise ConfigError(
+                f"checkpoint {str(self.path)!r} holds no run config (a bare model saved with loopwm.save), so {purpose}"
+            )
         return self.config
 
 

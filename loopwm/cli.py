@@ -1,5 +1,6 @@
 """The `loopwm` command: run, train, collect, eval and analyze. It parses arguments and calls `loopwm.app`;
 heavy imports happen inside each command, so `--help` stays fast."""
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if args.episodes is not None:
         result = evaluate_planner(args.checkpoint, args.episodes, video_dir=args.video)
-        print(f"return {result['return_mean']:.1f} ± {result['return_std']:.1f} over {args.episodes} episodes; "
-              f"{result['ms_per_decision']:.1f} ms per decision")
+        print(
+            f"return {result['return_mean']:.1f} ± {result['return_std']:.1f} over {args.episodes} episodes; "
+            f"{result['ms_per_decision']:.1f} ms per decision"
+        )
     else:
         result = evaluate_checkpoint(args.checkpoint, args.data, args.exit)
         print(format_table(result))
@@ -102,8 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("run", "Online loop: collect, fit the world model, plan and evaluate.", cmd_run)
     with_config("train", "Fit a world model on a saved dataset (data.path).", cmd_train)
     with_config("collect", "Write a dataset of environment transitions to data.path.", cmd_collect)
-    p = sub.add_parser("eval", help="Prediction errors of a checkpoint, or planner returns with --episodes.",
-                       description="Prediction errors of a checkpoint, or planner returns with --episodes.")
+    p = sub.add_parser(
+        "eval",
+        help="Prediction errors of a checkpoint, or planner returns with --episodes.",
+        description="Prediction errors of a checkpoint, or planner returns with --episodes.",
+    )
     p.add_argument("checkpoint", help="a run folder or a checkpoint file")
     p.add_argument("--data", help="held-out dataset (.npz); default: the run's own held-out split")
     p.add_argument("--exit", type=_exit_rule, help="override the exit rule (a name in loopwm.loop.EXIT_RULES)")
@@ -111,15 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video", help="folder for episode videos (rgb-capable envs)")
     p.add_argument("--out", help="write the JSON result here")
     p.set_defaults(fn=cmd_eval)
-    p = sub.add_parser("analyze", help="Stability report: figures, report.json and report.md.",
-                       description="Stability report: figures, report.json and report.md.")
+    p = sub.add_parser(
+        "analyze",
+        help="Stability report: figures, report.json and report.md.",
+        description="Stability report: figures, report.json and report.md.",
+    )
     p.add_argument("checkpoint", help="a run folder or a checkpoint file")
     p.add_argument("--data", help="dataset (.npz); default: the run's held-out split")
     p.add_argument("--out", default="analysis", help="output folder")
     p.add_argument("--compare", help="a paper-mode checkpoint to compare long-horizon behaviour with")
     p.set_defaults(fn=cmd_analyze)
-    p = sub.add_parser("plot", help="Learning curves of runs (mean and spread across seeds) and losses, as a PNG.",
-                       description="Learning curves of runs (mean and spread across seeds) and losses, as a PNG.")
+    p = sub.add_parser(
+        "plot",
+        help="Learning curves of runs (mean and spread across seeds) and losses, as a PNG.",
+        description="Learning curves of runs (mean and spread across seeds) and losses, as a PNG.",
+    )
     p.add_argument("runs", nargs="+", help="run folders (runs/<name>)")
     p.add_argument("--out", default="plot.png", help="PNG to write")
     p.set_defaults(fn=cmd_plot)
@@ -145,8 +157,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         if args.command != "train" and launched_processes() > 1:
-            raise ConfigError(f"only `loopwm train` runs in several processes (torchrun); `loopwm {args.command}` "
-                              "runs in one (to act in several environments at once, set env.num_envs)")
+            raise ConfigError(
+                f"only `loopwm train` runs in several processes (torchrun); `loopwm {args.command}` "
+                "runs in one (to act in several environments at once, set env.num_envs)"
+            )
         args.fn(args)
     except (ConfigError, CheckpointError, OSError, ValueError, ImportError, NonFiniteLoss) as exc:
         print(f"loopwm {args.command}: error: {exc}", file=sys.stderr)

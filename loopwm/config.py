@@ -4,6 +4,7 @@ Every value is checked when a section is built, whether from YAML or directly in
 out-of-range or non-finite number, or a rule across fields fails before any work starts, with an error
 that names the key, the value and what was expected.
 """
+
 from __future__ import annotations
 
 import copy
@@ -123,7 +124,8 @@ class ModelConfig(Section):
         if self.retention and self.retention_max >= self.kappa_max:
             raise ConfigError(
                 f"model.retention_max={self.retention_max} must be < model.kappa_max={self.kappa_max}: "
-                "the shared block needs a positive share of the contraction budget")
+                "the shared block needs a positive share of the contraction budget"
+            )
         check_exit(self.exit)
         check_block(self)
 
@@ -173,7 +175,8 @@ class TrainConfig(Section):
             raise ConfigError(
                 "train.w_continue=0 leaves the continue head untrained: its outputs stay near 0.5, and every "
                 "imagined return (planner, value, prior) would be discounted by them; keep it > 0, even for "
-                "environments that never terminate")
+                "environments that never terminate"
+            )
 
 
 @dataclass
@@ -213,8 +216,7 @@ class PlannerConfig(Section):
         if self.elites > self.samples:
             raise ConfigError(f"planner.elites={self.elites} must be <= planner.samples={self.samples}")
         if self.policy_samples >= self.samples:
-            raise ConfigError(
-                f"planner.policy_samples={self.policy_samples} must be < planner.samples={self.samples}")
+            raise ConfigError(f"planner.policy_samples={self.policy_samples} must be < planner.samples={self.samples}")
 
 
 @dataclass
@@ -246,12 +248,12 @@ class Config(Section):
     """A whole experiment."""
 
     name: str = "default"
-    seed: int = 0
+    seed: int = field(default=0, metadata=_range(0, 2**32 - 1))  # numpy's seed range
     device: str = "auto"
     run_dir: str = "runs"
     resume: bool = False
     threads: int = field(default=0, metadata=_range(0))
-    wandb: bool = False            # mirror the TensorBoard scalars to Weights & Biases (extra [wandb])
+    wandb: bool = False  # mirror the TensorBoard scalars to Weights & Biases (extra [wandb])
     wandb_project: str = "loopwm"  # the W&B project runs go to when wandb is true
     env: EnvConfig = field(default_factory=EnvConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

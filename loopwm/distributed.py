@@ -6,6 +6,7 @@ Under `torchrun --nproc_per_node=N` every process trains the same model on its o
 only rank 0 writes. Outside torchrun (`WORLD_SIZE` unset or 1) everything here is a no-op, so one code path
 serves both. The backend is NCCL when the run uses CUDA, gloo on the CPU.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,9 +57,9 @@ class World:
         dist.all_reduce(flat)
         flat /= self.size
         offset = 0
-        for p, g, seen in zip(params, grads, flat[-len(params):].tolist()):
+        for p, g, seen in zip(params, grads, flat[-len(params) :].tolist()):
             n = g.numel()
-            p.grad = flat[offset:offset + n].view_as(g).to(g.device, g.dtype) if seen > 0 else None
+            p.grad = flat[offset : offset + n].view_as(g).to(g.device, g.dtype) if seen > 0 else None
             offset += n
 
     def mean(self, values: Tensor) -> Tensor:
@@ -130,8 +131,10 @@ def joined(device: torch.device) -> Iterator[torch.device]:
     if device.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if local >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK={local} but this machine has {torch.cuda.device_count()} CUDA device(s): "
-                             "start at most one process per GPU (torchrun --nproc_per_node)")
+            raise ValueError(
+                f"LOCAL_RANK={local} but this machine has {torch.cuda.device_count()} CUDA device(s): "
+                "start at most one process per GPU (torchrun --nproc_per_node)"
+            )
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)

@@ -3,6 +3,7 @@
 Counts are per sample and cover the linear maps (matmuls), which dominate on a CPU; norms,
 activations and convolutions are not counted. A FLOP is two multiply-adds.
 """
+
 from __future__ import annotations
 
 from torch import nn

@@ -22,6 +22,7 @@ unwinding are float64 scalars, whose few roundings (counted in `_bookkeeping_sla
 1 + γ_M covers. A weight that is not finite has no bound and raises `NonFiniteWeightError`, naming
 the parameter.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,21 +60,21 @@ def _sum_bound(x: Tensor, dim: int) -> Tensor:
 
 def _frobenius_sq_bound(x: Tensor) -> float:
     """An upper bound on ‖x‖_F² (row sums of squares, then their sum, in x's dtype); it only sizes slack and scales."""
-    return float(x.detach().square().sum(1).sum()) * (1 + gamma(sum(x.shape) + 1, x.dtype)) * (1 + 2.0 ** -52)
+    return float(x.detach().square().sum(1).sum()) * (1 + gamma(sum(x.shape) + 1, x.dtype)) * (1 + 2.0**-52)
 
 
 def abs_norm_bound(weight: Tensor) -> Tensor:
     """An upper bound on ‖|W|‖₂ (float64): (max column sum · max row sum of |W|)^½, for rounding terms."""
     w = weight.detach().reshape(weight.shape[0], -1)
-    return torch.sqrt(_sum_bound(w, 0) * _sum_bound(w, 1)) * (1 + 2.0 ** -51)
+    return torch.sqrt(_sum_bound(w, 0) * _sum_bound(w, 1)) * (1 + 2.0**-51)
 
 
 class ScaledBound(NamedTuple):
     """A weight split as W ≈ 2^e·Wn, with float64 upper bounds on ‖Wn‖₂ and ‖Wn‖_F."""
 
-    scaled: Tensor     # Wn, in the weight's dtype; max|Wn| ∈ [1/2, 1), or all zeros
-    scale: Tensor      # 2^e, float64
-    norm: Tensor       # ≥ ‖Wn‖₂, float64, differentiable in W
+    scaled: Tensor  # Wn, in the weight's dtype; max|Wn| ∈ [1/2, 1), or all zeros
+    scale: Tensor  # 2^e, float64
+    norm: Tensor  # ≥ ‖Wn‖₂, float64, differentiable in W
     frobenius: Tensor  # ≥ ‖Wn‖_F, float64
 
 
@@ -89,13 +90,14 @@ def _scale_exactly(w: Tensor, exponent: int) -> Tensor:
     is representable (as a subnormal at worst) and only results below the normal range round.
     """
     if exponent > 0:
-        return w * 2.0 ** -exponent
+        return w * 2.0**-exponent
     first = (-exponent) // 2
-    return w * 2.0 ** first * 2.0 ** (-exponent - first)
+    return w * 2.0**first * 2.0 ** (-exponent - first)
 
 
-def scaled_bound(weight: Tensor, squarings: int = SQUARINGS, *, name: str = "weight",
-                 dtype: Optional[torch.dtype] = None) -> ScaledBound:
+def scaled_bound(
+    weight: Tensor, squarings: int = SQUARINGS, *, name: str = "weight", dtype: Optional[torch.dtype] = None
+) -> ScaledBound:
     """Scale W by a power of two and bound the result's spectral norm rigorously (see the module doc).
 
     The Gram chain runs in `dtype` (the weight's by default); the bound covers its rounding either way.
@@ -105,10 +107,10 @@ def scaled_bound(weight: Tensor, squarings: int = SQUARINGS, *, name: str = "wei
     if not math.isfinite(peak):
         raise NonFiniteWeightError(
             f"{name} has non-finite entries (inf or NaN): no spectral-norm bound exists, so the loop "
-            f"cannot be certified; the weights diverged or were loaded from a corrupt source")
+            f"cannot be certified; the weights diverged or were loaded from a corrupt source"
+        )
     exponent = math.frexp(peak)[1]  # peak = f·2^exponent, f ∈ [1/2, 1); 0 for a zero matrix
-    scale = torch.ldexp(torch.ones((), dtype=torch.float64, device=w.device),
-                        torch.tensor(exponent, device=w.device))
+    scale = torch.ldexp(torch.ones((), dtype=torch.float64, device=w.device), torch.tensor(exponent, device=w.device))
     wn = _scale_exactly(w, exponent)
     if peak == 0.0:  # ‖0‖₂ = 0 exactly; the chain below would only add underflow slack
         zero = 0.0 * wn.sum().to(torch.float64)
@@ -135,8 +137,9 @@ def scaled_bound(weight: Tensor, squarings: int = SQUARINGS, *, name: str = "wei
         beta = torch.sqrt((c * beta + err).clamp_min(torch.finfo(torch.float64).tiny))
     # ‖Wn − W·2^-e‖₂ ≤ √(ab)·tiny covers entries that rounded below the normal range when scaled.
     beta = (beta + w.numel() ** 0.5 * torch.finfo(w.dtype).tiny) * _bookkeeping_slack(squarings + 1)
-    return ScaledBound(wn, scale, beta, torch.tensor(math.sqrt(frob_sq) * (1 + 2.0 ** -52), dtype=torch.float64,
-                                                     device=w.device))
+    return ScaledBound(
+        wn, scale, beta, torch.tensor(math.sqrt(frob_sq) * (1 + 2.0**-52), dtype=torch.float64, device=w.device)
+    )
 
 
 def round_up(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -150,8 +153,9 @@ def round_up(x: Tensor, dtype: torch.dtype) -> Tensor:
     return (x * (1 + 2 * unit_roundoff(dtype)) + torch.finfo(dtype).tiny * (x > 0)).to(dtype)
 
 
-def spectral_norm_bound(weight: Tensor, squarings: int = SQUARINGS, *, name: str = "weight",
-                        dtype: Optional[torch.dtype] = None) -> Tensor:
+def spectral_norm_bound(
+    weight: Tensor, squarings: int = SQUARINGS, *, name: str = "weight", dtype: Optional[torch.dtype] = None
+) -> Tensor:
     """A differentiable upper bound on ‖W‖₂ in W's dtype, valid for every finite W (inf if it overflows)."""
     b = scaled_bound(weight, squarings, name=name, dtype=dtype)
     return round_up(b.scale * b.norm, weight.dtype)
@@ -165,8 +169,8 @@ def exact_spectral_norm(weight: Tensor) -> float:
 class Certified(NamedTuple):
     """A weight as the forward pass applies it, with what the certificate and its rounding term need."""
 
-    weight: Tensor    # the applied weight
-    lip: Tensor       # float64 upper bound on ‖weight‖₂ (≤ 1 when constrained)
+    weight: Tensor  # the applied weight
+    lip: Tensor  # float64 upper bound on ‖weight‖₂ (≤ 1 when constrained)
     abs_norm: Tensor  # float64 upper bound on ‖|weight|‖₂, for rounding terms
 
 
@@ -195,7 +199,7 @@ class CertifiedLinear(nn.Module):
         u = unit_roundoff(w.dtype)
         # ‖fl(Wn/d)‖₂ ≤ (‖Wn‖₂ + u‖Wn‖_F + √(ab)·tiny)/d; the factor covers the two float64 additions
         # here and the division in `lip`.
-        numerator = (b.norm + u * b.frobenius + w.numel() ** 0.5 * torch.finfo(w.dtype).tiny) * (1 + 4 * 2.0 ** -53)
+        numerator = (b.norm + u * b.frobenius + w.numel() ** 0.5 * torch.finfo(w.dtype).tiny) * (1 + 4 * 2.0**-53)
         divisor = round_up(numerator.clamp_min(0.5), w.dtype)  # ‖Wn‖₂ ≥ max|Wn| ≥ 1/2 unless Wn = 0
         applied = b.scaled / divisor
         lip = (numerator / divisor.to(torch.float64)).detach()

@@ -1,5 +1,6 @@
 """Run logging: TensorBoard event files plus a `metrics.jsonl` line per logging step, optionally mirrored
 to Weights & Biases (extra `[wandb]`; `wandb: true` in a config, off by default)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -45,8 +46,7 @@ class RunLogger:
     it; ``WANDB_MODE=offline`` keeps it local).
     """
 
-    def __init__(self, run_dir: str | Path, *, wandb_project: Optional[str] = None,
-                 config: Optional[dict] = None):
+    def __init__(self, run_dir: str | Path, *, wandb_project: Optional[str] = None, config: Optional[dict] = None):
         if wandb_project is not None:
             require_wandb()
         self.wandb_project, self.config = wandb_project, config
@@ -72,8 +72,11 @@ class RunLogger:
             raise RuntimeError("RunLogger.rewind must come before the first log")
         self._purge_step = step + 1
         if self.jsonl_path.exists():
-            kept = [line for line in self.jsonl_path.read_text().splitlines(keepends=True)
-                    if line.endswith("\n") and json.loads(line)["step"] <= step]  # drops a line cut by a kill
+            kept = [
+                line
+                for line in self.jsonl_path.read_text().splitlines(keepends=True)
+                if line.endswith("\n") and json.loads(line)["step"] <= step
+            ]  # drops a line cut by a kill
             atomic_write(self.jsonl_path, lambda f: f.write("".join(kept).encode()))
 
     def _open(self) -> None:
@@ -86,8 +89,14 @@ class RunLogger:
 
             key = hashlib.sha1(str(self.run_dir.resolve()).encode()).hexdigest()[:8]
             name = self.run_dir.name
-            self._wandb = wandb.init(project=self.wandb_project, name=name, id=f"{name}-{key}", dir=str(self.run_dir),
-                                     config=self.config, resume="allow")
+            self._wandb = wandb.init(
+                project=self.wandb_project,
+                name=name,
+                id=f"{name}-{key}",
+                dir=str(self.run_dir),
+                config=self.config,
+                resume="allow",
+            )
 
     def log(self, scalars: dict[str, float], step: int, histograms: Optional[dict[str, Any]] = None) -> None:
         """Log one step's scalars (and optional histograms)."""
@@ -107,8 +116,9 @@ class RunLogger:
         """Log frames [T, H, W, 3] uint8 (an evaluation episode) as a TensorBoard video, and to W&B."""
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
-            raise ValueError(f"video frames must be uint8 of shape (T, H, W, 3) with T >= 1, got "
-                             f"{frames.dtype} {frames.shape}")
+            raise ValueError(
+                f"video frames must be uint8 of shape (T, H, W, 3) with T >= 1, got {frames.dtype} {frames.shape}"
+            )
         if self._writer is None:
             self._open()
         self._writer._get_file_writer().add_summary(gif_summary(tag, frames, fps), step)

@@ -6,6 +6,7 @@ s = (κ_max − max Ā)·sigmoid(ρ). So κ = max Ā + s < κ_max < 1 for every 
 theorem gives a unique fixed point h*(e), the a-posteriori bound ‖h(t) − h*‖ ≤ κ/(1−κ)‖h(t) − h(t−1)‖
 and ‖h*‖ ≤ ‖F(0)‖/(1−κ). "Paper mode" (LoopWM, arXiv 2606.18208) drops the constraint on R̄.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,8 +51,12 @@ class LoopOptions:
             _check_count(name, getattr(self, name))
         if self.min_loops > self.max_loops:
             raise ValueError(f"min_loops={self.min_loops} must be <= max_loops={self.max_loops}")
-        if isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)) or not math.isfinite(self.tol) \
-                or self.tol <= 0:
+        if (
+            isinstance(self.tol, bool)
+            or not isinstance(self.tol, (int, float))
+            or not math.isfinite(self.tol)
+            or self.tol <= 0
+        ):
             raise ValueError(f"tol={self.tol!r}: expected a finite number > 0")
         if not isinstance(self.gate_threshold, (int, float)) or not 0.0 <= self.gate_threshold <= 1.0:
             raise ValueError(f"gate_threshold={self.gate_threshold!r}: expected a number in [0, 1]")
@@ -67,8 +72,13 @@ class LoopOptions:
     @classmethod
     def from_config(cls, cfg: ModelConfig, **overrides: object) -> "LoopOptions":
         """The model config's exit rule and limits, with keyword overrides (e.g. `exit="certified"`)."""
-        base = {"exit": cfg.exit, "min_loops": cfg.min_loops, "max_loops": cfg.max_loops, "tol": cfg.exit_tol,
-                "gate_threshold": cfg.gate_threshold}
+        base = {
+            "exit": cfg.exit,
+            "min_loops": cfg.min_loops,
+            "max_loops": cfg.max_loops,
+            "tol": cfg.exit_tol,
+            "gate_threshold": cfg.gate_threshold,
+        }
         exit = overrides.get("exit", base["exit"])
         if exit == "fixed":
             base["loops"] = cfg.loops
@@ -92,8 +102,9 @@ class FixedExit:
         loops = default if opts.loops is None else opts.loops
         return torch.as_tensor(loops, device=device).long().expand(batch)
 
-    def fire(self, core: "LoopCore", h: Tensor, step_norm: Tensor, bound: Tensor, opts: LoopOptions,
-             gates: list[Tensor]) -> Optional[Tensor]:
+    def fire(
+        self, core: "LoopCore", h: Tensor, step_norm: Tensor, bound: Tensor, opts: LoopOptions, gates: list[Tensor]
+    ) -> Optional[Tensor]:
         return None
 
 
@@ -108,8 +119,9 @@ class CertifiedExit:
     def targets(self, opts: LoopOptions, default: int, batch: int, device: torch.device) -> None:
         return None
 
-    def fire(self, core: "LoopCore", h: Tensor, step_norm: Tensor, bound: Tensor, opts: LoopOptions,
-             gates: list[Tensor]) -> Tensor:
+    def fire(
+        self, core: "LoopCore", h: Tensor, step_norm: Tensor, bound: Tensor, opts: LoopOptions, gates: list[Tensor]
+    ) -> Tensor:
         return bound <= opts.tol
 
 
@@ -124,8 +136,9 @@ class GateExit:
     def targets(self, opts: LoopOptions, default: int, batch: int, device: torch.device) -> None:
         return None
 
-    def fire(self, core: "LoopCore", h: Tensor, step_norm: Tensor, bound: Tensor, opts: LoopOptions,
-             gates: list[Tensor]) -> Tensor:
+    def fire(
+        self, core: "LoopCore", h: Tensor, step_norm: Tensor, bound: Tensor, opts: LoopOptions, gates: list[Tensor]
+    ) -> Tensor:
         prob = core.exit_probability(h, step_norm.detach())
         gates.append(prob)
         return prob.detach() > opts.gate_threshold
@@ -134,8 +147,10 @@ class GateExit:
 def _refuse_fixed_only(rule: str, opts: LoopOptions) -> None:
     for name in ("loops", "bptt"):
         if getattr(opts, name) is not None:
-            raise ValueError(f"{name}={getattr(opts, name)!r} needs exit='fixed': the {rule!r} exit decides the "
-                             "loop count as it runs (use min_loops/max_loops to bound it)")
+            raise ValueError(
+                f"{name}={getattr(opts, name)!r} needs exit='fixed': the {rule!r} exit decides the "
+                "loop count as it runs (use min_loops/max_loops to bound it)"
+            )
 
 
 EXIT_RULES = {"fixed": FixedExit(), "certified": CertifiedExit(), "gate": GateExit()}
@@ -153,29 +168,36 @@ def check_exit(name: str):
 class StepContext:
     """Everything the loop map needs that is fixed across the loops of one environment step."""
 
-    retention: Tensor        # Ā, [H]
-    drive: Tensor            # B̄ e, [B, H]
+    retention: Tensor  # Ā, [H]
+    drive: Tensor  # B̄ e, [B, H]
     block_ctx: list[Tensor]  # the injection's share of each block layer
-    weights: list[Tensor]    # effective h-path weights (output map × s), computed once per forward
-    scale: Tensor            # s, the block's output gain
-    kappa: Tensor            # certified Lipschitz constant of h ↦ F(h, e)
+    weights: list[Tensor]  # effective h-path weights (output map × s), computed once per forward
+    scale: Tensor  # s, the block's output gain
+    kappa: Tensor  # certified Lipschitz constant of h ↦ F(h, e)
     certificate: LoopCertificate  # κ's parts and the rounding term of the certified bound
 
     def select(self, index: Tensor) -> "StepContext":
         """The context of a subset of the batch (shared parts are kept as they are)."""
-        return StepContext(self.retention, self.drive[index], [c[index] for c in self.block_ctx],
-                           self.weights, self.scale, self.kappa, self.certificate)
+        return StepContext(
+            self.retention,
+            self.drive[index],
+            [c[index] for c in self.block_ctx],
+            self.weights,
+            self.scale,
+            self.kappa,
+            self.certificate,
+        )
 
 
 @dataclass
 class LoopParams:
     """The parameter-only part of a step's context: one computation serves a whole rollout (`weight_scope`)."""
 
-    retention: Tensor      # Ā, [H]
-    delta: Tensor          # the injection's step size softplus(δ), [H]
+    retention: Tensor  # Ā, [H]
+    delta: Tensor  # the injection's step size softplus(δ), [H]
     weights: list[Tensor]  # effective h-path weights, the output map pre-multiplied by s
-    scale: Tensor          # s
-    kappa: Tensor          # κ
+    scale: Tensor  # s
+    kappa: Tensor  # κ
     certificate: LoopCertificate
 
 
@@ -183,15 +205,15 @@ class LoopParams:
 class LoopTrace:
     """What the loop did for each sample: step norms, loops used, the certified distance at exit."""
 
-    step_norms: Tensor                 # [T, B] ‖h(t) − h(t−1)‖, zero after a sample has exited
-    loops_used: Tensor                 # [B] loops actually run per sample
-    bound: Tensor                      # [B] certified distance to h* at exit (`LoopCore.certified_bound`)
-    converged: Tensor                  # [B] whether the bound met the exit tolerance
+    step_norms: Tensor  # [T, B] ‖h(t) − h(t−1)‖, zero after a sample has exited
+    loops_used: Tensor  # [B] loops actually run per sample
+    bound: Tensor  # [B] certified distance to h* at exit (`LoopCore.certified_bound`)
+    converged: Tensor  # [B] whether the bound met the exit tolerance
     kappa: float
-    states: Optional[list[Tensor]] = None    # h(0..T) when asked for
+    states: Optional[list[Tensor]] = None  # h(0..T) when asked for
     readouts: Optional[list[Tensor]] = None  # readout(h(t)) for t = 1..T when asked for
-    gate: Optional[Tensor] = None            # [T, B] exit-gate probabilities
-    final_state: Optional[Tensor] = None     # h at exit, [B, H]
+    gate: Optional[Tensor] = None  # [T, B] exit-gate probabilities
+    final_state: Optional[Tensor] = None  # h at exit, [B, H]
 
     @property
     def mean_loops(self) -> float:
@@ -207,9 +229,9 @@ class LoopCore(nn.Module):
         h = cfg.hidden_dim
         self.use_retention = cfg.retention and cfg.retention_max > 0
         self.r_min = -math.log(cfg.retention_max) if self.use_retention else 0.0
-        self.log_rate = nn.Parameter(torch.linspace(-1.0, 1.0, h))          # a
+        self.log_rate = nn.Parameter(torch.linspace(-1.0, 1.0, h))  # a
         self.delta_raw = nn.Parameter(torch.full((h,), math.log(math.e - 1)))  # δ, softplus(δ) = 1
-        self.inject = nn.Linear(cfg.inject_dim, h, bias=False)             # B
+        self.inject = nn.Linear(cfg.inject_dim, h, bias=False)  # B
         self.block = make_block(cfg)
         self.gain_logit = nn.Parameter(torch.zeros(()))  # block gain logit (constrained) or log-gain (paper mode)
         self.gate = nn.Linear(h + 1, 1)
@@ -283,8 +305,9 @@ class LoopCore(nn.Module):
     def prepare(self, e: Tensor) -> StepContext:
         """Precompute the injection's contributions for one environment step."""
         p = self._scope if self._scope is not None else self.loop_params()
-        return StepContext(p.retention, p.delta * self.inject(e), self.block.context(e), p.weights, p.scale, p.kappa,
-                           p.certificate)
+        return StepContext(
+            p.retention, p.delta * self.inject(e), self.block.context(e), p.weights, p.scale, p.kappa, p.certificate
+        )
 
     def loop_map(self, h: Optional[Tensor], ctx: StepContext) -> Tensor:
         """One loop: F(h) = Ā ⊙ h + B̄ e + s·R(h, e); h=None is the zero state, F(0) = B̄ e + s·R(0, e)."""
@@ -301,8 +324,9 @@ class LoopCore(nn.Module):
         feats = torch.cat([h, torch.log(step_norm.unsqueeze(-1) + 1e-6)], dim=-1)
         return torch.sigmoid(self.gate(feats)).squeeze(-1)
 
-    def certified_bound(self, step_norm: Tensor, h: Tensor, ctx: StepContext, refine: Optional[Tensor] = None
-                        ) -> Tensor:
+    def certified_bound(
+        self, step_norm: Tensor, h: Tensor, ctx: StepContext, refine: Optional[Tensor] = None
+    ) -> Tensor:
         """Certified distance from h to the fixed point after a loop that moved it by `step_norm`, rounding
         included (`LoopCertificate`): (κ‖Δh‖ + ρ)/(1−κ). For the samples in the mask `refine` where ρ
         dominates (more loops cannot lower it), also the float64 residual bound ‖F(h) − h‖/(1−κ) if lower:
@@ -314,9 +338,13 @@ class LoopCore(nn.Module):
         if refine is not None and bool((stalled := stalled & refine).any()):
             idx = slice(None) if bool(stalled.all()) else stalled.nonzero().squeeze(1)
             sub = ctx.select(idx)
-            wide = dataclasses.replace(sub, retention=sub.retention.double(), drive=sub.drive.double(),
-                                       block_ctx=[c.double() for c in sub.block_ctx],
-                                       weights=[w.double() for w in sub.weights])
+            wide = dataclasses.replace(
+                sub,
+                retention=sub.retention.double(),
+                drive=sub.drive.double(),
+                block_ctx=[c.double() for c in sub.block_ctx],
+                weights=[w.double() for w in sub.weights],
+            )
             h64 = h[idx].detach().double()
             with torch.no_grad():
                 residual = norm_bounds(self.loop_map(h64, wide).sub_(h64))
@@ -324,9 +352,15 @@ class LoopCore(nn.Module):
             bound[idx] = torch.minimum(bound[idx], refined)
         return round_up(bound, h.dtype)
 
-    def run(self, ctx: StepContext, h0: Optional[Tensor] = None, options: Optional[LoopOptions] = None, *,
-            keep_states: bool = False, readout: Optional[Callable[[Tensor], Tensor]] = None,
-            ) -> tuple[Tensor, LoopTrace]:
+    def run(
+        self,
+        ctx: StepContext,
+        h0: Optional[Tensor] = None,
+        options: Optional[LoopOptions] = None,
+        *,
+        keep_states: bool = False,
+        readout: Optional[Callable[[Tensor], Tensor]] = None,
+    ) -> tuple[Tensor, LoopTrace]:
         """Iterate the loop map from h0 (zeros by default) until each sample's exit rule fires.
 
         `options` (default: the model config's) chooses the exit rule; `keep_states` keeps h(0..T) and
@@ -371,9 +405,15 @@ class LoopCore(nn.Module):
         if not rule.uses_bound:  # exited samples keep their last step norm and state, so this is their bound at exit
             bound = self.certified_bound(last, h, ctx)
         trace = LoopTrace(
-            step_norms=torch.stack(norms), loops_used=used, bound=bound, converged=bound <= opts.tol,
-            kappa=float(ctx.kappa.detach()), states=states, readouts=readouts,
-            gate=torch.stack(gates) if gates else None, final_state=h,
+            step_norms=torch.stack(norms),
+            loops_used=used,
+            bound=bound,
+            converged=bound <= opts.tol,
+            kappa=float(ctx.kappa.detach()),
+            states=states,
+            readouts=readouts,
+            gate=torch.stack(gates) if gates else None,
+            final_state=h,
         )
         return h, trace
 
@@ -385,8 +425,9 @@ class LoopCore(nn.Module):
             raise ValueError(f"h0 has shape {shape}; expected {tuple(ctx.drive.shape)} (batch, model.hidden_dim)")
         return h0.to(ctx.drive.dtype)
 
-    def fixed_point(self, ctx: StepContext, h0: Optional[Tensor] = None, tol: float = 1e-6,
-                    max_loops: int = 2000) -> Tensor:
+    def fixed_point(
+        self, ctx: StepContext, h0: Optional[Tensor] = None, tol: float = 1e-6, max_loops: int = 2000
+    ) -> Tensor:
         """h*(e) to within `tol` (certified), by iterating the contraction."""
         h, _ = self.run(ctx, h0, LoopOptions(exit="certified", min_loops=1, max_loops=max_loops, tol=tol))
         return h

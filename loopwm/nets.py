@@ -3,6 +3,7 @@
 The core never imports gymnasium: spaces are described by a plain `SpaceSpec`, built from any object
 with Box/Discrete-like attributes, so checkpoints load without the environment.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -44,8 +45,15 @@ class SpaceSpec:
         low, high = np.asarray(act_space.low, np.float64), np.asarray(act_space.high, np.float64)
         if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
             raise TypeError(f"unsupported action space {act_space!r}: a Box needs finite bounds to be normalised")
-        return SpaceSpec(obs_shape, obs_dtype, False, int(act_space.shape[0]), tuple(low.tolist()),
-                         tuple(high.tolist()), obs_parts=parts)
+        return SpaceSpec(
+            obs_shape,
+            obs_dtype,
+            False,
+            int(act_space.shape[0]),
+            tuple(low.tolist()),
+            tuple(high.tolist()),
+            obs_parts=parts,
+        )
 
     @property
     def pixels(self) -> bool:
@@ -56,9 +64,16 @@ class SpaceSpec:
 
     @staticmethod
     def from_dict(d: dict) -> "SpaceSpec":
-        return SpaceSpec(tuple(d["obs_shape"]), d["obs_dtype"], bool(d["discrete"]), int(d["action_dim"]),
-                         tuple(d["action_low"]), tuple(d["action_high"]), tuple(d["action_groups"]),
-                         tuple((str(k), tuple(shape), bool(frames)) for k, shape, frames in d["obs_parts"]))
+        return SpaceSpec(
+            tuple(d["obs_shape"]),
+            d["obs_dtype"],
+            bool(d["discrete"]),
+            int(d["action_dim"]),
+            tuple(d["action_low"]),
+            tuple(d["action_high"]),
+            tuple(d["action_groups"]),
+            tuple((str(k), tuple(shape), bool(frames)) for k, shape, frames in d["obs_parts"]),
+        )
 
 
 SUPPORTED_OBS = "a Box of shape (d,) or (C, H, W), or a Dict of such Boxes"
@@ -83,8 +98,9 @@ def _observation_layout(space: Any) -> tuple[tuple[int, ...], str, tuple]:
         parts = []
         for key in sorted(subspaces):
             if isinstance(getattr(subspaces[key], "spaces", None), (dict, tuple)):
-                raise TypeError(f"unsupported observation space {space!r}: key {key!r} is nested; "
-                                f"expected {SUPPORTED_OBS}")
+                raise TypeError(
+                    f"unsupported observation space {space!r}: key {key!r} is nested; expected {SUPPORTED_OBS}"
+                )
             shape, _ = _box_layout(subspaces[key], f"key {key!r} of ")
             parts.append((str(key), shape, len(shape) == 3))
         return (sum(int(np.prod(shape)) for _, shape, _ in parts),), "float32", tuple(parts)
@@ -98,8 +114,9 @@ def _action_groups(space: Any) -> tuple[int, ...]:
     if nvec is not None:  # MultiDiscrete
         nvec = np.asarray(nvec)
         if nvec.ndim != 1 or np.any(nvec < 1):
-            raise TypeError(f"unsupported action space {space!r}: expected a 1-D MultiDiscrete; "
-                            f"supported: {SUPPORTED_ACTIONS}")
+            raise TypeError(
+                f"unsupported action space {space!r}: expected a 1-D MultiDiscrete; supported: {SUPPORTED_ACTIONS}"
+            )
         return tuple(int(n) for n in nvec)
     shape = getattr(space, "shape", None)
     if hasattr(space, "n") and shape == ():  # Discrete
@@ -160,13 +177,18 @@ class PixelEncoder(nn.Module):
     def __init__(self, shape: tuple[int, ...], hidden: int, out_dim: int, channels: int = 32):
         super().__init__()
         if min(shape[-2:]) < self.MIN_SIZE:
-            raise ValueError(f"frames of shape {tuple(shape)} are too small for the CNN encoder: "
-                             f"it needs at least {self.MIN_SIZE}x{self.MIN_SIZE} pixels")
+            raise ValueError(
+                f"frames of shape {tuple(shape)} are too small for the CNN encoder: "
+                f"it needs at least {self.MIN_SIZE}x{self.MIN_SIZE} pixels"
+            )
         c = shape[0]
         self.conv = nn.Sequential(
-            nn.Conv2d(c, channels, 4, stride=2), nn.SiLU(),
-            nn.Conv2d(channels, 2 * channels, 4, stride=2), nn.SiLU(),
-            nn.Conv2d(2 * channels, 2 * channels, 4, stride=2), nn.SiLU(),
+            nn.Conv2d(c, channels, 4, stride=2),
+            nn.SiLU(),
+            nn.Conv2d(channels, 2 * channels, 4, stride=2),
+            nn.SiLU(),
+            nn.Conv2d(2 * channels, 2 * channels, 4, stride=2),
+            nn.SiLU(),
             nn.Flatten(),
         )
         with torch.no_grad():
@@ -188,9 +210,12 @@ class PixelDecoder(nn.Module):
         self.base = max(shape[-1] // 8, 1)
         self.fc = nn.Linear(latent, 2 * channels * self.base * self.base)
         self.deconv = nn.Sequential(
-            nn.SiLU(), nn.ConvTranspose2d(2 * channels, 2 * channels, 4, stride=2, padding=1),
-            nn.SiLU(), nn.ConvTranspose2d(2 * channels, channels, 4, stride=2, padding=1),
-            nn.SiLU(), nn.ConvTranspose2d(channels, shape[0], 4, stride=2, padding=1),
+            nn.SiLU(),
+            nn.ConvTranspose2d(2 * channels, 2 * channels, 4, stride=2, padding=1),
+            nn.SiLU(),
+            nn.ConvTranspose2d(2 * channels, channels, 4, stride=2, padding=1),
+            nn.SiLU(),
+            nn.ConvTranspose2d(channels, shape[0], 4, stride=2, padding=1),
         )
         self.channels = channels
 
@@ -260,8 +285,10 @@ class DictEncoder(nn.Module):
         super().__init__()
         self.shapes = [shape for _, shape, _ in parts]
         self.sizes = [int(np.prod(shape)) for shape in self.shapes]
-        self.parts = nn.ModuleList(PixelEncoder(shape, hidden, hidden) if frames else mlp(shape[0], hidden, hidden)
-                                   for _, shape, frames in parts)
+        self.parts = nn.ModuleList(
+            PixelEncoder(shape, hidden, hidden) if frames else mlp(shape[0], hidden, hidden)
+            for _, shape, frames in parts
+        )
         self.fuse = mlp(hidden * len(parts), hidden, out_dim)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -275,8 +302,9 @@ class DictDecoder(nn.Module):
 
     def __init__(self, parts: tuple, latent: int, hidden: int):
         super().__init__()
-        self.parts = nn.ModuleList(PixelDecoder(shape, latent) if frames else mlp(latent, hidden, shape[0])
-                                   for _, shape, frames in parts)
+        self.parts = nn.ModuleList(
+            PixelDecoder(shape, latent) if frames else mlp(latent, hidden, shape[0]) for _, shape, frames in parts
+        )
 
     def forward(self, z: Tensor) -> Tensor:
         return torch.cat([dec(z).reshape(*z.shape[:-1], -1) for dec in self.parts], -1)

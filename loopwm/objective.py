@@ -9,6 +9,7 @@ supervision; the steps whose error is in the running top quantile get extra loop
 deeper readout a loss; and the exit gate learns, from the real per-loop losses, whether one more
 loop still helps (Ouro-style improvement targets).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -114,15 +115,25 @@ def per_loop_errors(trace: LoopTrace, target_z: Tensor) -> Tensor:
 
 def gate_loss(wm: WorldModel, trace: LoopTrace, per_loop: Tensor) -> Tensor:
     """BCE of the exit gate against whether the next loop still lowered the error (Ouro's stage II)."""
-    probs = torch.stack([wm.core.exit_probability(s.detach(), r)
-                         for s, r in zip(trace.states[1:-1], trace.step_norms[:-1])])
+    probs = torch.stack(
+        [wm.core.exit_probability(s.detach(), r) for s, r in zip(trace.states[1:-1], trace.step_norms[:-1])]
+    )
     valid = torch.arange(1, per_loop.shape[0], device=probs.device)[:, None] < trace.loops_used
     bce = F.binary_cross_entropy(probs.clamp(1e-6, 1 - 1e-6), gate_targets(per_loop.detach()), reduction="none")
     return (bce * valid).sum() / valid.sum().clamp_min(1)
 
 
-def deepen_hard(wm: WorldModel, ctx: StepContext, h: Tensor, z: Tensor, z_next: Tensor, err: Tensor,
-                target_z: Tensor, cfg: TrainConfig, tracker: QuantileTracker) -> tuple[Tensor, Tensor, Tensor]:
+def deepen_hard(
+    wm: WorldModel,
+    ctx: StepContext,
+    h: Tensor,
+    z: Tensor,
+    z_next: Tensor,
+    err: Tensor,
+    target_z: Tensor,
+    cfg: TrainConfig,
+    tracker: QuantileTracker,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Give the samples whose error is in the running top quantile `extra_loops` more loops (`z`: the step's start).
 
     Returns the latents with the hard ones replaced by their deeper readout, the deeper readouts'
@@ -138,8 +149,9 @@ def deepen_hard(wm: WorldModel, ctx: StepContext, h: Tensor, z: Tensor, z_next: 
     return z_next, consistency_loss(z_deep, target_z[hard]).sum(), hard
 
 
-def sequence_loss(wm: WorldModel, batch: dict[str, Tensor], cfg: TrainConfig, generator: torch.Generator,
-                  tracker: QuantileTracker) -> tuple[Tensor, dict[str, Tensor], StepStats]:
+def sequence_loss(
+    wm: WorldModel, batch: dict[str, Tensor], cfg: TrainConfig, generator: torch.Generator, tracker: QuantileTracker
+) -> tuple[Tensor, dict[str, Tensor], StepStats]:
     """The weighted loss over one batch of sequences, its terms, and loop statistics."""
     obs, actions = batch["obs"], batch["actions"].float()
     rewards, terminated = batch["rewards"].float(), batch["terminated"].float()
@@ -159,13 +171,17 @@ def sequence_loss(wm: WorldModel, batch: dict[str, Tensor], cfg: TrainConfig, ge
     x = wm.normalize_obs(obs[0])  # the delta decoder's chain starts from the true observation
     with wm.core.weight_scope():
         for k in range(horizon):
-            w = cfg.rho ** k
+            w = cfg.rho**k
             inject_obs = None
             if cfg.obs_inject_prob > 0 and float(torch.rand((), generator=generator)) < cfg.obs_inject_prob:
                 inject_obs = obs[k]
             ctx = wm.core.prepare(wm.injection(z, actions[k], inject_obs))
-            h, trace = wm.core.run(ctx, options=options, keep_states=weights["gate"] > 0,
-                                   readout=wm.readout_for(z) if want_readouts else None)
+            h, trace = wm.core.run(
+                ctx,
+                options=options,
+                keep_states=weights["gate"] > 0,
+                readout=wm.readout_for(z) if want_readouts else None,
+            )
             z_next = wm.readout(h, z)
             err = consistency_loss(z_next, target_z[k])
             used = trace.loops_used

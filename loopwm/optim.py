@@ -3,6 +3,7 @@
 `torch_optimizer.Lookahead.state_dict()` does not round-trip on current torch, so the state of a
 Lookahead is saved as its inner optimiser's state plus the slow weights and step counters.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,15 +15,25 @@ from torch import nn
 
 from loopwm.config import ConfigError
 
-_TORCH = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam,
-          "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}
-_EXTRA = {"lamb": torch_optimizer.Lamb, "yogi": torch_optimizer.Yogi, "adabelief": torch_optimizer.AdaBelief,
-          "diffgrad": torch_optimizer.DiffGrad}
+_TORCH = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "radam": torch.optim.RAdam,
+    "sgd": torch.optim.SGD,
+    "rmsprop": torch.optim.RMSprop,
+}
+_EXTRA = {
+    "lamb": torch_optimizer.Lamb,
+    "yogi": torch_optimizer.Yogi,
+    "adabelief": torch_optimizer.AdaBelief,
+    "diffgrad": torch_optimizer.DiffGrad,
+}
 OPTIMIZERS = sorted(_TORCH) + sorted(_EXTRA)
 
 
-def build_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float = 0.0,
-                    lookahead: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(
+    name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float = 0.0, lookahead: bool = False
+) -> torch.optim.Optimizer:
     """An optimiser from `torch.optim` or `torch_optimizer` by (case-insensitive) name, optionally in Lookahead."""
     key = name.lower()
     cls = _TORCH.get(key) or _EXTRA.get(key)
@@ -39,6 +50,7 @@ def inner(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 def build_schedule(opt: torch.optim.Optimizer, kind: str, total: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then constant, cosine or linear decay over `total` updates."""
+
     def factor(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
@@ -58,16 +70,22 @@ def optimizer_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
         return {"kind": "plain", "state": opt.state_dict()}
     params = [p for group in opt.param_groups for p in group["params"]]
     slow = [opt.state[p]["slow_param"].clone() if "slow_param" in opt.state[p] else None for p in params]
-    return {"kind": "lookahead", "inner": opt.optimizer.state_dict(), "slow": slow,
-            "counters": [group["counter"] for group in opt.param_groups]}
+    return {
+        "kind": "lookahead",
+        "inner": opt.optimizer.state_dict(),
+        "slow": slow,
+        "counters": [group["counter"] for group in opt.param_groups],
+    }
 
 
 def load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Restore what `optimizer_state` saved, refusing a Lookahead/plain mismatch."""
     is_la = isinstance(opt, torch_optimizer.Lookahead)
     if state.get("kind") != ("lookahead" if is_la else "plain"):
-        raise ValueError(f"optimizer state of kind {state.get('kind')!r} does not match "
-                         f"{'a Lookahead' if is_la else 'a plain'} optimizer (train.lookahead changed?)")
+        raise ValueError(
+            f"optimizer state of kind {state.get('kind')!r} does not match "
+            f"{'a Lookahead' if is_la else 'a plain'} optimizer (train.lookahead changed?)"
+        )
     if not is_la:
         opt.load_state_dict(state["state"])
         return

@@ -7,6 +7,7 @@ dropped when the ring is full. With `frame_stack > 1` observations arrive as sta
 the newest frame of each step is stored; stacks are rebuilt on read, repeating the reset frame before
 the episode start exactly as Gymnasium's FrameStackObservation (padding_type="reset", its default) does.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,7 +58,7 @@ def _check_finite(arrays: dict[str, np.ndarray], source: str, chunk: int = 1 << 
             continue
         count, first, step = 0, 0, max(1, chunk // max(rows.shape[1], 1))
         for start in range(0, len(rows), step):  # in chunks, so frames need no full-size mask
-            bad = ~np.isfinite(rows[start:start + step])
+            bad = ~np.isfinite(rows[start : start + step])
             if bad.any():
                 first = first if count else start + int(np.argmax(bad.any(1)))
                 count += int(bad.sum())
@@ -65,8 +66,10 @@ def _check_finite(arrays: dict[str, np.ndarray], source: str, chunk: int = 1 << 
             ends = np.cumsum(per_episode)
             episode = int(np.searchsorted(ends, first, side="right"))
             step_in_episode = first - int(ends[episode] - per_episode[episode])
-            raise DataError(f"{source}: field {key!r} holds {count} non-finite value(s) (NaN or inf); the first is "
-                            f"at row {first} (episode {episode}, step {step_in_episode})")
+            raise DataError(
+                f"{source}: field {key!r} holds {count} non-finite value(s) (NaN or inf); the first is "
+                f"at row {first} (episode {episode}, step {step_in_episode})"
+            )
 
 
 def _castable(src: np.dtype, dst: np.dtype) -> bool:
@@ -81,8 +84,14 @@ class ReplayBuffer:
     actions are the model's float vectors of width `action_dim`; `capacity` counts transitions.
     """
 
-    def __init__(self, obs_shape: tuple[int, ...], action_dim: int, capacity: int,
-                 obs_dtype: npt.DTypeLike = np.float32, frame_stack: int = 1):
+    def __init__(
+        self,
+        obs_shape: tuple[int, ...],
+        action_dim: int,
+        capacity: int,
+        obs_dtype: npt.DTypeLike = np.float32,
+        frame_stack: int = 1,
+    ):
         self.obs_shape = tuple(int(d) for d in obs_shape)
         self.action_dim = int(action_dim)
         self.capacity = int(capacity)
@@ -90,24 +99,32 @@ class ReplayBuffer:
         self.frame_stack = int(frame_stack)
         if self.capacity < 1 or self.action_dim < 1 or self.frame_stack < 1:
             raise ValueError(
-                f"ReplayBuffer: capacity={capacity}, action_dim={action_dim} and frame_stack={frame_stack} "
-                "must be >= 1")
+                f"ReplayBuffer: capacity={capacity}, action_dim={action_dim} and frame_stack={frame_stack} must be >= 1"
+            )
         if self.frame_stack > 1 and (not self.obs_shape or self.obs_shape[0] != self.frame_stack):
             raise ValueError(
-                f"ReplayBuffer: obs_shape={self.obs_shape} must start with the stack size frame_stack={frame_stack}")
+                f"ReplayBuffer: obs_shape={self.obs_shape} must start with the stack size frame_stack={frame_stack}"
+            )
         self._frame_shape = self.obs_shape[1:] if self.frame_stack > 1 else self.obs_shape
         self._clear()
 
     def _clear(self) -> None:
         """Empty the storage; arrays grow on demand up to `capacity` rows."""
         frame = (0, *self._frame_shape)
-        self._ring = {"obs": np.empty(frame, self.obs_dtype), "actions": np.empty((0, self.action_dim), np.float32),
-                      "rewards": np.empty(0, np.float32), "terminated": np.empty(0, bool),
-                      "truncated": np.empty(0, bool)}
+        self._ring = {
+            "obs": np.empty(frame, self.obs_dtype),
+            "actions": np.empty((0, self.action_dim), np.float32),
+            "rewards": np.empty(0, np.float32),
+            "terminated": np.empty(0, bool),
+            "truncated": np.empty(0, bool),
+        }
         self._head, self._size = 0, 0  # ring slot of the oldest transition; transitions stored
         # episode table, live rows [_ep_head, _ep_head + _ep_count): first ring slot, length, final obs o_T
-        self._eps = {"slot": np.empty(0, np.int64), "length": np.empty(0, np.int64),
-                     "final": np.empty(frame, self.obs_dtype)}
+        self._eps = {
+            "slot": np.empty(0, np.int64),
+            "length": np.empty(0, np.int64),
+            "final": np.empty(frame, self.obs_dtype),
+        }
         self._ep_head, self._ep_count = 0, 0
         self._open: dict[int, dict[str, list]] = {}  # episodes being streamed in, by env index
         self._after_done: set[int] = set()  # envs whose next vector step is a NEXT_STEP autoreset
@@ -130,8 +147,9 @@ class ReplayBuffer:
         """Bytes held by the storage arrays."""
         return sum(a.nbytes for a in (*self._ring.values(), *self._eps.values()))
 
-    def add_episode(self, obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
-                    terminated: np.ndarray, truncated: np.ndarray) -> None:
+    def add_episode(
+        self, obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, terminated: np.ndarray, truncated: np.ndarray
+    ) -> None:
         """Store one episode: obs [T+1, *obs_shape], actions [T, A], rewards/terminated/truncated [T]."""
         actions = np.asarray(actions)
         steps = len(actions)
@@ -145,11 +163,20 @@ class ReplayBuffer:
         done = flags[1].astype(bool) | flags[2].astype(bool)
         if done[:-1].any():
             raise ValueError(
-                f"transition {int(np.argmax(done))} is terminated/truncated but is not the last of the episode")
+                f"transition {int(np.argmax(done))} is terminated/truncated but is not the last of the episode"
+            )
         self._store(self._to_frames(obs, starts_episode=True), actions, *flags)
 
-    def add(self, obs: np.ndarray, action: np.ndarray, reward: float, next_obs: np.ndarray,
-            terminated: bool, truncated: bool, env: int = 0) -> None:
+    def add(
+        self,
+        obs: np.ndarray,
+        action: np.ndarray,
+        reward: float,
+        next_obs: np.ndarray,
+        terminated: bool,
+        truncated: bool,
+        env: int = 0,
+    ) -> None:
         """Stream one transition of environment `env`; its episode is stored when it ends.
 
         `obs` must be the `next_obs` of the env's previous transition, or the first obs of a new episode.
@@ -166,7 +193,8 @@ class ReplayBuffer:
         elif not np.array_equal(pair[0], episode["frames"][-1]):
             raise ValueError(
                 f"env {env}: obs does not continue the open episode (it differs from the previous next_obs); "
-                "for vector envs with NEXT_STEP autoreset use add_batch")
+                "for vector envs with NEXT_STEP autoreset use add_batch"
+            )
         episode["frames"].append(pair[1].copy())  # a copy, so the stacks it came from are freed
         episode["actions"].append(action)
         episode["rewards"].append(float(reward))
@@ -174,8 +202,16 @@ class ReplayBuffer:
         if terminated or truncated:
             self._close(env)
 
-    def add_batch(self, obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, next_obs: np.ndarray,
-                  terminated: np.ndarray, truncated: np.ndarray, autoreset: str = "next_step") -> None:
+    def add_batch(
+        self,
+        obs: np.ndarray,
+        actions: np.ndarray,
+        rewards: np.ndarray,
+        next_obs: np.ndarray,
+        terminated: np.ndarray,
+        truncated: np.ndarray,
+        autoreset: str = "next_step",
+    ) -> None:
         """Stream one step of a vector env: row i of each argument is env i.
 
         With Gymnasium's default "next_step" autoreset, the step after an env's episode ends only resets that
@@ -195,8 +231,13 @@ class ReplayBuffer:
     def _close(self, env: int) -> None:
         episode = self._open.pop(env)
         flags = np.array(episode["flags"], dtype=bool).reshape(-1, 2)
-        self._store(np.stack(episode["frames"]), np.stack(episode["actions"]),
-                    np.array(episode["rewards"], np.float32), flags[:, 0], flags[:, 1])
+        self._store(
+            np.stack(episode["frames"]),
+            np.stack(episode["actions"]),
+            np.array(episode["rewards"], np.float32),
+            flags[:, 0],
+            flags[:, 1],
+        )
 
     def _check_obs(self, obs: np.ndarray, lead: tuple[int, ...], name: str) -> np.ndarray:
         obs = np.asarray(obs)
@@ -213,16 +254,23 @@ class ReplayBuffer:
         if starts_episode and not np.all(obs[0] == obs[0, -1:]):
             raise ValueError(
                 "the first observation of an episode must repeat its reset frame across the stack "
-                "(FrameStackObservation with padding_type='reset', the default)")
+                "(FrameStackObservation with padding_type='reset', the default)"
+            )
         chunk = max(1, (1 << 24) // max(1, obs[0].nbytes))
         for start in range(1, len(obs), chunk):
             stop = min(len(obs), start + chunk)
-            if not np.array_equal(obs[start:stop, :-1], obs[start - 1:stop - 1, 1:]):
+            if not np.array_equal(obs[start:stop, :-1], obs[start - 1 : stop - 1, 1:]):
                 raise ValueError("observations are not consecutive frame stacks (each stack must shift by one frame)")
         return obs[:, -1]
 
-    def _store(self, frames: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
-               terminated: np.ndarray, truncated: np.ndarray) -> None:
+    def _store(
+        self,
+        frames: np.ndarray,
+        actions: np.ndarray,
+        rewards: np.ndarray,
+        terminated: np.ndarray,
+        truncated: np.ndarray,
+    ) -> None:
         """Append one episode given as frames [T+1, ...], evicting the oldest episodes to make room."""
         steps = len(actions)
         if not 1 <= steps <= self.capacity:
@@ -302,7 +350,8 @@ class ReplayBuffer:
         if total == 0:
             raise ValueError(
                 f"no stored episode has at least length={length} transitions ({self._ep_count} episodes, "
-                f"longest {int(lengths.max(initial=0))}); collect more data or sample shorter sequences")
+                f"longest {int(lengths.max(initial=0))}); collect more data or sample shorter sequences"
+            )
         draw = rng.integers(total, size=batch_size)
         ends = np.cumsum(starts)
         episode = np.searchsorted(ends, draw, side="right")
@@ -325,7 +374,7 @@ class ReplayBuffer:
         rows = self._live_rows()
         rows, steps = _flat_index(rows, self._eps["length"][rows] + 1)
         for start in range(0, len(rows), chunk):
-            yield self._frames(rows[start:start + chunk], steps[start:start + chunk]).astype(np.float64)
+            yield self._frames(rows[start : start + chunk], steps[start : start + chunk]).astype(np.float64)
 
     def stats(self) -> dict[str, torch.Tensor]:
         """Per-dimension mean and (population) std of all stored observations, and of rewards, for normalisation."""
@@ -335,16 +384,22 @@ class ReplayBuffer:
         mean = sum(x.sum(0) for x in self._obs_chunks()) / count
         std = np.sqrt(sum(((x - mean) ** 2).sum(0) for x in self._obs_chunks()) / count)
         rewards = self._ring["rewards"][(self._head + np.arange(self._size)) % len(self._ring["rewards"])]
-        out = {"obs_mean": np.broadcast_to(mean, self.obs_shape), "obs_std": np.broadcast_to(std, self.obs_shape),
-               "reward_mean": rewards.mean(dtype=np.float64), "reward_std": rewards.std(dtype=np.float64)}
+        out = {
+            "obs_mean": np.broadcast_to(mean, self.obs_shape),
+            "obs_std": np.broadcast_to(std, self.obs_shape),
+            "reward_mean": rewards.mean(dtype=np.float64),
+            "reward_std": rewards.std(dtype=np.float64),
+        }
         return {k: torch.tensor(np.asarray(v, np.float32)) for k, v in out.items()}
 
     def _arrays(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Episodes `rows` as flat arrays: obs frames [sum(T+1), ...] and transitions [sum(T), ...]."""
         lengths = self._eps["length"][rows]
-        return {"obs": self._frames(*_flat_index(rows, lengths + 1)),
-                **self._transitions(*_flat_index(rows, lengths)),
-                "episode_lengths": lengths.astype(np.int64)}
+        return {
+            "obs": self._frames(*_flat_index(rows, lengths + 1)),
+            **self._transitions(*_flat_index(rows, lengths)),
+            "episode_lengths": lengths.astype(np.int64),
+        }
 
     def _load_arrays(self, arrays: dict[str, np.ndarray], source: str) -> None:
         """Replace the stored episodes by those in `arrays` (the layout of `_arrays`), validating it."""
@@ -361,8 +416,10 @@ class ReplayBuffer:
         }
         for key, (shape, dtype) in expected.items():
             if arrays[key].shape != shape or arrays[key].dtype != dtype:
-                raise DataError(f"{source}: {key!r} has shape {arrays[key].shape} and dtype {arrays[key].dtype}, "
-                                 f"expected {shape} and {dtype}")
+                raise DataError(
+                    f"{source}: {key!r} has shape {arrays[key].shape} and dtype {arrays[key].dtype}, "
+                    f"expected {shape} and {dtype}"
+                )
         if (lengths < 1).any():
             raise DataError(f"{source}: every episode must have at least one transition")
         self._clear()
@@ -393,9 +450,15 @@ class ReplayBuffer:
         return train, val
 
     def _meta(self) -> dict[str, Any]:
-        return {"format": FORMAT, "version": VERSION, "obs_shape": list(self.obs_shape),
-                "action_dim": self.action_dim, "capacity": self.capacity,
-                "obs_dtype": self.obs_dtype.str, "frame_stack": self.frame_stack}
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "obs_shape": list(self.obs_shape),
+            "action_dim": self.action_dim,
+            "capacity": self.capacity,
+            "obs_dtype": self.obs_dtype.str,
+            "frame_stack": self.frame_stack,
+        }
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the stored episodes to an .npz file atomically (temp file, fsync, rename)."""
@@ -440,8 +503,9 @@ class ReplayBuffer:
         except (TypeError, ValueError):
             dtype = None
         if dtype is None or dtype.kind not in "iuf":
-            raise DataError(f"{source}: header field 'obs_dtype' is {meta.get('obs_dtype')!r}, "
-                            "expected a numeric dtype")
+            raise DataError(
+                f"{source}: header field 'obs_dtype' is {meta.get('obs_dtype')!r}, expected a numeric dtype"
+            )
         try:
             return cls(shape, meta["action_dim"], meta["capacity"], dtype, meta["frame_stack"])
         except (ValueError, OverflowError) as exc:
@@ -452,25 +516,33 @@ class ReplayBuffer:
         the observation shape and the action width must match, and actions must be in model units [-1, 1]."""
         obs_shape = tuple(int(d) for d in obs_shape)
         if self.obs_shape != obs_shape:
-            raise DataError(f"{source}: field 'obs' has shape {self.obs_shape} per step, {expected_by} expects "
-                            f"{obs_shape}")
+            raise DataError(
+                f"{source}: field 'obs' has shape {self.obs_shape} per step, {expected_by} expects {obs_shape}"
+            )
         if self.action_dim != action_dim:
-            raise DataError(f"{source}: field 'actions' has width {self.action_dim}, {expected_by} expects "
-                            f"{action_dim}")
+            raise DataError(
+                f"{source}: field 'actions' has width {self.action_dim}, {expected_by} expects {action_dim}"
+            )
         actions = self._ring["actions"][(self._head + np.arange(self._size)) % max(len(self._ring["rewards"]), 1)]
         largest = float(np.abs(actions).max(initial=0.0))
         if largest > 1.0:
-            raise DataError(f"{source}: field 'actions' must be in the model's units [-1, 1] (Box actions rescaled, "
-                            f"categorical ones one-hot), but holds values up to {largest:g}")
+            raise DataError(
+                f"{source}: field 'actions' must be in the model's units [-1, 1] (Box actions rescaled, "
+                f"categorical ones one-hot), but holds values up to {largest:g}"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume, including episodes still being streamed in; only tensors and plain types."""
         state: dict[str, Any] = self._meta()
         state.update({k: torch.from_numpy(v) for k, v in self._arrays(self._live_rows()).items()})
         state["open"] = [
-            {"env": env, "frames": torch.from_numpy(np.stack(ep["frames"])),
-             "actions": torch.from_numpy(np.stack(ep["actions"])), "rewards": list(ep["rewards"]),
-             "flags": [list(f) for f in ep["flags"]]}
+            {
+                "env": env,
+                "frames": torch.from_numpy(np.stack(ep["frames"])),
+                "actions": torch.from_numpy(np.stack(ep["actions"])),
+                "rewards": list(ep["rewards"]),
+                "flags": [list(f) for f in ep["flags"]],
+            }
             for env, ep in sorted(self._open.items())
         ]
         state["after_done"] = sorted(self._after_done)
@@ -495,11 +567,15 @@ class ReplayBuffer:
         other = self._from_meta(state, "replay state")
         for key in ("obs_shape", "action_dim", "obs_dtype", "frame_stack"):
             if getattr(other, key) != getattr(self, key):
-                raise DataError(f"replay state: {key}={getattr(other, key)} does not match this buffer's "
-                                 f"{getattr(self, key)}")
+                raise DataError(
+                    f"replay state: {key}={getattr(other, key)} does not match this buffer's {getattr(self, key)}"
+                )
         self._load_arrays({k: state[k].numpy() for k in _ARRAYS}, "replay state")
         for ep in state["open"]:
             self._open[int(ep["env"])] = {
-                "frames": list(ep["frames"].numpy()), "actions": list(ep["actions"].numpy()),
-                "rewards": list(ep["rewards"]), "flags": [tuple(f) for f in ep["flags"]]}
+                "frames": list(ep["frames"].numpy()),
+                "actions": list(ep["actions"].numpy()),
+                "rewards": list(ep["rewards"]),
+                "flags": [tuple(f) for f in ep["flags"]],
+            }
         self._after_done = set(state["after_done"])

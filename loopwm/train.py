@@ -1,5 +1,6 @@
 """`Trainer`: fits a world model on a replay buffer, logs, checkpoints and resumes exactly, in one process
 or data-parallel under torchrun (`loopwm.distributed`)."""
+
 from __future__ import annotations
 
 import signal
@@ -31,8 +32,10 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"device={name!r}: expected 'auto', 'cpu' or 'cuda[:N]'") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"device={name!r}: CUDA is not available (torch {torch.__version__} sees no GPU); "
-                              "use device=cpu, or device=auto to take a GPU when there is one")
+            raise ConfigError(
+                f"device={name!r}: CUDA is not available (torch {torch.__version__} sees no GPU); "
+                "use device=cpu, or device=auto to take a GPU when there is one"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(f"device={name!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
     return device
@@ -62,8 +65,10 @@ class Trainer:
         t = cfg.train
         self.world = distributed.current()
         if t.batch_size % self.world.size:
-            raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the number of processes "
-                              f"({self.world.size}): each one trains on an equal share of every batch")
+            raise ConfigError(
+                f"train.batch_size={t.batch_size} must be divisible by the number of processes "
+                f"({self.world.size}): each one trains on an equal share of every batch"
+            )
         self.world.broadcast_parameters(wm)
         self.opt = build_optimizer(t.optimizer, wm.parameters(), t.lr, t.weight_decay, t.lookahead)
         self.schedule = build_schedule(self.opt, t.lr_schedule, t.updates, t.warmup)
@@ -72,7 +77,7 @@ class Trainer:
         self.tracker = QuantileTracker(t.hard_quantile)
         self.updates = 0
         self.nonfinite_skipped = 0  # updates skipped for a NaN or inf loss or gradient, over the whole run
-        self._nonfinite_run = 0     # ... of them in a row, right now
+        self._nonfinite_run = 0  # ... of them in a row, right now
         self.last_checkpoint: Optional[tuple[str, int]] = None  # (path, updates) of the last save or restore
         self._window: dict[str, list[float]] = {}
 
@@ -110,15 +115,20 @@ class Trainer:
         loops = torch.stack(stats.loops).float()
         elapsed = time.perf_counter() - start
         out = {f"loss/{k}": float(v) for k, v in zip(terms, scalars[1:])}
-        out.update({
-            "loss/total": float(scalars[0]), "train/grad_norm": float(grad_norm),
-            "train/lr": self.schedule.get_last_lr()[0],
-            "loops/mean": float(loops.mean()), "loops/max": float(loops.max()),
-            "loops/hard_fraction": stats.hard_fraction, "loops/hard_threshold": self.tracker.value or 0.0,
-            "certificate/kappa": self.wm.certified_lipschitz(),
-            "certificate/residual_at_exit": float(torch.stack(stats.bounds).mean()),
-            "perf/transitions_per_s": t.batch_size * t.horizon / max(elapsed, 1e-9),
-        })
+        out.update(
+            {
+                "loss/total": float(scalars[0]),
+                "train/grad_norm": float(grad_norm),
+                "train/lr": self.schedule.get_last_lr()[0],
+                "loops/mean": float(loops.mean()),
+                "loops/max": float(loops.max()),
+                "loops/hard_fraction": stats.hard_fraction,
+                "loops/hard_threshold": self.tracker.value or 0.0,
+                "certificate/kappa": self.wm.certified_lipschitz(),
+                "certificate/residual_at_exit": float(torch.stack(stats.bounds).mean()),
+                "perf/transitions_per_s": t.batch_size * t.horizon / max(elapsed, 1e-9),
+            }
+        )
         self._last_loops = loops.flatten()
         return out
 
@@ -128,17 +138,25 @@ class Trainer:
         self._nonfinite_run += 1
         limit = self.cfg.train.max_nonfinite
         if self._nonfinite_run >= limit:
-            where = ("no checkpoint has been written in this run" if self.last_checkpoint is None else
-                     f"the last good checkpoint: {self.last_checkpoint[0]} (update {self.last_checkpoint[1]})")
+            where = (
+                "no checkpoint has been written in this run"
+                if self.last_checkpoint is None
+                else f"the last good checkpoint: {self.last_checkpoint[0]} (update {self.last_checkpoint[1]})"
+            )
             raise NonFiniteLoss(
                 f"the training loss or its gradient was NaN or inf in {limit} consecutive updates after update "
                 f"{self.updates} (train.max_nonfinite={limit}); they were skipped, so the model is as it was "
-                f"after update {self.updates}; {where}")
+                f"after update {self.updates}; {where}"
+            )
         return {}
 
-    def fit(self, updates: Optional[int] = None, progress: bool = True,
-            on_checkpoint: Optional[Callable[[], None]] = None,
-            stop: Optional[Stop] = None) -> dict[str, float]:
+    def fit(
+        self,
+        updates: Optional[int] = None,
+        progress: bool = True,
+        on_checkpoint: Optional[Callable[[], None]] = None,
+        stop: Optional[Stop] = None,
+    ) -> dict[str, float]:
         """Run updates until `updates` in total (or until `stop` receives a signal, after a final
         checkpoint), logging and checkpointing along the way."""
         from tqdm.auto import tqdm
@@ -157,8 +175,12 @@ class Trainer:
                 self.record(k, v)
             if self.updates % t.log_every == 0 or self.updates == target:
                 self.flush_logs()
-                bar.set_postfix(loss=f"{last['loss/total']:.3f}", loops=f"{last['loops/mean']:.1f}",
-                                kappa=f"{last['certificate/kappa']:.3f}", tps=f"{last['perf/transitions_per_s']:.0f}")
+                bar.set_postfix(
+                    loss=f"{last['loss/total']:.3f}",
+                    loops=f"{last['loops/mean']:.1f}",
+                    kappa=f"{last['certificate/kappa']:.3f}",
+                    tps=f"{last['perf/transitions_per_s']:.0f}",
+                )
             if on_checkpoint is not None and (self.updates % t.checkpoint_every == 0 or self.updates == target):
                 on_checkpoint()
             bar.update(1)
@@ -186,16 +208,20 @@ class Trainer:
         if self.logger is not None and self._window:
             means = {k: float(np.mean(v)) for k, v in self._window.items()}
             means["train/nonfinite_skipped"] = float(self.nonfinite_skipped)
-            self.logger.log(means, self.updates if step is None else step,
-                            histograms={"loops/used": self._last_loops})
+            self.logger.log(means, self.updates if step is None else step, histograms={"loops/used": self._last_loops})
         self._window = {}
 
     # ---- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: optimiser, schedule, RNGs and counters. Under torchrun every
         process must call it (it gathers each process's sampling streams, so each resumes its own)."""
-        state = {"optimizer": optimizer_state(self.opt), "schedule": self.schedule.state_dict(),
-                 **self._streams(), "updates": self.updates, "nonfinite_skipped": self.nonfinite_skipped}
+        state = {
+            "optimizer": optimizer_state(self.opt),
+            "schedule": self.schedule.state_dict(),
+            **self._streams(),
+            "updates": self.updates,
+            "nonfinite_skipped": self.nonfinite_skipped,
+        }
         if self.world.size > 1:
             state["world_size"] = self.world.size
             state["ranks"] = self.world.gather(self._streams())
@@ -203,8 +229,12 @@ class Trainer:
 
     def _streams(self) -> dict[str, Any]:
         """This process's own random state: sampling RNGs, torch's global RNG and the hard-quantile tracker."""
-        return {"numpy_rng": self.rng.bit_generator.state, "torch_generator": self.generator.get_state(),
-                "torch_rng": torch.get_rng_state(), "tracker": self.tracker.value}
+        return {
+            "numpy_rng": self.rng.bit_generator.state,
+            "torch_generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "tracker": self.tracker.value,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = int(state.get("world_size", 1))
@@ -212,7 +242,8 @@ class Trainer:
             how = "without torchrun" if saved == 1 else f"torchrun --nproc_per_node={saved}"
             raise ckpt.CheckpointError(
                 f"the checkpoint was trained by {saved} process(es) and this run has {self.world.size}: resume it "
-                f"with the same number ({how}), so that every process continues its own sampling stream")
+                f"with the same number ({how}), so that every process continues its own sampling stream"
+            )
         streams = state["ranks"][self.world.rank] if saved > 1 else state
         load_optimizer_state(self.opt, state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -229,8 +260,9 @@ def save_run(path: str | Path, trainer: Trainer, **extras: Any) -> None:
     process calls it and only rank 0 writes."""
     state = trainer.state_dict()
     if trainer.world.main:
-        ckpt.save(path, trainer.wm, config=to_dict(trainer.cfg), trainer=state,
-                  replay=trainer.replay.state_dict(), **extras)
+        ckpt.save(
+            path, trainer.wm, config=to_dict(trainer.cfg), trainer=state, replay=trainer.replay.state_dict(), **extras
+        )
     trainer.last_checkpoint = (str(path), trainer.updates)
 
 

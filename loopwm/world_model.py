@@ -4,6 +4,7 @@ Per environment step k the prelude forms e_k = RMSNorm(P([z_{k−1}; E(o_k) or 0
 core loops h(t+1) = Ā⊙h(t) + B̄e + R̄(h(t), e), and the coda maps h(T) to the next latent z_k.
 Heads decode observation, reward and continue from z_k.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,13 +36,13 @@ Decode = Literal["final", "all", "none"]
 class ImagineOutput:
     """A latent rollout: latents, predicted rewards/continues, per-step loop statistics, decoded obs."""
 
-    latents: Tensor       # [H+1, B, Z], latents[0] is the start
-    rewards: Tensor       # [H, B]
-    continues: Tensor     # [H, B] probability the episode continues after step k
-    bound: Tensor         # [H, B] certified distance to the fixed point at exit
-    converged: Tensor     # [H, B] bool
-    loops: Tensor         # [H, B] loops used
-    obs: Optional[Tensor] = None             # [B, ...] ("final") or [H, B, ...] ("all")
+    latents: Tensor  # [H+1, B, Z], latents[0] is the start
+    rewards: Tensor  # [H, B]
+    continues: Tensor  # [H, B] probability the episode continues after step k
+    bound: Tensor  # [H, B] certified distance to the fixed point at exit
+    converged: Tensor  # [H, B] bool
+    loops: Tensor  # [H, B] loops used
+    obs: Optional[Tensor] = None  # [B, ...] ("final") or [H, B, ...] ("all")
     traces: Optional[list[LoopTrace]] = None
 
 
@@ -111,7 +112,7 @@ class WorldModel(nn.Module):
         """Check shape and finiteness, then map observations to the model's units."""
         obs = torch.as_tensor(obs, device=self.device)
         shape = tuple(self.spec.obs_shape)
-        if obs.dim() < len(shape) or tuple(obs.shape[-len(shape):]) != shape:
+        if obs.dim() < len(shape) or tuple(obs.shape[-len(shape) :]) != shape:
             raise ValueError(f"obs has shape {tuple(obs.shape)}; expected (..., {', '.join(map(str, shape))})")
         if self.spec.pixels:
             return obs.float() / 255.0 - 0.5
@@ -154,8 +155,10 @@ class WorldModel(nn.Module):
             if not all(torch.isfinite(p).all() for p in self.encoder.parameters()):
                 raise ValueError("the encoder's parameters hold NaN or infinite values")
             row = where[0] if len(where) == 1 else tuple(where)
-            raise ValueError(f"obs overflows the encoder: its features at row {row} are not finite in float32; "
-                             "rescale such observations")
+            raise ValueError(
+                f"obs overflows the encoder: its features at row {row} are not finite in float32; "
+                "rescale such observations"
+            )
         return self._latent(x)
 
     def _latent(self, x: Tensor) -> Tensor:
@@ -188,8 +191,16 @@ class WorldModel(nn.Module):
         o = self.encode(obs) if obs is not None else None
         return rms_normalize(self.prelude(torch.cat([z, optional(o, z, self.latent_dim), a], -1)))
 
-    def step(self, z: Tensor, action: Tensor, obs: Optional[Tensor] = None, *, h0: Optional[Tensor] = None,
-             readouts: bool = False, options: Optional[LoopOptions] = None) -> tuple[Tensor, LoopTrace]:
+    def step(
+        self,
+        z: Tensor,
+        action: Tensor,
+        obs: Optional[Tensor] = None,
+        *,
+        h0: Optional[Tensor] = None,
+        readouts: bool = False,
+        options: Optional[LoopOptions] = None,
+    ) -> tuple[Tensor, LoopTrace]:
         """One environment step through the loop: (z_{k−1}, a_k[, o_k]) -> z_k and its LoopTrace.
 
         `options` chooses the exit rule and loop limits (default: the model config's). With
@@ -239,8 +250,15 @@ class WorldModel(nn.Module):
             out.append(x)
         return self.denormalize_obs(torch.stack(out))
 
-    def imagine(self, z: Tensor, actions: Tensor, decode: Decode = "final", keep_traces: bool = False,
-                options: Optional[LoopOptions] = None, obs: Optional[Tensor] = None) -> ImagineOutput:
+    def imagine(
+        self,
+        z: Tensor,
+        actions: Tensor,
+        decode: Decode = "final",
+        keep_traces: bool = False,
+        options: Optional[LoopOptions] = None,
+        obs: Optional[Tensor] = None,
+    ) -> ImagineOutput:
         """Roll out `actions` [H, B, A] from z in latent space only; decode observations only where asked.
 
         `obs`, the observation z was encoded from, anchors the delta decoder (`decode_rollout`).

@@ -1,4 +1,5 @@
 """Test-suite settings: tiny models run fastest on one thread, and every test starts seeded."""
+
 import pytest
 import torch
 

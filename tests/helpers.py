@@ -1,4 +1,5 @@
 """Small builders shared by the tests."""
+
 from __future__ import annotations
 
 import gymnasium as gym
@@ -16,8 +17,7 @@ def tiny_config(**model) -> Config:
 
 
 def box_spaces(obs_dim: int = 3, act_dim: int = 1) -> tuple[gym.spaces.Box, gym.spaces.Box]:
-    return (gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32),
-            gym.spaces.Box(-1.0, 1.0, (act_dim,), np.float32))
+    return (gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32), gym.spaces.Box(-1.0, 1.0, (act_dim,), np.float32))
 
 
 def tiny_model(**model) -> WorldModel:

@@ -1,4 +1,5 @@
 """Known-answer tests for the stability-analysis maths in loopwm.analysis."""
+
 from __future__ import annotations
 
 import math
@@ -89,14 +90,17 @@ def test_power_iteration_matches_linear_map_norm_and_radius():
 
 def test_spectral_radius_of_rotation_pair():
     theta, r = 1.0, 0.9
-    block = r * torch.tensor([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]],
-                             dtype=torch.float64)
+    block = r * torch.tensor(
+        [[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]], dtype=torch.float64
+    )
     D = torch.block_diag(block, torch.diag(torch.tensor([0.3, -0.2], dtype=torch.float64)))
-    S = torch.eye(4, dtype=torch.float64) + 0.2 * torch.randn(4, 4, generator=torch.Generator().manual_seed(1),
-                                                               dtype=torch.float64)
+    S = torch.eye(4, dtype=torch.float64) + 0.2 * torch.randn(
+        4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
     A = S @ D @ torch.linalg.inv(S)
-    rho = spectral_radius(lambda h: h @ A.T, torch.randn(3, 4, dtype=torch.float64), iters=200,
-                          generator=torch.Generator().manual_seed(0))
+    rho = spectral_radius(
+        lambda h: h @ A.T, torch.randn(3, 4, dtype=torch.float64), iters=200, generator=torch.Generator().manual_seed(0)
+    )
     torch.testing.assert_close(rho, torch.full((3,), r, dtype=torch.float64), rtol=0.02, atol=0.0)
 
 
@@ -112,9 +116,13 @@ def test_jacobian_estimates_of_elementwise_map_are_per_sample():
 
 def test_hutchinson_matches_frobenius_of_dense_map():
     W = torch.randn(8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) / 3
-    est = hutchinson_frobenius(lambda h: h @ W.T, torch.zeros(64, 8, dtype=torch.float64), probes=32,
-                               generator=torch.Generator().manual_seed(0))
-    assert est.mean().item() == pytest.approx((W ** 2).sum().item() / 8, rel=0.05)
+    est = hutchinson_frobenius(
+        lambda h: h @ W.T,
+        torch.zeros(64, 8, dtype=torch.float64),
+        probes=32,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert est.mean().item() == pytest.approx((W**2).sum().item() / 8, rel=0.05)
 
 
 def test_period_detection_fixed_point_two_and_three_cycles():
@@ -126,8 +134,10 @@ def test_period_detection_fixed_point_two_and_three_cycles():
     contract = _iterate(0.5 * _orthogonal(4, 6), c, h0, 60)
     assert detect_period(contract).tolist() == [1, 1, 1]
     third = 2 * math.pi / 3
-    rot = torch.block_diag(torch.tensor([[math.cos(third), -math.sin(third)], [math.sin(third), math.cos(third)]],
-                                        dtype=torch.float64), torch.eye(2, dtype=torch.float64))
+    rot = torch.block_diag(
+        torch.tensor([[math.cos(third), -math.sin(third)], [math.sin(third), math.cos(third)]], dtype=torch.float64),
+        torch.eye(2, dtype=torch.float64),
+    )
     assert detect_period(_iterate(rot, torch.zeros(4, dtype=torch.float64), h0, 30)).tolist() == [3, 3, 3]
     drift = _iterate(torch.eye(4, dtype=torch.float64), c, h0, 30)
     assert detect_period(drift).tolist() == [0, 0, 0]
@@ -143,9 +153,9 @@ def test_recurrence_matrix_is_symmetric_distance_matrix():
 def test_prediction_depth_and_agreement_on_constructed_readouts():
     final = torch.tensor([1.0, 2.0, 3.0])
     r = final.repeat(5, 1).clone()
-    r[:2, 1] += 1.0           # sample 1 settles at loop 3
-    r[3, 2] -= 1.0            # sample 2 agrees early, strays at loop 4, settles at loop 5
-    r[1, 2] += 0.05           # within tolerance: does not count
+    r[:2, 1] += 1.0  # sample 1 settles at loop 3
+    r[3, 2] -= 1.0  # sample 2 agrees early, strays at loop 4, settles at loop 5
+    r[1, 2] += 0.05  # within tolerance: does not count
     readouts = r.unsqueeze(-1)
     assert prediction_depth(readouts, delta=0.1).tolist() == [1, 3, 5]
     torch.testing.assert_close(agreement_score(readouts), torch.tensor([0.0, -0.5, -0.2625]))
@@ -239,7 +249,7 @@ def test_step_cosines_floor_masks_converged_loops():
 
 def test_lyapunov_rate_fits_only_inside_the_window():
     t = torch.arange(30, dtype=torch.float64)
-    delta = (1e-3 * 2.0 ** t).clamp_max(1.0)
+    delta = (1e-3 * 2.0**t).clamp_max(1.0)
     a = torch.zeros(30, 1, 1, dtype=torch.float64)
     b = delta.reshape(30, 1, 1)
     assert lyapunov_rate(a, b, ceiling=0.5).item() == pytest.approx(math.log(2.0), rel=1e-5)

@@ -1,4 +1,5 @@
 """The `loopwm analyze` report on a tiny random model: files are written and report.json holds the recomputed values."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,20 @@ from loopwm.replay import ReplayBuffer
 from loopwm.world_model import WorldModel
 from tests.helpers import box_spaces, tiny_config
 
-SMALL = Settings(samples=64, convergence_loops=12, reference_loops=60, jacobian_samples=8, power_iters=10, probes=4,
-                 starts=3, horizon=40, rollouts=4, max_period=4, tolerances=(1e-3, 1e-1), gate_thresholds=(0.3, 0.7))
+SMALL = Settings(
+    samples=64,
+    convergence_loops=12,
+    reference_loops=60,
+    jacobian_samples=8,
+    power_iters=10,
+    probes=4,
+    starts=3,
+    horizon=40,
+    rollouts=4,
+    max_period=4,
+    tolerances=(1e-3, 1e-1),
+    gate_thresholds=(0.3, 0.7),
+)
 
 
 def _model(**model) -> WorldModel:
@@ -42,14 +55,14 @@ def _data(length: int = 12, batch: int = 8, seed: int = 0) -> tuple[torch.Tensor
 def _no_nan(text: str) -> dict:
     def refuse(name: str) -> None:
         raise AssertionError(f"report.json holds {name}, which strict JSON forbids")
+
     return json.loads(text, parse_constant=refuse)
 
 
 def test_analyze_writes_files_and_reports_recomputed_values(tmp_path):
     wm = _model()
     obs, actions, rewards = _data()
-    report = analyze(wm, obs, actions, tmp_path, rewards=rewards, compare=_model(constrain_block=False),
-                     settings=SMALL)
+    report = analyze(wm, obs, actions, tmp_path, rewards=rewards, compare=_model(constrain_block=False), settings=SMALL)
     for name in SECTIONS:
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
         assert f"]({name}.png)" in (tmp_path / "report.md").read_text()
@@ -82,7 +95,8 @@ def test_analyze_writes_files_and_reports_recomputed_values(tmp_path):
     z1, trace = wm.step(p.tr.z, p.tr.action, options=LoopOptions.from_config(wm.cfg, exit="certified"))
     expected = spearman(trace.loops_used, (z1 - p.tr.target).pow(2).mean(-1).sqrt())
     assert agree["spearman_loops_error"] == pytest.approx(expected) or (
-        math.isnan(expected) and agree["spearman_loops_error"] is None)
+        math.isnan(expected) and agree["spearman_loops_error"] is None
+    )
     assert sum(agree["depth_counts"]) == SMALL.samples
 
     ranks = [effective_rank(h, center=True) for h in p.run.states[1:]]
@@ -97,9 +111,13 @@ def test_analyze_writes_files_and_reports_recomputed_values(tmp_path):
 
 
 def test_analyze_checkpoint_uses_the_runs_held_out_split_and_handles_uncertified_model(tmp_path):
-    cfg = from_dict({"model": {"latent_dim": 16, "hidden_dim": 32, "inject_dim": 32, "mlp_dim": 64,
-                               "constrain_block": False},
-                     "data": {"path": str(tmp_path / "data.npz")}, "train": {"val_fraction": 0.34, "loop_mean": 2.0}})
+    cfg = from_dict(
+        {
+            "model": {"latent_dim": 16, "hidden_dim": 32, "inject_dim": 32, "mlp_dim": 64, "constrain_block": False},
+            "data": {"path": str(tmp_path / "data.npz")},
+            "train": {"val_fraction": 0.34, "loop_mean": 2.0},
+        }
+    )
     wm = WorldModel.from_config(cfg, *box_spaces())
     with torch.no_grad():
         wm.core.gain_logit.fill_(3.0)
@@ -112,8 +130,20 @@ def test_analyze_checkpoint_uses_the_runs_held_out_split_and_handles_uncertified
     for b in range(3):
         buffer.add_episode(obs[:, b].numpy(), actions[:, b].numpy(), rewards[:, b].numpy(), done, np.zeros(10, bool))
     buffer.save(tmp_path / "data.npz")
-    fields = {k: getattr(SMALL, k) for k in ("samples", "convergence_loops", "reference_loops", "jacobian_samples",
-                                               "power_iters", "probes", "starts", "horizon", "rollouts")}
+    fields = {
+        k: getattr(SMALL, k)
+        for k in (
+            "samples",
+            "convergence_loops",
+            "reference_loops",
+            "jacobian_samples",
+            "power_iters",
+            "probes",
+            "starts",
+            "horizon",
+            "rollouts",
+        )
+    }
     report = analyze_checkpoint(tmp_path / "run.pt", None, tmp_path / "out", sequences=3, **fields)
     assert (tmp_path / "out" / "report.json").is_file()
     assert report["convergence"]["bound"] is None and report["long_horizon"]["model"]["known_steps"] == 10

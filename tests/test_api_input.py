@@ -1,5 +1,6 @@
 """The Python API refuses bad inputs at the door, naming the argument: non-finite or misshapen h0,
 observations that overflow the encoder, non-finite tolerances and bad loop counts."""
+
 import pytest
 import torch
 
@@ -55,10 +56,17 @@ def test_wrong_shapes_name_the_expected_shape(wm):
         wm.step(z, torch.zeros(2, 3))
 
 
-@pytest.mark.parametrize("kwargs, needle", [
-    ({"tol": float("nan")}, "tol=nan"), ({"tol": float("inf")}, "tol=inf"), ({"tol": -1.0}, "tol=-1.0"),
-    ({"loops": 0}, "loops=0"), ({"max_loops": 0}, "max_loops=0"), ({"min_loops": 0}, "min_loops=0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"tol": float("nan")}, "tol=nan"),
+        ({"tol": float("inf")}, "tol=inf"),
+        ({"tol": -1.0}, "tol=-1.0"),
+        ({"loops": 0}, "loops=0"),
+        ({"max_loops": 0}, "max_loops=0"),
+        ({"min_loops": 0}, "min_loops=0"),
+    ],
+)
 def test_loop_options_name_the_bad_argument(kwargs, needle):
     with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
         LoopOptions(**{"exit": "certified", **kwargs} if "tol" in kwargs else kwargs)

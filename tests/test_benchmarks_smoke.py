@@ -1,4 +1,5 @@
 """Benchmark scripts run end to end on tiny sizes, and score their variants the way `loopwm eval` does."""
+
 import json
 import os
 import subprocess
@@ -21,9 +22,24 @@ from obs_mlp import ObsMLP, fit_obs_mlp  # noqa: E402
 
 
 def test_param_efficiency_smoke_writes_every_variant(tmp_path):
-    cmd = [sys.executable, "benchmarks/param_efficiency.py", "--smoke", "--out", str(tmp_path),
-           "--docs", str(tmp_path), "--variants", "loopwm", "obs-mlp", "delta",
-           "--define", "delta=model.obs_decoder=delta", "--seeds", "0", "1"]
+    cmd = [
+        sys.executable,
+        "benchmarks/param_efficiency.py",
+        "--smoke",
+        "--out",
+        str(tmp_path),
+        "--docs",
+        str(tmp_path),
+        "--variants",
+        "loopwm",
+        "obs-mlp",
+        "delta",
+        "--define",
+        "delta=model.obs_decoder=delta",
+        "--seeds",
+        "0",
+        "1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
     data = json.loads((tmp_path / "param_efficiency.json").read_text())
@@ -50,8 +66,9 @@ def test_benchmark_errors_match_prediction_errors():
     var = stats["obs_std"].pow(2)
     wm = tiny_model()
     wm.set_obs_stats(stats["obs_mean"], stats["obs_std"])
-    ref = prediction_errors(wm, data, pe.HORIZONS, pe.SEQUENCES, seed=pe.EVAL_SEED, obs_mean=stats["obs_mean"],
-                            obs_var=var)
+    ref = prediction_errors(
+        wm, data, pe.HORIZONS, pe.SEQUENCES, seed=pe.EVAL_SEED, obs_mean=stats["obs_mean"], obs_var=var
+    )
     batch = pe.held_out(data, max(pe.HORIZONS))
     with torch.no_grad():
         pred = wm.imagine(wm.encode(batch["obs"][0]), batch["actions"], decode="all").obs

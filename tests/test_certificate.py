@@ -3,6 +3,7 @@
 Every claim is checked against an exact reference: SVD norms for the bounds, an adversarial search for
 Lip_h ≤ κ, and a float64 fixed point of the same float32 step for the certified distance.
 """
+
 import dataclasses
 import math
 
@@ -97,6 +98,7 @@ def test_normalised_weight_has_finite_gradients_at_every_scale(scale):
 
 # ---- κ and the adversarial ratio ---------------------------------------------------------------------
 
+
 def randomize(model, std=1.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -106,8 +108,13 @@ def randomize(model, std=1.0, seed=0):
 
 def widen(ctx):
     """The same step's context in float64: the map F with the float32 parameters, evaluated exactly enough."""
-    return dataclasses.replace(ctx, retention=ctx.retention.double(), drive=ctx.drive.double(),
-                               block_ctx=[c.double() for c in ctx.block_ctx], weights=[w.double() for w in ctx.weights])
+    return dataclasses.replace(
+        ctx,
+        retention=ctx.retention.double(),
+        drive=ctx.drive.double(),
+        block_ctx=[c.double() for c in ctx.block_ctx],
+        weights=[w.double() for w in ctx.weights],
+    )
 
 
 def ratio(core, ctx64, h1, h2):
@@ -212,7 +219,7 @@ def test_kappa_is_computed_from_the_weights_the_loop_applies(regime):
 
 # ---- the certified distance against a float64 fixed point of the same float32 step ---------------------
 
-TOLERANCES = [10.0 ** -k for k in range(1, 10)]  # every decade a float32 user may ask for, and below
+TOLERANCES = [10.0**-k for k in range(1, 10)]  # every decade a float32 user may ask for, and below
 
 
 def fixed_point64(core, ctx, h):
@@ -255,12 +262,14 @@ def test_certified_bound_covers_the_true_distance_at_every_tolerance(block, dept
 
 # ---- states carried across environment steps ---------------------------------------------------------
 
+
 def test_state_carried_across_steps_stays_in_the_invariant_ball():
     """`WorldModel.step` restarts the loop from h = 0 at every environment step unless `h0` is given, so a
     rollout that restarts h tests no more than one step does. This one carries h across 3000 steps through
     `h0`, one loop per step, where a broken contraction would accumulate. Since ‖F(h)‖ ≤ κ‖h‖ + ‖F(0)‖, the
     ball ‖h‖ ≤ M = sup_e ‖F(0, e)‖/(1 − κ) is invariant (plus the rounding ρ/(1 − κ)); an expansive paper-mode
     model carried the same way leaves every such ball."""
+
     def rollout(model, steps):
         z, h, sizes = model.encode(torch.randn(4, 3)), None, []
         for _ in range(steps):
@@ -277,7 +286,7 @@ def test_state_carried_across_steps_stays_in_the_invariant_ball():
     with torch.no_grad():
         ctx = core.prepare(torch.zeros(1, model.cfg.inject_dim))
         cert, kappa = ctx.certificate, float(ctx.kappa)
-        e_norm = model.cfg.inject_dim ** 0.5  # the injection is RMS-normalised
+        e_norm = model.cfg.inject_dim**0.5  # the injection is RMS-normalised
         delta = torch.nn.functional.softplus(core.delta_raw)
         drive = exact_spectral_norm(delta[:, None] * core.inject.weight) * e_norm
         (u,) = core.block.e_path
@@ -298,9 +307,15 @@ def test_state_carried_across_steps_stays_in_the_invariant_ball():
 
 # ---- configs that would break the certificate are refused at every door -----------------------------
 
-@pytest.mark.parametrize("bad, message", [({"kappa_max": 1.0}, "kappa_max=1.0"),
-                                          ({"retention_max": 0.9}, "retention_max=0.9 must be < model.kappa_max"),
-                                          ({"retention_max": 0.95, "kappa_max": 0.9}, "retention_max=0.95")])
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"kappa_max": 1.0}, "kappa_max=1.0"),
+        ({"retention_max": 0.9}, "retention_max=0.9 must be < model.kappa_max"),
+        ({"retention_max": 0.95, "kappa_max": 0.9}, "retention_max=0.95"),
+    ],
+)
 def test_configs_without_a_contraction_budget_are_refused(tmp_path, bad, message):
     with pytest.raises(ConfigError, match=message):
         ModelConfig(**bad)

@@ -1,4 +1,5 @@
 """Checkpoints round-trip exactly, and bad files get clear errors without losing good ones."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """Config files and overrides are validated up front, with errors that name the key."""
+
 import pytest
 
 from loopwm.config import ConfigError, load_config
@@ -11,24 +12,31 @@ def write(tmp_path, text):
 
 
 def test_yaml_and_overrides_resolve(tmp_path):
-    cfg = load_config(write(tmp_path, "model:\n  latent_dim: 32\ntrain:\n  lr: 1e-3\n"),
-                      ["model.block=token", "train.horizon=7", "seed=3"])
+    cfg = load_config(
+        write(tmp_path, "model:\n  latent_dim: 32\ntrain:\n  lr: 1e-3\n"),
+        ["model.block=token", "train.horizon=7", "seed=3"],
+    )
     assert (cfg.model.latent_dim, cfg.model.block, cfg.train.horizon, cfg.seed) == (32, "token", 7, 3)
     assert cfg.train.lr == pytest.approx(1e-3)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("model:\n  latnt_dim: 3\n", "unknown config key model.latnt_dim"),
-    ("modle: {}\n", "unknown config key modle"),
-    ("model:\n  latent_dim: many\n", r"model.latent_dim='many': expected an integer"),
-    ("model:\n  kappa_max: 1.5\n", r"model.kappa_max=1.5: expected a value < 1.0"),
-    ("train:\n  lr: 0\n", r"train.lr=0.0: expected a value > 0.0"),
-    ("model:\n  block: conv\n", r"model.block='conv': expected one of \[.*'mlp'.*'token'"),
-    ("train:\n  w_continue: 0\n", "train.w_continue=0 leaves the continue head untrained"),
-    ("model:\n  min_loops: 9\n  max_loops: 4\n", "model.min_loops=9 must be <= model.max_loops=4"),
-    ("model: [1, 2\n", "is not valid YAML"),
-    ("- a\n- b\n", "expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("model:\n  latnt_dim: 3\n", "unknown config key model.latnt_dim"),
+        ("modle: {}\n", "unknown config key modle"),
+        ("model:\n  latent_dim: many\n", r"model.latent_dim='many': expected an integer"),
+        ("model:\n  kappa_max: 1.5\n", r"model.kappa_max=1.5: expected a value < 1.0"),
+        ("train:\n  lr: 0\n", r"train.lr=0.0: expected a value > 0.0"),
+        ("model:\n  block: conv\n", r"model.block='conv': expected one of \[.*'mlp'.*'token'"),
+        ("train:\n  w_continue: 0\n", "train.w_continue=0 leaves the continue head untrained"),
+        ("model:\n  min_loops: 9\n  max_loops: 4\n", "model.min_loops=9 must be <= model.max_loops=4"),
+        ("seed: -1\n", r"seed=-1: expected a value >= 0"),
+        ("seed: 4294967296\n", r"seed=4294967296: expected a value <= 4294967295"),
+        ("model: [1, 2\n", "is not valid YAML"),
+        ("- a\n- b\n", "expected a mapping"),
+    ],
+)
 def test_bad_configs_name_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, text))

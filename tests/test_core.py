@@ -1,4 +1,5 @@
 """The certificate of the looped core holds numerically, and the loop behaves as the maths says."""
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -91,7 +92,7 @@ def test_loop_converges_geometrically_and_bound_holds():
         true_dist = (trace.states[t] - h_star).norm(dim=-1)
         bound = kappa / (1 - kappa) * res[t - 1]
         assert torch.all(true_dist <= bound + 1e-10)
-    assert float((trace.states[-1] - h_star).norm(dim=-1).max()) < float(res[0].max()) * kappa ** 29 / (1 - kappa)
+    assert float((trace.states[-1] - h_star).norm(dim=-1).max()) < float(res[0].max()) * kappa**29 / (1 - kappa)
 
 
 def test_paper_mode_can_break_the_certificate():
@@ -184,7 +185,7 @@ def test_delta_decoder_chains_changes_from_the_start_observation():
     with torch.no_grad():
         z = model.encode(obs)
         untrained = model.imagine(z, actions, decode="all", obs=obs)
-        assert torch.allclose(untrained.obs, obs.expand(6, 5, 3))       # zero-initialised head: "no change"
+        assert torch.allclose(untrained.obs, obs.expand(6, 5, 3))  # zero-initialised head: "no change"
         for p in model.delta_decoder.parameters():
             p.normal_(0.0, 0.3)
         every = model.imagine(z, actions, decode="all", obs=obs)
@@ -209,14 +210,14 @@ def test_residual_latent_update_adds_the_coda_output_to_the_start():
     z = model.encode(torch.randn(5, 3))
     with torch.no_grad():
         z1, _ = model.step(z, torch.zeros(5, 1))
-        assert torch.allclose(z1, z, atol=1e-3)                          # zero-initialised coda: "no change"
+        assert torch.allclose(z1, z, atol=1e-3)  # zero-initialised coda: "no change"
         for p in model.coda.parameters():
             p.normal_(0.0, 0.3)
         z1, trace = model.step(z, torch.rand(5, 1), readouts=True, options=LoopOptions(loops=3))
         h = trace.final_state
         expected = torch.nn.functional.layer_norm(z + model.coda(h), (z.shape[-1],))
         assert torch.allclose(z1, expected, atol=1e-6)
-        assert torch.allclose(trace.readouts[-1], z1, atol=1e-6)         # per-loop readouts start from z too
+        assert torch.allclose(trace.readouts[-1], z1, atol=1e-6)  # per-loop readouts start from z too
         assert not torch.allclose(model.readout_for(-z)(h), z1, atol=1e-2)
     with pytest.raises(ValueError, match="pass z_prev"):
         model.readout(h)
@@ -226,8 +227,9 @@ def test_delta_decoder_refuses_frames():
     from loopwm.config import from_dict
 
     frames = gym.spaces.Box(0, 255, (3, 32, 32), np.uint8)
-    cfg = from_dict({"model": {"latent_dim": 16, "hidden_dim": 32, "inject_dim": 32, "mlp_dim": 64,
-                               "obs_decoder": "delta"}})
+    cfg = from_dict(
+        {"model": {"latent_dim": 16, "hidden_dim": 32, "inject_dim": 32, "mlp_dim": 64, "obs_decoder": "delta"}}
+    )
     with pytest.raises(ValueError, match="needs vector observations"):
         WorldModel.from_config(cfg, frames, box_spaces()[1])
 
@@ -259,8 +261,9 @@ def test_zero_state_shortcut_equals_the_loop_map_at_zero(block, depth):
     h_short, _ = model.core.run(ctx, options=LoopOptions(loops=3))
     h_full, _ = model.core.run(ctx, zero, LoopOptions(loops=3))
     assert torch.equal(h_short, h_full)
-    g_short = torch.autograd.grad(h_short.square().sum(), list(model.core.parameters()), allow_unused=True,
-                                  retain_graph=True)
+    g_short = torch.autograd.grad(
+        h_short.square().sum(), list(model.core.parameters()), allow_unused=True, retain_graph=True
+    )
     g_full = torch.autograd.grad(h_full.square().sum(), list(model.core.parameters()), allow_unused=True)
     for a, b in zip(g_short, g_full):
         assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -271,11 +274,11 @@ def test_step_macs_match_a_hand_count():
 
     wm = tiny_model()  # latent 16, hidden 32, inject 32, mlp 64, obs 3, action 1; MLP block of width 64
     parts = step_macs(wm, loops=4)
-    assert parts["prelude"] == 1 * 16 + 48 * 32            # action embedding, prelude P([z; 0; U a])
-    assert parts["injection"] == 32 * 32 + 32 * 64         # B, and the block's e-path U
+    assert parts["prelude"] == 1 * 16 + 48 * 32  # action embedding, prelude P([z; 0; U a])
+    assert parts["injection"] == 32 * 32 + 32 * 64  # B, and the block's e-path U
     assert parts["loops"] == 64 * 32 + 3 * (32 * 64 + 64 * 32)  # the first loop from h = 0 skips W_in
     assert parts["coda"] == 32 * 64 + 64 * 16
-    assert parts["heads"] == 2 * (16 * 64 + 64 * 1)          # reward and continue heads
+    assert parts["heads"] == 2 * (16 * 64 + 64 * 1)  # reward and continue heads
     assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
     token = step_macs(tiny_model(block="token", block_options={"tokens": 4}), loops=2)
     assert token["loops"] == 2 * (4 * 4 * 8 + 2 * 4 * 8 * 16)  # mixing N²·d plus up and down maps, h = 0 kept

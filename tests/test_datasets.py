@@ -1,6 +1,7 @@
 """Datasets are checked when loaded: finite observations, actions and rewards, and the layout of the
 environment (train) or the model (eval --data), with the file and the field named, before any run folder
 is written."""
+
 from pathlib import Path
 
 import numpy as np
@@ -18,19 +19,36 @@ def pendulum_like(obs_dim: int = 3, episodes: int = 6, steps: int = 30, seed: in
     buffer = ReplayBuffer((obs_dim,), 1, 10_000)
     for _ in range(episodes):
         theta = rng.uniform(-np.pi, np.pi, steps + 1)
-        obs = np.stack([np.cos(theta), np.sin(theta), rng.normal(size=steps + 1)]
-                       + [rng.normal(size=steps + 1)] * (obs_dim - 3), 1).astype(np.float32)
+        obs = np.stack(
+            [np.cos(theta), np.sin(theta), rng.normal(size=steps + 1)] + [rng.normal(size=steps + 1)] * (obs_dim - 3), 1
+        ).astype(np.float32)
         truncated = np.zeros(steps, bool)
         truncated[-1] = True
-        buffer.add_episode(obs, rng.uniform(-1, 1, (steps, 1)).astype(np.float32),
-                           -rng.random(steps).astype(np.float32), np.zeros(steps, bool), truncated)
+        buffer.add_episode(
+            obs,
+            rng.uniform(-1, 1, (steps, 1)).astype(np.float32),
+            -rng.random(steps).astype(np.float32),
+            np.zeros(steps, bool),
+            truncated,
+        )
     return buffer
 
 
 def overrides(tmp_path: Path, data: Path, name: str = "fit") -> list[str]:
-    return [f"name={name}", f"run_dir={tmp_path / 'runs'}", "device=cpu", f"data.path={data}",
-            "model.latent_dim=8", "model.hidden_dim=16", "model.inject_dim=16", "model.mlp_dim=32",
-            "train.updates=2", "train.batch_size=4", "train.horizon=2", "train.log_every=1"]
+    return [
+        f"name={name}",
+        f"run_dir={tmp_path / 'runs'}",
+        "device=cpu",
+        f"data.path={data}",
+        "model.latent_dim=8",
+        "model.hidden_dim=16",
+        "model.inject_dim=16",
+        "model.mlp_dim=32",
+        "train.updates=2",
+        "train.batch_size=4",
+        "train.horizon=2",
+        "train.log_every=1",
+    ]
 
 
 def spoil(buffer: ReplayBuffer, path: Path, field: str, row: int, value: float) -> None:
@@ -42,8 +60,9 @@ def spoil(buffer: ReplayBuffer, path: Path, field: str, row: int, value: float) 
     np.savez(path, **arrays)
 
 
-@pytest.mark.parametrize("field, value", [("obs", np.inf), ("obs", np.nan), ("actions", np.nan),
-                                          ("rewards", np.nan), ("rewards", -np.inf)])
+@pytest.mark.parametrize(
+    "field, value", [("obs", np.inf), ("obs", np.nan), ("actions", np.nan), ("rewards", np.nan), ("rewards", -np.inf)]
+)
 def test_load_refuses_non_finite_values_naming_file_field_and_row(tmp_path, field, value):
     path = tmp_path / "bad.npz"
     spoil(pendulum_like(), path, field, 7, value)
@@ -69,8 +88,9 @@ def test_layout_check_names_what_differs():
     buffer.check_layout((4,), 1, source="dataset 'd.npz'", expected_by="the model")  # a match passes
     out_of_range = ReplayBuffer((3,), 1, 100)
     obs = np.zeros((3, 3), np.float32)
-    out_of_range.add_episode(obs, np.array([[0.5], [3.0]], np.float32), np.zeros(2, np.float32),
-                             np.zeros(2, bool), np.array([False, True]))
+    out_of_range.add_episode(
+        obs, np.array([[0.5], [3.0]], np.float32), np.zeros(2, np.float32), np.zeros(2, bool), np.array([False, True])
+    )
     with pytest.raises(DataError, match=r"'actions'.*\[-1, 1\].*3"):
         out_of_range.check_layout((3,), 1, source="dataset 'd.npz'", expected_by="the model")
 

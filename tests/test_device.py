@@ -1,4 +1,5 @@
 """device=cuda without CUDA is a clear ConfigError before anything is written."""
+
 from pathlib import Path
 
 import pytest

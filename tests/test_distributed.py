@@ -7,6 +7,7 @@ One spawn runs everything, and the tests below check what it recorded:
 - `loopwm train` through the CLI: rank 1 writes nothing, and a resumed 2-process run equals an
   uninterrupted one bit for bit.
 """
+
 import builtins
 import contextlib
 import io
@@ -38,15 +39,35 @@ def ddp_config(**train):
     """Fixed loop counts (min = max) and no extra loops, so the loss is a plain mean over sequences and a
     split batch gives the same gradient as the whole one; plain SGD, so a step shows the gradient's scale
     (Adam would hide a wrong average)."""
-    return config(model={"min_loops": 3, "max_loops": 3}, batch_size=BATCH, horizon=HORIZON, extra_loops=0,
-                  optimizer="sgd", lr=0.05, updates=6, log_every=1000, **train)
+    return config(
+        model={"min_loops": 3, "max_loops": 3},
+        batch_size=BATCH,
+        horizon=HORIZON,
+        extra_loops=0,
+        optimizer="sgd",
+        lr=0.05,
+        updates=6,
+        log_every=1000,
+        **train,
+    )
 
 
 def cli_overrides(root: Path, run_dir: Path, name: str, updates: int) -> list[str]:
-    return [f"name={name}", f"run_dir={run_dir}", "device=cpu", f"data.path={root / 'data.npz'}",
-            "model.latent_dim=8", "model.hidden_dim=16", "model.inject_dim=16", "model.mlp_dim=32",
-            f"train.updates={updates}", "train.batch_size=4", "train.horizon=2", "train.log_every=2",
-            "train.checkpoint_every=2"]
+    return [
+        f"name={name}",
+        f"run_dir={run_dir}",
+        "device=cpu",
+        f"data.path={root / 'data.npz'}",
+        "model.latent_dim=8",
+        "model.hidden_dim=16",
+        "model.inject_dim=16",
+        "model.mlp_dim=32",
+        f"train.updates={updates}",
+        "train.batch_size=4",
+        "train.horizon=2",
+        "train.log_every=2",
+        "train.checkpoint_every=2",
+    ]
 
 
 def params(wm) -> dict:
@@ -56,8 +77,15 @@ def params(wm) -> dict:
 def _worker(rank: int, size: int, ports: list[int], root: Path) -> None:
     """One process of the run, set up as torchrun sets its workers up (a new rendezvous port for each
     process group, as each torchrun launch would have)."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size), LOCAL_WORLD_SIZE=str(size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[0]), OMP_WAIT_POLICY="PASSIVE")
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(size),
+        LOCAL_WORLD_SIZE=str(size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(ports[0]),
+        OMP_WAIT_POLICY="PASSIVE",
+    )
     torch.set_num_threads(1)
     from loopwm.cli import main
 
@@ -129,6 +157,7 @@ def _recording_writes(enabled: bool):
         def call(path, *args, **kwargs):
             writes.append(f"os.{name}({path!s})")
             return patched[name](path, *args, **kwargs)
+
         return call
 
     builtins.open, io.open, os.open = guarded_open, guarded_open, guarded_os_open
@@ -192,8 +221,10 @@ def test_each_rank_samples_its_own_sequences_from_its_own_stream(spawned):
         for key in expected:
             assert torch.equal(record["first_batch"][key], expected[key]), (rank, key)
     # rank 0's stream is the single-process one
-    assert torch.equal(data.sample(3, 2, np.random.default_rng(distributed.rank_seed(0, 0)))["obs"],
-                       data.sample(3, 2, np.random.default_rng(0))["obs"])
+    assert torch.equal(
+        data.sample(3, 2, np.random.default_rng(distributed.rank_seed(0, 0)))["obs"],
+        data.sample(3, 2, np.random.default_rng(0))["obs"],
+    )
 
 
 def test_one_two_process_step_equals_one_single_process_step_on_the_same_batch(spawned):
@@ -228,7 +259,13 @@ def test_cli_exits_0_and_rank_1_writes_nothing(spawned):
     assert r1["writes"] == []
     run = root / "runs" / "straight"
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith("events")) == [
-        ".lock", "checkpoints", "config.yaml", "eval.json", "metrics.jsonl", "run.json"]
+        ".lock",
+        "checkpoints",
+        "config.yaml",
+        "eval.json",
+        "metrics.jsonl",
+        "run.json",
+    ]
     assert len(list(run.glob("events.out.tfevents.*"))) == 1  # one writer: rank 0's
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6]
     trainer = read_checkpoint(run / "checkpoints" / "latest.pt")["trainer"]
@@ -244,8 +281,15 @@ def test_the_write_recorder_sees_every_write_a_training_run_makes(spawned, tmp_p
     with _recording_writes(enabled=True) as writes:
         assert main(["train", "-q", CONFIG, *cli_overrides(root, tmp_path, "single", 2)]) == 0
     seen = "\n".join(writes)
-    for needle in ("config.yaml", "metrics.jsonl", "events.out.tfevents", ".latest.pt.", "os.replace",
-                   "eval.json", "os.mkdir"):
+    for needle in (
+        "config.yaml",
+        "metrics.jsonl",
+        "events.out.tfevents",
+        ".latest.pt.",
+        "os.replace",
+        "eval.json",
+        "os.mkdir",
+    ):
         assert needle in seen, (needle, writes)
 
 
@@ -292,8 +336,13 @@ def test_python_dash_m_loopwm_is_the_cli():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "loopwm", "train", "--help"], capture_output=True, text=True,
-                         timeout=120, cwd=Path(__file__).resolve().parents[1])
+    out = subprocess.run(
+        [sys.executable, "-m", "loopwm", "train", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert out.returncode == 0 and "usage: loopwm train" in out.stdout
 
 

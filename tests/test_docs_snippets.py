@@ -1,4 +1,5 @@
 """Every Python block of docs/plugging_in.md runs, in order, in one namespace (as a reader would paste them)."""
+
 import importlib.util
 import re
 from pathlib import Path
@@ -15,8 +16,21 @@ def blocks() -> list[str]:
 
 def test_the_page_covers_the_plug_in_surface():
     text = PAGE.read_text()
-    for name in ("wm.encode", "wm.step", "wm.imagine", "WorldModelEnv(", "VectorWorldModelEnv(", "gym.make(",
-                 "gym.make_vec(", "SB3VecEnv", "load_agent", "value_gap", "NEXT_STEP", "SAME_STEP", "DISABLED"):
+    for name in (
+        "wm.encode",
+        "wm.step",
+        "wm.imagine",
+        "WorldModelEnv(",
+        "VectorWorldModelEnv(",
+        "gym.make(",
+        "gym.make_vec(",
+        "SB3VecEnv",
+        "load_agent",
+        "value_gap",
+        "NEXT_STEP",
+        "SAME_STEP",
+        "DISABLED",
+    ):
         assert name in text, name
     assert len(blocks()) >= 7
 

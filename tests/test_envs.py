@@ -1,4 +1,5 @@
 """Environment factory: families, seeding, Atari preprocessing, clear errors, vector envs, action mapping."""
+
 import sys
 
 import gymnasium as gym
@@ -66,15 +67,19 @@ def test_atari_preprocessing_sticky_actions_and_replayed_stacks():
     stacks = np.stack(stacks)
     assert stacks.shape == (13, 4, 84, 84) and stacks.dtype == np.uint8
     buffer = ReplayBuffer((4, 84, 84), action_dim(env.action_space), 100, obs_dtype=np.uint8, frame_stack=4)
-    buffer.add_episode(stacks, action_to_model(np.array(actions), env.action_space),
-                       np.zeros(12), np.zeros(12), np.zeros(12))
+    buffer.add_episode(
+        stacks, action_to_model(np.array(actions), env.action_space), np.zeros(12), np.zeros(12), np.zeros(12)
+    )
     np.testing.assert_array_equal(next(buffer.episodes())["obs"], stacks)
 
 
-@pytest.mark.parametrize("env_id, module, extra", [
-    ("InvertedPendulum-v5", "mujoco", "mujoco"),
-    ("ALE/Pong-v5", "ale_py", "atari"),
-])
+@pytest.mark.parametrize(
+    "env_id, module, extra",
+    [
+        ("InvertedPendulum-v5", "mujoco", "mujoco"),
+        ("ALE/Pong-v5", "ale_py", "atari"),
+    ],
+)
 def test_missing_extra_names_the_pip_extra(monkeypatch, env_id, module, extra):
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail
     with pytest.raises(ImportError, match=rf"{env_id}.*pip install 'loopwm\[{extra}\]'"):
@@ -88,17 +93,20 @@ def test_unknown_env_id_is_named():
         make_env(EnvConfig(id="NoSuchEnv-v0"))
 
 
-@pytest.mark.parametrize("obs_space, act_space, named", [
-    (Dict({"x": Dict({"y": Box(-1, 1, (2,))})}), Discrete(2), "key 'x' is nested"),
-    (Dict({"x": Discrete(3)}), Discrete(2), "observation space key 'x' of Discrete"),
-    (Dict({}), Discrete(2), "the Dict has no keys"),
-    (Discrete(16), Discrete(4), "observation space Discrete"),
-    (Box(-1, 1, (2,)), Tuple((Discrete(2), Discrete(2))), "action space Tuple"),
-    (Box(-1, 1, (2,)), MultiDiscrete([[2, 3], [2, 2]]), "1-D MultiDiscrete"),
-    (Box(-1, 1, (2,)), MultiBinary([2, 2]), "action space MultiBinary"),
-    (Box(-1, 1, (2,)), Box(-np.inf, np.inf, (2,)), "finite bounds"),
-    (Box(-1, 1, (2,)), Box(-1, 1, (2, 2)), "1-D Box"),
-])
+@pytest.mark.parametrize(
+    "obs_space, act_space, named",
+    [
+        (Dict({"x": Dict({"y": Box(-1, 1, (2,))})}), Discrete(2), "key 'x' is nested"),
+        (Dict({"x": Discrete(3)}), Discrete(2), "observation space key 'x' of Discrete"),
+        (Dict({}), Discrete(2), "the Dict has no keys"),
+        (Discrete(16), Discrete(4), "observation space Discrete"),
+        (Box(-1, 1, (2,)), Tuple((Discrete(2), Discrete(2))), "action space Tuple"),
+        (Box(-1, 1, (2,)), MultiDiscrete([[2, 3], [2, 2]]), "1-D MultiDiscrete"),
+        (Box(-1, 1, (2,)), MultiBinary([2, 2]), "action space MultiBinary"),
+        (Box(-1, 1, (2,)), Box(-np.inf, np.inf, (2,)), "finite bounds"),
+        (Box(-1, 1, (2,)), Box(-1, 1, (2, 2)), "1-D Box"),
+    ],
+)
 def test_unsupported_spaces_are_named(obs_space, act_space, named):
     with pytest.raises(ValueError, match=named):
         check_spaces(obs_space, act_space)

@@ -1,4 +1,5 @@
 """The examples run end to end at tiny sizes (seconds each)."""
+
 import importlib.util
 from pathlib import Path
 
@@ -8,8 +9,13 @@ import pytest
 from tests.helpers import save_pendulum_run
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-TINY_MODEL = ["model.latent_dim=16", "model.hidden_dim=32", "model.inject_dim=32", "model.mlp_dim=64",
-              "train.batch_size=16"]
+TINY_MODEL = [
+    "model.latent_dim=16",
+    "model.hidden_dim=32",
+    "model.inject_dim=32",
+    "model.mlp_dim=64",
+    "train.batch_size=16",
+]
 
 
 def load(name: str):
@@ -20,11 +26,30 @@ def load(name: str):
 
 
 def test_sb3_in_model_trains_in_imagination_and_evaluates_for_real(tmp_path, capsys):
-    pytest.importorskip("stable_baselines3", reason="stable-baselines3 is in the [examples] extra: "
-                                                     "pip install 'loopwm[examples]'")
-    result = load("sb3_in_model").main([
-        "--rounds", "2", "--real-steps", "200", "--updates", "5", "--sb3-steps", "96", "--num-envs", "8",
-        "--horizon", "5", "--eval-episodes", "2", "--out", str(tmp_path / "gap.json"), *TINY_MODEL])
+    pytest.importorskip(
+        "stable_baselines3", reason="stable-baselines3 is in the [examples] extra: pip install 'loopwm[examples]'"
+    )
+    result = load("sb3_in_model").main(
+        [
+            "--rounds",
+            "2",
+            "--real-steps",
+            "200",
+            "--updates",
+            "5",
+            "--sb3-steps",
+            "96",
+            "--num-envs",
+            "8",
+            "--horizon",
+            "5",
+            "--eval-episodes",
+            "2",
+            "--out",
+            str(tmp_path / "gap.json"),
+            *TINY_MODEL,
+        ]
+    )
     out = capsys.readouterr().out
     assert "round 2: 400 real transitions, 10 model updates, 192 imagined transitions for SAC" in out
     assert len(result["real"]) == len(result["model"]) == 2

@@ -1,5 +1,6 @@
 """Property-based tests: whatever a user types as overrides, or whatever bytes sit in a dataset file, the
 answer is a valid config or a ConfigError, a loaded buffer or a DataError; never another exception."""
+
 import dataclasses
 import io
 import json
@@ -16,8 +17,13 @@ from hypothesis import strategies as st
 from loopwm.config import Config, ConfigError, from_dict, load_config, to_dict
 from loopwm.replay import DataError, ReplayBuffer
 
-FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
 
 def dotted_keys(cls=Config, prefix="") -> list[str]:
@@ -33,23 +39,115 @@ def dotted_keys(cls=Config, prefix="") -> list[str]:
 
 
 KEYS = dotted_keys()
-YAML_VALUES = st.sampled_from([
-    ".nan", ".NaN", ".inf", "-.inf", "nan", "inf", "-inf", "1e400", "-1e400", "1.0e+400", "1e-400", "0", "-0",
-    "-1", "1", "2", "3.5", "0.999999", "1e3", "1.0e3", "0x10", "0o17", "1_000", "99999999999999999999999999",
-    "-99999999999999999999999999", "true", "false", "yes", "no", "on", "off", "null", "~", "", "''", '""',
-    "[]", "{}", "[1, 2]", "{a: 1}", "{tokens: 4}", "{tokens: 0}", "{tokens: 1e400}", "{tokens: .nan}",
-    "{tokens: [1]}", "{1: 2}", "{null: 1}", "&a [*a]", "&a {x: *a}", "2020-01-01", "2020-01-01 10:00:00",
-    "!!binary aGVsbG8=", "!!python/object/apply:os.system ['true']", "!!set {a, b}", "? a", "- a", "a: b: c",
-    "[unclosed", "{unclosed", "'unclosed", "mlp", "token", "fixed", "certified", "gate", "mppi", "cem",
-    "adam", "cuda", "cuda:0", "cpu", "auto", "sync", "async", "Pendulum-v1", "ALE/Pong-v5", "relu", "cosine",
-    "random", "noisy_planner", "symlog", "twohot", "\t", "\x00", "é", "💥", "%", "*", "&", "|", ">", "@", "`",
-    "1" * 5000, "-" + "9" * 4400 + ".5", "[" * 3000 + "]" * 3000, "{a: " * 1500 + "1" + "}" * 1500,
-])
-NUMBERS = st.one_of(st.integers(min_value=-10**400, max_value=10**400).map(str),
-                    st.floats(allow_nan=True, allow_infinity=True).map(repr))
+YAML_VALUES = st.sampled_from(
+    [
+        ".nan",
+        ".NaN",
+        ".inf",
+        "-.inf",
+        "nan",
+        "inf",
+        "-inf",
+        "1e400",
+        "-1e400",
+        "1.0e+400",
+        "1e-400",
+        "0",
+        "-0",
+        "-1",
+        "1",
+        "2",
+        "3.5",
+        "0.999999",
+        "1e3",
+        "1.0e3",
+        "0x10",
+        "0o17",
+        "1_000",
+        "99999999999999999999999999",
+        "-99999999999999999999999999",
+        "true",
+        "false",
+        "yes",
+        "no",
+        "on",
+        "off",
+        "null",
+        "~",
+        "",
+        "''",
+        '""',
+        "[]",
+        "{}",
+        "[1, 2]",
+        "{a: 1}",
+        "{tokens: 4}",
+        "{tokens: 0}",
+        "{tokens: 1e400}",
+        "{tokens: .nan}",
+        "{tokens: [1]}",
+        "{1: 2}",
+        "{null: 1}",
+        "&a [*a]",
+        "&a {x: *a}",
+        "2020-01-01",
+        "2020-01-01 10:00:00",
+        "!!binary aGVsbG8=",
+        "!!python/object/apply:os.system ['true']",
+        "!!set {a, b}",
+        "? a",
+        "- a",
+        "a: b: c",
+        "[unclosed",
+        "{unclosed",
+        "'unclosed",
+        "mlp",
+        "token",
+        "fixed",
+        "certified",
+        "gate",
+        "mppi",
+        "cem",
+        "adam",
+        "cuda",
+        "cuda:0",
+        "cpu",
+        "auto",
+        "sync",
+        "async",
+        "Pendulum-v1",
+        "ALE/Pong-v5",
+        "relu",
+        "cosine",
+        "random",
+        "noisy_planner",
+        "symlog",
+        "twohot",
+        "\t",
+        "\x00",
+        "é",
+        "💥",
+        "%",
+        "*",
+        "&",
+        "|",
+        ">",
+        "@",
+        "`",
+        "1" * 5000,
+        "-" + "9" * 4400 + ".5",
+        "[" * 3000 + "]" * 3000,
+        "{a: " * 1500 + "1" + "}" * 1500,
+    ]
+)
+NUMBERS = st.one_of(
+    st.integers(min_value=-(10**400), max_value=10**400).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+)
 VALUES = st.one_of(YAML_VALUES, NUMBERS, st.text(max_size=12))
-KEY = st.one_of(st.sampled_from(KEYS), st.sampled_from(KEYS).map(lambda k: k + ".x"),
-                st.text(alphabet="abcz._-=1 ", max_size=12))
+KEY = st.one_of(
+    st.sampled_from(KEYS), st.sampled_from(KEYS).map(lambda k: k + ".x"), st.text(alphabet="abcz._-=1 ", max_size=12)
+)
 OVERRIDE = st.one_of(st.builds(lambda k, v: f"{k}={v}", KEY, VALUES), st.text(max_size=16))
 
 
@@ -83,9 +181,13 @@ def valid_file() -> bytes:
     for steps in (4, 7, 2):
         flags = np.zeros(steps, bool)
         flags[-1] = True
-        buffer.add_episode(rng.normal(size=(steps + 1, 3)).astype(np.float32),
-                           rng.uniform(-1, 1, (steps, 2)).astype(np.float32),
-                           rng.normal(size=steps).astype(np.float32), flags, np.zeros(steps, bool))
+        buffer.add_episode(
+            rng.normal(size=(steps + 1, 3)).astype(np.float32),
+            rng.uniform(-1, 1, (steps, 2)).astype(np.float32),
+            rng.normal(size=steps).astype(np.float32),
+            flags,
+            np.zeros(steps, bool),
+        )
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "d.npz"
         buffer.save(path)
@@ -112,8 +214,10 @@ def load_or_data_error(path) -> None:
 
 
 @FUZZ
-@given(st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), min_size=1, max_size=8),
-       st.integers(0, len(VALID)))
+@given(
+    st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), min_size=1, max_size=8),
+    st.integers(0, len(VALID)),
+)
 def test_corrupted_bytes_load_or_raise_data_error(tmp_path_factory, flips, cut):
     data = bytearray(VALID)
     for where, byte in flips:
@@ -123,9 +227,11 @@ def test_corrupted_bytes_load_or_raise_data_error(tmp_path_factory, flips, cut):
     load_or_data_error(path)
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats() | st.text(max_size=8),
-                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
-                    max_leaves=8)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**20), 10**20) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=8,
+)
 DTYPES = st.sampled_from(["float32", "float64", "float16", "int64", "int32", "uint8", "bool", "complex64", "U3"])
 
 
@@ -134,21 +240,34 @@ def filled(shape: tuple[int, ...], dtype: str, fill: float) -> np.ndarray:
         return np.full(shape, fill).astype(dtype)
 
 
-ARRAYS = st.builds(filled, st.lists(st.integers(0, 5), max_size=3).map(tuple), DTYPES,
-                   st.sampled_from([0, 1, -1, 3, 7, 1e30, np.nan, np.inf]))
+ARRAYS = st.builds(
+    filled,
+    st.lists(st.integers(0, 5), max_size=3).map(tuple),
+    DTYPES,
+    st.sampled_from([0, 1, -1, 3, 7, 1e30, np.nan, np.inf]),
+)
 FIELDS = ["meta", "obs", "actions", "rewards", "terminated", "truncated", "episode_lengths"]
 META_KEYS = ["format", "version", "obs_shape", "action_dim", "capacity", "obs_dtype", "frame_stack"]
 
 
 @FUZZ
-@given(st.lists(st.one_of(
-    st.tuples(st.just("drop"), st.sampled_from(FIELDS), st.none()),
-    st.tuples(st.just("array"), st.sampled_from(FIELDS + ["extra"]), ARRAYS),
-    st.tuples(st.just("meta"), st.sampled_from(META_KEYS + ["extra"]), JSON),
-    st.tuples(st.just("raw_meta"), st.just("meta"), st.text(max_size=20)),
-    st.tuples(st.just("entry"), st.sampled_from(["obs", "actions", "rewards", "episode_lengths"]),
-              st.tuples(st.integers(0, 20), st.sampled_from([0, -3, 1, 2, 100, 10**9, np.nan, -np.inf]))),
-), min_size=1, max_size=4))
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("drop"), st.sampled_from(FIELDS), st.none()),
+            st.tuples(st.just("array"), st.sampled_from(FIELDS + ["extra"]), ARRAYS),
+            st.tuples(st.just("meta"), st.sampled_from(META_KEYS + ["extra"]), JSON),
+            st.tuples(st.just("raw_meta"), st.just("meta"), st.text(max_size=20)),
+            st.tuples(
+                st.just("entry"),
+                st.sampled_from(["obs", "actions", "rewards", "episode_lengths"]),
+                st.tuples(st.integers(0, 20), st.sampled_from([0, -3, 1, 2, 100, 10**9, np.nan, -np.inf])),
+            ),
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
 def test_structurally_mutated_files_load_or_raise_data_error(tmp_path_factory, mutations):
     arrays = members()
     meta = json.loads(str(arrays["meta"]))

@@ -1,5 +1,6 @@
 """Imports flow one way: core < loopwm.analysis < loopwm.envs < loopwm.agents < loopwm.app < loopwm.cli, and the
 core never imports gymnasium. import-linter checks the contracts in setup.cfg; function-local imports count."""
+
 from __future__ import annotations
 
 import subprocess
@@ -24,7 +25,12 @@ def installed_layout(into: Path) -> Path:
 
 def test_import_contracts_hold(tmp_path):
     lint = Path(sys.executable).parent / "lint-imports"
-    done = subprocess.run([str(lint), str(ROOT / "setup.cfg"), "--no-cache"], cwd=installed_layout(tmp_path),
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [str(lint), str(ROOT / "setup.cfg"), "--no-cache"],
+        cwd=installed_layout(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 kept, 0 broken" in done.stdout, done.stdout

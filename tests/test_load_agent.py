@@ -1,4 +1,5 @@
 """loopwm.load_agent: a saved run's model, planner, value and prior, acting in the environment's own units."""
+
 import gymnasium as gym
 import numpy as np
 import pytest

@@ -1,4 +1,5 @@
 """RunLogger's optional outputs: evaluation videos in TensorBoard, and a W&B mirror of the scalars (offline)."""
+
 import io
 
 import numpy as np
@@ -40,12 +41,17 @@ def test_the_online_loop_logs_its_evaluation_episode_as_a_video(tmp_path):
 
     from loopwm.app.run import run
 
-    cfg = from_dict({"name": "vid", "run_dir": str(tmp_path), "device": "cpu", "env": {"id": "Pendulum-v1",
-                     "max_episode_steps": 10},
-                     "model": {"latent_dim": 8, "hidden_dim": 16, "inject_dim": 16, "mlp_dim": 32, "loops": 1},
-                     "planner": {"horizon": 1, "iterations": 1, "samples": 8, "elites": 2, "policy_samples": 0},
-                     "agent": {"total_steps": 10, "seed_steps": 10, "eval_every": 10, "eval_episodes": 1,
-                               "eval_video": True}})
+    cfg = from_dict(
+        {
+            "name": "vid",
+            "run_dir": str(tmp_path),
+            "device": "cpu",
+            "env": {"id": "Pendulum-v1", "max_episode_steps": 10},
+            "model": {"latent_dim": 8, "hidden_dim": 16, "inject_dim": 16, "mlp_dim": 32, "loops": 1},
+            "planner": {"horizon": 1, "iterations": 1, "samples": 8, "elites": 2, "policy_samples": 0},
+            "agent": {"total_steps": 10, "seed_steps": 10, "eval_every": 10, "eval_episodes": 1, "eval_video": True},
+        }
+    )
     run(cfg, progress=False)
     events = EventAccumulator(str(tmp_path / "vid"), size_guidance={"images": 0})
     events.Reload()

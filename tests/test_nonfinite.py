@@ -1,5 +1,6 @@
 """A NaN or inf loss (or gradient) skips that update, is counted and logged as `train/nonfinite_skipped`;
 `train.max_nonfinite` of them in a row stop the run with an error naming the last good checkpoint."""
+
 import json
 import re
 from pathlib import Path
@@ -99,9 +100,13 @@ def test_consecutive_nan_losses_stop_naming_the_last_good_checkpoint(tmp_path, m
         return out
 
     monkeypatch.setattr(Trainer, "update", diverge_after_five)
-    with pytest.raises(FloatingPointError, match=(
+    with pytest.raises(
+        FloatingPointError,
+        match=(
             rf"3 consecutive updates.*after update 5.*train\.max_nonfinite=3.*"
-            rf"last good checkpoint: {str(path)}.*update 4")):
+            rf"last good checkpoint: {str(path)}.*update 4"
+        ),
+    ):
         trainer.fit(progress=False, on_checkpoint=lambda: save_run(path, trainer))
     assert trainer.updates == 5 and trainer.nonfinite_skipped == 3
     saved = read_checkpoint(path)
@@ -142,8 +147,11 @@ def test_the_online_run_stops_too_and_leaves_the_named_checkpoint_as_it_was(tmp_
     cfg.train.max_nonfinite = 2
     poison_calls(monkeypatch, set(range(60, 10_000)))  # the model diverges after its first checkpoint
     path = tmp_path / "pm" / "checkpoints" / "latest.pt"
-    with pytest.raises(FloatingPointError, match=rf"2 consecutive updates.*last good checkpoint: {path} "
-                                                 r"\(update (\d+)\)") as raised:
+    with pytest.raises(
+        FloatingPointError,
+        match=rf"2 consecutive updates.*last good checkpoint: {path} "
+        r"\(update (\d+)\)",
+    ) as raised:
         run(cfg, progress=False)
     named = int(re.search(r"\(update (\d+)\)", str(raised.value)).group(1))
     assert read_checkpoint(path)["trainer"]["updates"] == named > 0

@@ -1,4 +1,5 @@
 """The online loop learns a tiny seeded task, beats a random policy, and resumes exactly."""
+
 import json
 
 import gymnasium as gym
@@ -36,14 +37,27 @@ gym.register("PointMass-v0", entry_point=PointMass)
 
 def tiny(tmp_path, **agent):
     base = {
-        "name": "pm", "run_dir": str(tmp_path), "seed": 0,
+        "name": "pm",
+        "run_dir": str(tmp_path),
+        "seed": 0,
         "env": {"id": "PointMass-v0"},
         "model": {"latent_dim": 16, "hidden_dim": 32, "inject_dim": 32, "mlp_dim": 64, "loops": 2},
-        "train": {"batch_size": 32, "horizon": 3, "loop_mean": 2, "bptt_loops": 2, "checkpoint_every": 20,
-                  "log_every": 20},
+        "train": {
+            "batch_size": 32,
+            "horizon": 3,
+            "loop_mean": 2,
+            "bptt_loops": 2,
+            "checkpoint_every": 20,
+            "log_every": 20,
+        },
         "planner": {"horizon": 3, "iterations": 3, "samples": 64, "elites": 8, "policy_samples": 4},
-        "agent": {"total_steps": 300, "seed_steps": 100, "updates_per_step": 0.5, "eval_every": 1000,
-                  "eval_episodes": 5},
+        "agent": {
+            "total_steps": 300,
+            "seed_steps": 100,
+            "updates_per_step": 0.5,
+            "eval_every": 1000,
+            "eval_episodes": 5,
+        },
     }
     base["agent"].update(agent)
     return from_dict(base)
@@ -89,8 +103,10 @@ def test_run_resumes_after_interruption(tmp_path):
     resumed = tiny(tmp_path / "b", total_steps=200)
     resumed.resume = True
     run(resumed, progress=False)
-    for a, b in zip(params(tmp_path / "a" / "pm" / "checkpoints" / "latest.pt"),
-                    params(tmp_path / "b" / "pm" / "checkpoints" / "latest.pt")):
+    for a, b in zip(
+        params(tmp_path / "a" / "pm" / "checkpoints" / "latest.pt"),
+        params(tmp_path / "b" / "pm" / "checkpoints" / "latest.pt"),
+    ):
         for key in a:
             assert torch.equal(a[key], b[key]), key
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
@@ -124,8 +140,10 @@ def test_logger_rewind_purges_what_came_after_the_checkpoint(tmp_path):
     assert [(r["step"], r["x"]) for r in rows] == [(s, float(s)) for s in range(1, 7)] + [(7, -7.0), (8, -8.0)]
     events = EventAccumulator(str(tmp_path))
     events.Reload()
-    assert [(e.step, e.value) for e in events.Scalars("x")] == [(s, float(s)) for s in range(1, 7)] + [(7, -7.0),
-                                                                                                      (8, -8.0)]
+    assert [(e.step, e.value) for e in events.Scalars("x")] == [(s, float(s)) for s in range(1, 7)] + [
+        (7, -7.0),
+        (8, -8.0),
+    ]
     with pytest.raises(RuntimeError, match="before the first log"):
         resumed.rewind(3)
 
@@ -245,14 +263,19 @@ def test_a_vector_run_resumes_exactly(tmp_path):
     resumed = vector(tmp_path / "b", 160)
     resumed.resume = True
     run(resumed, progress=False)
-    for a, b in zip(params(tmp_path / "a" / "pm" / "checkpoints" / "latest.pt"),
-                    params(tmp_path / "b" / "pm" / "checkpoints" / "latest.pt")):
+    for a, b in zip(
+        params(tmp_path / "a" / "pm" / "checkpoints" / "latest.pt"),
+        params(tmp_path / "b" / "pm" / "checkpoints" / "latest.pt"),
+    ):
         for key in a:
             assert torch.equal(a[key], b[key]), key
 
     def rows(root):  # the interrupted run also evaluated at its last step, 80
         lines = (root / "pm" / "metrics.jsonl").read_text().splitlines()
-        return [(r["step"], {k: v for k, v in r.items() if "perf/" not in k and "ms_per" not in k})
-                for r in map(json.loads, lines) if r["step"] != 80 or "eval/return_mean" not in r]
+        return [
+            (r["step"], {k: v for k, v in r.items() if "perf/" not in k and "ms_per" not in k})
+            for r in map(json.loads, lines)
+            if r["step"] != 80 or "eval/return_mean" not in r
+        ]
 
     assert rows(tmp_path / "b") == rows(tmp_path / "a")

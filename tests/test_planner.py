@@ -1,4 +1,5 @@
 """Planner behaviour on analytic world models whose optimal actions are known in closed form."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,15 @@ class Imagined:
 class Analytic:
     """A world model given by closed forms: z' = step(z, a), r = reward(z, a, z'), residual = residual(z, a)."""
 
-    def __init__(self, action_dim: int, latent_dim: int, step: Callable, reward: Callable,
-                 residual: Optional[Callable] = None, discrete: bool = False):
+    def __init__(
+        self,
+        action_dim: int,
+        latent_dim: int,
+        step: Callable,
+        reward: Callable,
+        residual: Optional[Callable] = None,
+        discrete: bool = False,
+    ):
         self.action_dim, self.latent_dim, self.discrete = action_dim, latent_dim, discrete
         self.step, self.reward = step, reward
         self.residual = residual or (lambda z, a: torch.zeros(z.shape[0]))
@@ -53,8 +61,9 @@ class Analytic:
             latents.append(z)
         rewards, residual = torch.stack(rewards), torch.stack(residuals)
         converged = residual < 1e-3
-        return Imagined(torch.stack(latents), rewards, torch.ones_like(rewards), residual, converged,
-                        torch.where(converged, 2, 16))
+        return Imagined(
+            torch.stack(latents), rewards, torch.ones_like(rewards), residual, converged, torch.where(converged, 2, 16)
+        )
 
 
 def point_model() -> Analytic:
@@ -66,13 +75,23 @@ def bandit(values: list[float], residuals: Optional[list[float]] = None) -> Anal
     """Discrete arms with fixed rewards; the latent records the last arm pulled (one-hot)."""
     vals = torch.tensor(values)
     res = torch.tensor(residuals or [0.0] * len(values))
-    return Analytic(len(values), len(values), lambda z, a: a, lambda z, a, n: a @ vals,
-                    lambda z, a: a @ res, discrete=True)
+    return Analytic(
+        len(values), len(values), lambda z, a: a, lambda z, a, n: a @ vals, lambda z, a: a @ res, discrete=True
+    )
 
 
 def cfg(**kw) -> PlannerConfig:
-    base = dict(horizon=3, iterations=8, samples=256, elites=32, policy_samples=0, temperature=0.5,
-                min_std=0.02, max_std=1.0, momentum=0.1)
+    base = dict(
+        horizon=3,
+        iterations=8,
+        samples=256,
+        elites=32,
+        policy_samples=0,
+        temperature=0.5,
+        min_std=0.02,
+        max_std=1.0,
+        momentum=0.1,
+    )
     return PlannerConfig(**{**base, **kw})
 
 
@@ -104,6 +123,7 @@ def test_batched_envs_plan_independently():
 def test_training_actions_are_seeded_bounded_samples():
     def run(seed):
         return make_planner(point_model(), cfg(iterations=2), exploration=0.5, seed=seed).act(np.zeros(2))
+
     first, again, other = run(1), run(1), run(2)
     np.testing.assert_array_equal(first, again)
     assert not np.allclose(first, other)
@@ -122,8 +142,11 @@ def test_discrete_picks_best_arm(method):
 def test_mppi_weights_favour_the_best_sequences():
     # With every sample an elite, one iteration and no momentum, the refit is the weighted sample itself:
     # it must put its mass on the best arm (0.9) and none on the worst (0.0), whose sequences are known.
-    planner = make_planner(bandit([0.0, 0.5, 0.9, 0.3]), cfg(method="mppi", horizon=1, iterations=1, samples=64,
-                                                             elites=64, temperature=20.0, momentum=0.0), seed=0)
+    planner = make_planner(
+        bandit([0.0, 0.5, 0.9, 0.3]),
+        cfg(method="mppi", horizon=1, iterations=1, samples=64, elites=64, temperature=20.0, momentum=0.0),
+        seed=0,
+    )
     planner.plan(torch.zeros(4))
     probs = planner.prev["probs"][0, 0]
     assert probs[2] > 0.9 and probs[0] < 0.02
@@ -176,9 +199,11 @@ def test_warm_start_per_env_reset_and_discrete_shift():
 @pytest.mark.parametrize("uncertainty", ["bound", "unconverged"])
 def test_uncertainty_penalty_avoids_unconverged_arm(uncertainty):
     wm = bandit([1.0, 0.6], residuals=[2.0, 0.0])
+
     def act(lam):
-        return make_planner(wm, cfg(uncertainty_penalty=lam, samples=32, elites=4), uncertainty=uncertainty,
-                            seed=0).act(np.zeros(2), eval_mode=True)
+        return make_planner(
+            wm, cfg(uncertainty_penalty=lam, samples=32, elites=4), uncertainty=uncertainty, seed=0
+        ).act(np.zeros(2), eval_mode=True)
 
     assert act(0.0) == 0
     assert act(1.0) == 1
@@ -187,6 +212,7 @@ def test_uncertainty_penalty_avoids_unconverged_arm(uncertainty):
 def test_uncertainty_penalty_shifts_continuous_optimum():
     # r = a and residual = 2 max(a, 0)^2: λ=0 goes to the bound, λ=1 to the maximiser of a - 2a², a = 0.25.
     wm = Analytic(1, 1, lambda z, a: z, lambda z, a, n: a[:, 0], lambda z, a: 2 * a[:, 0].clamp_min(0) ** 2)
+
     def act(lam):
         return make_planner(wm, cfg(horizon=1, uncertainty_penalty=lam), seed=0).act(np.zeros(1), eval_mode=True)
 
@@ -198,6 +224,7 @@ def test_policy_prior_seeds_samples():
     # One CEM iteration with few random samples is poor; an optimal prior in the sample set fixes it.
     wm = point_model()
     c = cfg(method="cem", iterations=1, samples=16, elites=2, policy_samples=2, momentum=0.0)
+
     def optimal(z):
         return TARGET - z
 
@@ -218,8 +245,9 @@ def test_discounted_return_matches_hand_computation():
     rewards = torch.tensor([[1.0], [2.0], [4.0]])
     continues = torch.tensor([[1.0], [0.5], [0.0]])
     expected = 1.0 + 0.9 * 2.0 + 0.81 * 0.5 * 4.0 + 0.729 * 0.0 * 7.0
-    torch.testing.assert_close(discounted_return(rewards, continues, 0.9, torch.tensor([7.0])),
-                               torch.tensor([expected]))
+    torch.testing.assert_close(
+        discounted_return(rewards, continues, 0.9, torch.tensor([7.0])), torch.tensor([expected])
+    )
 
 
 def test_config_errors_are_clear():

@@ -1,4 +1,5 @@
 """`loopwm plot`: groups runs by config, mean and spread across seeds, loss curves, a PNG."""
+
 import numpy as np
 import pytest
 
@@ -34,8 +35,9 @@ def test_runs_sharing_a_config_are_averaged_with_their_spread(tmp_path, capsys):
     group = summary["pend-s (3 runs)"]["eval"]
     assert group["steps"] == [0, 500, 1000]
     np.testing.assert_allclose(group["mean"], [-1000, -400, -175])
-    np.testing.assert_allclose(group["spread"], [np.std([-1000, -900, -1100]), np.std([-400, -300, -500]),
-                                                 np.std([-200, -150])])
+    np.testing.assert_allclose(
+        group["spread"], [np.std([-1000, -900, -1100]), np.std([-400, -300, -500]), np.std([-200, -150])]
+    )
     single = summary["pend-lr (1 run)"]["eval"]
     np.testing.assert_allclose(single["spread"], [10.0, 11.0, 12.0])  # one run: its evaluation std
     assert summary["pend-s (3 runs)"]["losses"] == {"loss/obs": 3, "loss/total": 3}

@@ -1,4 +1,5 @@
 """loopwm/WorldModel-v0 through gymnasium.make and make_vec, check_env on vector and pixel models, the SB3 adapter."""
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -117,14 +118,26 @@ def test_sb3_adapter_steps_the_batched_env_with_sb3_conventions():
     starts = np.random.default_rng(0).uniform(-1, 1, (8, 3)).astype(np.float32)
     with pytest.raises(ValueError, match="autoreset_mode=SAME_STEP"):
         SB3VecEnv(VectorWorldModelEnv(wm, 4, reset_obs=starts))
-    venv = VectorWorldModelEnv(wm, 4, reset_obs=starts, observation_space=real.observation_space,
-                               max_episode_steps=2, autoreset_mode=AutoresetMode.SAME_STEP)
+    venv = VectorWorldModelEnv(
+        wm,
+        4,
+        reset_obs=starts,
+        observation_space=real.observation_space,
+        max_episode_steps=2,
+        autoreset_mode=AutoresetMode.SAME_STEP,
+    )
     sb3 = SB3VecEnv(venv)
     assert isinstance(sb3, VecEnv) and sb3.num_envs == 4 and sb3.observation_space == real.observation_space
     sb3.seed(3)
     obs = sb3.reset()
-    reference = VectorWorldModelEnv(wm, 4, reset_obs=starts, observation_space=real.observation_space,
-                                    max_episode_steps=2, autoreset_mode=AutoresetMode.SAME_STEP)
+    reference = VectorWorldModelEnv(
+        wm,
+        4,
+        reset_obs=starts,
+        observation_space=real.observation_space,
+        max_episode_steps=2,
+        autoreset_mode=AutoresetMode.SAME_STEP,
+    )
     np.testing.assert_array_equal(obs, reference.reset(seed=3)[0])
     actions = np.zeros((4, 1), np.float32)
     obs, rewards, dones, infos = sb3.step(actions)

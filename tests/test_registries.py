@@ -1,4 +1,5 @@
 """Loop options are checked when built, and new blocks and planners plug in from a test file alone."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -17,18 +18,21 @@ from loopwm.loop import EXIT_RULES, LoopOptions
 from tests.helpers import tiny_config, tiny_model
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"exit": "never"}, r"exit='never': expected one of \['certified', 'fixed', 'gate'\]"),
-    ({"exit": "certified", "bptt": 2}, r"bptt=2 needs exit='fixed'"),
-    ({"exit": "gate", "bptt": 1}, r"bptt=1 needs exit='fixed'"),
-    ({"exit": "certified", "loops": 4}, r"loops=4 needs exit='fixed'"),
-    ({"min_loops": 5, "max_loops": 4}, r"min_loops=5 must be <= max_loops=4"),
-    ({"loops": 0}, r"loops=0: expected an integer >= 1"),
-    ({"tol": float("nan")}, r"tol=nan: expected a finite number > 0"),
-    ({"tol": -1.0}, r"tol=-1.0: expected a finite number > 0"),
-    ({"bptt": 0}, r"bptt=0: expected an integer >= 1"),
-    ({"loops": torch.tensor([1.5])}, r"1-D integer tensor"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"exit": "never"}, r"exit='never': expected one of \['certified', 'fixed', 'gate'\]"),
+        ({"exit": "certified", "bptt": 2}, r"bptt=2 needs exit='fixed'"),
+        ({"exit": "gate", "bptt": 1}, r"bptt=1 needs exit='fixed'"),
+        ({"exit": "certified", "loops": 4}, r"loops=4 needs exit='fixed'"),
+        ({"min_loops": 5, "max_loops": 4}, r"min_loops=5 must be <= max_loops=4"),
+        ({"loops": 0}, r"loops=0: expected an integer >= 1"),
+        ({"tol": float("nan")}, r"tol=nan: expected a finite number > 0"),
+        ({"tol": -1.0}, r"tol=-1.0: expected a finite number > 0"),
+        ({"bptt": 0}, r"bptt=0: expected an integer >= 1"),
+        ({"loops": torch.tensor([1.5])}, r"1-D integer tensor"),
+    ],
+)
 def test_loop_options_refuse_what_they_cannot_honour(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LoopOptions(**kwargs)
@@ -63,8 +67,14 @@ class WideMLPBlock(MLPBlock):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, options: ScaledOptions) -> "WideMLPBlock":
-        return cls(cfg.hidden_dim, cfg.inject_dim, cfg.block_depth, options.width_factor * cfg.hidden_dim,
-                   cfg.activation, cfg.constrain_block)
+        return cls(
+            cfg.hidden_dim,
+            cfg.inject_dim,
+            cfg.block_depth,
+            options.width_factor * cfg.hidden_dim,
+            cfg.activation,
+            cfg.constrain_block,
+        )
 
 
 def test_a_block_defined_outside_the_package_builds_from_config():
@@ -101,8 +111,12 @@ class GreedyPlanner(Planner):
 
 
 def test_a_planner_defined_outside_the_package_builds_from_config():
-    cfg = from_dict({"planner": {"method": "test-greedy", "samples": 16, "elites": 4, "policy_samples": 0,
-                                 "iterations": 1}, "agent": {"discount": 0.9}})
+    cfg = from_dict(
+        {
+            "planner": {"method": "test-greedy", "samples": 16, "elites": 4, "policy_samples": 0, "iterations": 1},
+            "agent": {"discount": 0.9},
+        }
+    )
     wm = tiny_model()
     planner = build_planner(cfg, wm, seed=0)
     assert isinstance(planner, GreedyPlanner) and planner.discount == 0.9

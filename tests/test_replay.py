@@ -1,4 +1,5 @@
 """ReplayBuffer: episode-bounded sampling, flags, frame stacks, vector autoreset, eviction and persistence."""
+
 import io
 
 import gymnasium as gym
@@ -106,7 +107,12 @@ def test_terminated_and_truncated_survive_add_sample_save_and_load(tmp_path):
 
 def assert_buffers_equal(a: ReplayBuffer, b: ReplayBuffer):
     assert (a.obs_shape, a.action_dim, a.capacity, a.obs_dtype, a.frame_stack) == (
-        b.obs_shape, b.action_dim, b.capacity, b.obs_dtype, b.frame_stack)
+        b.obs_shape,
+        b.action_dim,
+        b.capacity,
+        b.obs_dtype,
+        b.frame_stack,
+    )
     assert len(a) == len(b) and a.num_episodes == b.num_episodes
     for x, y in zip(a.episodes(), b.episodes(), strict=True):
         for key in x:

@@ -1,5 +1,6 @@
 """Run folders never lose or mix work: kinds, locks, config checks, stale temp files, names, full disks,
 signals during start-up, and SIGKILL at any point followed by an exact resume. All through `loopwm`."""
+
 from __future__ import annotations
 
 import errno
@@ -24,25 +25,59 @@ from loopwm.config import load_config
 from loopwm.nets import SpaceSpec
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "pendulum.yaml")
-TINY = ["device=cpu", "threads=1", "model.latent_dim=8", "model.hidden_dim=16", "model.inject_dim=16",
-        "model.mlp_dim=32", "model.loops=2", "train.batch_size=8", "train.horizon=2", "train.loop_mean=2",
-        "train.bptt_loops=2"]
+TINY = [
+    "device=cpu",
+    "threads=1",
+    "model.latent_dim=8",
+    "model.hidden_dim=16",
+    "model.inject_dim=16",
+    "model.mlp_dim=32",
+    "model.loops=2",
+    "train.batch_size=8",
+    "train.horizon=2",
+    "train.loop_mean=2",
+    "train.bptt_loops=2",
+]
 TIMING = ("perf/transitions_per_s", "eval/ms_per_decision")  # wall-clock values, never equal across runs
 
 
 def run_args(tmp_path: Path, name: str = "r", steps: int = 60) -> list[str]:
     """A seconds-long `loopwm run` on Pendulum: 20-step episodes, a checkpoint at every episode end."""
-    return [CONFIG, f"name={name}", f"run_dir={tmp_path / 'runs'}", *TINY, "env.max_episode_steps=20",
-            "train.log_every=10", "train.checkpoint_every=5", "planner.horizon=2", "planner.iterations=1",
-            "planner.samples=16", "planner.elites=4", "planner.policy_samples=2", f"agent.total_steps={steps}",
-            "agent.seed_steps=20", "agent.updates_per_step=0.5", "agent.eval_every=1000", "agent.eval_episodes=1",
-            "agent.hidden_dim=16"]
+    return [
+        CONFIG,
+        f"name={name}",
+        f"run_dir={tmp_path / 'runs'}",
+        *TINY,
+        "env.max_episode_steps=20",
+        "train.log_every=10",
+        "train.checkpoint_every=5",
+        "planner.horizon=2",
+        "planner.iterations=1",
+        "planner.samples=16",
+        "planner.elites=4",
+        "planner.policy_samples=2",
+        f"agent.total_steps={steps}",
+        "agent.seed_steps=20",
+        "agent.updates_per_step=0.5",
+        "agent.eval_every=1000",
+        "agent.eval_episodes=1",
+        "agent.hidden_dim=16",
+    ]
 
 
 def train_args(data: Path, tmp_path: Path, name: str = "t", updates: int = 8) -> list[str]:
     """A seconds-long `loopwm train` on a collected Pendulum dataset, logging every 2 and saving every 4 updates."""
-    return [CONFIG, f"name={name}", f"run_dir={tmp_path / 'runs'}", *TINY, f"data.path={data}", "data.steps=1000",
-            f"train.updates={updates}", "train.log_every=2", "train.checkpoint_every=4"]
+    return [
+        CONFIG,
+        f"name={name}",
+        f"run_dir={tmp_path / 'runs'}",
+        *TINY,
+        f"data.path={data}",
+        "data.steps=1000",
+        f"train.updates={updates}",
+        "train.log_every=2",
+        "train.checkpoint_every=4",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +102,11 @@ def copy_of(folder: Path, tmp_path: Path, name: str) -> Path:
 
 def files(folder: Path) -> dict[str, bytes]:
     """Every file under a run folder and its bytes (the lock file aside)."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 def rows(folder: Path) -> list[dict]:
@@ -189,8 +227,12 @@ def test_stale_temp_files_are_removed_and_files_respect_the_umask(tmp_path, data
     finally:
         os.umask(old_umask)
     assert not any(path.exists() for path in stale) and keep.read_text() == "mine"
-    for path in (folder / "checkpoints" / "latest.pt", folder / "metrics.jsonl", folder / "config.yaml",
-                 tmp_path / "more.npz"):
+    for path in (
+        folder / "checkpoints" / "latest.pt",
+        folder / "metrics.jsonl",
+        folder / "config.yaml",
+        tmp_path / "more.npz",
+    ):
         assert path.stat().st_mode & 0o777 == 0o644, path
 
 
@@ -304,10 +346,12 @@ def _kill_then_resume(args: list[str], verb: str, where: str, n: int, tmp_path: 
     assert main([verb, "-q", *args, "resume=true"]) == 0
 
 
-@pytest.mark.parametrize("verb, where, calls", [("run", "log", 8), ("run", "rename", 4), ("train", "log", 4),
-                                               ("train", "rename", 2)])
-def test_sigkill_at_a_random_point_then_resume_equals_an_uninterrupted_run(tmp_path, dataset, straight_runs,
-                                                                           verb, where, calls):
+@pytest.mark.parametrize(
+    "verb, where, calls", [("run", "log", 8), ("run", "rename", 4), ("train", "log", 4), ("train", "rename", 2)]
+)
+def test_sigkill_at_a_random_point_then_resume_equals_an_uninterrupted_run(
+    tmp_path, dataset, straight_runs, verb, where, calls
+):
     n = int(np.random.default_rng([7, len(verb), len(where)]).integers(1, calls + 1))  # at least `calls` happen
     args = run_args(tmp_path) if verb == "run" else train_args(dataset, tmp_path)
     _kill_then_resume(args, verb, where, n, tmp_path)

@@ -1,4 +1,5 @@
 """Dict observations (frames + vectors) and MultiDiscrete / MultiBinary actions, end to end on toy envs."""
+
 from __future__ import annotations
 
 import gymnasium as gym
@@ -26,8 +27,9 @@ class DictPointEnv(gym.Env):
 
     def __init__(self, render_mode=None):
         self.render_mode = render_mode
-        self.observation_space = Dict({"frame": Box(0, 255, (1, 32, 32), np.uint8),
-                                       "state": Box(-1.0, 1.0, (2,), np.float32)})
+        self.observation_space = Dict(
+            {"frame": Box(0, 255, (1, 32, 32), np.uint8), "state": Box(-1.0, 1.0, (2,), np.float32)}
+        )
         self.action_space = MultiDiscrete([3, 2, 2])
         self.x, self.t = 0.0, 0
 
@@ -52,11 +54,13 @@ gym.register("loopwm-test/DictPoint-v0", entry_point=DictPointEnv)
 
 
 def tiny(**over):
-    base = {"env": {"id": "loopwm-test/DictPoint-v0"},
-            "model": {"latent_dim": 16, "hidden_dim": 32, "inject_dim": 32, "mlp_dim": 32, "loops": 2},
-            "train": {"batch_size": 8, "horizon": 3, "lr": 3e-3},
-            "planner": {"horizon": 2, "iterations": 2, "samples": 32, "elites": 4, "policy_samples": 4},
-            "agent": {"hidden_dim": 32, "prior_horizon": 2}}
+    base = {
+        "env": {"id": "loopwm-test/DictPoint-v0"},
+        "model": {"latent_dim": 16, "hidden_dim": 32, "inject_dim": 32, "mlp_dim": 32, "loops": 2},
+        "train": {"batch_size": 8, "horizon": 3, "lr": 3e-3},
+        "planner": {"horizon": 2, "iterations": 2, "samples": 32, "elites": 4, "policy_samples": 4},
+        "agent": {"hidden_dim": 32, "prior_horizon": 2},
+    }
     return from_dict({**base, **over})
 
 
@@ -89,11 +93,14 @@ def test_dict_model_encodes_each_key_and_keeps_frames_on_the_pixel_scale(tmp_pat
     torch.testing.assert_close(again.encode(obs), z)
 
 
-@pytest.mark.parametrize("space, env_action, model_action", [
-    (MultiDiscrete([3, 2], start=[1, -1]), np.array([3, -1]), [0, 0, 1, 1, 0]),
-    (MultiBinary(3), np.array([1, 0, 1], np.int8), [0, 1, 1, 0, 0, 1]),
-    (Discrete(4, start=2), np.int64(3), [0, 1, 0, 0]),
-])
+@pytest.mark.parametrize(
+    "space, env_action, model_action",
+    [
+        (MultiDiscrete([3, 2], start=[1, -1]), np.array([3, -1]), [0, 0, 1, 1, 0]),
+        (MultiBinary(3), np.array([1, 0, 1], np.int8), [0, 1, 1, 0, 0, 1]),
+        (Discrete(4, start=2), np.int64(3), [0, 1, 0, 0]),
+    ],
+)
 def test_categorical_actions_round_trip(space, env_action, model_action):
     x = action_to_model(env_action, space)
     assert x.tolist() == model_action and action_dim(space) == len(model_action)
@@ -121,9 +128,14 @@ class GroupBandit:
 
         rewards = actions @ self.payoff
         latents = torch.cat([z[None], actions])
-        return SimpleNamespace(latents=latents, rewards=rewards, continues=torch.ones_like(rewards),
-                               bound=torch.zeros_like(rewards), converged=torch.ones_like(rewards, dtype=torch.bool),
-                               loops=torch.ones_like(rewards, dtype=torch.long))
+        return SimpleNamespace(
+            latents=latents,
+            rewards=rewards,
+            continues=torch.ones_like(rewards),
+            bound=torch.zeros_like(rewards),
+            converged=torch.ones_like(rewards, dtype=torch.bool),
+            loops=torch.ones_like(rewards, dtype=torch.long),
+        )
 
 
 def test_planner_finds_the_best_multidiscrete_action():

@@ -1,6 +1,7 @@
 """Training: every loss term falls, depth goes to the hard samples, the gate learns from real per-loop
 losses, resumes are exact (plain and Lookahead), every optimiser works, logs land in TensorBoard and
 metrics.jsonl, and a tiny model learns real Pendulum dynamics better than both baselines."""
+
 import copy
 import io
 import json
@@ -47,8 +48,13 @@ def linear_dataset(episodes: int = 12, steps: int = 20, seed: int = 0) -> Replay
             actions.append(a)
         terminated, truncated = np.zeros(steps, bool), np.zeros(steps, bool)
         (terminated if ep % 2 == 0 else truncated)[-1] = True
-        buffer.add_episode(np.array(obs, np.float32), np.array(actions, np.float32),
-                           np.array(rewards, np.float32), terminated, truncated)
+        buffer.add_episode(
+            np.array(obs, np.float32),
+            np.array(actions, np.float32),
+            np.array(rewards, np.float32),
+            terminated,
+            truncated,
+        )
     return buffer
 
 
@@ -80,8 +86,17 @@ def trained():
 # ---- 1. every loss term falls -------------------------------------------------------------------
 def test_training_lowers_every_loss_term(trained):
     _, history, _ = trained
-    assert set(objective.TERMS) == {"consistency", "obs", "reward", "continue", "deep", "extra", "gate", "delta",
-                                    "recon"}
+    assert set(objective.TERMS) == {
+        "consistency",
+        "obs",
+        "reward",
+        "continue",
+        "deep",
+        "extra",
+        "gate",
+        "delta",
+        "recon",
+    }
     assert all(h["loss/delta"] == h["loss/recon"] == 0 for h in history)  # no delta decoder; w_recon = 0
     for term in set(objective.TERMS) - {"delta", "recon"}:
         values = np.array([h[f"loss/{term}"] for h in history])
@@ -103,8 +118,15 @@ def test_delta_decoder_learns_changes_better_than_no_change(latent_update):
     with either latent update; consistency and the autoencoder term fall too."""
     torch.set_num_threads(1)
     data = linear_dataset()
-    cfg = config({"obs_decoder": "delta", "latent_update": latent_update}, updates=100, batch_size=16, horizon=3,
-                 lr=3e-3, log_every=1000, w_recon=1.0)
+    cfg = config(
+        {"obs_decoder": "delta", "latent_update": latent_update},
+        updates=100,
+        batch_size=16,
+        horizon=3,
+        lr=3e-3,
+        log_every=1000,
+        w_recon=1.0,
+    )
     trainer = Trainer(new_model(cfg, data), cfg, data)
     history = [trainer.update() for _ in range(cfg.train.updates)]
     for term, factor in (("delta", 0.3), ("consistency", 0.5), ("recon", 0.5)):
@@ -124,8 +146,8 @@ def test_quantile_tracker_tracks_a_known_quantile():
     assert tracker.update(second) == pytest.approx(expected)
     for _ in range(300):
         tracker.update(torch.rand(2000, generator=g))
-    assert tracker.value == pytest.approx(0.9, abs=0.01)          # U(0, 1): the 0.9 quantile is 0.9
-    for _ in range(300):                                           # the distribution shifts: it follows
+    assert tracker.value == pytest.approx(0.9, abs=0.01)  # U(0, 1): the 0.9 quantile is 0.9
+    for _ in range(300):  # the distribution shifts: it follows
         tracker.update(3.0 * torch.rand(2000, generator=g))
     assert tracker.value == pytest.approx(2.7, abs=0.03)
     median = QuantileTracker(0.5)
@@ -161,18 +183,22 @@ def test_extra_loops_go_exactly_to_the_hard_samples(trained):
 
 # ---- 3. the gate learns from the real per-loop losses ---------------------------------------------
 def test_gate_targets_on_a_known_loss_table():
-    table = torch.tensor([
-        # improving | plateau | up then down | gain below the relative margin | worse
-        [1.0, 1.0, 1.0, 1.0, 0.5],
-        [0.5, 1.0, 0.5, 0.99995, 0.6],
-        [0.25, 1.0, 0.6, 0.5, 0.7],
-        [0.2, 1.0, 0.3, 0.4, 0.8],
-    ])
-    expected = torch.tensor([
-        [0.0, 1.0, 0.0, 1.0, 1.0],
-        [0.0, 1.0, 1.0, 0.0, 1.0],
-        [0.0, 1.0, 0.0, 0.0, 1.0],
-    ])
+    table = torch.tensor(
+        [
+            # improving | plateau | up then down | gain below the relative margin | worse
+            [1.0, 1.0, 1.0, 1.0, 0.5],
+            [0.5, 1.0, 0.5, 0.99995, 0.6],
+            [0.25, 1.0, 0.6, 0.5, 0.7],
+            [0.2, 1.0, 0.3, 0.4, 0.8],
+        ]
+    )
+    expected = torch.tensor(
+        [
+            [0.0, 1.0, 0.0, 1.0, 1.0],
+            [0.0, 1.0, 1.0, 0.0, 1.0],
+            [0.0, 1.0, 0.0, 0.0, 1.0],
+        ]
+    )
     assert torch.equal(gate_targets(table), expected)
     assert gate_targets(table).shape == (3, 5)  # the last loop has no successor
     assert gate_targets(table, margin=0.0)[0, 3] == 0.0  # any gain counts without a margin
@@ -215,8 +241,16 @@ def test_sequence_loss_feeds_the_gate_the_real_per_loop_losses(monkeypatch):
 def test_resume_is_exact(tmp_path, lookahead):
     data = linear_dataset()
     total = 8  # Lookahead syncs every 5 steps, so the resumed half crosses a sync with saved slow weights
-    cfg = config(updates=total, batch_size=8, horizon=2, lookahead=lookahead, lr_schedule="cosine", warmup=2,
-                 hard_quantile=0.5, log_every=1000)
+    cfg = config(
+        updates=total,
+        batch_size=8,
+        horizon=2,
+        lookahead=lookahead,
+        lr_schedule="cosine",
+        warmup=2,
+        hard_quantile=0.5,
+        log_every=1000,
+    )
     straight = Trainer(new_model(cfg, data), cfg, data)
     straight.fit(total, progress=False)
 
@@ -402,9 +436,23 @@ def test_tensorboard_and_jsonl_hold_the_logged_scalars(tmp_path):
     acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "histograms": 0})
     acc.Reload()
     tags = acc.Tags()
-    wanted = ["loss/consistency", "loss/obs", "loss/reward", "loss/continue", "loss/deep", "loss/extra",
-              "loss/gate", "loss/total", "loops/mean", "loops/max", "certificate/kappa",
-              "certificate/residual_at_exit", "train/grad_norm", "train/lr", "perf/transitions_per_s"]
+    wanted = [
+        "loss/consistency",
+        "loss/obs",
+        "loss/reward",
+        "loss/continue",
+        "loss/deep",
+        "loss/extra",
+        "loss/gate",
+        "loss/total",
+        "loops/mean",
+        "loops/max",
+        "certificate/kappa",
+        "certificate/residual_at_exit",
+        "train/grad_norm",
+        "train/lr",
+        "perf/transitions_per_s",
+    ]
     missing = sorted(set(wanted) - set(tags["scalars"]))
     assert not missing, f"missing scalar tags {missing}; have {tags['scalars']}"
     assert "loops/used" in tags["histograms"]
@@ -430,9 +478,15 @@ def test_model_beats_both_baselines_on_pendulum(tmp_path):
     from loopwm.app.collect import collect
     from loopwm.envs import env_spaces
 
-    cfg = from_dict({"device": "cpu", "seed": 0, "model": TINY,
-                     "data": {"path": str(tmp_path / "pendulum.npz"), "steps": 3000},
-                     "train": {"updates": 100, "batch_size": 16, "horizon": 1, "lr": 3e-3, "log_every": 1000}})
+    cfg = from_dict(
+        {
+            "device": "cpu",
+            "seed": 0,
+            "model": TINY,
+            "data": {"path": str(tmp_path / "pendulum.npz"), "steps": 3000},
+            "train": {"updates": 100, "batch_size": 16, "horizon": 1, "lr": 3e-3, "log_every": 1000},
+        }
+    )
     buffer = collect(cfg, progress=False)
     assert buffer.num_episodes >= 10 and (tmp_path / "pendulum.npz").is_file()
     train_data, held_out = buffer.split(0.2, seed=0)

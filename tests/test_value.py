@@ -1,4 +1,5 @@
 """Value learning and the policy prior on toy problems with known answers."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,9 +34,15 @@ class PointModel(nn.Module):
             rewards.append(a @ self.arms if self.discrete else -((z - TARGET) ** 2).sum(-1))
             latents.append(z)
         rewards = torch.stack(rewards)
-        return SimpleNamespace(latents=torch.stack(latents), rewards=rewards, continues=torch.ones_like(rewards),
-                               bound=torch.zeros_like(rewards), converged=torch.ones_like(rewards, dtype=torch.bool),
-                               loops=torch.ones_like(rewards, dtype=torch.long), obs=None)
+        return SimpleNamespace(
+            latents=torch.stack(latents),
+            rewards=rewards,
+            continues=torch.ones_like(rewards),
+            bound=torch.zeros_like(rewards),
+            converged=torch.ones_like(rewards, dtype=torch.bool),
+            loops=torch.ones_like(rewards, dtype=torch.long),
+            obs=None,
+        )
 
 
 def chain_batch(n: int = 5) -> tuple[Tensor, Tensor, Tensor]:
@@ -121,8 +128,9 @@ def test_value_state_dict_round_trip():
 def test_prior_improves_imagined_return(discrete):
     torch.manual_seed(0)
     wm = PointModel(discrete)
-    prior = PolicyPrior(wm.latent_dim, wm.action_dim, discrete,
-                        AgentConfig(discount=0.9, prior_horizon=3, hidden_dim=32), lr=3e-3)
+    prior = PolicyPrior(
+        wm.latent_dim, wm.action_dim, discrete, AgentConfig(discount=0.9, prior_horizon=3, hidden_dim=32), lr=3e-3
+    )
     starts = torch.rand(128, wm.latent_dim) * 2 - 1
 
     def imagined() -> float:
@@ -164,7 +172,12 @@ def test_planner_uses_learned_value_and_prior(discrete):
     cfg = dataclasses.replace(cfg, hidden_dim=16)
     value = ValueFunction(wm.latent_dim, cfg)
     prior = PolicyPrior(wm.latent_dim, wm.action_dim, discrete, cfg)
-    planner = MPPIPlanner(wm, PlannerConfig(horizon=2, iterations=2, samples=32, elites=4, policy_samples=4),
-                      value=value, prior=prior, seed=0)
+    planner = MPPIPlanner(
+        wm,
+        PlannerConfig(horizon=2, iterations=2, samples=32, elites=4, policy_samples=4),
+        value=value,
+        prior=prior,
+        seed=0,
+    )
     actions = planner.plan(torch.zeros(3, wm.latent_dim))
     assert actions.shape == (3, wm.action_dim) and actions.abs().max() <= 1

@@ -1,4 +1,5 @@
 """The policy protocol: one function plays a policy in the real env and in the model, returns side by side."""
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -44,8 +45,13 @@ class AnalyticModel(WorldModel):
     def step(self, z, action, obs=None, **loop):
         batch = z.shape[0]
         z = torch.clamp(z + torch.tensor(self.gain, dtype=torch.float32) * torch.as_tensor(action), -2.0, 2.0)
-        return z, LoopTrace(torch.zeros(1, batch), torch.ones(batch, dtype=torch.long), torch.zeros(batch),
-                            torch.ones(batch, dtype=torch.bool), 0.0)
+        return z, LoopTrace(
+            torch.zeros(1, batch),
+            torch.ones(batch, dtype=torch.long),
+            torch.zeros(batch),
+            torch.ones(batch, dtype=torch.bool),
+            0.0,
+        )
 
     def predict_reward(self, z):
         return -torch.abs(z[:, 0] - 0.5)
@@ -73,8 +79,12 @@ def test_exact_dynamics_give_identical_returns():
     assert len(set(gap.real)) == 4  # four different starts, each replayed in the model
     assert gap.real == episode_returns(controller, PointMass(), 4, seed=3)
     random_policy = np.random.default_rng(0)
-    noisy = value_gap(lambda obs: random_policy.uniform(-1, 1, 1).astype(np.float32), PointMass(),
-                      model_env(AnalyticModel()), episodes=2)
+    noisy = value_gap(
+        lambda obs: random_policy.uniform(-1, 1, 1).astype(np.float32),
+        PointMass(),
+        model_env(AnalyticModel()),
+        episodes=2,
+    )
     assert noisy.real != noisy.model  # a stochastic policy draws different actions in the two plays
 
 

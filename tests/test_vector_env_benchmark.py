@@ -1,4 +1,5 @@
 """benchmarks/vector_env.py --smoke writes its report (numbers at smoke sizes mean nothing; the shape does)."""
+
 import importlib.util
 import json
 from pathlib import Path

@@ -1,4 +1,5 @@
 """VectorWorldModelEnv: one batched forward that behaves as N WorldModelEnvs, with Gymnasium's autoreset modes."""
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -23,8 +24,7 @@ def with_rewards(wm: WorldModel) -> WorldModel:
 
 
 def pendulum_model(**model) -> WorldModel:
-    return with_rewards(WorldModel.from_config(tiny_config(**model), PENDULUM.observation_space,
-                                               PENDULUM.action_space))
+    return with_rewards(WorldModel.from_config(tiny_config(**model), PENDULUM.observation_space, PENDULUM.action_space))
 
 
 def discrete_model() -> WorldModel:
@@ -45,8 +45,10 @@ def starts(wm: WorldModel, n: int = 16) -> np.ndarray:
 
 
 def test_one_env_matches_world_model_env_step_for_step_across_episodes():
-    for wm, loop in ((pendulum_model(), LoopOptions(exit="certified", tol=1e-3, max_loops=32)),
-                     (discrete_model(), LoopOptions(loops=3))):
+    for wm, loop in (
+        (pendulum_model(), LoopOptions(exit="certified", tol=1e-3, max_loops=32)),
+        (discrete_model(), LoopOptions(loops=3)),
+    ):
         data = starts(wm)
         single = WorldModelEnv(wm, reset_obs=data, max_episode_steps=4, options=loop)
         vector = VectorWorldModelEnv(wm, 1, reset_obs=data, max_episode_steps=4, options=loop)
@@ -74,13 +76,13 @@ def test_a_batch_steps_like_independent_envs_seeded_seed_plus_i():
     wm = never_ends(pendulum_model())
     data = starts(wm)
     n, steps = 5, 6
-    vector = VectorWorldModelEnv(wm, n, reset_obs=data, observation_space=PENDULUM.observation_space,
-                                 max_episode_steps=None)
+    vector = VectorWorldModelEnv(
+        wm, n, reset_obs=data, observation_space=PENDULUM.observation_space, max_episode_steps=None
+    )
     actions = np.random.default_rng(0).uniform(-2, 2, (steps, n, 1)).astype(np.float32)
     vobs = [vector.reset(seed=11)[0]] + [vector.step(a)[0] for a in actions]
     for i in range(n):
-        single = WorldModelEnv(wm, reset_obs=data, observation_space=PENDULUM.observation_space,
-                               max_episode_steps=None)
+        single = WorldModelEnv(wm, reset_obs=data, observation_space=PENDULUM.observation_space, max_episode_steps=None)
         obs = [single.reset(seed=11 + i)[0]] + [single.step(a[i])[0] for a in actions]
         np.testing.assert_allclose(np.stack([v[i] for v in vobs]), np.stack(obs), rtol=1e-5, atol=1e-5)
 
@@ -178,8 +180,7 @@ def test_starts_from_a_replay_buffer_a_dataset_or_the_real_env(tmp_path):
     buffer = ReplayBuffer((3,), 1, 1000)
     rng = np.random.default_rng(0)
     obs = rng.uniform(-1, 1, (11, 3)).astype(np.float32)
-    buffer.add_episode(obs, np.zeros((10, 1), np.float32), np.zeros(10), np.zeros(10, bool),
-                       np.eye(10, dtype=bool)[-1])
+    buffer.add_episode(obs, np.zeros((10, 1), np.float32), np.zeros(10), np.zeros(10, bool), np.eye(10, dtype=bool)[-1])
     buffer.save(tmp_path / "data.npz")
     for source in (buffer, str(tmp_path / "data.npz")):
         env = VectorWorldModelEnv(wm, 32, reset_obs=source)
@@ -249,8 +250,10 @@ def test_multidiscrete_and_multibinary_actions_step_as_one_hot_groups():
     from gymnasium.spaces import MultiBinary, MultiDiscrete
 
     obs_space = Box(-np.inf, np.inf, (2,), np.float32)
-    for space, good, bad in ((MultiDiscrete([3, 2], start=[1, 0]), [[1, 0], [3, 1]], [[0, 0], [1, 1]]),
-                             (MultiBinary(3), [[0, 1, 1], [1, 0, 0]], [[0, 2, 1], [1, 0, 0]])):
+    for space, good, bad in (
+        (MultiDiscrete([3, 2], start=[1, 0]), [[1, 0], [3, 1]], [[0, 0], [1, 1]]),
+        (MultiBinary(3), [[0, 1, 1], [1, 0, 0]], [[0, 2, 1], [1, 0, 0]]),
+    ):
         wm = WorldModel.from_config(tiny_config(), obs_space, space)
         env = VectorWorldModelEnv(wm, 2, reset_obs=np.zeros((1, 2), np.float32), action_space=space)
         rebuilt = VectorWorldModelEnv(wm, 2, reset_obs=np.zeros((1, 2), np.float32)).single_action_space

@@ -1,4 +1,5 @@
 """End to end through the `loopwm` entry point: collect, train, eval, refuse to overwrite, resume, bad configs."""
+
 import json
 from pathlib import Path
 
@@ -14,11 +15,22 @@ CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "pendulum.yaml")
 
 
 def overrides(tmp_path, name="e2e", updates=6):
-    return [f"name={name}", f"run_dir={tmp_path / 'runs'}", "device=cpu",
-            f"data.path={tmp_path / 'pendulum.npz'}", "data.steps=1000",
-            "model.latent_dim=8", "model.hidden_dim=16", "model.inject_dim=16", "model.mlp_dim=32",
-            f"train.updates={updates}", "train.batch_size=8", "train.horizon=2", "train.log_every=2",
-            "train.checkpoint_every=3"]
+    return [
+        f"name={name}",
+        f"run_dir={tmp_path / 'runs'}",
+        "device=cpu",
+        f"data.path={tmp_path / 'pendulum.npz'}",
+        "data.steps=1000",
+        "model.latent_dim=8",
+        "model.hidden_dim=16",
+        "model.inject_dim=16",
+        "model.mlp_dim=32",
+        f"train.updates={updates}",
+        "train.batch_size=8",
+        "train.horizon=2",
+        "train.log_every=2",
+        "train.checkpoint_every=3",
+    ]
 
 
 def steps_logged(run):
@@ -80,11 +92,14 @@ def test_collect_train_eval_refuse_and_resume(tmp_path, capsys):
         assert torch.equal(resumed[key], straight[key]), key
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("model: [unclosed\n", "is not valid YAML"),
-    ("train:\n  updatez: 5\n", "train.updatez"),
-    ("- just\n- a list\n", "expected a mapping at the top level"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("model: [unclosed\n", "is not valid YAML"),
+        ("train:\n  updatez: 5\n", "train.updatez"),
+        ("- just\n- a list\n", "expected a mapping at the top level"),
+    ],
+)
 def test_bad_yaml_files_exit_2_naming_the_problem(tmp_path, capsys, text, needle):
     bad = tmp_path / "bad.yaml"
     bad.write_text(text)
@@ -94,12 +109,15 @@ def test_bad_yaml_files_exit_2_naming_the_problem(tmp_path, capsys, text, needle
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("model.latent_dimm=4", "model.latent_dimm"),
-    ("train.lr=-1", "train.lr=-1"),
-    ("train.updates=many", "train.updates='many'"),
-    ("noequals", "expected the form key.sub=value"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("model.latent_dimm=4", "model.latent_dimm"),
+        ("train.lr=-1", "train.lr=-1"),
+        ("train.updates=many", "train.updates='many'"),
+        ("noequals", "expected the form key.sub=value"),
+    ],
+)
 def test_bad_overrides_exit_2_naming_the_key(tmp_path, capsys, override, needle):
     assert main(["collect", "-q", CONFIG, f"data.path={tmp_path / 'd.npz'}", override]) == 2
     assert needle in capsys.readouterr().err

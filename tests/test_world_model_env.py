@@ -1,4 +1,5 @@
 """WorldModelEnv: a real Gymnasium env that agrees step for step with the model's own rollout."""
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -19,8 +20,11 @@ PIXELS = (4, 84, 84)
 
 def box_model() -> WorldModel:
     """Vector observations, a Box action with non-unit bounds (so unit conversion matters)."""
-    return WorldModel.from_config(tiny_config(), Box(-np.inf, np.inf, (3,), np.float32),
-                                  Box(np.array([-2.0, 0.0], np.float32), np.array([2.0, 1.0], np.float32)))
+    return WorldModel.from_config(
+        tiny_config(),
+        Box(-np.inf, np.inf, (3,), np.float32),
+        Box(np.array([-2.0, 0.0], np.float32), np.array([2.0, 1.0], np.float32)),
+    )
 
 
 def discrete_model() -> WorldModel:
@@ -52,9 +56,15 @@ def rollout(env: gym.Env, seed: int, steps: int) -> list:
     return out
 
 
-@pytest.mark.parametrize("build, kwargs", [
-    (box_model, {}), (discrete_model, {}), (pixel_model, {}), (box_model, {"decode_obs": False}),
-])
+@pytest.mark.parametrize(
+    "build, kwargs",
+    [
+        (box_model, {}),
+        (discrete_model, {}),
+        (pixel_model, {}),
+        (box_model, {"decode_obs": False}),
+    ],
+)
 def test_check_env_passes(build, kwargs):
     check_env(make(build(), max_episode_steps=10, **kwargs), skip_render_check=True)
 
@@ -84,11 +94,14 @@ def test_same_seed_gives_identical_trajectories(build):
     assert len(starts_seen) > 1  # the start observation is drawn with np_random
 
 
-@pytest.mark.parametrize("build, options", [
-    (box_model, None),
-    (box_model, LoopOptions(exit="certified", tol=1e-3, max_loops=32)),
-    (discrete_model, LoopOptions(loops=6)),
-])
+@pytest.mark.parametrize(
+    "build, options",
+    [
+        (box_model, None),
+        (box_model, LoopOptions(exit="certified", tol=1e-3, max_loops=32)),
+        (discrete_model, LoopOptions(loops=6)),
+    ],
+)
 def test_steps_match_the_models_own_rollout(build, options):
     wm = build()
     env = make(wm, options=options)

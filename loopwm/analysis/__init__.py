@@ -5,6 +5,7 @@ The maths modules (jacobian, convergence, agreement, cycles, geometry, rollout, 
 matplotlib and are imported on first use. Analysis reads models and data only: loading checkpoints and datasets
 for `loopwm analyze` is the application layer's job (`loopwm.app.analyze`).
 """
+
 from __future__ import annotations
 
 import importlib

@@ -3,6 +3,7 @@
 Readouts are the predictions decoded after each loop, `[T, B, D]` (or a list of `[B, D]`), the last being the
 final prediction. Distances are root-mean-square over features, so a tolerance reads in the readout's units.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union
@@ -53,4 +54,4 @@ def agreement_score(readouts: Readouts, last: Optional[int] = None) -> torch.Ten
     if r.shape[0] < 2:
         raise ValueError("agreement_score needs at least two loops of readouts")
     window = r.shape[0] - 1 if last is None else max(1, min(last, r.shape[0] - 1))
-    return -readout_errors(r[-1 - window:-1], r[-1]).mean(0)
+    return -readout_errors(r[-1 - window : -1], r[-1]).mean(0)

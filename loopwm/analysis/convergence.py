@@ -3,6 +3,7 @@
 A state sequence is `h_0, h_1, ..., h_T`, given either as a tensor `[T+1, B, d]` or as a list of `[B, d]`
 tensors; statistics are per loop and per sample, so the result of each function is `[loops, B]`.
 """
+
 from __future__ import annotations
 
 from typing import Sequence, Union

@@ -4,6 +4,7 @@ Looped models can settle into a cycle instead of a point (cyclic fixed points, a
 updates past the sweet spot of LoopCoder-v2, arXiv 2606.18023). A cosine near −1 between successive updates is
 the signature of a 2-cycle; a period found by `detect_period` names it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,7 +41,7 @@ def lag_distances(states: States, max_lag: int) -> torch.Tensor:
     if not 1 <= max_lag <= n // 2:
         raise ValueError(f"max_lag={max_lag}: need 1 <= max_lag <= {n // 2} for {n} states")
     scale = h[-1].norm(dim=-1).clamp_min(1e-12)
-    rows = [(h[n - k:] - h[n - 2 * k:n - k]).norm(dim=-1).amax(0) / scale for k in range(1, max_lag + 1)]
+    rows = [(h[n - k :] - h[n - 2 * k : n - k]).norm(dim=-1).amax(0) / scale for k in range(1, max_lag + 1)]
     return torch.stack(rows)
 
 

@@ -3,6 +3,7 @@
 Figures are built with `matplotlib.figure.Figure`, which renders through Agg without touching pyplot's global
 state, so plotting works headless and never opens a window.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,9 +19,15 @@ def _band(ax: Axes, x: list, q: Optional[dict], label: str, color: Optional[str]
     if q is None:
         return
     med = np.asarray(q["median"], dtype=float)
-    line, = ax.plot(x[:len(med)], med, label=label, color=color)
-    ax.fill_between(x[:len(med)], np.asarray(q["q25"], dtype=float), np.asarray(q["q75"], dtype=float),
-                    color=line.get_color(), alpha=0.25, linewidth=0)
+    (line,) = ax.plot(x[: len(med)], med, label=label, color=color)
+    ax.fill_between(
+        x[: len(med)],
+        np.asarray(q["q25"], dtype=float),
+        np.asarray(q["q75"], dtype=float),
+        color=line.get_color(),
+        alpha=0.25,
+        linewidth=0,
+    )
 
 
 def _log_scale(ax: Axes) -> None:
@@ -44,19 +51,28 @@ def certificate_figure(sec: dict[str, Any], path: Path) -> Path:
     ax1.stairs(sec["ratio_hist"]["counts"], edges, fill=True, alpha=0.6, label="‖Δ_{t+1}‖/‖Δ_t‖")
     for value, name, style in ((sec["kappa"], "certified κ", "-"), (sec["max_retention"], "max Ā", ":")):
         ax1.axvline(value, color="k", linestyle=style, label=f"{name} = {value:.3f}")
-    ax1.set(xlabel="contraction ratio per loop (dimensionless)", ylabel="count (loops × samples)",
-            title="empirical contraction vs certificate")
+    ax1.set(
+        xlabel="contraction ratio per loop (dimensionless)",
+        ylabel="count (loops × samples)",
+        title="empirical contraction vs certificate",
+    )
     ax1.legend(fontsize=8)
     ax2.hist([sec["jacobian_norm"], sec["jacobian_radius"]], bins=20, label=["‖J‖₂ at h*", "ρ(J) at h*"])
     ax2.axvline(sec["kappa"], color="k", label="certified κ")
-    ax2.set(xlabel="Jacobian norm / spectral radius (dimensionless)", ylabel="count (samples)",
-            title=f"loop Jacobian at h* (Hutchinson ‖J‖²_F/d = {sec['hutchinson_mean']:.3g})")
+    ax2.set(
+        xlabel="Jacobian norm / spectral radius (dimensionless)",
+        ylabel="count (samples)",
+        title=f"loop Jacobian at h* (Hutchinson ‖J‖²_F/d = {sec['hutchinson_mean']:.3g})",
+    )
     ax2.legend(fontsize=8)
     sigmas = sec["layer_sigma"]
     ax3.bar(range(1, len(sigmas) + 1), sigmas)
     ax3.axhline(1.0, color="k", linestyle=":", label="σ = 1")
-    ax3.set(xlabel="h-path layer index", ylabel="exact σ_max of effective weight",
-            title=f"per-layer spectral norms (block gain s = {sec['block_scale']:.3f})")
+    ax3.set(
+        xlabel="h-path layer index",
+        ylabel="exact σ_max of effective weight",
+        title=f"per-layer spectral norms (block gain s = {sec['block_scale']:.3f})",
+    )
     ax3.legend(fontsize=8)
     return _save(fig, path)
 
@@ -73,8 +89,7 @@ def convergence_figure(sec: dict[str, Any], path: Path) -> Path:
     _band(ax2, sec["loops"], sec["bound"], "a-posteriori bound κ/(1−κ)‖Δ_t‖")
     _band(ax2, sec["loops"], sec["distance"], "true distance ‖h_t − h*‖")
     _log_scale(ax2)
-    ax2.set(xlabel="loop t", ylabel="distance to fixed point (latent units)",
-            title="certified bound vs true distance")
+    ax2.set(xlabel="loop t", ylabel="distance to fixed point (latent units)", title="certified bound vs true distance")
     ax2.legend(fontsize=8)
     return _save(fig, path)
 
@@ -88,12 +103,18 @@ def agreement_figure(sec: dict[str, Any], path: Path) -> Path:
     _band(ax1, sec["loops"], before_final, "vs final readout")
     ax1.axvline(sec["operating_loops"], color="k", linestyle=":", label="training loop count")
     _log_scale(ax1)
-    ax1.set(xlabel="loop t", ylabel="RMS latent error (latent units)",
-            title=f"AUROC top-10% errors: residual {sec['auroc_residual']:.2f}, agreement {sec['auroc_agreement']:.2f}")
+    ax1.set(
+        xlabel="loop t",
+        ylabel="RMS latent error (latent units)",
+        title=f"AUROC top-10% errors: residual {sec['auroc_residual']:.2f}, agreement {sec['auroc_agreement']:.2f}",
+    )
     ax1.legend(fontsize=8)
     ax2.bar(sec["loops"], sec["depth_counts"])
-    ax2.set(xlabel=f"prediction depth (first loop within δ={sec['delta']:.2g} of final)", ylabel="count (samples)",
-            title=f"Spearman(loops used, error) under certified exit: {sec['spearman_loops_error']:.2f}")
+    ax2.set(
+        xlabel=f"prediction depth (first loop within δ={sec['delta']:.2g} of final)",
+        ylabel="count (samples)",
+        title=f"Spearman(loops used, error) under certified exit: {sec['spearman_loops_error']:.2f}",
+    )
     return _save(fig, path)
 
 
@@ -102,16 +123,23 @@ def sweep_figure(sec: dict[str, Any], path: Path) -> Path:
     fig = Figure(figsize=(11, 4))
     T = np.asarray(sec["loops"], dtype=float)
     grid = np.linspace(T.min(), T.max(), 200)
-    for ax, key, fit_key, unit in zip(fig.subplots(1, 2), ("latent_error", "obs_error"), ("fit", "obs_fit"),
-                                      ("latent units", "observation units")):
+    for ax, key, fit_key, unit in zip(
+        fig.subplots(1, 2), ("latent_error", "obs_error"), ("fit", "obs_fit"), ("latent units", "observation units")
+    ):
         fit = sec[fit_key]
         ax.plot(T, sec[key], "o", label="measured")
-        ax.plot(grid, fit["a"] + fit["b"] * np.exp(-grid / fit["tau"]),
-                label=f"fit a={fit['a']:.3g}, b={fit['b']:.3g}, τ={fit['tau']:.3g}")
+        ax.plot(
+            grid,
+            fit["a"] + fit["b"] * np.exp(-grid / fit["tau"]),
+            label=f"fit a={fit['a']:.3g}, b={fit['b']:.3g}, τ={fit['tau']:.3g}",
+        )
         ax.axvline(fit["best_T"], color="k", linestyle=":", label=f"best T = {fit['best_T']:.0f}")
         ax.axvline(sec["train_loops"], color="gray", linestyle="--", label="training loop count")
-        ax.set(xlabel="loops T", ylabel=f"mean RMS one-step error ({unit})",
-               title="regresses past best T" if fit["regresses"] else "no regression past best T")
+        ax.set(
+            xlabel="loops T",
+            ylabel=f"mean RMS one-step error ({unit})",
+            title="regresses past best T" if fit["regresses"] else "no regression past best T",
+        )
         ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -122,16 +150,19 @@ def oscillation_figure(sec: dict[str, Any], path: Path) -> Path:
     ax1, ax2, ax3 = fig.subplots(1, 3)
     _band(ax1, sec["loops"], sec["step_cosine"], "cos(Δ_t, Δ_{t−1})")
     ax1.axhline(0.0, color="k", linewidth=0.5)
-    ax1.set(ylim=(-1.05, 1.05), xlabel="loop t", ylabel="cosine (dimensionless)",
-            title=f"step direction (fixed-point fraction {sec['fixed_point_fraction']:.2f})")
+    ax1.set(
+        ylim=(-1.05, 1.05),
+        xlabel="loop t",
+        ylabel="cosine (dimensionless)",
+        title=f"step direction (fixed-point fraction {sec['fixed_point_fraction']:.2f})",
+    )
     image = ax2.imshow(np.asarray(sec["recurrence_sample0"]), origin="lower", cmap="viridis")
     fig.colorbar(image, ax=ax2, label="‖h_i − h_j‖ / ‖h*‖")
     ax2.set(xlabel="loop j", ylabel="loop i", title="recurrence plot (sample 0)")
     for i, med in enumerate(sec["layer_relative_residual_median"]):
         ax3.plot(range(1, len(med) + 1), med, label=f"layer {i + 1}")
     _log_scale(ax3)
-    ax3.set(xlabel="loop t", ylabel="median relative change of layer output",
-            title="per-layer fixed points")
+    ax3.set(xlabel="loop t", ylabel="median relative change of layer output", title="per-layer fixed points")
     ax3.legend(fontsize=8)
     return _save(fig, path)
 
@@ -154,8 +185,11 @@ def path_independence_figure(sec: dict[str, Any], path: Path) -> Path:
     ax1, ax2 = fig.subplots(1, 2)
     _band(ax1, sec["loops"], sec["spread"], f"{sec['starts']} random + zero + warm starts")
     _log_scale(ax1)
-    ax1.set(xlabel="loop t", ylabel="mean pairwise distance / ‖h‖ (dimensionless)",
-            title=f"path independence (Spearman with error {sec['spearman_spread_error']:.2f})")
+    ax1.set(
+        xlabel="loop t",
+        ylabel="mean pairwise distance / ‖h‖ (dimensionless)",
+        title=f"path independence (Spearman with error {sec['spearman_spread_error']:.2f})",
+    )
     ax1.legend(fontsize=8)
     names = ["zero", "warm", "random"]
     ax2.bar(names, [sec[f"error_{n}_start"] for n in names])
@@ -179,10 +213,10 @@ def long_horizon_figure(sec: dict[str, Any], path: Path) -> Path:
         _band(ax3, [0] + steps, run["log_delta"], f"{label}, rate {run['lyapunov_median']:.3g}/step")
     _log_scale(ax1)
     ax1.set(xlabel="rollout step", ylabel="‖h‖ at exit (latent units)", title="state norm")
-    ax2.set(xlabel="rollout step", ylabel="RMS latent prediction error (latent units)",
-            title="open-loop prediction error")
-    ax3.set(xlabel="rollout step", ylabel="log ‖z_t − z'_t‖ (log latent units)",
-            title="divergence of nearby rollouts")
+    ax2.set(
+        xlabel="rollout step", ylabel="RMS latent prediction error (latent units)", title="open-loop prediction error"
+    )
+    ax3.set(xlabel="rollout step", ylabel="log ‖z_t − z'_t‖ (log latent units)", title="divergence of nearby rollouts")
     for ax in (ax1, ax2, ax3):
         ax.legend(fontsize=8)
     return _save(fig, path)
@@ -197,14 +231,23 @@ def pareto_figure(sec: dict[str, Any], path: Path) -> Path:
         ax.plot([r["mean_loops"] for r in rows], [r["error"] for r in rows], marker, linestyle="-", label=name)
     front = sorted((r["mean_loops"], r["error"]) for rows in sec.values() for r in rows if r["pareto"])
     ax.plot(*zip(*front), "k--", linewidth=1, label="Pareto front")
-    ax.set(xlabel="mean loops per step (compute)", ylabel="mean RMS one-step error (latent units)",
-           title="compute vs accuracy")
+    ax.set(
+        xlabel="mean loops per step (compute)",
+        ylabel="mean RMS one-step error (latent units)",
+        title="compute vs accuracy",
+    )
     ax.legend(fontsize=8)
     return _save(fig, path)
 
 
 FIGURES: dict[str, Callable[[dict[str, Any], Path], Path]] = {
-    "certificate": certificate_figure, "convergence": convergence_figure, "agreement": agreement_figure,
-    "loop_sweep": sweep_figure, "oscillation": oscillation_figure, "effective_rank": effective_rank_figure,
-    "path_independence": path_independence_figure, "long_horizon": long_horizon_figure, "pareto": pareto_figure,
+    "certificate": certificate_figure,
+    "convergence": convergence_figure,
+    "agreement": agreement_figure,
+    "loop_sweep": sweep_figure,
+    "oscillation": oscillation_figure,
+    "effective_rank": effective_rank_figure,
+    "path_independence": path_independence_figure,
+    "long_horizon": long_horizon_figure,
+    "pareto": pareto_figure,
 }

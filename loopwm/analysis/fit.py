@@ -3,6 +3,7 @@
 LoopCoder-v2 (arXiv 2606.18023) reports a sweet spot after which extra loops hurt; the fit and the regression flag
 make that visible for a world model.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -36,8 +37,9 @@ class SaturatingFit:
         return asdict(self)
 
 
-def fit_saturating(T: ArrayLike, err: ArrayLike, taus: Optional[ArrayLike] = None,
-                   rel_tol: float = 0.05) -> SaturatingFit:
+def fit_saturating(
+    T: ArrayLike, err: ArrayLike, taus: Optional[ArrayLike] = None, rel_tol: float = 0.05
+) -> SaturatingFit:
     """Least-squares fit of `a + b·exp(−T/τ)`: a log grid over τ, exact linear least squares for (a, b) at each τ.
 
     `regression` is the largest error after the best T minus the best error; `regresses` is True when it exceeds
@@ -60,7 +62,14 @@ def fit_saturating(T: ArrayLike, err: ArrayLike, taus: Optional[ArrayLike] = Non
             best = (sse, float(a), float(b), float(tau))
     sse, a, b, tau = best
     i = int(np.argmin(e))
-    regression = float(e[i + 1:].max() - e[i]) if i + 1 < e.size else 0.0
-    return SaturatingFit(a=a, b=b, tau=tau, rmse=float(np.sqrt(sse / e.size)), best_T=float(t[i]),
-                         best_err=float(e[i]), regression=regression,
-                         regresses=bool(regression > rel_tol * abs(e[i])))
+    regression = float(e[i + 1 :].max() - e[i]) if i + 1 < e.size else 0.0
+    return SaturatingFit(
+        a=a,
+        b=b,
+        tau=tau,
+        rmse=float(np.sqrt(sse / e.size)),
+        best_T=float(t[i]),
+        best_err=float(e[i]),
+        regression=regression,
+        regresses=bool(regression > rel_tol * abs(e[i])),
+    )

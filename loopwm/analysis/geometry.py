@@ -1,4 +1,5 @@
 """Geometry of a batch of latent states: effective rank, and the spread of end states reached from different starts."""
+
 from __future__ import annotations
 
 from typing import NamedTuple

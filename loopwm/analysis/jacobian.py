@@ -4,6 +4,7 @@ The map `f` takes a batch `[B, d]` to `[B, d]` with rows processed independently
 batched tangent gives every sample's `J_b v_b` at once. These are the diagnostics of DEQ / monotone equilibrium
 networks and of STARS (arXiv 2605.26733), which tracks the loop Jacobian's spectral radius.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -23,8 +24,9 @@ def _start(h: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tenso
     return _unit(v)
 
 
-def spectral_norm(f: Map, h: torch.Tensor, iters: int = 30,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def spectral_norm(
+    f: Map, h: torch.Tensor, iters: int = 30, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """Largest singular value `‖J_f(h_b)‖_2` per sample `[B]`, by power iteration on `JᵀJ` (a JVP and a VJP a step)."""
     h = h.detach()
     _, pullback = vjp(f, h)
@@ -37,8 +39,9 @@ def spectral_norm(f: Map, h: torch.Tensor, iters: int = 30,
     return sigma.detach()
 
 
-def spectral_radius(f: Map, h: torch.Tensor, iters: int = 60,
-                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def spectral_radius(
+    f: Map, h: torch.Tensor, iters: int = 60, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """Spectral radius `ρ(J_f(h_b))` per sample `[B]`, by power iteration on `J` (Gelfand: ρ = lim ‖Jᵏv‖^{1/k}).
 
     The growth factor is averaged geometrically over the second half of the iterations, which also converges
@@ -52,12 +55,13 @@ def spectral_radius(f: Map, h: torch.Tensor, iters: int = 60,
         n = jv.norm(dim=-1)
         log_growth.append(n.clamp_min(1e-30).log())
         v = jv / n.clamp_min(1e-30).unsqueeze(-1)
-    tail = torch.stack(log_growth[iters // 2:])
+    tail = torch.stack(log_growth[iters // 2 :])
     return tail.mean(0).exp().detach()
 
 
-def hutchinson_frobenius(f: Map, h: torch.Tensor, probes: int = 8,
-                         generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def hutchinson_frobenius(
+    f: Map, h: torch.Tensor, probes: int = 8, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """Hutchinson estimate of `‖J_f(h_b)‖_F² / d` per sample `[B]`: mean of `‖vᵀJ‖²/d` over Rademacher probes `v`."""
     h = h.detach()
     _, pullback = vjp(f, h)

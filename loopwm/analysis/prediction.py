@@ -4,6 +4,7 @@ Errors are mean squared errors divided, per observation dimension, by the data's
 averaged over dimensions: 1.0 is what always predicting the mean scores. Frames are divided by the
 variance over all pixels instead, since background pixels never vary.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence
@@ -23,9 +24,16 @@ def _norm_sq_error(pred: torch.Tensor, true: torch.Tensor, var: torch.Tensor) ->
 
 
 @torch.no_grad()
-def prediction_errors(wm: WorldModel, data: ReplayBuffer, horizons: Sequence[int] = (1, 10, 50),
-                      sequences: int = 256, seed: int = 0, obs_var: Optional[torch.Tensor] = None,
-                      obs_mean: Optional[torch.Tensor] = None, options: Optional[LoopOptions] = None) -> dict[str, Any]:
+def prediction_errors(
+    wm: WorldModel,
+    data: ReplayBuffer,
+    horizons: Sequence[int] = (1, 10, 50),
+    sequences: int = 256,
+    seed: int = 0,
+    obs_var: Optional[torch.Tensor] = None,
+    obs_mean: Optional[torch.Tensor] = None,
+    options: Optional[LoopOptions] = None,
+) -> dict[str, Any]:
     """1/10/50-step open-loop errors of the model and both baselines, plus reward, continue and loop stats.
 
     Rolls out from z₀ = E(o₀) with the logged actions, decoding every step (a delta decoder starts from
@@ -46,10 +54,16 @@ def prediction_errors(wm: WorldModel, data: ReplayBuffer, horizons: Sequence[int
     if wm.spec.pixels:  # many pixels never change: normalise frames by the variance over all pixels
         var = var.expand(wm.spec.obs_shape).mean().expand(wm.spec.obs_shape)
     var = var.clamp_min(1e-8)
-    out = wm.imagine(wm.encode(obs[0]), batch["actions"].to(device).float(), decode="all", keep_traces=True,
-                     options=options, obs=obs[0])
+    out = wm.imagine(
+        wm.encode(obs[0]),
+        batch["actions"].to(device).float(),
+        decode="all",
+        keep_traces=True,
+        options=options,
+        obs=obs[0],
+    )
     true = obs[1:]
-    model_err = _norm_sq_error(out.obs, true, var)                          # [H, B]
+    model_err = _norm_sq_error(out.obs, true, var)  # [H, B]
     mean_err = _norm_sq_error(mean.expand_as(true), true, var)
     still_err = _norm_sq_error(obs[0].expand_as(true), true, var)
     rewards = batch["rewards"].to(device).float()
@@ -67,18 +81,23 @@ def prediction_errors(wm: WorldModel, data: ReplayBuffer, horizons: Sequence[int
         }
     first = out.loops[0].float().cpu().numpy()
     result["loops_error_spearman_step1"] = (
-        spearman(first, model_err[0].cpu().numpy()) if np.ptp(first) > 0 else float("nan"))
+        spearman(first, model_err[0].cpu().numpy()) if np.ptp(first) > 0 else float("nan")
+    )
     result["kappa"] = wm.certified_lipschitz()
     return result
 
 
 def format_table(result: dict[str, Any]) -> str:
     """A terminal table of `prediction_errors` output."""
-    rows = [f"{'horizon':>7} | {'model':>8} | {'mean':>8} | {'no-change':>9} | {'reward mse':>10} | "
-            f"{'cont acc':>8} | {'loops':>5}"]
+    rows = [
+        f"{'horizon':>7} | {'model':>8} | {'mean':>8} | {'no-change':>9} | {'reward mse':>10} | "
+        f"{'cont acc':>8} | {'loops':>5}"
+    ]
     rows.append("-" * len(rows[0]))
     for h, r in result["horizons"].items():
-        rows.append(f"{h:>7} | {r['model']:8.4f} | {r['predict_mean']:8.4f} | {r['no_change']:9.4f} | "
-                    f"{r['reward_mse']:10.4f} | {r['continue_accuracy']:8.3f} | {r['loops_mean']:5.2f}")
+        rows.append(
+            f"{h:>7} | {r['model']:8.4f} | {r['predict_mean']:8.4f} | {r['no_change']:9.4f} | "
+            f"{r['reward_mse']:10.4f} | {r['continue_accuracy']:8.3f} | {r['loops_mean']:5.2f}"
+        )
     rows.append(f"certified kappa = {result['kappa']:.4f}; errors are MSE / per-dimension variance")
     return "\n".join(rows)

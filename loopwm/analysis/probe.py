@@ -5,6 +5,7 @@ Data convention: `obs[k]` is seen, `actions[k]` is taken, `obs[k + 1]` follows; 
 loop on `(encode(obs[k]), actions[k])` and is scored against `encode(obs[k + 1])` in latent space and against
 `obs[k + 1]` in observation units.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,11 +24,11 @@ from loopwm.world_model import WorldModel
 class Transitions:
     """A flat batch of one-step transitions and their ground-truth targets."""
 
-    z: Tensor          # [N, Z] latent of the current observation
-    action: Tensor     # [N, A]
-    target: Tensor     # [N, Z] latent of the next observation
-    next_obs: Tensor   # [N, ...] next observation, environment units
-    prev_z: Tensor     # [N, Z] latent one step earlier (for warm starts)
+    z: Tensor  # [N, Z] latent of the current observation
+    action: Tensor  # [N, A]
+    target: Tensor  # [N, Z] latent of the next observation
+    next_obs: Tensor  # [N, ...] next observation, environment units
+    prev_z: Tensor  # [N, Z] latent one step earlier (for warm starts)
     prev_action: Tensor  # [N, A]
     reward: Optional[Tensor] = None  # [N] reward of the transition, when given
 
@@ -37,23 +38,26 @@ class LoopRun:
     """One fixed-length loop run: states h(0..T) and the latent read out after each loop."""
 
     ctx: StepContext
-    states: Tensor     # [T+1, N, H]
-    readouts: Tensor   # [T, N, Z]
+    states: Tensor  # [T+1, N, H]
+    readouts: Tensor  # [T, N, Z]
 
 
 def check_sequences(obs: Tensor, actions: Tensor) -> None:
     """Validate the `[L+1, B, ...]` / `[L, B, A]` sequence convention with an error naming the shapes."""
     aligned = obs.dim() >= 3 and obs.shape[0] == actions.shape[0] + 1 and obs.shape[1] == actions.shape[1]
     if not aligned or actions.dim() not in (2, 3):
-        raise ValueError(f"expected obs [L+1, B, ...] and actions [L, B, A]; got obs {tuple(obs.shape)} and "
-                         f"actions {tuple(actions.shape)}")
+        raise ValueError(
+            f"expected obs [L+1, B, ...] and actions [L, B, A]; got obs {tuple(obs.shape)} and "
+            f"actions {tuple(actions.shape)}"
+        )
     if actions.shape[0] < 2:
         raise ValueError(f"need sequences of at least 2 transitions, got L={actions.shape[0]}")
 
 
 @torch.no_grad()
-def transitions(wm: WorldModel, obs: Tensor, actions: Tensor, n: int, seed: int = 0,
-                rewards: Optional[Tensor] = None) -> Transitions:
+def transitions(
+    wm: WorldModel, obs: Tensor, actions: Tensor, n: int, seed: int = 0, rewards: Optional[Tensor] = None
+) -> Transitions:
     """A seeded sample of `n` transitions from steps k ≥ 1 of the sequences (so each has a previous step)."""
     check_sequences(obs, actions)
     device = wm.device
@@ -63,9 +67,15 @@ def transitions(wm: WorldModel, obs: Tensor, actions: Tensor, n: int, seed: int 
     idx = torch.randperm((L - 1) * B, generator=g)[:n].to(device)
     k, b = idx // B + 1, idx % B
     reward = torch.as_tensor(rewards).to(device)[k, b].float() if rewards is not None else None
-    return Transitions(z=wm.encode(obs[k, b]), action=actions[k, b], target=wm.encode(obs[k + 1, b]),
-                       next_obs=obs[k + 1, b].float(), prev_z=wm.encode(obs[k - 1, b]), prev_action=actions[k - 1, b],
-                       reward=reward)
+    return Transitions(
+        z=wm.encode(obs[k, b]),
+        action=actions[k, b],
+        target=wm.encode(obs[k + 1, b]),
+        next_obs=obs[k + 1, b].float(),
+        prev_z=wm.encode(obs[k - 1, b]),
+        prev_action=actions[k - 1, b],
+        reward=reward,
+    )
 
 
 def random_actions(wm: WorldModel, like: Tensor, steps: int, generator: torch.Generator) -> Tensor:
@@ -109,7 +119,7 @@ def obs_errors(wm: WorldModel, latents: Tensor, next_obs: Tensor) -> Tensor:
     """RMS error of decoded latents `[..., Z]` against observations `[..., *obs_shape]`, in environment units."""
     lead = latents.shape[:-1]
     decoded = wm.decode(latents.reshape(-1, latents.shape[-1])).reshape(*lead, -1)
-    obs_lead = next_obs.shape[:next_obs.dim() - len(wm.spec.obs_shape)]
+    obs_lead = next_obs.shape[: next_obs.dim() - len(wm.spec.obs_shape)]
     return rms_distance(decoded, next_obs.reshape(*obs_lead, -1).to(decoded.dtype))
 
 
@@ -128,6 +138,11 @@ def certificate(wm: WorldModel) -> dict[str, Any]:
     sigmas = [exact_spectral_norm(lin.effective_weight()) for lin in core.block.linears()]
     scale = float(core.block_scale(a_max))
     product = float(torch.tensor(sigmas, dtype=torch.float64).prod())
-    return {"kappa": wm.certified_lipschitz(), "max_retention": float(a_max), "block_scale": scale,
-            "layer_sigma": sigmas, "kappa_exact_sigma": float(a_max) + scale * product,
-            "constrained": bool(wm.cfg.constrain_block)}
+    return {
+        "kappa": wm.certified_lipschitz(),
+        "max_retention": float(a_max),
+        "block_scale": scale,
+        "layer_sigma": sigmas,
+        "kappa_exact_sigma": float(a_max) + scale * product,
+        "constrained": bool(wm.cfg.constrain_block),
+    }

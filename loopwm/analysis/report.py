@@ -3,6 +3,7 @@
 `analyze` takes a model and plain tensors, so it is testable without files; `loopwm.app.analyze` loads a checkpoint
 and a saved replay buffer for the command line first.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,9 +59,17 @@ def _analysis_mode(threads: int, *models: Optional[torch.nn.Module]) -> Iterator
 
 
 @torch.no_grad()
-def analyze(wm: WorldModel, obs: Tensor, actions: Tensor, out_dir: str | Path, *,
-            rewards: Optional[Tensor] = None, compare: Optional[WorldModel] = None,
-            settings: Optional[Settings] = None, figures: bool = True) -> dict[str, Any]:
+def analyze(
+    wm: WorldModel,
+    obs: Tensor,
+    actions: Tensor,
+    out_dir: str | Path,
+    *,
+    rewards: Optional[Tensor] = None,
+    compare: Optional[WorldModel] = None,
+    settings: Optional[Settings] = None,
+    figures: bool = True,
+) -> dict[str, Any]:
     """Run every analysis on sequences `obs` `[L+1, B, ...]`, `actions` `[L, B, A]` (and optionally `rewards`
     `[L, B]`); write report.json, the figures and report.md into `out_dir` and return the report.
 
@@ -79,13 +88,20 @@ def analyze(wm: WorldModel, obs: Tensor, actions: Tensor, out_dir: str | Path, *
             tick = time.perf_counter()
             report[name] = section(probe)
             seconds[name] = time.perf_counter() - tick
-    report["meta"] = {"settings": dataclasses.asdict(settings), "samples": int(probe.tr.z.shape[0]),
-                      "sequences": list(actions.shape[:2]), "train_loops": probe.T0, "sweep_max_loops": probe.T_max,
-                      "block_depth": wm.cfg.block_depth, "seconds": time.perf_counter() - start,
-                      "section_seconds": seconds}
+    report["meta"] = {
+        "settings": dataclasses.asdict(settings),
+        "samples": int(probe.tr.z.shape[0]),
+        "sequences": list(actions.shape[:2]),
+        "train_loops": probe.T0,
+        "sweep_max_loops": probe.T_max,
+        "block_depth": wm.cfg.block_depth,
+        "seconds": time.perf_counter() - start,
+        "section_seconds": seconds,
+    }
     if figures:
-        report["meta"]["figures"] = {name: draw(report[name], out / f"{name}.png").name
-                                     for name, draw in FIGURES.items()}
+        report["meta"]["figures"] = {
+            name: draw(report[name], out / f"{name}.png").name for name, draw in FIGURES.items()
+        }
     report = to_json(report)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(markdown(report))
@@ -111,12 +127,13 @@ def markdown(report: dict[str, Any]) -> str:
             f"Empirical contraction ratio: median {_f(c['ratio_median'])}, max {_f(c['ratio_max'])}; "
             f"fraction above κ {_f(c['ratio_above_kappa'])}.",
             f"At h*: max ‖J‖₂ = {_f(c['jacobian_norm_max'])}, max ρ(J) = {_f(c['jacobian_radius_max'])}, "
-            f"Hutchinson ‖J‖²_F/d = {_f(c['hutchinson_mean'])} (STARS, arXiv 2605.26733)."],
+            f"Hutchinson ‖J‖²_F/d = {_f(c['hutchinson_mean'])} (STARS, arXiv 2605.26733).",
+        ],
         "convergence": [
-            f"Median loops until ‖Δ_t‖/‖h_t‖ ≤ 0.03 (Huginn, arXiv 2502.05171): "
-            f"{_f(v['loops_to_3pct_median'])}.",
+            f"Median loops until ‖Δ_t‖/‖h_t‖ ≤ 0.03 (Huginn, arXiv 2502.05171): {_f(v['loops_to_3pct_median'])}.",
             f"A-posteriori bound ≥ true distance in {_f(v['bound_valid_fraction'])} of (loop, sample) pairs; "
-            f"median bound/distance {_f(v['bound_tightness_median'])}."],
+            f"median bound/distance {_f(v['bound_tightness_median'])}.",
+        ],
         "agreement": [
             f"Median prediction depth {_f(a['depth_median'])} of {len(a['loops'])} loops (δ = {_f(a['delta'])}, "
             f"{_f(a['delta_rel'])} × the median final error).",
@@ -124,41 +141,68 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_f(a['auroc_residual'], '.3f')}, intermediate/final disagreement (PABEE) "
             f"{_f(a['auroc_agreement'], '.3f')}.",
             f"Certified exit: {_f(a['certified_mean_loops'])} loops on average; Spearman(loops used, error) = "
-            f"{_f(a['spearman_loops_error'], '.3f')}."],
+            f"{_f(a['spearman_loops_error'], '.3f')}.",
+        ],
         "loop_sweep": [
-            f"Latent error fit a + b·exp(−T/τ): a = {_f(fit['a'])}, b = {_f(fit['b'])}, "
-            f"τ = {_f(fit['tau'])} loops.",
+            f"Latent error fit a + b·exp(−T/τ): a = {_f(fit['a'])}, b = {_f(fit['b'])}, τ = {_f(fit['tau'])} loops.",
             f"Best T = {_f(fit['best_T'])} (trained around {sw['train_loops']}); error "
-            f"{'regresses' if fit['regresses'] else 'does not regress'} past it (by {_f(fit['regression'])})."]
-        + ([f"Reward RMS error at T = 1 / {len(sw['loops'])}: {_f(sw['reward_error'][0])} / "
-            f"{_f(sw['reward_error'][-1])}."] if sw["reward_error"] else []),
+            f"{'regresses' if fit['regresses'] else 'does not regress'} past it (by {_f(fit['regression'])}).",
+        ]
+        + (
+            [
+                f"Reward RMS error at T = 1 / {len(sw['loops'])}: {_f(sw['reward_error'][0])} / "
+                f"{_f(sw['reward_error'][-1])}."
+            ]
+            if sw["reward_error"]
+            else []
+        ),
         "oscillation": [
             f"Step cosine over resolved loops: median {_f(o['cosine_median'], '.3f')}, negative (flipping) in "
             f"{_f(o['negative_cosine_fraction'])} of them; fraction of samples at a fixed "
             f"point (period 1) {_f(o['fixed_point_fraction'])}; period counts (0 = none ≤ max) "
-            f"{o['period_counts']}."],
+            f"{o['period_counts']}."
+        ],
         "effective_rank": [
             f"Effective rank (Roy & Vetterli 2007) of loop states at the last loop {_f(er['state_rank'][-1])} of "
-            f"{er['state_dim']}; readouts {_f(er['readout_rank'][-1])}; true next latents {_f(er['target_rank'])}."],
+            f"{er['state_dim']}; readouts {_f(er['readout_rank'][-1])}; true next latents {_f(er['target_rank'])}."
+        ],
         "path_independence": [
             f"Relative spread of states from {pi['starts']} random + zero + warm starts (Anil et al. 2022): "
             f"{_f(pi['spread_at_operating'])} at the training loop count, {_f(pi['spread_final'])} at the last loop.",
             f"Spearman(spread, error) = {_f(pi['spearman_spread_error'], '.3f')}; error from zero/warm/random starts "
-            f"{_f(pi['error_zero_start'])} / {_f(pi['error_warm_start'])} / {_f(pi['error_random_start'])}."],
+            f"{_f(pi['error_zero_start'])} / {_f(pi['error_warm_start'])} / {_f(pi['error_random_start'])}.",
+        ],
         "long_horizon": [
             f"{lh['model']['steps'][-1]}-step rollouts: max ‖h‖ = {_f(lh['model']['state_norm_max'])}, "
-            f"all finite: {lh['model']['finite']}, Lyapunov-like rate {_f(lh['model']['lyapunov_median'])} per step."]
-        + ([f"Comparison model (κ = {_f(lh['compare_kappa'], '.3f')}): max ‖h‖ = "
-            f"{_f(lh['compare']['state_norm_max'])}, finite: {lh['compare']['finite']}, rate "
-            f"{_f(lh['compare']['lyapunov_median'])} per step."] if "compare" in lh else []),
+            f"all finite: {lh['model']['finite']}, Lyapunov-like rate {_f(lh['model']['lyapunov_median'])} per step."
+        ]
+        + (
+            [
+                f"Comparison model (κ = {_f(lh['compare_kappa'], '.3f')}): max ‖h‖ = "
+                f"{_f(lh['compare']['state_norm_max'])}, finite: {lh['compare']['finite']}, rate "
+                f"{_f(lh['compare']['lyapunov_median'])} per step."
+            ]
+            if "compare" in lh
+            else []
+        ),
         "pareto": [
-            "Pareto-optimal settings (mean loops → error): " + "; ".join(
+            "Pareto-optimal settings (mean loops → error): "
+            + "; ".join(
                 f"{name} {_f(r['setting'])}: {_f(r['mean_loops'])} → {_f(r['error'])}"
-                for name, rows in pa.items() for r in rows if r["pareto"]) + "."],
+                for name, rows in pa.items()
+                for r in rows
+                if r["pareto"]
+            )
+            + "."
+        ],
     }
-    out = ["# Stability report", "",
-           f"{report['meta']['samples']} one-step transitions; trained around {report['meta']['train_loops']} loops; "
-           f"analysis took {report['meta']['seconds']:.1f} s.", ""]
+    out = [
+        "# Stability report",
+        "",
+        f"{report['meta']['samples']} one-step transitions; trained around {report['meta']['train_loops']} loops; "
+        f"analysis took {report['meta']['seconds']:.1f} s.",
+        "",
+    ]
     for i, name in enumerate(S.SECTIONS, 1):
         out += [f"## {i}. {name.replace('_', ' ')}", ""] + [f"- {line}" for line in lines[name]] + [""]
         if name in figs:

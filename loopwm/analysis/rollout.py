@@ -1,4 +1,5 @@
 """Long-horizon behaviour of latent rollouts: a Lyapunov-like divergence rate of two nearby trajectories."""
+
 from __future__ import annotations
 
 import math
@@ -6,8 +7,9 @@ import math
 import torch
 
 
-def lyapunov_rate(traj_a: torch.Tensor, traj_b: torch.Tensor, floor: float = 1e-12,
-                  ceiling: float = math.inf) -> torch.Tensor:
+def lyapunov_rate(
+    traj_a: torch.Tensor, traj_b: torch.Tensor, floor: float = 1e-12, ceiling: float = math.inf
+) -> torch.Tensor:
     """Least-squares slope of `log‖δ_t‖` against horizon t for two rollouts `[H, B, d]`, per sample `[B]`.
 
     Negative means nearby latents converge (a contracting imagination), positive that errors compound. The fit

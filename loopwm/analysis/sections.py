@@ -3,6 +3,7 @@
 All work from a `Probe`: a seeded batch of one-step transitions, one long fixed-loop run from h(0) = 0 with every
 state and readout kept, and a far-converged reference state h* with the last loops before it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,27 +30,27 @@ from loopwm.world_model import WorldModel
 class Settings:
     """Sizes and thresholds of the analyses; the defaults keep a Pendulum-sized model to a few CPU minutes."""
 
-    samples: int = 512                 # one-step transitions analysed
+    samples: int = 512  # one-step transitions analysed
     train_loops: Optional[int] = None  # the loop count the model was trained around (default: model.loops)
-    sweep_factor: int = 4              # loop sweep T = 1 .. sweep_factor × train_loops
-    convergence_loops: int = 48        # loops kept for residual, bound and oscillation plots
-    reference_loops: int = 400         # further loops to reach the reference fixed point h*
+    sweep_factor: int = 4  # loop sweep T = 1 .. sweep_factor × train_loops
+    convergence_loops: int = 48  # loops kept for residual, bound and oscillation plots
+    reference_loops: int = 400  # further loops to reach the reference fixed point h*
     jacobian_samples: int = 64
     power_iters: int = 30
-    probes: int = 8                    # Hutchinson probes
-    delta: float = 0.1                 # prediction-depth tolerance, as a fraction of the median final error vs truth
-    flag_fraction: float = 0.1         # "true errors" to flag: the top 10%
-    starts: int = 8                    # random initial states for path independence
+    probes: int = 8  # Hutchinson probes
+    delta: float = 0.1  # prediction-depth tolerance, as a fraction of the median final error vs truth
+    flag_fraction: float = 0.1  # "true errors" to flag: the top 10%
+    starts: int = 8  # random initial states for path independence
     horizon: int = 1000
     rollouts: int = 16
-    perturbation: float = 1e-2         # initial latent offset for the Lyapunov-like rate, relative to ‖z‖
+    perturbation: float = 1e-2  # initial latent offset for the Lyapunov-like rate, relative to ‖z‖
     divergence_window: tuple[float, float] = (1e-4, 0.5)  # relative ‖δ‖ range the rate is fitted over
     max_period: int = 8
     period_tol: float = 1e-3
     tolerances: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
     gate_thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     seed: int = 0
-    threads: int = 1                   # torch intra-op threads while analysing (0: leave as is); the ops are small
+    threads: int = 1  # torch intra-op threads while analysing (0: leave as is); the ops are small
 
 
 @dataclass
@@ -59,13 +60,13 @@ class Probe:
     wm: WorldModel
     settings: Settings
     tr: P.Transitions
-    run: P.LoopRun          # T_run = max(sweep, convergence_loops) loops from zeros
-    tail: Tensor            # the last 2·max_period + 1 states before h*, [2p+1, N, H]
-    h_star: Tensor          # [N, H]
-    errors: Tensor          # [T_max, N] RMS latent error of the readout after each loop
+    run: P.LoopRun  # T_run = max(sweep, convergence_loops) loops from zeros
+    tail: Tensor  # the last 2·max_period + 1 states before h*, [2p+1, N, H]
+    h_star: Tensor  # [N, H]
+    errors: Tensor  # [T_max, N] RMS latent error of the readout after each loop
     T0: int
     T_max: int
-    obs: Tensor             # the sequences themselves, for the long-horizon rollouts
+    obs: Tensor  # the sequences themselves, for the long-horizon rollouts
     actions: Tensor
     compare: Optional[WorldModel] = None
 
@@ -75,8 +76,14 @@ class Probe:
         return 100.0 * torch.finfo(self.run.states.dtype).eps
 
 
-def build_probe(wm: WorldModel, obs: Tensor, actions: Tensor, settings: Settings,
-                rewards: Optional[Tensor] = None, compare: Optional[WorldModel] = None) -> Probe:
+def build_probe(
+    wm: WorldModel,
+    obs: Tensor,
+    actions: Tensor,
+    settings: Settings,
+    rewards: Optional[Tensor] = None,
+    compare: Optional[WorldModel] = None,
+) -> Probe:
     """Sample transitions, run the long loop and converge to h*: the shared work of every section."""
     tr = P.transitions(wm, obs, actions, settings.samples, settings.seed, rewards)
     T0 = settings.train_loops or wm.cfg.loops
@@ -109,14 +116,19 @@ def certificate_section(p: Probe) -> dict[str, Any]:
     radius = spectral_radius(f, p.h_star[:m], 2 * s.power_iters, g)
     frob = hutchinson_frobenius(f, p.h_star[:m], s.probes, g)
     counts, edges = np.histogram(r.cpu().numpy(), bins=40, range=(0.0, max(1.2 * cert["kappa"], float(r.max()))))
-    return {**cert,
-            "ratio_median": float(r.median()), "ratio_max": float(r.max()),
-            "ratio_above_kappa": float((r > cert["kappa"]).float().mean()),
-            "ratio_hist": {"counts": counts.tolist(), "edges": edges.tolist()},
-            "jacobian_norm": norm.tolist(), "jacobian_radius": radius.tolist(),
-            "hutchinson_frob2_per_dim": frob.tolist(),
-            "jacobian_norm_max": float(norm.max()), "jacobian_radius_max": float(radius.max()),
-            "hutchinson_mean": float(frob.mean())}
+    return {
+        **cert,
+        "ratio_median": float(r.median()),
+        "ratio_max": float(r.max()),
+        "ratio_above_kappa": float((r > cert["kappa"]).float().mean()),
+        "ratio_hist": {"counts": counts.tolist(), "edges": edges.tolist()},
+        "jacobian_norm": norm.tolist(),
+        "jacobian_radius": radius.tolist(),
+        "hutchinson_frob2_per_dim": frob.tolist(),
+        "jacobian_norm_max": float(norm.max()),
+        "jacobian_radius_max": float(radius.max()),
+        "hutchinson_mean": float(frob.mean()),
+    }
 
 
 def convergence_section(p: Probe) -> dict[str, Any]:
@@ -125,8 +137,11 @@ def convergence_section(p: Probe) -> dict[str, Any]:
     rel = relative_residuals(p.run.states)
     below = rel <= 0.03
     first = torch.where(below.any(0), below.float().argmax(0) + 1.0, torch.full_like(rel[0], float("nan")))
-    out: dict[str, Any] = {"loops": list(range(1, rel.shape[0] + 1)), "relative_residual": _q(rel),
-                           "loops_to_3pct_median": float(first.nanmedian())}
+    out: dict[str, Any] = {
+        "loops": list(range(1, rel.shape[0] + 1)),
+        "relative_residual": _q(rel),
+        "loops_to_3pct_median": float(first.nanmedian()),
+    }
     bound, dist = aposteriori_bound(p.run.states, kappa if kappa < 1.0 else 0.0, p.h_star)
     out["distance"] = _q(dist)
     if kappa >= 1.0:  # paper mode: no certificate, so no bound to audit
@@ -134,44 +149,61 @@ def convergence_section(p: Probe) -> dict[str, Any]:
         return out
     slack = p.floor * p.h_star.norm(dim=-1)
     resolved = dist > slack
-    out.update(bound=_q(bound), bound_valid_fraction=float((bound >= dist - slack).float().mean()),
-               bound_tightness_median=float((bound[resolved] / dist[resolved]).median()) if resolved.any() else None)
+    out.update(
+        bound=_q(bound),
+        bound_valid_fraction=float((bound >= dist - slack).float().mean()),
+        bound_tightness_median=float((bound[resolved] / dist[resolved]).median()) if resolved.any() else None,
+    )
     return out
 
 
 def agreement_section(p: Probe) -> dict[str, Any]:
     """(3) Per-loop readout error vs the final readout and vs the truth; prediction depth; confidence signals."""
     s, T0 = p.settings, p.T0
-    R = p.run.readouts[:p.T_max]
+    R = p.run.readouts[: p.T_max]
     err = p.errors
     tol = s.delta * float(err[-1].median())  # relative, so depth is informative whatever the error scale
     depth = prediction_depth(R, tol)
     err0 = err[T0 - 1]
     flags = top_fraction(err0, s.flag_fraction)
     residual = step_norms(p.run.states)[T0 - 1]
-    agree = agreement_score(R[:max(T0, 2)])
+    agree = agreement_score(R[: max(T0, 2)])
     err_c, loops_c = P.step_with(p.wm, p.tr, LoopOptions.from_config(p.wm.cfg, exit="certified"))
-    return {"loops": list(range(1, p.T_max + 1)), "error_vs_truth": _q(err),
-            "error_vs_final": _q(readout_errors(R, R[-1])), "delta": tol, "delta_rel": s.delta,
-            "depth_counts": torch.bincount(depth - 1, minlength=p.T_max).tolist(),
-            "depth_median": float(depth.float().median()),
-            "operating_loops": T0, "auroc_residual": auroc(residual, flags), "auroc_agreement": auroc(-agree, flags),
-            "certified_mean_loops": float(loops_c.float().mean()), "certified_error": float(err_c.mean()),
-            "spearman_loops_error": spearman(loops_c, err_c)}
+    return {
+        "loops": list(range(1, p.T_max + 1)),
+        "error_vs_truth": _q(err),
+        "error_vs_final": _q(readout_errors(R, R[-1])),
+        "delta": tol,
+        "delta_rel": s.delta,
+        "depth_counts": torch.bincount(depth - 1, minlength=p.T_max).tolist(),
+        "depth_median": float(depth.float().median()),
+        "operating_loops": T0,
+        "auroc_residual": auroc(residual, flags),
+        "auroc_agreement": auroc(-agree, flags),
+        "certified_mean_loops": float(loops_c.float().mean()),
+        "certified_error": float(err_c.mean()),
+        "spearman_loops_error": spearman(loops_c, err_c),
+    }
 
 
 def sweep_section(p: Probe) -> dict[str, Any]:
     """(4) Error against loop count T = 1..T_max with a saturating fit, the best T and any regression past it."""
-    R = p.run.readouts[:p.T_max]
+    R = p.run.readouts[: p.T_max]
     latent = p.errors.mean(1)
     obs = P.obs_errors(p.wm, R, p.tr.next_obs).mean(1)
     loops = list(range(1, p.T_max + 1))
     reward = None
     if p.tr.reward is not None:
         reward = (p.wm.predict_reward(R) - p.tr.reward).pow(2).mean(1).sqrt().tolist()
-    return {"loops": loops, "latent_error": latent.tolist(), "obs_error": obs.tolist(), "reward_error": reward,
-            "fit": fit_saturating(loops, latent.cpu().numpy()).to_dict(),
-            "obs_fit": fit_saturating(loops, obs.cpu().numpy()).to_dict(), "train_loops": p.T0}
+    return {
+        "loops": loops,
+        "latent_error": latent.tolist(),
+        "obs_error": obs.tolist(),
+        "reward_error": reward,
+        "fit": fit_saturating(loops, latent.cpu().numpy()).to_dict(),
+        "obs_fit": fit_saturating(loops, obs.cpu().numpy()).to_dict(),
+        "train_loops": p.T0,
+    }
 
 
 def oscillation_section(p: Probe) -> dict[str, Any]:
@@ -184,22 +216,28 @@ def oscillation_section(p: Probe) -> dict[str, Any]:
     scale = p.h_star[0].norm().clamp_min(1e-12)
     cos = step_cosines(states, floor=p.floor)
     resolved = cos[torch.isfinite(cos)]
-    return {"loops": list(range(2, states.shape[0])), "step_cosine": _q(cos),
-            "cosine_median": float(resolved.median()) if resolved.numel() else None,
-            "negative_cosine_fraction": float((resolved < 0).float().mean()) if resolved.numel() else None,
-            "recurrence_sample0": (recurrence_matrix(states[:, :1])[0] / scale).tolist(),
-            "period_counts": torch.bincount(periods, minlength=s.max_period + 1).tolist(),
-            "fixed_point_fraction": float((periods == 1).float().mean()),
-            "layer_relative_residual_median": [quartiles(x, axis=1)[1].tolist() for x in per_layer]}
+    return {
+        "loops": list(range(2, states.shape[0])),
+        "step_cosine": _q(cos),
+        "cosine_median": float(resolved.median()) if resolved.numel() else None,
+        "negative_cosine_fraction": float((resolved < 0).float().mean()) if resolved.numel() else None,
+        "recurrence_sample0": (recurrence_matrix(states[:, :1])[0] / scale).tolist(),
+        "period_counts": torch.bincount(periods, minlength=s.max_period + 1).tolist(),
+        "fixed_point_fraction": float((periods == 1).float().mean()),
+        "layer_relative_residual_median": [quartiles(x, axis=1)[1].tolist() for x in per_layer],
+    }
 
 
 def effective_rank_section(p: Probe) -> dict[str, Any]:
     """(6) Effective rank (Roy & Vetterli 2007) of the batch of loop states and readouts after every loop."""
     states, R = p.run.states, p.run.readouts
-    return {"loops": list(range(1, R.shape[0] + 1)),
-            "state_rank": [effective_rank(h, center=True) for h in states[1:]],
-            "readout_rank": [effective_rank(z, center=True) for z in R],
-            "target_rank": effective_rank(p.tr.target, center=True), "state_dim": int(states.shape[-1])}
+    return {
+        "loops": list(range(1, R.shape[0] + 1)),
+        "state_rank": [effective_rank(h, center=True) for h in states[1:]],
+        "readout_rank": [effective_rank(z, center=True) for z in R],
+        "target_rank": effective_rank(p.tr.target, center=True),
+        "state_dim": int(states.shape[-1]),
+    }
 
 
 def path_independence_section(p: Probe) -> dict[str, Any]:
@@ -218,11 +256,18 @@ def path_independence_section(p: Probe) -> dict[str, Any]:
     err = readout_errors(run.readouts[p.T0 - 1].reshape(k, n, -1), tr.target).reshape(k, n)
     err0 = p.errors[p.T0 - 1]
     flags = top_fraction(err0, s.flag_fraction)
-    return {"loops": list(range(1, p.T_max + 1)), "spread": _q(torch.stack(spread)), "starts": s.starts,
-            "spread_at_operating": float(spread[p.T0 - 1].median()), "spread_final": float(spread[-1].median()),
-            "spearman_spread_error": spearman(spread[p.T0 - 1], err0), "auroc_spread": auroc(spread[p.T0 - 1], flags),
-            "error_zero_start": float(err[0].mean()), "error_warm_start": float(err[1].mean()),
-            "error_random_start": float(err[2:].mean())}
+    return {
+        "loops": list(range(1, p.T_max + 1)),
+        "spread": _q(torch.stack(spread)),
+        "starts": s.starts,
+        "spread_at_operating": float(spread[p.T0 - 1].median()),
+        "spread_final": float(spread[-1].median()),
+        "spearman_spread_error": spearman(spread[p.T0 - 1], err0),
+        "auroc_spread": auroc(spread[p.T0 - 1], flags),
+        "error_zero_start": float(err[0].mean()),
+        "error_warm_start": float(err[1].mean()),
+        "error_random_start": float(err[2:].mean()),
+    }
 
 
 @torch.no_grad()
@@ -236,18 +281,26 @@ def rollout_stats(wm: WorldModel, obs: Tensor, actions: Tensor, settings: Settin
     near = wm.imagine(z0 + settings.perturbation * scale * u / u.norm(dim=-1, keepdim=True), actions, decode="none")
     h_norm = torch.stack([t.final_state.norm(dim=-1) for t in out.traces])
     known = min(obs.shape[0] - 1, actions.shape[0])
-    truth = wm.encode(obs[1:known + 1])
-    latent_err = rms_distance(out.latents[1:known + 1], truth)
-    obs_err = P.obs_errors(wm, out.latents[1:known + 1], obs[1:known + 1])
+    truth = wm.encode(obs[1 : known + 1])
+    latent_err = rms_distance(out.latents[1 : known + 1], truth)
+    obs_err = P.obs_errors(wm, out.latents[1 : known + 1], obs[1 : known + 1])
     delta = (out.latents - near.latents).norm(dim=-1).clamp_min(1e-30)
     lo, hi = settings.divergence_window
     size = float(scale.median())
     rate = lyapunov_rate(out.latents, near.latents, floor=lo * size, ceiling=hi * size)
-    return {"steps": list(range(1, actions.shape[0] + 1)), "state_norm": _q(h_norm),
-            "loops_mean": out.loops.float().mean(1).tolist(), "known_steps": known,
-            "latent_error": _q(latent_err), "obs_error": _q(obs_err), "log_delta": _q(delta.log()),
-            "lyapunov_median": float(rate.nanmedian()), "lyapunov": rate.tolist(),
-            "state_norm_max": float(h_norm.max()), "finite": bool(torch.isfinite(out.latents).all())}
+    return {
+        "steps": list(range(1, actions.shape[0] + 1)),
+        "state_norm": _q(h_norm),
+        "loops_mean": out.loops.float().mean(1).tolist(),
+        "known_steps": known,
+        "latent_error": _q(latent_err),
+        "obs_error": _q(obs_err),
+        "log_delta": _q(delta.log()),
+        "lyapunov_median": float(rate.nanmedian()),
+        "lyapunov": rate.tolist(),
+        "state_norm_max": float(h_norm.max()),
+        "finite": bool(torch.isfinite(out.latents).all()),
+    }
 
 
 def long_horizon_section(p: Probe) -> dict[str, Any]:
@@ -259,7 +312,7 @@ def long_horizon_section(p: Probe) -> dict[str, Any]:
     if acts.shape[0] < settings.horizon:
         g = torch.Generator().manual_seed(settings.seed + 3)
         acts = torch.cat([acts, P.random_actions(wm, acts, settings.horizon - acts.shape[0], g)])
-    acts = acts[:settings.horizon]
+    acts = acts[: settings.horizon]
     out = {"model": rollout_stats(wm, obs, acts, settings), "kappa": wm.certified_lipschitz()}
     if p.compare is not None:
         other = p.compare.obs_mean.device
@@ -282,8 +335,9 @@ def pareto_section(p: Probe) -> dict[str, Any]:
     for name, key, values in (("certified", "tol", s.tolerances), ("gate", "gate_threshold", s.gate_thresholds)):
         for v in values:
             err, loops = P.step_with(p.wm, p.tr, LoopOptions.from_config(p.wm.cfg, exit=name, min_loops=1, **{key: v}))
-            series[name].append({"setting": float(v), "mean_loops": float(loops.float().mean()),
-                                 "error": float(err.mean())})
+            series[name].append(
+                {"setting": float(v), "mean_loops": float(loops.float().mean()), "error": float(err.mean())}
+            )
     points = [(q["mean_loops"], q["error"]) for rows in series.values() for q in rows]
     front = iter(_front(points))
     for rows in series.values():
@@ -293,7 +347,13 @@ def pareto_section(p: Probe) -> dict[str, Any]:
 
 
 SECTIONS: dict[str, Callable[[Probe], dict[str, Any]]] = {
-    "certificate": certificate_section, "convergence": convergence_section, "agreement": agreement_section,
-    "loop_sweep": sweep_section, "oscillation": oscillation_section, "effective_rank": effective_rank_section,
-    "path_independence": path_independence_section, "long_horizon": long_horizon_section, "pareto": pareto_section,
+    "certificate": certificate_section,
+    "convergence": convergence_section,
+    "agreement": agreement_section,
+    "loop_sweep": sweep_section,
+    "oscillation": oscillation_section,
+    "effective_rank": effective_rank_section,
+    "path_independence": path_independence_section,
+    "long_horizon": long_horizon_section,
+    "pareto": pareto_section,
 }

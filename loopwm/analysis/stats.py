@@ -1,4 +1,5 @@
 """Rank statistics without sklearn or scipy: average ranks, AUROC, Spearman correlation, robust summaries."""
+
 from __future__ import annotations
 
 import warnings
@@ -49,7 +50,7 @@ def spearman(x: ArrayLike, y: ArrayLike) -> float:
     if rx.shape != ry.shape:
         raise ValueError(f"spearman: inputs of sizes {rx.size} and {ry.size} differ")
     rx, ry = rx - rx.mean(), ry - ry.mean()
-    den = np.sqrt((rx ** 2).sum() * (ry ** 2).sum())
+    den = np.sqrt((rx**2).sum() * (ry**2).sum())
     return float((rx * ry).sum() / den) if den > 0 else float("nan")
 
 

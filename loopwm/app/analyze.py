@@ -1,4 +1,5 @@
 """`loopwm analyze`: load a saved model and a dataset, then run the stability report of `loopwm.analysis`."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,9 +12,16 @@ from loopwm.app.train import held_out_split, load_checked
 from loopwm.checkpoint import load_run
 
 
-def analyze_checkpoint(checkpoint: str | Path, data: Optional[str | Path], out_dir: str | Path, *,
-                       compare: Optional[str | Path] = None, sequences: int = 64,
-                       device: str = "cpu", **overrides: Any) -> dict[str, Any]:
+def analyze_checkpoint(
+    checkpoint: str | Path,
+    data: Optional[str | Path],
+    out_dir: str | Path,
+    *,
+    compare: Optional[str | Path] = None,
+    sequences: int = 64,
+    device: str = "cpu",
+    **overrides: Any,
+) -> dict[str, Any]:
     """Load a checkpoint (or run folder) and a saved replay buffer (default: the run's held-out split), then
     `analyze`. `overrides` set `Settings` fields by name; `train_loops` defaults to the run's `train.loop_mean`."""
     names = {f.name for f in dataclasses.fields(Settings)}
@@ -30,5 +38,6 @@ def analyze_checkpoint(checkpoint: str | Path, data: Optional[str | Path], out_d
     settings = Settings(**overrides)
     other = load_run(compare, map_location=device).model if compare else None
     batch = sample_sequences(buffer, sequences, settings.horizon, settings.seed)
-    return analyze(run.model, batch["obs"], batch["actions"], out_dir, rewards=batch["rewards"], compare=other,
-                   settings=settings)
+    return analyze(
+        run.model, batch["obs"], batch["actions"], out_dir, rewards=batch["rewards"], compare=other, settings=settings
+    )

@@ -1,4 +1,5 @@
 """`loopwm collect`: fill a dataset (`data.path`, .npz) from vectorised envs with a random or noisy-planner policy."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -26,7 +27,7 @@ def collect(cfg: Config, progress: bool = True) -> ReplayBuffer:
     buffer = replay_buffer(cfg, envs.single_observation_space, space)
     rng = np.random.default_rng(cfg.seed)
     obs, _ = envs.reset(seed=cfg.seed)
-    starts = np.ones(cfg.env.num_envs, dtype=bool)     # obs is the first of an episode: plan from scratch
+    starts = np.ones(cfg.env.num_envs, dtype=bool)  # obs is the first of an episode: plan from scratch
     resetting = np.zeros(cfg.env.num_envs, dtype=bool)  # this step only resets the env (NEXT_STEP autoreset)
     bar = tqdm(total=cfg.data.steps, disable=not progress, desc="collect", dynamic_ncols=True)
     while (count := len(buffer) + buffer.open_transitions) < cfg.data.steps:
@@ -54,8 +55,9 @@ def _noisy_planner(cfg: Config) -> Planner:
     return build_planner(cfg, load_run(cfg.data.planner_checkpoint).model, seed=cfg.seed)
 
 
-def _planned(planner: Planner, obs: np.ndarray, starts: np.ndarray, space: Any, noise: float,
-             rng: np.random.Generator) -> np.ndarray:
+def _planned(
+    planner: Planner, obs: np.ndarray, starts: np.ndarray, space: Any, noise: float, rng: np.random.Generator
+) -> np.ndarray:
     """Planner actions with Gaussian noise (Box) or ε-random actions (Discrete), in model units."""
     action = planner.model_action(obs, t0=starts, batched=True)
     if planner.wm.discrete:

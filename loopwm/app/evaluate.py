@@ -1,4 +1,5 @@
 """`loopwm eval`: held-out prediction errors of a saved model, or the returns of a saved agent's planner."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,8 +14,12 @@ from loopwm.envs.factory import env_spaces
 from loopwm.loop import LoopOptions
 
 
-def evaluate_checkpoint(path: str | Path, data: Optional[str | Path] = None, exit: Optional[str] = None,
-                        horizons: tuple[int, ...] = (1, 10, 50)) -> dict[str, Any]:
+def evaluate_checkpoint(
+    path: str | Path,
+    data: Optional[str | Path] = None,
+    exit: Optional[str] = None,
+    horizons: tuple[int, ...] = (1, 10, 50),
+) -> dict[str, Any]:
     """Held-out prediction errors of a saved model (a run folder or a checkpoint file), on its run's own
     held-out split or on the dataset `data`. A bare model needs `data`; its sequences are drawn with seed 0."""
     run = load_run(path)

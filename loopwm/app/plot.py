@@ -5,6 +5,7 @@ their name, seed and bookkeeping are one group: a line for the mean across its r
 their spread (± one standard deviation, or the single run's own evaluation spread). Right: the loss
 curves of `metrics.jsonl`, averaged within each group.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,7 @@ class RunCurves:
     folder: Path
     config: dict
     evals: dict[int, tuple[float, float]] = field(default_factory=dict)  # step -> (mean, std) return
-    losses: dict[str, dict[int, float]] = field(default_factory=dict)    # "loss/x" -> step -> value
+    losses: dict[str, dict[int, float]] = field(default_factory=dict)  # "loss/x" -> step -> value
 
     @property
     def name(self) -> str:
@@ -88,8 +89,9 @@ def _common_prefix(names: Sequence[str]) -> str:
     return prefix.rstrip("-_.") or names[0]
 
 
-def mean_and_spread(series: Sequence[dict[int, float]], own_spread: Sequence[dict[int, float]] = ()
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def mean_and_spread(
+    series: Sequence[dict[int, float]], own_spread: Sequence[dict[int, float]] = ()
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(steps, mean, spread, count) across series at every step any of them has.
 
     The spread is the standard deviation across the series that have the step; where only one has
@@ -136,8 +138,13 @@ def plot_runs(folders: Sequence[Union[str, Path]], out: Union[str, Path]) -> dic
         keys = sorted({k for m in members for k in m.losses})
         for k, key in enumerate(keys):
             steps, mean, _, _ = mean_and_spread([m.losses[key] for m in members if key in m.losses])
-            ax_loss.plot(steps, mean, color=colours[k % len(colours)], ls=styles[g % len(styles)],
-                         label=f"{key[5:]} · {label}" if len(groups) > 1 else key[5:])
+            ax_loss.plot(
+                steps,
+                mean,
+                color=colours[k % len(colours)],
+                ls=styles[g % len(styles)],
+                label=f"{key[5:]} · {label}" if len(groups) > 1 else key[5:],
+            )
             drawn.setdefault("losses", {})[key] = len(steps)
         summary[label] = drawn
     if not any("eval" in d for d in summary.values()):

@@ -6,6 +6,7 @@ Checkpoints hold the world model, its optimiser, the replay buffer, value functi
 every RNG and the counters. A resumed run restarts the episodes that were in progress (environments
 cannot be checkpointed), so checkpoints are taken at episode ends, where nothing is lost.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,16 +55,21 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
                 else:  # a checkpoint from before collectors had state
                     collector.start_at(state.episode)
             _loop(cfg, session, collector, agent, state, progress)
-        summary = {"curve": state.curve, "episodes": state.episode, "updates": agent.trainer.updates,
-                   "kappa": agent.wm.certified_lipschitz()}
+        summary = {
+            "curve": state.curve,
+            "episodes": state.episode,
+            "updates": agent.trainer.updates,
+            "kappa": agent.wm.certified_lipschitz(),
+        }
         session.write_text("summary.json", json.dumps(summary, indent=2))
     if progress:
         print(format_curve(state.curve))
     return summary
 
 
-def _loop(cfg: Config, session: RunSession, collector: VectorCollector, agent: Agent, state: Progress,
-          progress: bool) -> None:
+def _loop(
+    cfg: Config, session: RunSession, collector: VectorCollector, agent: Agent, state: Progress, progress: bool
+) -> None:
     """Act, store, update and evaluate until `agent.total_steps`, or until a stop signal; then save."""
     from tqdm.auto import tqdm
 
@@ -86,10 +92,18 @@ def _loop(cfg: Config, session: RunSession, collector: VectorCollector, agent: A
         if a.eval_video:
             logger.log_video("eval/video", result.pop("frames"), state.step, fps=result.pop("fps"))
         state.curve.append([state.step, result["return_mean"], result["return_std"]])
-        logger.log({"eval/return_mean": result["return_mean"], "eval/return_std": result["return_std"],
-                    "eval/ms_per_decision": result["ms_per_decision"]}, state.step)
-        bar.write(f"step {state.step:>7}: eval return {result['return_mean']:9.1f} ± "
-                  f"{result['return_std']:.1f}  ({result['ms_per_decision']:.1f} ms/decision)")
+        logger.log(
+            {
+                "eval/return_mean": result["return_mean"],
+                "eval/return_std": result["return_std"],
+                "eval/ms_per_decision": result["ms_per_decision"],
+            },
+            state.step,
+        )
+        bar.write(
+            f"step {state.step:>7}: eval return {result['return_mean']:9.1f} ± "
+            f"{result['return_std']:.1f}  ({result['ms_per_decision']:.1f} ms/decision)"
+        )
 
     bar = tqdm(total=a.total_steps, initial=state.step, disable=not progress, desc="run", dynamic_ncols=True)
     try:

@@ -11,6 +11,7 @@ process writes there; the folder was made by the same command; a checkpoint is o
 killed before its first save) are only cut, for a clean start, with `resume=true`. Writing starts with
 `start`; a run killed at any point after that resumes from its last checkpoint as if it had not stopped.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -78,8 +79,10 @@ class StopSignal:
         """After the caller has saved (or before it wrote anything): say so on stderr and leave with the
         conventional status of the signal."""
         if self.received is not None:
-            print(f"loopwm: stopped by {signal.Signals(self.received).name}{' ' + where if where else ''}",
-                  file=sys.stderr)
+            print(
+                f"loopwm: stopped by {signal.Signals(self.received).name}{' ' + where if where else ''}",
+                file=sys.stderr,
+            )
             raise SystemExit(128 + self.received)
 
 
@@ -95,16 +98,21 @@ def run_folder(cfg: Config) -> Path:
     """`run_dir/name`, once `name` is known to be a plain name or a relative path that stays inside `run_dir`."""
     name = PurePath(cfg.name)
     if not cfg.name.strip() or name.is_absolute() or ".." in name.parts or not name.parts:
-        raise ConfigError(f"name={cfg.name!r}: expected a plain name or a relative path inside "
-                          f"run_dir={cfg.run_dir!r} (not empty, not absolute, no '..')")
+        raise ConfigError(
+            f"name={cfg.name!r}: expected a plain name or a relative path inside "
+            f"run_dir={cfg.run_dir!r} (not empty, not absolute, no '..')"
+        )
     return Path(cfg.run_dir) / name
 
 
 def differences(saved: Any, current: Any, key: str) -> list[str]:
     """`key.sub: saved -> current` for every leaf where two nested dicts (or lists) differ."""
     if isinstance(saved, dict) and isinstance(current, dict):
-        return [line for k in sorted(set(saved) | set(current), key=str)
-                for line in differences(saved.get(k), current.get(k), f"{key}.{k}")]
+        return [
+            line
+            for k in sorted(set(saved) | set(current), key=str)
+            for line in differences(saved.get(k), current.get(k), f"{key}.{k}")
+        ]
     return [] if saved == current else [f"{key}: {saved} -> {current}"]
 
 
@@ -124,8 +132,10 @@ def _lock(folder: Path) -> IO[str]:
         pid = handle.read().strip()
         handle.close()
         holder = f"process {pid}" if pid else "another process"
-        raise RunFolderError(f"run folder {str(folder)!r} is in use by {holder}, which holds {LOCK} there: wait "
-                             "for it to finish, or choose another name=...") from None
+        raise RunFolderError(
+            f"run folder {str(folder)!r} is in use by {holder}, which holds {LOCK} there: wait "
+            "for it to finish, or choose another name=..."
+        ) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
@@ -189,22 +199,32 @@ class RunSession:
             self.resumed = load_run(self.latest)
             made_by = self.resumed.kind
         if made_by is not None and made_by != self.kind:
-            raise self._refuse(f"was made by `loopwm {made_by}`; `loopwm {self.kind}` cannot continue it: "
-                               f"choose another name=...")
+            raise self._refuse(
+                f"was made by `loopwm {made_by}`; `loopwm {self.kind}` cannot continue it: choose another name=..."
+            )
         if has_checkpoint:
             if not self.cfg.resume:
-                raise self._refuse(f"already has {self.latest.name}: pass resume=true to continue it, "
-                                   "or choose another name=...")
+                raise self._refuse(
+                    f"already has {self.latest.name}: pass resume=true to continue it, or choose another name=..."
+                )
             self.resumed = self.resumed or load_run(self.latest)
             saved, current = to_dict(self.resumed.require_config("it cannot be resumed")), to_dict(self.cfg)
-            diff = [line for section in CHECKED for line in differences(saved[section], current[section], section)
-                    if line.split(":")[0] not in UNCHECKED]
+            diff = [
+                line
+                for section in CHECKED
+                for line in differences(saved[section], current[section], section)
+                if line.split(":")[0] not in UNCHECKED
+            ]
             if diff:
-                raise self._refuse("was saved with another config; resuming it needs the same model and env, "
-                                   f"but {'; '.join(diff)} (keep the saved values, or choose another name=...)")
+                raise self._refuse(
+                    "was saved with another config; resuming it needs the same model and env, "
+                    f"but {'; '.join(diff)} (keep the saved values, or choose another name=...)"
+                )
         elif self._logs() and not self.cfg.resume:
-            raise self._refuse("has logs but no checkpoint (its run stopped before the first save): pass "
-                               "resume=true to start it again from scratch, its logs cut, or choose another name=...")
+            raise self._refuse(
+                "has logs but no checkpoint (its run stopped before the first save): pass "
+                "resume=true to start it again from scratch, its logs cut, or choose another name=..."
+            )
 
     def _logs(self) -> list[Path]:
         return [path for pattern in LOGS for path in self.folder.glob(pattern)]
@@ -245,8 +265,9 @@ class RunSession:
         try:
             save_run(self.latest, trainer, kind=self.kind, **extras)
         except OSError as exc:
-            raise RunWriteError(f"cannot write {str(self.latest)!r}: {exc.strerror or exc}; the checkpoint "
-                                "there before is unchanged") from None
+            raise RunWriteError(
+                f"cannot write {str(self.latest)!r}: {exc.strerror or exc}; the checkpoint there before is unchanged"
+            ) from None
 
     def write_text(self, name: str, text: str) -> None:
         """Write `folder/name` atomically (rank 0 only); a failed write raises a `RunWriteError` naming it."""

@@ -1,4 +1,5 @@
 """`loopwm train`: fit a world model on a saved dataset in a run folder, then report held-out prediction errors."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,9 @@ from loopwm.train import Trainer, resolve_device
 from loopwm.world_model import WorldModel
 
 
-def load_dataset(cfg: Config, wm: Optional[WorldModel] = None,
-                 expected_by: str = "the model") -> tuple[ReplayBuffer, ReplayBuffer]:
+def load_dataset(
+    cfg: Config, wm: Optional[WorldModel] = None, expected_by: str = "the model"
+) -> tuple[ReplayBuffer, ReplayBuffer]:
     """The dataset at `data.path` (checked against `wm`'s spaces when given), split by whole episodes into
     train and held-out parts."""
     path = Path(cfg.data.path)
@@ -31,8 +33,9 @@ def load_checked(path: str | Path, wm: Optional[WorldModel], expected_by: str = 
     that `wm` needs."""
     buffer = ReplayBuffer.load(path)
     if wm is not None:
-        buffer.check_layout(wm.spec.obs_shape, wm.spec.action_dim, source=f"dataset {str(path)!r}",
-                            expected_by=expected_by)
+        buffer.check_layout(
+            wm.spec.obs_shape, wm.spec.action_dim, source=f"dataset {str(path)!r}", expected_by=expected_by
+        )
     return buffer
 
 
@@ -54,20 +57,23 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
         wm = WorldModel.from_config(cfg, *env_spaces(cfg.env, cfg.seed)).to(device)
         train_data, val_data = load_dataset(cfg, wm, expected_by=f"the environment {cfg.env.id}")
         if cfg.train.val_fraction == 0 and session.main:
-            print("loopwm train: train.val_fraction=0 trains on every episode, so there is no held-out evaluation; "
-                  "evaluate on another dataset with `loopwm eval RUN --data FILE`", file=sys.stderr)
+            print(
+                "loopwm train: train.val_fraction=0 trains on every episode, so there is no held-out evaluation; "
+                "evaluate on another dataset with `loopwm eval RUN --data FILE`",
+                file=sys.stderr,
+            )
         stats = train_data.stats()
         wm.set_obs_stats(stats["obs_mean"], stats["obs_std"])
         trainer = Trainer(wm, cfg, train_data, session.logger)
         session.start(wm.spec)
         session.restore(trainer, log_step=lambda payload: payload["trainer"]["updates"])
-        trainer.fit(progress=progress and session.main, on_checkpoint=lambda: session.save(trainer),
-                    stop=session.stop)
+        trainer.fit(progress=progress and session.main, on_checkpoint=lambda: session.save(trainer), stop=session.stop)
         session.stop.exit_if_received(f"at update {trainer.updates}; its checkpoint continues with resume=true")
         if cfg.train.val_fraction == 0 or not session.main:
             return {}
-        result = prediction_errors(wm, val_data, seed=cfg.seed, obs_mean=stats["obs_mean"],
-                                   obs_var=stats["obs_std"].pow(2))
+        result = prediction_errors(
+            wm, val_data, seed=cfg.seed, obs_mean=stats["obs_mean"], obs_var=stats["obs_std"].pow(2)
+        )
         session.write_text("eval.json", json.dumps(result, indent=2))
     if progress:
         print(format_table(result))
