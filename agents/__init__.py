@@ -1,6 +1,7 @@
 """Planning agents and the online RL loop."""
 
 from .planner import PLANNERS, CEMPlanner, MPPIPlanner, Planner, build_planner, discounted_return, register_planner
+from .policy_planner import PolicyPlanner
 from .planning_agent import PlanningAgent, load_agent
 from .value import PolicyPrior, ValueFunction
 
@@ -10,6 +11,7 @@ __all__ = [
     "MPPIPlanner",
     "Planner",
     "PlanningAgent",
+    "PolicyPlanner",
     "PolicyPrior",
     "ValueFunction",
     "build_planner",

@@ -165,21 +165,22 @@ class PolicyPrior:
         self.optim = torch.optim.Adam(self.net.parameters(), lr=lr if lr is not None else cfg.value_lr)
         self.scale = torch.ones((), device=device)
 
-    def sample(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """A reparameterised action [B, A] and its entropy estimate [B] (−log π(a|z) for Box, exact for Discrete)."""
+    def sample(self, z: Tensor, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+        """A reparameterised action [B, A] and its entropy estimate [B] (−log π(a|z) for Box, exact for Discrete),
+        drawn with `generator` (torch's global one when None)."""
         out = self.net(z)
         if self.discrete:  # a straight-through one-hot sample and the exact entropy, per group
             actions, entropy = [], 0.0
             for sl in self.slices:
                 logits = out[..., sl].log_softmax(-1)
                 probs = logits.exp()
-                idx = torch.multinomial(probs.detach(), 1)[:, 0]
+                idx = torch.multinomial(probs.detach(), 1, generator=generator)[:, 0]
                 actions.append(F.one_hot(idx, sl.stop - sl.start).to(probs.dtype) + probs - probs.detach())
                 entropy = entropy - (probs * logits).sum(-1)
             return torch.cat(actions, -1), entropy
         mu, log_std = out.chunk(2, -1)
         log_std = _LOG_STD_MIN + 0.5 * (_LOG_STD_MAX - _LOG_STD_MIN) * (torch.tanh(log_std) + 1)
-        eps = torch.randn_like(mu)
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         action = torch.tanh(mu + log_std.exp() * eps)
         log_prob = (-0.5 * eps**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
         log_prob = log_prob - torch.log((1 - action**2).clamp_min(1e-6)).sum(-1)

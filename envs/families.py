@@ -137,10 +137,16 @@ class Atari(EnvFamily):
         gym.register_envs(ale_py)
         env_spec(cfg.id)
         a = cfg.atari
-        env = gym.make(cfg.id, frameskip=1, repeat_action_probability=a.sticky_actions, render_mode=render_mode)
+        env = gym.make(
+            cfg.id,
+            frameskip=1,
+            repeat_action_probability=a.sticky_actions,
+            full_action_space=a.full_action_space,
+            render_mode=render_mode,
+        )
         env = AtariPreprocessing(
             env,
-            noop_max=30,
+            noop_max=a.noop_max,
             frame_skip=a.frame_skip,
             screen_size=a.screen_size,
             terminal_on_life_loss=a.terminal_on_life_loss,

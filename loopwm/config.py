@@ -62,6 +62,8 @@ class AtariConfig(Section):
     frame_stack: int = field(default=4, metadata=_range(1, 16))
     screen_size: int = field(default=84, metadata=_range(16, 256))
     sticky_actions: float = field(default=0.25, metadata=_range(0.0, 1.0))
+    noop_max: int = field(default=30, metadata=_range(0, 1000))  # up to this many no-ops after each reset
+    full_action_space: bool = False  # all 18 actions, or the game's minimal set
     terminal_on_life_loss: bool = False
     clip_rewards: bool = True
 
@@ -110,6 +112,7 @@ class ModelConfig(Section):
     reward_head: Literal["symlog", "twohot"] = "symlog"
     reward_bins: int = field(default=101, metadata=_range(3))
     encoder: Literal["auto", "mlp", "cnn"] = "auto"
+    cnn_channels: int = field(default=16, metadata=_range(1, 256))  # pixel encoder/decoder width c (c, 2c, 2c)
     # "delta" adds a head that decodes o_k − o_{k−1} from (z_{k−1}, z_k): rollouts add it to the previous decoded obs
     obs_decoder: Literal["absolute", "delta"] = "absolute"
     # "residual": the coda's output is a change added to the previous latent (z_k = LN(z_{k−1} + C(h))), not z_k itself
@@ -211,6 +214,7 @@ class PlannerConfig(Section):
     max_std: float = field(default=2.0, metadata=_range(0.0, lo_open=True))
     uncertainty_penalty: float = field(default=0.0, metadata=_range(0.0))
     momentum: float = field(default=0.1, metadata=_range(0.0, 1.0))
+    policy_eval: Literal["mode", "sample"] = "mode"  # method=policy: evaluate with π's mode, or a sample of π
 
     def check(self) -> None:
         if self.elites > self.samples:
@@ -401,9 +405,23 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return out
 
 
-def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping with `safe_load`, turning parse errors into ConfigError naming the file."""
+def merge(base: dict, over: dict) -> dict:
+    """`base` with `over` laid on top, section by section (a copy; neither input changes)."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML mapping with `safe_load`, turning parse errors into ConfigError naming the file.
+
+    A top-level `extends: other.yaml` (relative to this file) reads that config first and lays this one on top,
+    so a family of configs shares one base (configs/atari/).
+    """
     path = Path(path)
+    if path.resolve() in _seen:
+        raise ConfigError(f"config file {str(path)!r} extends itself: {' -> '.join(str(p) for p in (*_seen, path))}")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
@@ -414,7 +432,12 @@ def read_yaml(path: str | Path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {str(path)!r}: extends={base!r}: expected the path of another config")
+    return merge(read_yaml(path.parent / base, (*_seen, path.resolve())), data)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -53,7 +53,7 @@ class WorldModel(nn.Module):
         super().__init__()
         self.cfg, self.spec = cfg, spec
         z, m = cfg.latent_dim, cfg.mlp_dim
-        self.encoder = build_encoder(spec, cfg.encoder, m, z)
+        self.encoder = build_encoder(spec, cfg.encoder, m, z, cfg.cnn_channels)
         self.action_embed = nn.Linear(spec.action_dim, z)
         self.prelude = nn.Linear(3 * z, cfg.inject_dim)
         self.core = LoopCore(cfg)
@@ -61,7 +61,7 @@ class WorldModel(nn.Module):
         if cfg.latent_update == "residual":  # an untrained model predicts "no change" in latent space
             nn.init.zeros_(self.coda[-1].weight)
             nn.init.zeros_(self.coda[-1].bias)
-        self.decoder = build_decoder(spec, z, m)
+        self.decoder = build_decoder(spec, z, m, cfg.cnn_channels)
         self.delta_decoder = build_delta_decoder(spec, z, m) if cfg.obs_decoder == "delta" else None
         self.reward_head = RewardHead(z, m, cfg.reward_head, cfg.reward_bins)
         self.continue_head = mlp(z, m, 1)

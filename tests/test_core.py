@@ -226,7 +226,7 @@ def test_residual_latent_update_adds_the_coda_output_to_the_start():
 def test_delta_decoder_refuses_frames():
     from loopwm.config import from_dict
 
-    frames = gym.spaces.Box(0, 255, (3, 32, 32), np.uint8)
+    frames = gym.spaces.Box(0, 255, (3, 40, 40), np.uint8)
     cfg = from_dict(
         {"model": {"latent_dim": 16, "hidden_dim": 32, "inject_dim": 32, "mlp_dim": 64, "obs_decoder": "delta"}}
     )

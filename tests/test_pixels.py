@@ -16,7 +16,7 @@ def moving_square_episodes(buffer, episodes=4, length=12, seed=0):
     """A bright square that moves one pixel per step along a random direction: learnable dynamics."""
     rng = np.random.default_rng(seed)
     for _ in range(episodes):
-        frames = np.zeros((length + 1, 32, 32), np.uint8)
+        frames = np.zeros((length + 1, 40, 40), np.uint8)
         x, y, dx, dy = *rng.integers(12, 16, 2), *rng.choice([-1, 1], 2)
         for t in range(length + 1):
             frames[t, y + dy * t : y + dy * t + 4, x + dx * t : x + dx * t + 4] = 255
@@ -33,7 +33,7 @@ def moving_square_episodes(buffer, episodes=4, length=12, seed=0):
 
 
 def test_pixel_model_trains_and_evaluates():
-    obs_space = gym.spaces.Box(0, 255, (4, 32, 32), np.uint8)
+    obs_space = gym.spaces.Box(0, 255, (4, 40, 40), np.uint8)
     cfg = from_dict(
         {
             "model": {"latent_dim": 16, "hidden_dim": 32, "inject_dim": 32, "mlp_dim": 64},
@@ -41,7 +41,7 @@ def test_pixel_model_trains_and_evaluates():
         }
     )
     wm = WorldModel.from_config(cfg, obs_space, gym.spaces.Discrete(2))
-    buffer = ReplayBuffer((4, 32, 32), 2, 10_000, np.uint8, frame_stack=4)
+    buffer = ReplayBuffer((4, 40, 40), 2, 10_000, np.uint8, frame_stack=4)
     moving_square_episodes(buffer)
     trainer = Trainer(wm, cfg, buffer)
     first = [trainer.update() for _ in range(3)]
@@ -56,4 +56,4 @@ def test_pixel_model_trains_and_evaluates():
         assert np.isfinite(row["model"])
     with torch.no_grad():
         frames = wm.decode(wm.encode(buffer.sample(2, 1, np.random.default_rng(0))["obs"][0]))
-    assert frames.shape == (2, 4, 32, 32)
+    assert frames.shape == (2, 4, 40, 40)

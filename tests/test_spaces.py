@@ -20,7 +20,7 @@ BEST = np.array([2, 0, 1])  # the MultiDiscrete action the toy env pays most for
 
 
 class DictPointEnv(gym.Env):
-    """A point on a line seen as a 1x32x32 frame (a bright column) plus its position and velocity;
+    """A point on a line seen as a 1x40x40 frame (a bright column) plus its position and velocity;
     MultiDiscrete([3, 2, 2]) actions, reward 1 for each sub-action that matches BEST."""
 
     metadata = {"render_modes": []}
@@ -28,14 +28,14 @@ class DictPointEnv(gym.Env):
     def __init__(self, render_mode=None):
         self.render_mode = render_mode
         self.observation_space = Dict(
-            {"frame": Box(0, 255, (1, 32, 32), np.uint8), "state": Box(-1.0, 1.0, (2,), np.float32)}
+            {"frame": Box(0, 255, (1, 40, 40), np.uint8), "state": Box(-1.0, 1.0, (2,), np.float32)}
         )
         self.action_space = MultiDiscrete([3, 2, 2])
         self.x, self.t = 0.0, 0
 
     def _obs(self) -> dict:
-        frame = np.zeros((1, 32, 32), np.uint8)
-        frame[0, :, int(round((self.x + 1) * 15.5))] = 255
+        frame = np.zeros((1, 40, 40), np.uint8)
+        frame[0, :, int(round((self.x + 1) * 19.5))] = 255
         return {"frame": frame, "state": np.array([self.x, 0.1], np.float32)}
 
     def reset(self, *, seed=None, options=None):
@@ -67,26 +67,26 @@ def tiny(**over):
 def test_dict_env_is_flattened_with_its_layout():
     env = make_env(tiny().env, seed=0)
     obs, _ = env.reset(seed=0)
-    assert obs.shape == (1026,) and obs.dtype == np.float32 and env.observation_space.contains(obs)
+    assert obs.shape == (1602,) and obs.dtype == np.float32 and env.observation_space.contains(obs)
     spec = SpaceSpec.from_spaces(env.observation_space, env.action_space)
-    assert spec.obs_parts == (("frame", (1, 32, 32), True), ("state", (2,), False))
+    assert spec.obs_parts == (("frame", (1, 40, 40), True), ("state", (2,), False))
     assert spec.action_groups == (3, 2, 2) and spec.action_dim == 7 and spec.discrete
-    frame = obs[:1024].reshape(32, 32)  # keys in sorted order: the frame's 1024 pixels, then the state
+    frame = obs[:1600].reshape(40, 40)  # keys in sorted order: the frame's 1600 pixels, then the state
     assert set(np.unique(frame)) == {0.0, 255.0} and (frame == 255).all(0).sum() == 1
-    assert obs[1025] == pytest.approx(0.1) and abs(obs[1024]) <= 1
+    assert obs[1601] == pytest.approx(0.1) and abs(obs[1600]) <= 1
 
 
 def test_dict_model_encodes_each_key_and_keeps_frames_on_the_pixel_scale(tmp_path):
     env = make_env(tiny().env, seed=0)
     wm = WorldModel.from_config(tiny(), env.observation_space, env.action_space)
     assert isinstance(wm.encoder, DictEncoder) and len(wm.encoder.parts) == 2
-    wm.set_obs_stats(torch.full((1026,), 3.0), torch.full((1026,), 2.0))
-    assert torch.all(wm.obs_mean[:1024] == 127.5) and torch.all(wm.obs_std[:1024] == 255.0)
-    assert torch.all(wm.obs_mean[1024:] == 3.0) and torch.all(wm.obs_std[1024:] == 2.0)
+    wm.set_obs_stats(torch.full((1602,), 3.0), torch.full((1602,), 2.0))
+    assert torch.all(wm.obs_mean[:1600] == 127.5) and torch.all(wm.obs_std[:1600] == 255.0)
+    assert torch.all(wm.obs_mean[1600:] == 3.0) and torch.all(wm.obs_std[1600:] == 2.0)
     obs = torch.as_tensor(np.stack([env.reset(seed=s)[0] for s in range(4)]))
     z = wm.encode(obs)
     z1, trace = wm.step(z, torch.tensor([[2, 0, 1]] * 4))  # indices per group
-    assert wm.decode(z1).shape == (4, 1026) and trace.loops_used.tolist() == [2] * 4
+    assert wm.decode(z1).shape == (4, 1602) and trace.loops_used.tolist() == [2] * 4
     save(tmp_path / "wm.pt", wm)
     again = load(tmp_path / "wm.pt")
     assert again.spec == wm.spec
