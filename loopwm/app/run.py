@@ -10,6 +10,8 @@ cannot be checkpointed), so checkpoints are taken at episode ends, where nothing
 from __future__ import annotations
 
 import json
+import resource
+import time
 from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +36,8 @@ class Progress:
     updates_due: float = 0.0
     episode_returns: list = field(default_factory=list)
     curve: list = field(default_factory=list)  # [step, mean, std] per evaluation
+    elapsed_s: float = 0.0  # wall-clock seconds of the loop, summed over every sitting of a resumed run
+    peak_rss_mib: float = 0.0  # the largest resident memory any sitting reached
 
 
 def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
@@ -60,6 +64,8 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
             "episodes": state.episode,
             "updates": agent.trainer.updates,
             "kappa": agent.wm.certified_lipschitz(),
+            "elapsed_s": state.elapsed_s,
+            "peak_rss_mib": state.peak_rss_mib,
         }
         session.write_text("summary.json", json.dumps(summary, indent=2))
     if progress:
@@ -74,8 +80,14 @@ def _loop(
     from tqdm.auto import tqdm
 
     a, logger, stop = cfg.agent, session.logger, session.stop
+    sitting_start, elapsed_before = time.monotonic(), state.elapsed_s
+
+    def clock() -> None:  # the time and memory counters, brought up to now
+        state.elapsed_s = elapsed_before + time.monotonic() - sitting_start
+        state.peak_rss_mib = max(state.peak_rss_mib, peak_rss_mib())
 
     def checkpoint() -> None:
+        clock()
         session.save(agent.trainer, agent=agent.state_dict(), progress=vars(state), collector=collector.state_dict())
 
     def random_policy(obs: np.ndarray, starts: np.ndarray) -> np.ndarray:
@@ -92,11 +104,14 @@ def _loop(
         if a.eval_video:
             logger.log_video("eval/video", result.pop("frames"), state.step, fps=result.pop("fps"))
         state.curve.append([state.step, result["return_mean"], result["return_std"]])
+        clock()
         logger.log(
             {
                 "eval/return_mean": result["return_mean"],
                 "eval/return_std": result["return_std"],
                 "eval/ms_per_decision": result["ms_per_decision"],
+                "perf/elapsed_s": state.elapsed_s,
+                "perf/peak_rss_mib": state.peak_rss_mib,
             },
             state.step,
         )
@@ -153,6 +168,11 @@ def _loop(
         bar.close()
     checkpoint()
     stop.exit_if_received(f"at step {state.step}; its checkpoint continues with resume=true")
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def format_curve(curve: list) -> str:
