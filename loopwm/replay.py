@@ -10,7 +10,6 @@ the episode start exactly as Gymnasium's FrameStackObservation (padding_type="re
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,12 +18,22 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from loopwm.atomic import atomic_write
+from loopwm.replay_io import (
+    ARRAYS,
+    FORMAT,
+    VERSION,
+    DataError,
+    check_arrays,
+    check_finite,
+    check_layout,
+    pack_open,
+    read_layout,
+    read_npz,
+    unpack_open,
+    write_npz,
+)
 
-FORMAT = "loopwm.replay"
-VERSION = 1
 _RING = ("obs", "actions", "rewards", "terminated", "truncated")
-_ARRAYS = ("obs", "actions", "rewards", "terminated", "truncated", "episode_lengths")
 
 
 def _resize(array: np.ndarray, rows: np.ndarray, length: int) -> np.ndarray:
@@ -34,42 +43,10 @@ def _resize(array: np.ndarray, rows: np.ndarray, length: int) -> np.ndarray:
     return out
 
 
-class DataError(ValueError):
-    """A dataset or replay state is malformed, non-finite or of another layout; the message names the
-    file (or source) and the field."""
-
-
 def _flat_index(rows: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(row, step) pairs enumerating steps 0..counts[i]-1 of each row, row after row."""
     offsets = np.cumsum(counts) - counts
     return np.repeat(rows, counts), np.arange(int(counts.sum())) - np.repeat(offsets, counts)
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _check_finite(arrays: dict[str, np.ndarray], source: str, chunk: int = 1 << 22) -> None:
-    """Refuse NaN or inf in the float fields, naming the field, the count and where the first one is."""
-    lengths = arrays["episode_lengths"]
-    for key, per_episode in (("obs", lengths + 1), ("actions", lengths), ("rewards", lengths)):
-        rows = arrays[key].reshape(len(arrays[key]), -1)
-        if not np.issubdtype(rows.dtype, np.floating):
-            continue
-        count, first, step = 0, 0, max(1, chunk // max(rows.shape[1], 1))
-        for start in range(0, len(rows), step):  # in chunks, so frames need no full-size mask
-            bad = ~np.isfinite(rows[start : start + step])
-            if bad.any():
-                first = first if count else start + int(np.argmax(bad.any(1)))
-                count += int(bad.sum())
-        if count:
-            ends = np.cumsum(per_episode)
-            episode = int(np.searchsorted(ends, first, side="right"))
-            step_in_episode = first - int(ends[episode] - per_episode[episode])
-            raise DataError(
-                f"{source}: field {key!r} holds {count} non-finite value(s) (NaN or inf); the first is "
-                f"at row {first} (episode {episode}, step {step_in_episode})"
-            )
 
 
 def _castable(src: np.dtype, dst: np.dtype) -> bool:
@@ -403,25 +380,8 @@ class ReplayBuffer:
 
     def _load_arrays(self, arrays: dict[str, np.ndarray], source: str) -> None:
         """Replace the stored episodes by those in `arrays` (the layout of `_arrays`), validating it."""
+        check_arrays(arrays, self._frame_shape, self.action_dim, self.obs_dtype, source)
         lengths = arrays["episode_lengths"]
-        steps = int(lengths.sum()) if lengths.ndim == 1 and lengths.dtype == np.int64 else -1
-        episodes = len(lengths) if lengths.ndim == 1 else -1
-        expected = {
-            "episode_lengths": ((episodes,), np.dtype(np.int64)),
-            "obs": ((steps + episodes, *self._frame_shape), self.obs_dtype),
-            "actions": ((steps, self.action_dim), np.dtype(np.float32)),
-            "rewards": ((steps,), np.dtype(np.float32)),
-            "terminated": ((steps,), np.dtype(bool)),
-            "truncated": ((steps,), np.dtype(bool)),
-        }
-        for key, (shape, dtype) in expected.items():
-            if arrays[key].shape != shape or arrays[key].dtype != dtype:
-                raise DataError(
-                    f"{source}: {key!r} has shape {arrays[key].shape} and dtype {arrays[key].dtype}, "
-                    f"expected {shape} and {dtype}"
-                )
-        if (lengths < 1).any():
-            raise DataError(f"{source}: every episode must have at least one transition")
         self._clear()
         obs_end, step_end = np.cumsum(lengths + 1), np.cumsum(lengths)
         try:
@@ -462,9 +422,7 @@ class ReplayBuffer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the stored episodes to an .npz file atomically (temp file, fsync, rename)."""
-        path = Path(path)
-        arrays = self._arrays(self._live_rows())
-        atomic_write(path, lambda f: np.savez(f, meta=np.array(json.dumps(self._meta())), **arrays))
+        write_npz(path, self._meta(), self._arrays(self._live_rows()))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ReplayBuffer":
@@ -473,78 +431,33 @@ class ReplayBuffer:
         the file and the field."""
         path = Path(path)
         source = f"replay file {str(path)!r}"
-        if not path.is_file():
-            raise FileNotFoundError(f"{source} does not exist")
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                meta = json.loads(str(data["meta"]))
-                arrays = {k: data[k] for k in _ARRAYS}
-        except Exception as exc:  # numpy, zipfile and zlib raise many types for truncated or garbage files
-            raise DataError(f"{source} is corrupt or not a loopwm replay buffer: {type(exc).__name__}: {exc}") from None
+        meta, arrays = read_npz(path, source)
         buffer = cls._from_meta(meta, source)
         buffer._load_arrays(arrays, source)
-        _check_finite(arrays, source)
+        check_finite(arrays, source)
         return buffer
 
     @classmethod
     def _from_meta(cls, meta: Any, source: str) -> "ReplayBuffer":
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise DataError(f"{source}: no {FORMAT!r} header")
-        if meta.get("version") != VERSION:
-            raise DataError(f"{source}: replay format version {meta.get('version')!r}, expected {VERSION}")
-        shape = meta.get("obs_shape")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 1 for d in shape):
-            raise DataError(f"{source}: header field 'obs_shape' is {shape!r}, expected a list of positive integers")
-        for key in ("action_dim", "capacity", "frame_stack"):
-            if not (_is_int(meta.get(key)) and meta[key] >= 1):
-                raise DataError(f"{source}: header field {key!r} is {meta.get(key)!r}, expected an integer >= 1")
+        layout = read_layout(meta, source)
         try:
-            dtype = np.dtype(meta.get("obs_dtype"))
-        except (TypeError, ValueError):
-            dtype = None
-        if dtype is None or dtype.kind not in "iuf":
-            raise DataError(
-                f"{source}: header field 'obs_dtype' is {meta.get('obs_dtype')!r}, expected a numeric dtype"
-            )
-        try:
-            return cls(shape, meta["action_dim"], meta["capacity"], dtype, meta["frame_stack"])
+            return cls(**layout)
         except (ValueError, OverflowError) as exc:
             raise DataError(f"{source}: {exc}") from None
 
     def check_layout(self, obs_shape: tuple[int, ...], action_dim: int, *, source: str, expected_by: str) -> None:
         """Refuse data whose observations or actions do not fit a model or environment (`expected_by`):
         the observation shape and the action width must match, and actions must be in model units [-1, 1]."""
-        obs_shape = tuple(int(d) for d in obs_shape)
-        if self.obs_shape != obs_shape:
-            raise DataError(
-                f"{source}: field 'obs' has shape {self.obs_shape} per step, {expected_by} expects {obs_shape}"
-            )
-        if self.action_dim != action_dim:
-            raise DataError(
-                f"{source}: field 'actions' has width {self.action_dim}, {expected_by} expects {action_dim}"
-            )
         actions = self._ring["actions"][(self._head + np.arange(self._size)) % max(len(self._ring["rewards"]), 1)]
-        largest = float(np.abs(actions).max(initial=0.0))
-        if largest > 1.0:
-            raise DataError(
-                f"{source}: field 'actions' must be in the model's units [-1, 1] (Box actions rescaled, "
-                f"categorical ones one-hot), but holds values up to {largest:g}"
-            )
+        check_layout(
+            (self.obs_shape, self.action_dim), actions, obs_shape, action_dim, source=source, expected_by=expected_by
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume, including episodes still being streamed in; only tensors and plain types."""
         state: dict[str, Any] = self._meta()
         state.update({k: torch.from_numpy(v) for k, v in self._arrays(self._live_rows()).items()})
-        state["open"] = [
-            {
-                "env": env,
-                "frames": torch.from_numpy(np.stack(ep["frames"])),
-                "actions": torch.from_numpy(np.stack(ep["actions"])),
-                "rewards": list(ep["rewards"]),
-                "flags": [list(f) for f in ep["flags"]],
-            }
-            for env, ep in sorted(self._open.items())
-        ]
+        state["open"] = pack_open(self._open)
         state["after_done"] = sorted(self._after_done)
         return state
 
@@ -570,12 +483,6 @@ class ReplayBuffer:
                 raise DataError(
                     f"replay state: {key}={getattr(other, key)} does not match this buffer's {getattr(self, key)}"
                 )
-        self._load_arrays({k: state[k].numpy() for k in _ARRAYS}, "replay state")
-        for ep in state["open"]:
-            self._open[int(ep["env"])] = {
-                "frames": list(ep["frames"].numpy()),
-                "actions": list(ep["actions"].numpy()),
-                "rewards": list(ep["rewards"]),
-                "flags": [tuple(f) for f in ep["flags"]],
-            }
+        self._load_arrays({k: state[k].numpy() for k in ARRAYS}, "replay state")
+        self._open = unpack_open(state["open"])
         self._after_done = set(state["after_done"])
