@@ -10,7 +10,6 @@ the episode start exactly as Gymnasium's FrameStackObservation (padding_type="re
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,12 +18,23 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from loopwm.atomic import atomic_write
+from loopwm.replay_intake import EpisodeIntake
+from loopwm.replay_io import (
+    ARRAYS,
+    FORMAT,
+    VERSION,
+    DataError,
+    check_arrays,
+    check_finite,
+    check_layout,
+    pack_open,
+    read_layout,
+    read_npz,
+    unpack_open,
+    write_npz,
+)
 
-FORMAT = "loopwm.replay"
-VERSION = 1
 _RING = ("obs", "actions", "rewards", "terminated", "truncated")
-_ARRAYS = ("obs", "actions", "rewards", "terminated", "truncated", "episode_lengths")
 
 
 def _resize(array: np.ndarray, rows: np.ndarray, length: int) -> np.ndarray:
@@ -34,54 +44,18 @@ def _resize(array: np.ndarray, rows: np.ndarray, length: int) -> np.ndarray:
     return out
 
 
-class DataError(ValueError):
-    """A dataset or replay state is malformed, non-finite or of another layout; the message names the
-    file (or source) and the field."""
-
-
 def _flat_index(rows: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(row, step) pairs enumerating steps 0..counts[i]-1 of each row, row after row."""
     offsets = np.cumsum(counts) - counts
     return np.repeat(rows, counts), np.arange(int(counts.sum())) - np.repeat(offsets, counts)
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _check_finite(arrays: dict[str, np.ndarray], source: str, chunk: int = 1 << 22) -> None:
-    """Refuse NaN or inf in the float fields, naming the field, the count and where the first one is."""
-    lengths = arrays["episode_lengths"]
-    for key, per_episode in (("obs", lengths + 1), ("actions", lengths), ("rewards", lengths)):
-        rows = arrays[key].reshape(len(arrays[key]), -1)
-        if not np.issubdtype(rows.dtype, np.floating):
-            continue
-        count, first, step = 0, 0, max(1, chunk // max(rows.shape[1], 1))
-        for start in range(0, len(rows), step):  # in chunks, so frames need no full-size mask
-            bad = ~np.isfinite(rows[start : start + step])
-            if bad.any():
-                first = first if count else start + int(np.argmax(bad.any(1)))
-                count += int(bad.sum())
-        if count:
-            ends = np.cumsum(per_episode)
-            episode = int(np.searchsorted(ends, first, side="right"))
-            step_in_episode = first - int(ends[episode] - per_episode[episode])
-            raise DataError(
-                f"{source}: field {key!r} holds {count} non-finite value(s) (NaN or inf); the first is "
-                f"at row {first} (episode {episode}, step {step_in_episode})"
-            )
-
-
-def _castable(src: np.dtype, dst: np.dtype) -> bool:
-    """Same-kind casts, plus any integer to integer (frames often arrive as int64 from Python code)."""
-    return np.can_cast(src, dst, "same_kind") or (np.issubdtype(src, np.integer) and np.issubdtype(dst, np.integer))
-
-
-class ReplayBuffer:
+class ReplayBuffer(EpisodeIntake):
     """Whole episodes of (obs, action, reward, terminated, truncated), sampled as sequences within an episode.
 
     `obs_shape` is the environment's observation shape (the stack (S, ...) when `frame_stack` = S > 1);
-    actions are the model's float vectors of width `action_dim`; `capacity` counts transitions.
+    actions are the model's float vectors of width `action_dim`; `capacity` counts transitions. Episodes enter
+    through `add_episode`, `add` and `add_batch` (loopwm.replay_intake).
     """
 
     def __init__(
@@ -126,16 +100,10 @@ class ReplayBuffer:
             "final": np.empty(frame, self.obs_dtype),
         }
         self._ep_head, self._ep_count = 0, 0
-        self._open: dict[int, dict[str, list]] = {}  # episodes being streamed in, by env index
-        self._after_done: set[int] = set()  # envs whose next vector step is a NEXT_STEP autoreset
+        self.discard_open()
 
     def __len__(self) -> int:
         return self._size
-
-    @property
-    def open_transitions(self) -> int:
-        """Transitions of episodes still streaming in (not yet sampleable)."""
-        return sum(len(ep["actions"]) for ep in self._open.values())
 
     @property
     def num_episodes(self) -> int:
@@ -146,122 +114,6 @@ class ReplayBuffer:
     def nbytes(self) -> int:
         """Bytes held by the storage arrays."""
         return sum(a.nbytes for a in (*self._ring.values(), *self._eps.values()))
-
-    def add_episode(
-        self, obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, terminated: np.ndarray, truncated: np.ndarray
-    ) -> None:
-        """Store one episode: obs [T+1, *obs_shape], actions [T, A], rewards/terminated/truncated [T]."""
-        actions = np.asarray(actions)
-        steps = len(actions)
-        obs = self._check_obs(obs, (steps + 1,), "obs")
-        if actions.shape != (steps, self.action_dim):
-            raise ValueError(f"actions: expected shape ({steps}, {self.action_dim}), got {actions.shape}")
-        flags = [np.asarray(x) for x in (rewards, terminated, truncated)]
-        for name, x in zip(("rewards", "terminated", "truncated"), flags):
-            if x.shape != (steps,):
-                raise ValueError(f"{name}: expected shape ({steps},) to match actions, got {x.shape}")
-        done = flags[1].astype(bool) | flags[2].astype(bool)
-        if done[:-1].any():
-            raise ValueError(
-                f"transition {int(np.argmax(done))} is terminated/truncated but is not the last of the episode"
-            )
-        self._store(self._to_frames(obs, starts_episode=True), actions, *flags)
-
-    def add(
-        self,
-        obs: np.ndarray,
-        action: np.ndarray,
-        reward: float,
-        next_obs: np.ndarray,
-        terminated: bool,
-        truncated: bool,
-        env: int = 0,
-    ) -> None:
-        """Stream one transition of environment `env`; its episode is stored when it ends.
-
-        `obs` must be the `next_obs` of the env's previous transition, or the first obs of a new episode.
-        """
-        stacked = np.stack([self._check_obs(obs, (), "obs"), self._check_obs(next_obs, (), "next_obs")])
-        pair = self._to_frames(stacked, starts_episode=False)
-        action = np.asarray(action, dtype=np.float32)
-        if action.shape != (self.action_dim,):
-            raise ValueError(f"action: expected shape ({self.action_dim},), got {action.shape}")
-        episode = self._open.get(env)
-        if episode is None:
-            first = self._to_frames(stacked[:1], starts_episode=True)[0].copy()
-            episode = self._open[env] = {"frames": [first], "actions": [], "rewards": [], "flags": []}
-        elif not np.array_equal(pair[0], episode["frames"][-1]):
-            raise ValueError(
-                f"env {env}: obs does not continue the open episode (it differs from the previous next_obs); "
-                "for vector envs with NEXT_STEP autoreset use add_batch"
-            )
-        episode["frames"].append(pair[1].copy())  # a copy, so the stacks it came from are freed
-        episode["actions"].append(action)
-        episode["rewards"].append(float(reward))
-        episode["flags"].append((bool(terminated), bool(truncated)))
-        if terminated or truncated:
-            self._close(env)
-
-    def add_batch(
-        self,
-        obs: np.ndarray,
-        actions: np.ndarray,
-        rewards: np.ndarray,
-        next_obs: np.ndarray,
-        terminated: np.ndarray,
-        truncated: np.ndarray,
-        autoreset: str = "next_step",
-    ) -> None:
-        """Stream one step of a vector env: row i of each argument is env i.
-
-        With Gymnasium's default "next_step" autoreset, the step after an env's episode ends only resets that
-        env (its action is ignored and it returns the reset obs), so that env's row is skipped. With
-        "same_step", pass the true final observations (info["final_obs"]) as `next_obs` where an episode ended.
-        """
-        if autoreset not in ("next_step", "same_step", "disabled"):
-            raise ValueError(f"autoreset={autoreset!r}: expected 'next_step', 'same_step' or 'disabled'")
-        for i in range(len(obs)):
-            if autoreset == "next_step" and i in self._after_done:
-                self._after_done.discard(i)
-                continue
-            self.add(obs[i], actions[i], rewards[i], next_obs[i], terminated[i], truncated[i], env=i)
-            if terminated[i] or truncated[i]:
-                self._after_done.add(i)
-
-    def _close(self, env: int) -> None:
-        episode = self._open.pop(env)
-        flags = np.array(episode["flags"], dtype=bool).reshape(-1, 2)
-        self._store(
-            np.stack(episode["frames"]),
-            np.stack(episode["actions"]),
-            np.array(episode["rewards"], np.float32),
-            flags[:, 0],
-            flags[:, 1],
-        )
-
-    def _check_obs(self, obs: np.ndarray, lead: tuple[int, ...], name: str) -> np.ndarray:
-        obs = np.asarray(obs)
-        if obs.shape != (*lead, *self.obs_shape):
-            raise ValueError(f"{name}: expected shape {(*lead, *self.obs_shape)}, got {obs.shape}")
-        if not _castable(obs.dtype, self.obs_dtype):
-            raise ValueError(f"{name}: dtype {obs.dtype} cannot be stored as {self.obs_dtype} without loss")
-        return obs.astype(self.obs_dtype, copy=False)
-
-    def _to_frames(self, obs: np.ndarray, starts_episode: bool) -> np.ndarray:
-        """The newest frame of each stack in obs [N, S, ...], checking the stacks are consecutive."""
-        if self.frame_stack == 1:
-            return obs
-        if starts_episode and not np.all(obs[0] == obs[0, -1:]):
-            raise ValueError(
-                "the first observation of an episode must repeat its reset frame across the stack "
-                "(FrameStackObservation with padding_type='reset', the default)"
-            )
-        chunk = max(1, (1 << 24) // max(1, obs[0].nbytes))
-        for start in range(1, len(obs), chunk):
-            stop = min(len(obs), start + chunk)
-            if not np.array_equal(obs[start:stop, :-1], obs[start - 1 : stop - 1, 1:]):
-                raise ValueError("observations are not consecutive frame stacks (each stack must shift by one frame)")
-        return obs[:, -1]
 
     def _store(
         self,
@@ -403,25 +255,8 @@ class ReplayBuffer:
 
     def _load_arrays(self, arrays: dict[str, np.ndarray], source: str) -> None:
         """Replace the stored episodes by those in `arrays` (the layout of `_arrays`), validating it."""
+        check_arrays(arrays, self._frame_shape, self.action_dim, self.obs_dtype, source)
         lengths = arrays["episode_lengths"]
-        steps = int(lengths.sum()) if lengths.ndim == 1 and lengths.dtype == np.int64 else -1
-        episodes = len(lengths) if lengths.ndim == 1 else -1
-        expected = {
-            "episode_lengths": ((episodes,), np.dtype(np.int64)),
-            "obs": ((steps + episodes, *self._frame_shape), self.obs_dtype),
-            "actions": ((steps, self.action_dim), np.dtype(np.float32)),
-            "rewards": ((steps,), np.dtype(np.float32)),
-            "terminated": ((steps,), np.dtype(bool)),
-            "truncated": ((steps,), np.dtype(bool)),
-        }
-        for key, (shape, dtype) in expected.items():
-            if arrays[key].shape != shape or arrays[key].dtype != dtype:
-                raise DataError(
-                    f"{source}: {key!r} has shape {arrays[key].shape} and dtype {arrays[key].dtype}, "
-                    f"expected {shape} and {dtype}"
-                )
-        if (lengths < 1).any():
-            raise DataError(f"{source}: every episode must have at least one transition")
         self._clear()
         obs_end, step_end = np.cumsum(lengths + 1), np.cumsum(lengths)
         try:
@@ -462,9 +297,7 @@ class ReplayBuffer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the stored episodes to an .npz file atomically (temp file, fsync, rename)."""
-        path = Path(path)
-        arrays = self._arrays(self._live_rows())
-        atomic_write(path, lambda f: np.savez(f, meta=np.array(json.dumps(self._meta())), **arrays))
+        write_npz(path, self._meta(), self._arrays(self._live_rows()))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ReplayBuffer":
@@ -473,94 +306,35 @@ class ReplayBuffer:
         the file and the field."""
         path = Path(path)
         source = f"replay file {str(path)!r}"
-        if not path.is_file():
-            raise FileNotFoundError(f"{source} does not exist")
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                meta = json.loads(str(data["meta"]))
-                arrays = {k: data[k] for k in _ARRAYS}
-        except Exception as exc:  # numpy, zipfile and zlib raise many types for truncated or garbage files
-            raise DataError(f"{source} is corrupt or not a loopwm replay buffer: {type(exc).__name__}: {exc}") from None
+        meta, arrays = read_npz(path, source)
         buffer = cls._from_meta(meta, source)
         buffer._load_arrays(arrays, source)
-        _check_finite(arrays, source)
+        check_finite(arrays, source)
         return buffer
 
     @classmethod
     def _from_meta(cls, meta: Any, source: str) -> "ReplayBuffer":
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise DataError(f"{source}: no {FORMAT!r} header")
-        if meta.get("version") != VERSION:
-            raise DataError(f"{source}: replay format version {meta.get('version')!r}, expected {VERSION}")
-        shape = meta.get("obs_shape")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 1 for d in shape):
-            raise DataError(f"{source}: header field 'obs_shape' is {shape!r}, expected a list of positive integers")
-        for key in ("action_dim", "capacity", "frame_stack"):
-            if not (_is_int(meta.get(key)) and meta[key] >= 1):
-                raise DataError(f"{source}: header field {key!r} is {meta.get(key)!r}, expected an integer >= 1")
+        layout = read_layout(meta, source)
         try:
-            dtype = np.dtype(meta.get("obs_dtype"))
-        except (TypeError, ValueError):
-            dtype = None
-        if dtype is None or dtype.kind not in "iuf":
-            raise DataError(
-                f"{source}: header field 'obs_dtype' is {meta.get('obs_dtype')!r}, expected a numeric dtype"
-            )
-        try:
-            return cls(shape, meta["action_dim"], meta["capacity"], dtype, meta["frame_stack"])
+            return cls(**layout)
         except (ValueError, OverflowError) as exc:
             raise DataError(f"{source}: {exc}") from None
 
     def check_layout(self, obs_shape: tuple[int, ...], action_dim: int, *, source: str, expected_by: str) -> None:
         """Refuse data whose observations or actions do not fit a model or environment (`expected_by`):
         the observation shape and the action width must match, and actions must be in model units [-1, 1]."""
-        obs_shape = tuple(int(d) for d in obs_shape)
-        if self.obs_shape != obs_shape:
-            raise DataError(
-                f"{source}: field 'obs' has shape {self.obs_shape} per step, {expected_by} expects {obs_shape}"
-            )
-        if self.action_dim != action_dim:
-            raise DataError(
-                f"{source}: field 'actions' has width {self.action_dim}, {expected_by} expects {action_dim}"
-            )
         actions = self._ring["actions"][(self._head + np.arange(self._size)) % max(len(self._ring["rewards"]), 1)]
-        largest = float(np.abs(actions).max(initial=0.0))
-        if largest > 1.0:
-            raise DataError(
-                f"{source}: field 'actions' must be in the model's units [-1, 1] (Box actions rescaled, "
-                f"categorical ones one-hot), but holds values up to {largest:g}"
-            )
+        check_layout(
+            (self.obs_shape, self.action_dim), actions, obs_shape, action_dim, source=source, expected_by=expected_by
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume, including episodes still being streamed in; only tensors and plain types."""
         state: dict[str, Any] = self._meta()
         state.update({k: torch.from_numpy(v) for k, v in self._arrays(self._live_rows()).items()})
-        state["open"] = [
-            {
-                "env": env,
-                "frames": torch.from_numpy(np.stack(ep["frames"])),
-                "actions": torch.from_numpy(np.stack(ep["actions"])),
-                "rewards": list(ep["rewards"]),
-                "flags": [list(f) for f in ep["flags"]],
-            }
-            for env, ep in sorted(self._open.items())
-        ]
+        state["open"] = pack_open(self._open)
         state["after_done"] = sorted(self._after_done)
         return state
-
-    def truncate_open(self) -> None:
-        """Store the episodes still streaming in, marked truncated at their last step (collection stopped there)."""
-        for env in sorted(self._open):
-            episode = self._open[env]
-            if episode["actions"]:
-                episode["flags"][-1] = (episode["flags"][-1][0], True)
-                self._close(env)
-        self.discard_open()
-
-    def discard_open(self) -> None:
-        """Drop episodes still being streamed in (e.g. when a resumed run restarts its environments)."""
-        self._open.clear()
-        self._after_done.clear()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from `state_dict()`; the layout (shape, action width, dtype, stack) must match, capacity is kept."""
@@ -570,12 +344,6 @@ class ReplayBuffer:
                 raise DataError(
                     f"replay state: {key}={getattr(other, key)} does not match this buffer's {getattr(self, key)}"
                 )
-        self._load_arrays({k: state[k].numpy() for k in _ARRAYS}, "replay state")
-        for ep in state["open"]:
-            self._open[int(ep["env"])] = {
-                "frames": list(ep["frames"].numpy()),
-                "actions": list(ep["actions"].numpy()),
-                "rewards": list(ep["rewards"]),
-                "flags": [tuple(f) for f in ep["flags"]],
-            }
+        self._load_arrays({k: state[k].numpy() for k in ARRAYS}, "replay state")
+        self._open = unpack_open(state["open"])
         self._after_done = set(state["after_done"])

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from loopwm.cli import main
-from loopwm.replay import DataError, ReplayBuffer
+from loopwm.replay import ReplayBuffer
+from loopwm.replay_io import DataError
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "pendulum.yaml")
 

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loopwm.config import Config, ConfigError, from_dict, load_config, to_dict
-from loopwm.replay import DataError, ReplayBuffer
+from loopwm.replay import ReplayBuffer
+from loopwm.replay_io import DataError
 
 FUZZ = settings(
     max_examples=300,

@@ -1,6 +1,7 @@
 """ReplayBuffer: episode-bounded sampling, flags, frame stacks, vector autoreset, eviction and persistence."""
 
 import io
+import json
 
 import gymnasium as gym
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from gymnasium.wrappers import FrameStackObservation
 
 from loopwm.replay import ReplayBuffer
+from loopwm.replay_io import DataError
 
 
 def episode(ep: int, steps: int, end: str = "terminated", dim: int = 3):
@@ -283,3 +285,44 @@ def test_corrupt_or_foreign_file_gives_a_clear_error(tmp_path):
             ReplayBuffer.load(path)
     with pytest.raises(FileNotFoundError, match="missing.npz"):
         ReplayBuffer.load(tmp_path / "missing.npz")
+
+
+def test_another_version_or_layout_in_a_file_names_the_field(tmp_path):
+    buffer = ReplayBuffer((3,), 2, capacity=100)
+    for ep in range(2):
+        buffer.add_episode(*episode(ep, 4))
+    buffer.save(tmp_path / "good.npz")
+    with np.load(tmp_path / "good.npz") as data:
+        members = {k: data[k] for k in data.files}
+    meta = json.loads(str(members["meta"]))
+    spoilt = {
+        "version 2, expected 1": {"meta": np.array(json.dumps({**meta, "version": 2}))},
+        "'obs' has shape .* float64": {"obs": members["obs"].astype(np.float64)},
+        "at least one transition": {"episode_lengths": np.array([0, 8])},
+    }
+    for i, (message, change) in enumerate(spoilt.items()):
+        np.savez(tmp_path / f"bad{i}.npz", **{**members, **change})
+        with pytest.raises(DataError, match=rf"bad{i}\.npz.*{message}"):
+            ReplayBuffer.load(tmp_path / f"bad{i}.npz")
+
+
+def test_observations_that_would_lose_precision_are_refused():
+    pixels = ReplayBuffer((2, 2), 1, capacity=100, obs_dtype=np.uint8)
+    step = (np.zeros(1, np.float32), 0.0)
+    with pytest.raises(ValueError, match="float32 cannot be stored as uint8"):
+        pixels.add(np.zeros((2, 2), np.float32), *step, np.zeros((2, 2), np.float32), False, False)
+    pixels.add(np.zeros((2, 2), np.int64), *step, np.ones((2, 2), np.int64), False, True)  # integers fit
+    assert pixels.num_episodes == 1 and pixels.episodes().__next__()["obs"].dtype == np.uint8
+
+
+def test_truncate_open_stores_streamed_episodes_as_truncated():
+    buffer = ReplayBuffer((3,), 2, capacity=100)
+    obs, actions, rewards, _, _ = episode(0, 3)
+    for k in range(3):
+        buffer.add(obs[k], actions[k], rewards[k], obs[k + 1], False, False, env=5)
+    assert buffer.open_transitions == 3 and buffer.num_episodes == 0
+    buffer.truncate_open()
+    stored = next(buffer.episodes())
+    assert buffer.open_transitions == 0 and buffer.num_episodes == 1
+    np.testing.assert_array_equal(stored["obs"], obs)
+    assert stored["truncated"].tolist() == [False, False, True] and not stored["terminated"].any()
