@@ -22,6 +22,7 @@ _EXPORTS = {
     "load": "loopwm.checkpoint",
     "CheckpointError": "loopwm.checkpoint",
     "ReplayBuffer": "loopwm.replay",
+    "DataError": "loopwm.replay_io",
     # the agents layer, exposed here as the public facade (imported only when asked for)
     "load_agent": "loopwm.agents.planning_agent",
     "PlanningAgent": "loopwm.agents.planning_agent",
