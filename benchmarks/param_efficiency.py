@@ -305,6 +305,7 @@ def run_loopwm(
     record = train_and_score(update, evaluate, protocol)
     record.update(
         parameters=count_parameters(wm),
+        core_parameters=count_parameters(wm.core),
         idle_parameters=idle_parameters(wm),
         macs_per_step=step_macs(wm)["total"],
         loops=cfg.model.loops if cfg.model.dynamics == "loop" else 1,

@@ -18,7 +18,9 @@ with the
 logged actions, squared error divided per dimension by the train split's variance and averaged over dimensions
 (1.0 = always predicting the mean). Errors are the mean ± std over model seeds (dataset, split and held-out
 sequences fixed). Idle parameters are those of the dynamics blocks that a step from the zero start state never
-reaches (an unshared stack's first block acts on h = 0 only); they are included in the count. FLOPs are 2 × the
+reaches (an unshared stack's first block acts on h = 0 only); they are included in the count. Core parameters are
+the dynamics core's alone (loop: retention, injection, blocks, gains and exit gate; or the plain MLP), without the
+encoder, prelude, coda and heads that every loopwm variant shares. FLOPs are 2 × the
 analytic multiply-adds of one imagined environment step (`loopwm.flops`:
 linear maps only). Training time counts the updates only, on one thread of a shared 2-core CPU.
 
@@ -73,6 +75,7 @@ def task_tables(task: str, entry: dict[str, Any], horizons: list[int]) -> list[s
             [
                 f"`{name}`",
                 _parameters(runs[0]),
+                runs[0].get("core_parameters", "-"),
                 f"{2 * runs[0]['macs_per_step'] / 1e3:.0f}k",
                 *errs,
                 spread([r["train_seconds"] for r in runs]),
@@ -95,7 +98,18 @@ def task_tables(task: str, entry: dict[str, Any], horizons: list[int]) -> list[s
                 at = [c for r in runs for c in r["curve"] if c["updates"] == p]
                 curves.append([f"`{name}`", p, *[spread([c["errors"][str(h)] for c in at]) for h in horizons]])
     lines += [
-        md_table(["variant", "parameters", "FLOPs/step", *[f"err@{h}" for h in horizons], "train s", "seeds"], rows),
+        md_table(
+            [
+                "variant",
+                "parameters",
+                "core parameters",
+                "FLOPs/step",
+                *[f"err@{h}" for h in horizons],
+                "train s",
+                "seeds",
+            ],
+            rows,
+        ),
         "",
     ]
     if "figure" in entry:
