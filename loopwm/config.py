@@ -117,6 +117,12 @@ class ModelConfig(Section):
     obs_decoder: Literal["absolute", "delta"] = "absolute"
     # "residual": the coda's output is a change added to the previous latent (z_k = LN(z_{k−1} + C(h))), not z_k itself
     latent_update: Literal["absolute", "residual"] = "absolute"
+    # false: an unshared stack, one distinct block per loop (model.loops of them), each its own contraction
+    shared: bool = True
+    # "mlp": no loop; a feed-forward core in TD-MPC2's style (Linear-LayerNorm-Mish) between the prelude and the coda
+    dynamics: Literal["loop", "mlp"] = "loop"
+    dynamics_width: int = field(default=512, metadata=_range(1))  # the "mlp" core's width
+    dynamics_depth: int = field(default=2, metadata=_range(1, 16))  # and its number of Linear-LayerNorm-Mish layers
 
     def check(self) -> None:
         from loopwm.blocks import check_block
@@ -131,6 +137,23 @@ class ModelConfig(Section):
             )
         check_exit(self.exit)
         check_block(self)
+        if not self.shared:
+            self.check_stack()
+
+    def check_stack(self) -> None:
+        """An unshared stack has a block for each of its `loops` loops and no single fixed point."""
+        if self.dynamics != "loop":
+            raise ConfigError(f"model.shared=false stacks loop blocks; model.dynamics={self.dynamics!r} has no loop")
+        if self.exit == "certified":
+            raise ConfigError(
+                "model.exit='certified' needs a shared block: with model.shared=false every loop applies a "
+                "different map, so there is no fixed point to certify a distance to; use model.exit=fixed"
+            )
+        if self.exit == "gate" and self.max_loops > self.loops:
+            raise ConfigError(
+                f"model.shared=false builds model.loops={self.loops} blocks, one per loop; the gate exit could run "
+                f"model.max_loops={self.max_loops} loops: set model.max_loops<={self.loops}"
+            )
 
 
 @dataclass
@@ -269,6 +292,38 @@ class Config(Section):
     def check(self) -> None:
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"device={self.device!r}: expected 'auto', 'cpu' or 'cuda[:N]'")
+        self.check_dynamics()
+
+    def check_dynamics(self) -> None:
+        """Training and planning options that an unshared stack or a loop-free core cannot honour."""
+        m, t = self.model, self.train
+        extra = t.extra_loops > 0 and t.w_extra > 0
+        if m.dynamics == "mlp":
+            unset = {"train.extra_loops=0": extra, "train.w_deep=0": t.w_deep > 0, "train.w_gate=0": t.w_gate > 0}
+            loop_terms = [key for key, on in unset.items() if on]
+            if loop_terms:
+                raise ConfigError(
+                    "model.dynamics='mlp' has no loop, so extra loops, deep supervision and the exit gate have "
+                    f"nothing to train: set {', '.join(loop_terms)}"
+                )
+        if m.shared:
+            return
+        if extra:
+            raise ConfigError(
+                f"train.extra_loops={t.extra_loops} would loop past the last of model.loops={m.loops} unshared "
+                "blocks (model.shared=false): set train.extra_loops=0"
+            )
+        if t.loop_sampling == "poisson" and m.max_loops > m.loops:
+            raise ConfigError(
+                f"train.loop_sampling='poisson' draws up to model.max_loops={m.max_loops} loops, more than the "
+                f"model.loops={m.loops} unshared blocks (model.shared=false): set model.max_loops<={m.loops} "
+                "or train.loop_sampling=fixed"
+            )
+        if self.planner.uncertainty_penalty > 0:
+            raise ConfigError(
+                "planner.uncertainty_penalty penalises the certified distance to the loop's fixed point, which an "
+                "unshared stack (model.shared=false) does not have: set planner.uncertainty_penalty=0"
+            )
 
 
 def _type_name(tp: Any) -> str:
