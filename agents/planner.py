@@ -190,11 +190,10 @@ class Planner:
             self.gen.seed()
         else:
             self.gen.manual_seed(seed)
-        self.loop_options = planner_loop_options(wm.cfg, cfg) if cfg.loop_overrides() else None
-        self.warm = cfg.warm_start
-        self.custom_loops = self.loop_options is not None or self.warm != "none"
+        self.warm, self.custom_loops = cfg.warm_start, bool(cfg.loop_overrides()) or cfg.warm_start != "none"
         if self.custom_loops and not hasattr(wm, "core"):
             raise ValueError(f"planner loop options and warm_start={self.warm!r} need a looped WorldModel")
+        self.loop_options = planner_loop_options(wm.cfg, cfg) if self.custom_loops else None
         self.prev: Optional[Params] = None
         self.prev_states: Optional[Tensor] = None  # the last decision's elite exit states [H, N, hidden]
         self.last_stats: dict[str, float] = {}
