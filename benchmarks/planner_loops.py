@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -141,8 +141,8 @@ def decisions(run: Any, episodes: int, steps: int) -> dict[str, dict[str, Any]]:
 
 
 @torch.no_grad()
-def returns(run: Any, episodes: int) -> dict[str, dict[str, Any]]:
-    """(3): full-episode returns per option from the same reset seeds."""
+def returns(run: Any, episodes: int, max_steps: Optional[int] = None) -> dict[str, dict[str, Any]]:
+    """(3): episode returns per option from the same reset seeds (episodes cut at `max_steps` if given)."""
     out = {}
     env = make_env(run.config.env, 0)
     for label, overrides in STUDY.items():
@@ -152,7 +152,7 @@ def returns(run: Any, episodes: int) -> dict[str, dict[str, Any]]:
             obs, _ = env.reset(seed=500 + ep)
             agent.reset()
             total, done = 0.0, False
-            while not done:
+            while not done and (max_steps is None or steps < max_steps * (ep + 1)):
                 start = time.process_time()
                 action = agent.act(obs)
                 cpu += time.process_time() - start
@@ -227,6 +227,7 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=300)
     parser.add_argument("--episodes", type=int, default=3)
     parser.add_argument("--decisions", type=int, default=40, help="decisions per trajectory in (2)")
+    parser.add_argument("--return-steps", type=int, default=None, help="cut (3)'s episodes (default: full ones)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--name", default="planner_loops")
     args = parser.parse_args()
@@ -246,7 +247,7 @@ def main() -> None:
         "study": STUDY,
         "rollouts": rollouts(run.model, run.config, args.sequences),
         "decisions": decisions(run, args.episodes, args.decisions),
-        "returns": returns(run, args.episodes),
+        "returns": returns(run, args.episodes, args.return_steps),
     }
     info["load_average_end"] = load_average()
     info["command"] = command()
