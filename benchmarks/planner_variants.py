@@ -18,7 +18,7 @@ from plain_dynamics import PlainWorldModel
 from loopwm.agents import Planner, build_planner
 from loopwm.config import Config, load_config
 from loopwm.envs.factory import action_from_model, make_env
-from loopwm.flops import linear_macs
+from loopwm.flops import linear_macs, step_macs
 
 from common import interleaved, md_table, median, paired_ratio
 
@@ -106,18 +106,20 @@ def run_variants(
 ) -> dict[str, Any]:
     """Every loop option in `VARIANTS` on `config` with overrides `base` (and the plain model) timed in turn, at
     each of `args.threads`; `build(cfg, with_prior_value, seed)` makes (env, model, planner)."""
-    contenders = []
+    contenders, models = [], []
     for label, overrides in VARIANTS.items():
-        env, _, planner = build(load_config(config, base + overrides), with_prior_value, 0)
+        env, wm, planner = build(load_config(config, base + overrides), with_prior_value, 0)
         contenders.append(Contender(label, env, planner, overrides))
-    out: dict[str, Any] = {"threads": {}}
+        models.append(wm)
+    one_loop = step_macs(models[0], 1)  # multiply-adds per imagined step and sample at one loop from zero, by part
+    out: dict[str, Any] = {"threads": {}, "loopwm_one_loop_macs": one_loop}
     if with_plain:
         env, plain, planner = plain_planner(load_config(config, base), 0)
         contenders.append(Contender(PLAIN, env, planner))
-        macs = linear_macs(plain.dynamics, plain.reward)
         out["plain"] = {
             "parameters": sum(p.numel() for p in plain.parameters()),
-            "step_mflop_per_sample": 2 * macs / 1e6,
+            "step_mflop_per_sample": 2 * linear_macs(plain.dynamics, plain.reward) / 1e6,
+            "macs": {"dynamics": linear_macs(plain.dynamics), "reward": linear_macs(plain.reward)},
         }
     for n in args.threads:
         torch.set_num_threads(n)
@@ -156,6 +158,8 @@ def variants_section(payload: dict[str, Any], target_ms: float) -> list[str]:
         "sample, continue = 1) through the same MPPI planner (benchmarks/plain_dynamics.py):",
         "",
     ]
+    m, p = vb["loopwm_one_loop_macs"], plain
+    around = m["prelude"] + m["injection"] + m["coda"]
     for n, rows in vb["threads"].items():
         best = min((k for k in rows if k != PLAIN), key=lambda k: rows[k]["cpu_ms"])
         r = rows[best]
@@ -165,6 +169,12 @@ def variants_section(payload: dict[str, Any], target_ms: float) -> list[str]:
             f"takes {r['latency_ms']:.0f} ms ({r['cpu_ms']:.0f} ms CPU) against the plain model's "
             f"{rows[PLAIN]['latency_ms']:.0f} ms ({rows[PLAIN]['cpu_ms']:.0f} ms CPU): {r['wall_ratio']:.2f}× its wall "
             f"time and {r['cpu_ratio']:.2f}× its CPU time per round, so it {verdict} the target (no dearer in both).",
+            "",
+            f"Multiply-adds per imagined step and sample: loopwm at one loop from zero {m['total'] / 1e3:.0f}k "
+            f"(loop {m['loops'] / 1e3:.0f}k; prelude, injection and coda {around / 1e3:.0f}k; heads "
+            f"{m['heads'] / 1e3:.0f}k), the plain model {sum(p['macs'].values()) / 1e3:.0f}k (dynamics "
+            f"{p['macs']['dynamics'] / 1e3:.0f}k, reward {p['macs']['reward'] / 1e3:.0f}k): the parts around the "
+            "loop alone outweigh the plain dynamics MLP.",
             "",
             variants_md(rows, "plain"),
             "",
