@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from loopwm.config import Config, ConfigError, PlannerConfig
+from loopwm.loop import planner_loop_options
 from loopwm.nets import argmax_groups, group_slices
 
 LatentFn = Callable[[Tensor], Tensor]
@@ -153,6 +154,9 @@ class Planner:
     u_k the loop's certified distance to its fixed point (`uncertainty="bound"`) or 1 − converged
     (`"unconverged"`). Subclasses set the elite weights (`weights`). The mean/std (or probabilities)
     move to the refit with new = momentum · old + (1 − momentum) · fit.
+
+    Imagined steps loop with the model's own options unless `cfg` sets loop options or a warm start
+    (`PlannerConfig`); those need a `WorldModel` (its `cfg` and `imagine(h0=, chain=)`).
     """
 
     def __init__(
@@ -186,20 +190,31 @@ class Planner:
             self.gen.seed()
         else:
             self.gen.manual_seed(seed)
+        self.warm, self.custom_loops = cfg.warm_start, bool(cfg.loop_overrides()) or cfg.warm_start != "none"
+        if self.custom_loops and not hasattr(wm, "core"):
+            raise ValueError(f"planner loop options and warm_start={self.warm!r} need a looped WorldModel")
+        self.loop_options = planner_loop_options(wm.cfg, cfg) if self.custom_loops else None
         self.prev: Optional[Params] = None
+        self.prev_states: Optional[Tensor] = None  # the last decision's elite exit states [H, N, hidden]
         self.last_stats: dict[str, float] = {}
 
     def reset(self) -> None:
         """Forget the warm start (a new episode in every env)."""
-        self.prev = None
+        self.prev = self.prev_states = None
 
     def state_dict(self) -> dict[str, Any]:
-        """The sampling RNG and the warm start: what makes a resumed run plan exactly as it would have."""
-        return {"gen": self.gen.get_state(), "prev": None if self.prev is None else dict(self.prev)}
+        """The sampling RNG and the warm starts: what makes a resumed run plan exactly as it would have."""
+        return {
+            "gen": self.gen.get_state(),
+            "prev": None if self.prev is None else dict(self.prev),
+            "states": self.prev_states,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.gen.set_state(state["gen"])
         self.prev = None if state["prev"] is None else {k: v.to(self.device) for k, v in state["prev"].items()}
+        states = state.get("states")  # absent from checkpoints written before warm-started loops
+        self.prev_states = None if states is None else states.to(self.device)
 
     @torch.no_grad()
     def model_action(
@@ -237,9 +252,30 @@ class Planner:
         reset = torch.as_tensor(t0, dtype=torch.bool, device=self.device).expand(n)[:, None, None]
         return {k: torch.where(reset, init[k], warm[k]) for k in init}
 
-    def score(self, z: Tensor, actions: Tensor) -> tuple[Tensor, Any]:
-        """Score action sequences [H, B, A] from latents [B, Z]; returns (G [B], the ImagineOutput)."""
-        out = self.wm.imagine(z, actions, decode="none")
+    def start_states(self, n: int, t0: bool | np.ndarray | Tensor = False) -> Optional[Tensor]:
+        """warm_start="elite" or "time": the previous decision's elite states [H, N, hidden], shifted one step
+        (the last repeated), zero where an episode starts; None before the first decision or for other starts."""
+        if self.warm not in ("elite", "time") or self.prev_states is None or self.prev_states.shape[1] != n:
+            return None
+        states = torch.cat([self.prev_states[1:], self.prev_states[-1:]])
+        reset = torch.as_tensor(t0, dtype=torch.bool, device=self.device).expand(n)[None, :, None]
+        return states.masked_fill(reset, 0.0)
+
+    def elite_states(self, states: Tensor, idx: Tensor, weights: Tensor) -> Tensor:
+        """The elites' weighted mean exit states [H, N, hidden] from a rollout's states [H, N·S, hidden]."""
+        per_env = states.view(states.shape[0], *idx.shape[:1], -1, states.shape[-1])
+        picked = per_env.gather(2, idx[None, :, :, None].expand(states.shape[0], -1, -1, states.shape[-1]))
+        return (weights[None, :, :, None] * picked).sum(2)
+
+    def score(self, z: Tensor, actions: Tensor, h0: Optional[Tensor] = None) -> tuple[Tensor, Any]:
+        """Score action sequences [H, B, A] from latents [B, Z], each step's loop started from `h0` [H, B, hidden]
+        (zeros where None); returns (G [B], the ImagineOutput)."""
+        if self.custom_loops:
+            out = self.wm.imagine(
+                z, actions, decode="none", options=self.loop_options, h0=h0, chain=self.warm == "time"
+            )
+        else:
+            out = self.wm.imagine(z, actions, decode="none")
         terminal = self.value(out.latents[-1]) if self.value is not None else None
         ret = discounted_return(out.rewards, out.continues, self.discount, terminal)
         if self.cfg.uncertainty_penalty > 0:
@@ -273,21 +309,29 @@ class Planner:
         prior_actions = self._prior_rollout(z)
         zs = z.repeat_interleave(cfg.samples, 0)
         loops = bound = converged = 0.0
+        elite = self.start_states(n, t0)
+        h0 = None
         for _ in range(cfg.iterations):
             actions = self.sampler.sample(params, cfg.samples - self.policy_samples, self.gen)
             if prior_actions is not None:
                 actions = torch.cat([prior_actions, actions], 2)
-            ret, out = self.score(zs, actions.flatten(1, 2))
+            if elite is not None:
+                h0 = elite.repeat_interleave(cfg.samples, 1)
+            ret, out = self.score(zs, actions.flatten(1, 2), h0)
             lowest = torch.finfo(ret.dtype).min
             elite_scores, idx = ret.nan_to_num(nan=lowest, neginf=lowest).view(n, cfg.samples).topk(cfg.elites, 1)
             elites = actions.gather(2, idx[None, :, :, None].expand(cfg.horizon, -1, -1, actions.shape[-1]))
             weights = self.weights(elite_scores)
             fit = self.sampler.fit(elites, weights)
             params = {k: cfg.momentum * params[k] + (1 - cfg.momentum) * fit[k] for k in params}
+            if self.warm == "iteration":
+                h0 = out.states
+            elif self.warm in ("elite", "time"):
+                elite = self.elite_states(out.states, idx, weights)
             loops = loops + out.loops.float().mean()
             bound = bound + out.bound.float().mean()
             converged = converged + out.converged.float().mean()
-        self.prev = params
+        self.prev, self.prev_states = params, elite
         action = self.sampler.first(params, eval_mode, self.exploration, self.gen)
         self.last_stats = {
             "return": (weights * elite_scores).sum(1).mean().item(),

@@ -178,18 +178,22 @@ class PolicyPrior:
                 actions.append(F.one_hot(idx, sl.stop - sl.start).to(probs.dtype) + probs - probs.detach())
                 entropy = entropy - (probs * logits).sum(-1)
             return torch.cat(actions, -1), entropy
-        mu, log_std = out.chunk(2, -1)
-        log_std = _LOG_STD_MIN + 0.5 * (_LOG_STD_MAX - _LOG_STD_MIN) * (torch.tanh(log_std) + 1)
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-        action = torch.tanh(mu + log_std.exp() * eps)
+        action, eps, log_std = self._box_sample(out, generator)
         log_prob = (-0.5 * eps**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
         log_prob = log_prob - torch.log((1 - action**2).clamp_min(1e-6)).sum(-1)
         return action, -log_prob
 
+    def _box_sample(self, out: Tensor, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """A tanh-Gaussian action from the network's output, with the noise and log-std that drew it."""
+        mu, log_std = out.chunk(2, -1)
+        log_std = _LOG_STD_MIN + 0.5 * (_LOG_STD_MAX - _LOG_STD_MIN) * (torch.tanh(log_std) + 1)
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        return torch.tanh(mu + log_std.exp() * eps), eps, log_std
+
     @torch.no_grad()
     def __call__(self, z: Tensor) -> Tensor:
-        """A sampled action [B, A] (what the planner seeds its samples with)."""
-        return self.sample(z)[0]
+        """A sampled action [B, A] (what the planner seeds its samples with; its log-probability is not needed)."""
+        return self.sample(z)[0] if self.discrete else self._box_sample(self.net(z))[0]
 
     @torch.no_grad()
     def mode(self, z: Tensor) -> Tensor:

@@ -7,13 +7,19 @@
     latent 128, MLP width 384 (model.latent_dim=128, model.mlp_dim=384, model.hidden_dim=384, so the
     loop block is 384 → 768 → 384; model.loops 4), without prior or value. Reference: TD-MPC2's own planner
     on this CPU reached about 30% of the matmul peak; target ≥ 1.5 × that fraction.
+(c) Loop options side by side (`planner.*`: fewer loops, warm starts, the certified exit), each timed in turn
+    with the default in the same run, with their mean loops per imagined step; for (b) also against a plain
+    MLP world model of TD-MPC2's size through the same planner (benchmarks/plain_dynamics.py). Targets: the
+    default Pendulum decision ≤ 10 ms on one thread; a loopwm decision at (b) no dearer than the plain model's.
 
-Models are untrained (the cost of a decision does not depend on the weights). Observations come from a
-real environment rollout driven by the planner. FLOPs are counted analytically: 2·rows·in·out for every
-linear map on the decision's path; elementwise work and the certified-weight computation are excluded
-from the useful count (the latter is reported separately). The peak is the best median rate of float32
-torch.mm on n×n matrices (n = 256, 512, 1024) at the same thread count, measured in the same run; the
-1024×1024 rate alone is also shown, as it can fall well below the smaller sizes here.
+Models are untrained: the cost of a decision with a fixed loop count does not depend on the weights, but
+the loops an adaptive exit (certified) spends do, so its rows here only show what each loop costs; the loops
+trained models spend, and what each option does to predictions and actions, are in planner_loops.md.
+Observations come from a real environment rollout driven by the planner. FLOPs are counted analytically:
+2·rows·in·out for every linear map on the decision's path; elementwise work and the certified-weight
+computation are excluded from the useful count (the latter is reported separately). The peak is the best
+median rate of float32 torch.mm on n×n matrices (n = 256, 512, 1024) at the same thread count, measured in
+the same run; the 1024×1024 rate alone is also shown, as it can fall well below the smaller sizes here.
 
     .venv/bin/python benchmarks/planner_speed.py --repeats 20
 """
@@ -31,6 +37,7 @@ from unittest import mock
 
 import numpy as np
 import torch
+from planner_variants import run_variants, variants_section
 from torch.profiler import ProfilerActivity, profile
 
 import loopwm.lipschitz as lipschitz
@@ -63,6 +70,7 @@ TDMPC2_OVERRIDES = [
     "model.mlp_dim=384",
     "model.hidden_dim=384",
 ]
+PENDULUM_TARGET_MS = 10.0
 TDMPC2_FRACTION = 0.30  # TD-MPC2's planner on this CPU: ~50 GFLOP/s of a ~170 GFLOP/s peak, 255-268 ms/decision
 LATENCY_TARGET_MS = 20.0
 
@@ -358,7 +366,7 @@ def markdown(payload: dict[str, Any]) -> str:
         "square peak, the stricter of the two.",
         "",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + variants_section(payload, PENDULUM_TARGET_MS))
 
 
 def main() -> None:
@@ -383,6 +391,10 @@ def main() -> None:
         "pendulum": run_config("pendulum", load_config(CONFIG), True, args, profile=True),
         "tdmpc2": run_config("tdmpc2", load_config(CONFIG, TDMPC2_OVERRIDES), False, args, profile=False),
     }
+    variants = {
+        "pendulum": run_variants(CONFIG, [], True, False, args, build),
+        "tdmpc2": run_variants(CONFIG, TDMPC2_OVERRIDES, False, True, args, build),
+    }
     after = {n: matmul_peak(n, args.repeats) for n in args.threads}
     peaks = {n: {k: max(before[n][k], after[n][k]) for k in before[n]} for n in args.threads}  # the better median
     for res in configs.values():
@@ -403,6 +415,9 @@ def main() -> None:
         "matmul_peak_before": before,
         "matmul_peak_after": after,
         "configs": configs,
+        "variants": variants,
+        "tdmpc2_latent": 128,
+        "tdmpc2_width": 384,
     }
     write_outputs(args.out, args.name, payload, markdown(payload))
 

@@ -188,6 +188,14 @@ class PlannerConfig(Section):
     """Latent planning: `method` names a registered planner (`loopwm.agents.planner.PLANNERS`).
 
     The discount is the agent's (`agent.discount`): planner, value and prior share one.
+
+    How imagined steps loop: `exit` (a rule in `loopwm.loop.EXIT_RULES`), `loops`, `min_loops`, `max_loops`
+    and `exit_tol` override the model's own (`model.exit` and its limits) where set. `warm_start` picks the
+    state each imagined step's loop starts from instead of zero: "iteration" the same sample's exit state in
+    the previous MPPI iteration, "elite" the elites' weighted mean of the previous iteration (at an episode's
+    later decisions' first iteration, of the previous decision, shifted a step), "time" the previous
+    imagined step's (the first step's from the elite mean, as for "elite").
+    The contraction reaches the same fixed point from any start; a warm start gets near it in fewer loops.
     """
 
     prefix: ClassVar[str] = "planner"
@@ -203,8 +211,33 @@ class PlannerConfig(Section):
     uncertainty_penalty: float = field(default=0.0, metadata=bounds(0.0))
     momentum: float = field(default=0.1, metadata=bounds(0.0, 1.0))
     policy_eval: Literal["mode", "sample"] = "mode"  # method=policy: evaluate with π's mode, or a sample of π
+    warm_start: Literal["none", "iteration", "time", "elite"] = "none"
+    exit: Optional[str] = None
+    loops: Optional[int] = field(default=None, metadata=bounds(1, 256))
+    min_loops: Optional[int] = field(default=None, metadata=bounds(1, 256))
+    max_loops: Optional[int] = field(default=None, metadata=bounds(1, 1024))
+    exit_tol: Optional[float] = field(default=None, metadata=bounds(0.0, lo_open=True))
+
+    LOOP_OPTIONS: ClassVar[dict[str, str]] = {
+        "exit": "exit",
+        "loops": "loops",
+        "min_loops": "min_loops",
+        "max_loops": "max_loops",
+        "exit_tol": "tol",
+    }  # planner key -> `LoopOptions` field
+
+    def loop_overrides(self) -> dict[str, Any]:
+        """The loop options set here, by their `LoopOptions` names (the model's own fill the rest)."""
+        return {opt: getattr(self, key) for key, opt in self.LOOP_OPTIONS.items() if getattr(self, key) is not None}
 
     def check(self) -> None:
+        from loopwm.loop import check_exit
+
+        if self.exit is not None:
+            try:
+                check_exit(self.exit)
+            except ConfigError as exc:
+                raise ConfigError(f"planner.{exc}") from None
         if self.elites > self.samples:
             raise ConfigError(f"planner.elites={self.elites} must be <= planner.samples={self.samples}")
         if self.policy_samples >= self.samples:
@@ -258,6 +291,9 @@ class Config(Section):
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"device={self.device!r}: expected 'auto', 'cpu' or 'cuda[:N]'")
         self.check_dynamics()
+        from loopwm.loop import planner_loop_options
+
+        planner_loop_options(self.model, self.planner)
 
     def check_dynamics(self) -> None:
         """Training and planning options that an unshared stack or a loop-free core cannot honour."""

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from loopwm.blocks import make_block
 from loopwm.certificate import LoopCertificate, norm_bounds
-from loopwm.config import ConfigError, ModelConfig
+from loopwm.config import ConfigError, ModelConfig, PlannerConfig
 from loopwm.lipschitz import Certified, CertifiedLinear, round_up
 
 
@@ -88,6 +88,19 @@ class LoopOptions:
         if exit == "fixed":
             base["loops"] = cfg.loops
         return cls(**{**base, **overrides})
+
+
+def planner_loop_options(model: ModelConfig, planner: PlannerConfig) -> Optional[LoopOptions]:
+    """The options a planner's imagined steps loop with: the model's, overridden by `planner.*` where set;
+    None when the planner sets none (the model's defaults apply). Refuses a combination that cannot run."""
+    overrides = planner.loop_overrides()
+    if not overrides:
+        return None
+    try:
+        return LoopOptions.from_config(model, **overrides)
+    except ValueError as exc:
+        keys = ", ".join(f"planner.{k}" for k in planner.LOOP_OPTIONS if getattr(planner, k) is not None)
+        raise ConfigError(f"planner loop options ({keys} over model.*): {exc}") from None
 
 
 def _check_count(name: str, value: object) -> None:
@@ -181,10 +194,20 @@ class StepContext:
     kappa: Tensor  # certified Lipschitz constant of h ↦ F(h, e)
     certificate: LoopCertificate  # κ's parts and the rounding term of the certified bound
     stages: tuple["StepContext", ...] = ()  # an unshared stack's context of each loop (the fields above: loop 0's)
+    input_norms: Optional[tuple[Tensor, Tensor]] = None  # (‖drive‖, Σ‖block_ctx‖) bounds: see `norms`
 
     def at(self, t: int) -> "StepContext":
         """The context of loop t: this one for a shared block, stage t's for an unshared stack."""
         return self.stages[t] if self.stages else self
+
+    def norms(self) -> tuple[Tensor, Tensor]:
+        """Norm bounds (float64, per sample) of the drive and of the summed injection terms: the same for every
+        loop of the step, so computed once."""
+        if self.input_norms is None:
+            drive = norm_bounds(self.drive)
+            context = sum((norm_bounds(c) for c in self.block_ctx), torch.zeros_like(drive))
+            self.input_norms = (drive, context)
+        return self.input_norms
 
     def select(self, index: Tensor) -> "StepContext":
         """The context of a subset of the batch (shared parts are kept as they are)."""
@@ -253,6 +276,7 @@ class LoopCore(nn.Module):
         self.default_options = LoopOptions.from_config(cfg)
         self._scope: Optional[LoopParams] = None
         self._cache: tuple[tuple, list[Tensor]] | None = None
+        self._params_cache: tuple[tuple, LoopParams] | None = None
 
     # ---- parameters -> certificate -------------------------------------------------------
     def blocks(self) -> list[nn.Module]:
@@ -306,7 +330,18 @@ class LoopCore(nn.Module):
     def loop_params(self) -> LoopParams:
         """Retention, step size, scaled weights, gain and κ: everything a step needs that is not the input.
 
-        An unshared stack certifies each block on its own (its weights and gain s_t, with the common Ā)."""
+        An unshared stack certifies each block on its own (its weights and gain s_t, with the common Ā).
+        Under no_grad the result is cached until a parameter changes (keyed like `certified_weights`), so
+        a planner's many rollouts pay for it once per update of the model, not once per rollout.
+        """
+        if torch.is_grad_enabled():
+            return self._loop_params()
+        key = (torch.get_float32_matmul_precision(), *((p._version, p.data_ptr()) for p in self.parameters()))
+        if self._params_cache is None or self._params_cache[0] != key:
+            self._params_cache = (key, self._loop_params())
+        return self._params_cache[1]
+
+    def _loop_params(self) -> LoopParams:
         a_bar = self.retention()
         delta = F.softplus(self.delta_raw) if self.use_retention else torch.ones_like(self.delta_raw)
         certified, scales = self.certified_weights(), self.block_scale(a_bar.max())
@@ -372,8 +407,7 @@ class LoopCore(nn.Module):
         if ctx.stages:
             return torch.full_like(step_norm, math.inf)
         cert = ctx.certificate
-        h_norm, drive = norm_bounds(h), norm_bounds(ctx.drive)
-        context = sum((norm_bounds(c) for c in ctx.block_ctx), torch.zeros_like(h_norm))
+        h_norm, (drive, context) = norm_bounds(h), ctx.norms()
         bound, stalled = cert.step_bound(step_norm, h_norm, context, drive)
         if refine is not None and bool((stalled := stalled & refine).any()):
             idx = slice(None) if bool(stalled.all()) else stalled.nonzero().squeeze(1)

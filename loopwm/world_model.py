@@ -45,6 +45,7 @@ class ImagineOutput:
     loops: Tensor  # [H, B] loops used
     obs: Optional[Tensor] = None  # [B, ...] ("final") or [H, B, ...] ("all")
     traces: Optional[list[LoopTrace]] = None
+    states: Optional[Tensor] = None  # [H, B, hidden_dim] loop states at exit, to warm-start the next rollout
 
 
 class WorldModel(nn.Module):
@@ -184,13 +185,21 @@ class WorldModel(nn.Module):
 
     def injection(self, z: Tensor, action: Tensor, obs: Optional[Tensor] = None) -> Tensor:
         """e = RMSNorm(P([z; E(o) or 0; U(a)])), so ‖e‖ = √inject_dim whatever the inputs."""
+        self._check_latent(z)
+        return self._injection(z, self.action_input(action, z.shape[:1]), obs)
+
+    def _check_latent(self, z: Tensor) -> None:
         if z.dim() != 2 or z.shape[-1] != self.latent_dim:
             raise ValueError(f"z has shape {tuple(z.shape)}; expected (batch, {self.latent_dim})")
         if not torch.isfinite(z).all():
             raise ValueError("z contains NaN or infinite values")
-        a = self.action_embed(self.action_input(action, z.shape[:1]))
+
+    def _injection(self, z: Tensor, action: Tensor, obs: Optional[Tensor]) -> Tensor:
+        """`injection` for a checked latent and an action already through `action_input`."""
         o = self.encode(obs) if obs is not None else None
-        return rms_normalize(self.prelude(torch.cat([z, optional(o, z, self.latent_dim), a], -1)))
+        return rms_normalize(
+            self.prelude(torch.cat([z, optional(o, z, self.latent_dim), self.action_embed(action)], -1))
+        )
 
     def step(
         self,
@@ -204,13 +213,21 @@ class WorldModel(nn.Module):
     ) -> tuple[Tensor, LoopTrace]:
         """One environment step through the loop: (z_{k−1}, a_k[, o_k]) -> z_k and its LoopTrace.
 
-        `options` chooses the exit rule and loop limits (default: the model config's). With
+        `options` chooses the exit rule and loop limits (default: the model config's); `h0` is the state the
+        loop starts from (zeros by default; the contraction reaches the same fixed point from any start). With
         `readouts=True` the trace holds the latent read out after every loop.
         """
+        self._check_start(h0)
+        return self._step(z, self.injection(z, action, obs), h0, options, readouts)
+
+    def _check_start(self, h0: Optional[Tensor]) -> None:
         if h0 is not None and isinstance(h0, Tensor) and not torch.isfinite(h0).all():
             raise ValueError("h0 contains NaN or infinite values")
-        ctx = self.core.prepare(self.injection(z, action, obs))
-        h, trace = self.core.run(ctx, h0, options, readout=self.readout_for(z) if readouts else None)
+
+    def _step(
+        self, z: Tensor, e: Tensor, h0: Optional[Tensor], options: Optional[LoopOptions], readouts: bool = False
+    ) -> tuple[Tensor, LoopTrace]:
+        h, trace = self.core.run(self.core.prepare(e), h0, options, readout=self.readout_for(z) if readouts else None)
         return self.readout(h, z), trace
 
     def predict_reward(self, z: Tensor) -> Tensor:
@@ -259,20 +276,34 @@ class WorldModel(nn.Module):
         keep_traces: bool = False,
         options: Optional[LoopOptions] = None,
         obs: Optional[Tensor] = None,
+        h0: Optional[Tensor] = None,
+        chain: bool = False,
     ) -> ImagineOutput:
         """Roll out `actions` [H, B, A] from z in latent space only; decode observations only where asked.
 
-        `obs`, the observation z was encoded from, anchors the delta decoder (`decode_rollout`).
+        `obs`, the observation z was encoded from, anchors the delta decoder (`decode_rollout`). Each step's
+        loop starts from `h0[k]` ([H, B, hidden_dim] warm states; zeros by default) or, with `chain`, from
+        the previous step's exit state (step 0 from `h0[0]` or zeros); `options` sets how it exits.
+        Inputs are checked once here, not at every step.
         """
         if decode not in ("final", "all", "none"):
             raise ValueError(f"decode={decode!r}: expected 'final', 'all' or 'none'")
         actions = torch.as_tensor(actions, device=z.device)
         if actions.dim() < 2 or actions.shape[1] != z.shape[0]:
             raise ValueError(f"actions has shape {tuple(actions.shape)}; expected (horizon, {z.shape[0]}, ...)")
+        if h0 is not None and (not isinstance(h0, Tensor) or tuple(h0.shape[:2]) != tuple(actions.shape[:2])):
+            shape = tuple(h0.shape) if isinstance(h0, Tensor) else type(h0).__name__
+            raise ValueError(f"h0 has shape {shape}; expected {(*actions.shape[:2], self.cfg.hidden_dim)}")
+        self._check_latent(z)
+        self._check_start(h0)
+        inputs = self.action_input(actions, tuple(actions.shape[:2]))
         latents, traces = [z], []
+        h = None if h0 is None else h0[0]
         with self.core.weight_scope():
-            for a in actions:
-                z, trace = self.step(z, a, options=options)
+            for k, a in enumerate(inputs):
+                if k > 0:
+                    h = traces[-1].final_state if chain else None if h0 is None else h0[k]
+                z, trace = self._step(z, self._injection(z, a, None), h, options)
                 latents.append(z)
                 traces.append(trace)
         lat = torch.stack(latents)
@@ -290,6 +321,7 @@ class WorldModel(nn.Module):
             loops=torch.stack([t.loops_used for t in traces]),
             obs=decoded,
             traces=traces if keep_traces else None,
+            states=torch.stack([t.final_state for t in traces]),
         )
 
     def certified_lipschitz(self) -> float:

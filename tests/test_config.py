@@ -33,6 +33,18 @@ def test_yaml_and_overrides_resolve(tmp_path):
         ("model:\n  min_loops: 9\n  max_loops: 4\n", "model.min_loops=9 must be <= model.max_loops=4"),
         ("seed: -1\n", r"seed=-1: expected a value >= 0"),
         ("seed: 4294967296\n", r"seed=4294967296: expected a value <= 4294967295"),
+        ("planner:\n  warm_start: previous\n", r"planner.warm_start='previous': expected one of \['none'"),
+        ("planner:\n  exit: early\n", r"planner.exit='early': expected one of \['certified', 'fixed', 'gate'\]"),
+        ("planner:\n  exit_tol: 0\n", r"planner.exit_tol=0.0: expected a value > 0.0"),
+        ("planner:\n  loops: 0\n", r"planner.loops=0: expected a value >= 1"),
+        (
+            "planner:\n  exit: certified\n  loops: 2\n",
+            r"planner loop options \(planner.exit, planner.loops over model.\*\): loops=2 needs exit='fixed'",
+        ),
+        (
+            "model:\n  min_loops: 3\nplanner:\n  exit: certified\n  max_loops: 2\n",
+            r"\(planner.exit, planner.max_loops over model.\*\): min_loops=3 must be <= max_loops=2",
+        ),
         ("model: [1, 2\n", "is not valid YAML"),
         ("- a\n- b\n", "expected a mapping"),
     ],

@@ -287,8 +287,10 @@ def test_step_macs_match_a_hand_count():
 
 
 def test_a_warm_started_loop_reaches_the_cold_fixed_point_within_its_bound():
-    """Warm states (the previous step's fixed point) converge to the same h* as zero starts, within
-    each run's certified bound, and in fewer loops: the contraction forgets where it started."""
+    """The planner's warm states (the same sample's fixed point for a nearby input, as across MPPI iterations;
+    the mean of other samples' fixed points, as the elite mean; an arbitrary far state) converge to the same h*
+    as zero starts, within each run's certified bound; the nearby one in fewer loops: the contraction forgets
+    where it started."""
     model = tiny_model()
     randomize(model, std=0.3)
     with torch.no_grad():
@@ -296,11 +298,59 @@ def test_a_warm_started_loop_reaches_the_cold_fixed_point_within_its_bound():
         ctx = model.core.prepare(e)
         prev = model.core.prepare(e + 0.05 * torch.randn(e.shape, generator=torch.Generator().manual_seed(4)))
         h_star = model.core.fixed_point(ctx, tol=1e-5, max_loops=1000)
-        warm0 = model.core.fixed_point(prev, tol=1e-5, max_loops=1000)
+        nearby = model.core.fixed_point(prev, tol=1e-5, max_loops=1000)
+        starts = {
+            "nearby": nearby,
+            "mean": nearby.mean(0, keepdim=True).expand_as(nearby),
+            "far": 50.0 * torch.randn(nearby.shape, generator=torch.Generator().manual_seed(5)),
+        }
         opts = LoopOptions(exit="certified", tol=1e-2, min_loops=1, max_loops=500)
         cold, cold_trace = model.core.run(ctx, None, opts)
-        warm, warm_trace = model.core.run(ctx, warm0, opts)
-    for h, trace in ((cold, cold_trace), (warm, warm_trace)):
+        runs = {name: model.core.run(ctx, h0, opts) for name, h0 in starts.items()}
+    for h, trace in (cold, cold_trace), *runs.values():
         assert torch.all(trace.converged)
         assert torch.all((h - h_star).norm(dim=-1) <= trace.bound + 1e-5)  # h_star itself is within 1e-5
-    assert warm_trace.loops_used.float().mean() < cold_trace.loops_used.float().mean()
+    assert runs["nearby"][1].loops_used.float().mean() < cold_trace.loops_used.float().mean()
+    assert runs["far"][1].loops_used.float().mean() > cold_trace.loops_used.float().mean()  # the start is used
+
+
+def test_imagine_starts_each_step_from_the_states_it_is_given():
+    """`imagine(h0=...)` starts step k's loop from h0[k] and `chain=True` from step k−1's exit state; either way
+    every step's exit state is within its certified bound of that step's own fixed point, and starting from
+    the states a cold rollout ended in takes fewer loops than starting from zero."""
+    model = tiny_model()
+    randomize(model, std=0.3)
+    g = torch.Generator().manual_seed(6)
+    z = model.encode(torch.randn(6, 3, generator=g))
+    actions = torch.rand(4, 6, 1, generator=g) * 2 - 1
+    opts = LoopOptions(exit="certified", tol=1e-2, max_loops=500)
+    with torch.no_grad():
+        cold = model.imagine(z, actions, decode="none", options=opts)
+        rerun = model.imagine(z, actions, decode="none", options=opts, h0=cold.states)
+        chained = model.imagine(z, actions, decode="none", options=opts, chain=True)
+        for out in (cold, rerun, chained):
+            assert out.states.shape == (4, 6, model.cfg.hidden_dim)
+            for k in range(4):
+                ctx = model.core.prepare(model.injection(out.latents[k], actions[k]))
+                h_star = model.core.fixed_point(ctx, tol=1e-5)
+                assert torch.all((out.states[k] - h_star).norm(dim=-1) <= out.bound[k] + 1e-5)
+    assert torch.all(rerun.loops == 1) and bool((cold.loops > 1).all())
+    assert chained.loops[1:].float().mean() != cold.loops[1:].float().mean()  # the chain's starts were used
+    with pytest.raises(ValueError, match=r"h0 has shape \(3, 6, 32\); expected \(4, 6, 32\)"):
+        model.imagine(z, actions, h0=cold.states[:3])
+
+
+def test_loop_parameters_are_cached_under_no_grad_until_a_parameter_changes():
+    """One computation of κ and the applied weights serves every rollout under no_grad, and an in-place change
+    of any loop parameter (an optimiser step, a state-dict load) is seen at once."""
+    model = tiny_model()
+    with torch.no_grad():
+        first = model.core.loop_params()
+        assert model.core.loop_params() is first
+        before = model.certified_lipschitz()
+        model.core.gain_logit.add_(1.0)
+        assert model.core.loop_params() is not first
+        assert model.certified_lipschitz() > before
+        model.core.log_rate.sub_(1.0)  # slower decay: larger retention, larger κ
+        assert model.certified_lipschitz() > before
+    assert model.core.loop_params() is not model.core.loop_params()  # with gradients: never cached

@@ -255,3 +255,58 @@ def test_config_errors_are_clear():
         make_planner(point_model(), dataclasses.replace(cfg(), elites=300))
     with pytest.raises(ValueError, match="min_prob"):
         make_planner(bandit([0.0, 1.0]), cfg(), min_prob=0.5)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """A tiny looped model fitted for 60 updates on a linear system with reward −‖x‖², and start states."""
+    from loopwm.train import Trainer
+    from tests.test_training import config, linear_dataset, new_model
+
+    data = linear_dataset()
+    run_cfg = config(updates=60, batch_size=16, horizon=3, lr=3e-3, log_every=1000)
+    trainer = Trainer(new_model(run_cfg, data), run_cfg, data)
+    for _ in range(run_cfg.train.updates):
+        trainer.update()
+    obs = np.random.default_rng(1).normal(size=(4, 3)).astype(np.float32)
+    return trainer.wm.eval(), obs
+
+
+@pytest.mark.parametrize("warm_start", ["iteration", "time", "elite"])
+def test_a_warm_started_planner_acts_as_the_cold_one_in_fewer_loops(fitted, warm_start):
+    """With the certified exit every imagined step ends within tol of its fixed point wherever its loop starts, so
+    a warm-started planner scores the same samples as a cold one, keeps the same elites and picks the same
+    action, over decisions that carry the warm state forward; and it gets there in fewer loops."""
+    wm, obs = fitted
+    loops = dict(exit="certified", exit_tol=1e-4, max_loops=200)
+    c = cfg(horizon=3, iterations=3, samples=64, elites=8, min_std=0.05)
+    cold = make_planner(wm, dataclasses.replace(c, **loops), seed=0)
+    warm = make_planner(wm, dataclasses.replace(c, warm_start=warm_start, **loops), seed=0)
+    used, actions = {"cold": [], "warm": []}, {"cold": [], "warm": []}
+    for t, o in enumerate(obs):
+        for name, planner in (("cold", cold), ("warm", warm)):
+            actions[name].append(planner.model_action(o, eval_mode=True, t0=t == 0))
+            used[name].append(planner.last_stats["loops"])
+    np.testing.assert_allclose(actions["warm"], actions["cold"], atol=1e-3)
+    assert np.mean(used["warm"]) < 0.95 * np.mean(used["cold"])
+
+
+def test_planner_loop_options_need_a_looped_model_and_change_its_loops(fitted):
+    """`planner.loops` overrides the model's loop count in every imagined step; an analytic model without a loop
+    is refused loop options rather than silently ignoring them."""
+    wm, obs = fitted
+    planner = make_planner(wm, cfg(horizon=2, iterations=2, samples=32, elites=4, loops=2), seed=0)
+    planner.act(obs[0])
+    assert planner.last_stats["loops"] == 2.0
+    with pytest.raises(ValueError, match="warm_start='time' need a looped WorldModel"):
+        make_planner(point_model(), cfg(warm_start="time"))
+
+
+def test_elite_states_are_the_weighted_mean_of_each_envs_elites(fitted):
+    """States [H, N·S, hidden] laid out env by env: env n's elite start is Σ_e w[n, e]·states[:, n·S + idx[n, e]]."""
+    wm, _ = fitted
+    planner = make_planner(wm, cfg(warm_start="elite"), seed=0)
+    states = torch.arange(2 * 2 * 4, dtype=torch.float32).view(2, 8, 1).expand(2, 8, 3)  # H=2, N=2, S=4
+    idx, weights = torch.tensor([[3, 1], [0, 2]]), torch.tensor([[0.75, 0.25], [0.5, 0.5]])
+    expected = torch.tensor([[0.75 * 3 + 0.25 * 1, 0.5 * 4 + 0.5 * 6], [0.75 * 11 + 0.25 * 9, 0.5 * 12 + 0.5 * 14]])
+    torch.testing.assert_close(planner.elite_states(states, idx, weights), expected[..., None].expand(2, 2, 3))
