@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from loopwm.config import Config, ConfigError, PlannerConfig
-from loopwm.loop import planner_loop_options
+from loopwm.exits import planner_loop_options
 from loopwm.nets import argmax_groups, group_slices
 
 LatentFn = Callable[[Tensor], Tensor]

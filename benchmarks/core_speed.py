@@ -37,7 +37,8 @@ from torch.nn import functional as F
 import loopwm.lipschitz as lipschitz
 from loopwm.certificate import LoopCertificate
 from loopwm.config import load_config
-from loopwm.loop import LoopCore, LoopOptions
+from loopwm.exits import LoopOptions
+from loopwm.loop import LoopCore
 
 from common import (
     DEFAULT_OUT,

@@ -35,7 +35,7 @@ from loopwm.agents.planning_agent import PlanningAgent, planning_parts
 from loopwm.checkpoint import load_run
 from loopwm.config import Config, apply_overrides, from_dict, to_dict
 from loopwm.envs.factory import action_from_model, make_env
-from loopwm.loop import LoopOptions, planner_loop_options
+from loopwm.exits import LoopOptions, planner_loop_options
 from loopwm.world_model import WorldModel
 
 from common import DEFAULT_OUT, command, load_average, machine_info, machine_md, md_table, median, write_outputs

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from loopwm.config import Config, dump_yaml, load_config
-from loopwm.loop import LoopOptions
+from loopwm.exits import LoopOptions
 
 from common import machine_info
 

@@ -12,7 +12,7 @@ from gymnasium.spaces import Box, Discrete, MultiBinary, MultiDiscrete, Space
 from torch import Tensor
 
 from loopwm.envs.factory import action_groups, action_to_model
-from loopwm.loop import LoopOptions
+from loopwm.exits import LoopOptions
 from loopwm.nets import SpaceSpec
 from loopwm.world_model import WorldModel
 

@@ -22,7 +22,7 @@ from loopwm.envs.model_io import check_compatible
 from loopwm.envs.starts import StartSource
 from loopwm.envs.vector_world_model_env import VectorWorldModelEnv
 from loopwm.envs.world_model_env import WorldModelEnv
-from loopwm.loop import LoopOptions
+from loopwm.exits import LoopOptions
 from loopwm.replay import ReplayBuffer
 from loopwm.train import resolve_device
 from loopwm.world_model import WorldModel

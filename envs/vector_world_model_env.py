@@ -19,7 +19,7 @@ from gymnasium.vector.utils import batch_space
 from loopwm.envs.model_io import check_actions, format_obs, model_step, spaces_for
 from loopwm.envs.starts import Starts, StartSource, check_obs
 from loopwm.envs.world_model_env import check_episode_steps
-from loopwm.loop import LoopOptions
+from loopwm.exits import LoopOptions
 from loopwm.world_model import WorldModel
 
 Seed = Union[None, int, Sequence[Optional[int]]]

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from loopwm.envs.model_io import check_actions, format_obs, model_step, spaces_for
 from loopwm.envs.starts import Starts, StartSource, check_obs
-from loopwm.loop import LoopOptions
+from loopwm.exits import LoopOptions
 from loopwm.world_model import WorldModel
 
 Action = Union[np.ndarray, int]
@@ -86,7 +86,7 @@ class WorldModelEnv(gym.Env[np.ndarray, Action]):
         path, an array ``[N, *obs_shape]``, a real environment, a sampler ``f(np_random) -> obs``, or None
         to require ``options["obs"]``).
 
-        ``options`` (a `loopwm.loop.LoopOptions`, e.g. the certified exit) go to every ``wm.step`` call,
+        ``options`` (a `loopwm.exits.LoopOptions`, e.g. the certified exit) go to every ``wm.step`` call,
         as they would to ``wm.imagine``. ``render_mode="rgb_array"`` is available for pixel models only.
         """
         if not isinstance(wm, WorldModel):

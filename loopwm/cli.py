@@ -74,7 +74,7 @@ def _positive_int(text: str) -> int:
 def _exit_rule(name: str) -> str:
     """An argparse type: the name of a registered exit rule (imported only when the option is given)."""
     from loopwm.config import ConfigError
-    from loopwm.loop import check_exit
+    from loopwm.exits import check_exit
 
     try:
         check_exit(name)
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint", help="a run folder or a checkpoint file")
     p.add_argument("--data", help="held-out dataset (.npz); default: the run's own held-out split")
-    p.add_argument("--exit", type=_exit_rule, help="override the exit rule (a name in loopwm.loop.EXIT_RULES)")
+    p.add_argument("--exit", type=_exit_rule, help="override the exit rule (a name in loopwm.exits.EXIT_RULES)")
     p.add_argument("--episodes", type=_positive_int, help="run the planner for N >= 1 episodes instead")
     p.add_argument("--video", help="folder for episode videos (rgb-capable envs)")
     p.add_argument("--out", help="write the JSON result here")

@@ -52,7 +52,7 @@ class ModelConfig(Section):
 
     `block` names a registered shared block (`loopwm.blocks.BLOCKS`); `block_options` holds that block's
     own settings (e.g. `{tokens: 4}` for "token"), checked by the block. `exit` names a registered exit rule
-    (`loopwm.loop.EXIT_RULES`).
+    (`loopwm.exits.EXIT_RULES`).
     """
 
     prefix: ClassVar[str] = "model"
@@ -91,7 +91,7 @@ class ModelConfig(Section):
 
     def check(self) -> None:
         from loopwm.blocks import check_block
-        from loopwm.loop import check_exit
+        from loopwm.exits import check_exit
 
         if self.min_loops > self.max_loops:
             raise ConfigError(f"model.min_loops={self.min_loops} must be <= model.max_loops={self.max_loops}")
@@ -189,7 +189,7 @@ class PlannerConfig(Section):
 
     The discount is the agent's (`agent.discount`): planner, value and prior share one.
 
-    How imagined steps loop: `exit` (a rule in `loopwm.loop.EXIT_RULES`), `loops`, `min_loops`, `max_loops`
+    How imagined steps loop: `exit` (a rule in `loopwm.exits.EXIT_RULES`), `loops`, `min_loops`, `max_loops`
     and `exit_tol` override the model's own (`model.exit` and its limits) where set. `warm_start` picks the
     state each imagined step's loop starts from instead of zero: "iteration" the same sample's exit state in
     the previous MPPI iteration, "elite" the elites' weighted mean of the previous iteration (at an episode's
@@ -231,7 +231,7 @@ class PlannerConfig(Section):
         return {opt: getattr(self, key) for key, opt in self.LOOP_OPTIONS.items() if getattr(self, key) is not None}
 
     def check(self) -> None:
-        from loopwm.loop import check_exit
+        from loopwm.exits import check_exit
 
         if self.exit is not None:
             try:
@@ -291,7 +291,7 @@ class Config(Section):
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"device={self.device!r}: expected 'auto', 'cpu' or 'cuda[:N]'")
         self.check_dynamics()
-        from loopwm.loop import planner_loop_options
+        from loopwm.exits import planner_loop_options
 
         planner_loop_options(self.model, self.planner)
 

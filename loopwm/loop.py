@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -26,160 +26,9 @@ from torch.nn import functional as F
 
 from loopwm.blocks import make_block
 from loopwm.certificate import LoopCertificate, norm_bounds
-from loopwm.config import ConfigError, ModelConfig, PlannerConfig
+from loopwm.config import ModelConfig
+from loopwm.exits import EXIT_RULES, LoopOptions
 from loopwm.lipschitz import Certified, CertifiedLinear, round_up
-
-
-@dataclass(frozen=True)
-class LoopOptions:
-    """How one environment step loops: the exit rule and its limits, checked when built.
-
-    `exit` names a rule in `EXIT_RULES`. "fixed" runs `loops` iterations (an int, or a per-sample
-    long tensor); "certified" stops a sample once its certified distance to the fixed point is
-    ≤ `tol`; "gate" once the learned exit probability exceeds `gate_threshold`. The adaptive rules
-    respect `min_loops`/`max_loops`. `bptt=k` backpropagates through the last k loops only, which
-    needs the loop count in advance, so only "fixed" takes it; an option a rule cannot honour is
-    refused here rather than ignored.
-    """
-
-    exit: str = "fixed"
-    loops: Union[int, Tensor, None] = None
-    min_loops: int = 1
-    max_loops: int = 16
-    tol: float = 1e-2
-    gate_threshold: float = 0.5
-    bptt: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        rule = check_exit(self.exit)
-        for name in ("min_loops", "max_loops"):
-            _check_count(name, getattr(self, name))
-        if self.min_loops > self.max_loops:
-            raise ValueError(f"min_loops={self.min_loops} must be <= max_loops={self.max_loops}")
-        if (
-            isinstance(self.tol, bool)
-            or not isinstance(self.tol, (int, float))
-            or not math.isfinite(self.tol)
-            or self.tol <= 0
-        ):
-            raise ValueError(f"tol={self.tol!r}: expected a finite number > 0")
-        if not isinstance(self.gate_threshold, (int, float)) or not 0.0 <= self.gate_threshold <= 1.0:
-            raise ValueError(f"gate_threshold={self.gate_threshold!r}: expected a number in [0, 1]")
-        if self.bptt is not None:
-            _check_count("bptt", self.bptt)
-        if isinstance(self.loops, Tensor):
-            if self.loops.is_floating_point() or self.loops.dim() != 1 or bool((self.loops < 1).any()):
-                raise ValueError("loops as a tensor must be a 1-D integer tensor of counts >= 1")
-        elif self.loops is not None:
-            _check_count("loops", self.loops)
-        rule.check(self)
-
-    @classmethod
-    def from_config(cls, cfg: ModelConfig, **overrides: object) -> "LoopOptions":
-        """The model config's exit rule and limits, with keyword overrides (e.g. `exit="certified"`)."""
-        base = {
-            "exit": cfg.exit,
-            "min_loops": cfg.min_loops,
-            "max_loops": cfg.max_loops,
-            "tol": cfg.exit_tol,
-            "gate_threshold": cfg.gate_threshold,
-        }
-        exit = overrides.get("exit", base["exit"])
-        if exit == "fixed":
-            base["loops"] = cfg.loops
-        return cls(**{**base, **overrides})
-
-
-def planner_loop_options(model: ModelConfig, planner: PlannerConfig) -> Optional[LoopOptions]:
-    """The options a planner's imagined steps loop with: the model's, overridden by `planner.*` where set;
-    None when the planner sets none (the model's defaults apply). Refuses a combination that cannot run."""
-    overrides = planner.loop_overrides()
-    if not overrides:
-        return None
-    try:
-        return LoopOptions.from_config(model, **overrides)
-    except ValueError as exc:
-        keys = ", ".join(f"planner.{k}" for k in planner.LOOP_OPTIONS if getattr(planner, k) is not None)
-        raise ConfigError(f"planner loop options ({keys} over model.*): {exc}") from None
-
-
-def _check_count(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r}: expected an integer >= 1")
-
-
-class FixedExit:
-    """Run a set number of loops per sample (`loops`, default the model's `loops`)."""
-
-    uses_bound = False  # whether `fire` reads the certified bound after every loop
-
-    def check(self, opts: LoopOptions) -> None:
-        """Every option applies."""
-
-    def targets(self, opts: LoopOptions, default: int, batch: int, device: torch.device) -> Tensor:
-        loops = default if opts.loops is None else opts.loops
-        return torch.as_tensor(loops, device=device).long().expand(batch)
-
-    def fire(
-        self, core: "LoopCore", h: Tensor, step_norm: Tensor, bound: Tensor, opts: LoopOptions, gates: list[Tensor]
-    ) -> Optional[Tensor]:
-        return None
-
-
-class CertifiedExit:
-    """Stop once the certified distance κ/(1−κ)·‖h(t) − h(t−1)‖ (plus rounding) is ≤ `tol`."""
-
-    uses_bound = True
-
-    def check(self, opts: LoopOptions) -> None:
-        _refuse_fixed_only("certified", opts)
-
-    def targets(self, opts: LoopOptions, default: int, batch: int, device: torch.device) -> None:
-        return None
-
-    def fire(
-        self, core: "LoopCore", h: Tensor, step_norm: Tensor, bound: Tensor, opts: LoopOptions, gates: list[Tensor]
-    ) -> Tensor:
-        return bound <= opts.tol
-
-
-class GateExit:
-    """Stop once the learned exit gate's probability exceeds `gate_threshold` (Ouro-style)."""
-
-    uses_bound = False
-
-    def check(self, opts: LoopOptions) -> None:
-        _refuse_fixed_only("gate", opts)
-
-    def targets(self, opts: LoopOptions, default: int, batch: int, device: torch.device) -> None:
-        return None
-
-    def fire(
-        self, core: "LoopCore", h: Tensor, step_norm: Tensor, bound: Tensor, opts: LoopOptions, gates: list[Tensor]
-    ) -> Tensor:
-        prob = core.exit_probability(h, step_norm.detach())
-        gates.append(prob)
-        return prob.detach() > opts.gate_threshold
-
-
-def _refuse_fixed_only(rule: str, opts: LoopOptions) -> None:
-    for name in ("loops", "bptt"):
-        if getattr(opts, name) is not None:
-            raise ValueError(
-                f"{name}={getattr(opts, name)!r} needs exit='fixed': the {rule!r} exit decides the "
-                "loop count as it runs (use min_loops/max_loops to bound it)"
-            )
-
-
-EXIT_RULES = {"fixed": FixedExit(), "certified": CertifiedExit(), "gate": GateExit()}
-"""The exit rules by name: the one list the config, the CLI and `LoopOptions` check against."""
-
-
-def check_exit(name: str):
-    """The exit rule called `name`, or a ConfigError listing the known ones."""
-    if name not in EXIT_RULES:
-        raise ConfigError(f"exit={name!r}: expected one of {sorted(EXIT_RULES)}")
-    return EXIT_RULES[name]
 
 
 @dataclass

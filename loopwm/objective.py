@@ -20,7 +20,8 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from loopwm.config import ModelConfig, TrainConfig
-from loopwm.loop import LoopOptions, LoopTrace, StepContext
+from loopwm.exits import LoopOptions
+from loopwm.loop import LoopTrace, StepContext
 from loopwm.world_model import WorldModel
 
 TERMS = ("consistency", "obs", "reward", "continue", "deep", "extra", "gate", "delta", "recon")

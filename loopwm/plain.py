@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from loopwm.config import ModelConfig
-from loopwm.loop import LoopOptions, LoopTrace
+from loopwm.exits import LoopOptions
+from loopwm.loop import LoopTrace
 
 
 @dataclass

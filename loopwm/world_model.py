@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from loopwm.config import Config, ModelConfig
-from loopwm.loop import LoopCore, LoopOptions, LoopTrace
+from loopwm.exits import LoopOptions
+from loopwm.loop import LoopCore, LoopTrace
 from loopwm.nets import (
     RewardHead,
     SpaceSpec,

@@ -19,8 +19,8 @@ from loopwm.analysis.stats import auroc, quartiles, spearman, top_fraction
 from loopwm.app.analyze import analyze_checkpoint
 from loopwm.checkpoint import save
 from loopwm.config import ConfigError, from_dict, to_dict
+from loopwm.exits import LoopOptions
 from loopwm.lipschitz import exact_spectral_norm
-from loopwm.loop import LoopOptions
 from loopwm.replay import ReplayBuffer
 from loopwm.world_model import WorldModel
 from tests.helpers import box_spaces, tiny_config

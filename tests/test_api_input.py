@@ -4,7 +4,7 @@ observations that overflow the encoder, non-finite tolerances and bad loop count
 import pytest
 import torch
 
-from loopwm.loop import LoopOptions
+from loopwm.exits import LoopOptions
 from tests.helpers import tiny_model
 
 

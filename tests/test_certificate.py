@@ -14,8 +14,8 @@ import loopwm
 from loopwm.certificate import norm_bounds
 from loopwm.checkpoint import CheckpointError
 from loopwm.config import ConfigError, ModelConfig, load_config
+from loopwm.exits import LoopOptions
 from loopwm.lipschitz import CertifiedLinear, NonFiniteWeightError, exact_spectral_norm, gamma, spectral_norm_bound
-from loopwm.loop import LoopOptions
 from tests.helpers import tiny_model
 
 BLOCKS_AND_DEPTHS = [(b, d) for b in ("mlp", "token") for d in (1, 2, 3)]

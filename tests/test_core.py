@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loopwm import lipschitz
-from loopwm.loop import LoopOptions
+from loopwm.exits import LoopOptions
 from loopwm.world_model import WorldModel
 from tests.helpers import box_spaces, tiny_model
 

@@ -11,9 +11,9 @@ import torch
 import loopwm
 from loopwm.analysis.report import analyze
 from loopwm.config import ConfigError, from_dict
+from loopwm.exits import LoopOptions
 from loopwm.flops import linear_macs, matched_width, model_cost, step_macs
 from loopwm.lipschitz import exact_spectral_norm
-from loopwm.loop import LoopOptions
 from loopwm.objective import QuantileTracker, sequence_loss
 from loopwm.plain import PlainCore
 from loopwm.world_model import WorldModel

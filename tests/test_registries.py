@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from loopwm.agents.planner import PLANNERS, Planner, build_planner, register_planner
 from loopwm.blocks import BLOCKS, MLPBlock, register_block
 from loopwm.config import ConfigError, ModelConfig, Section, from_dict
+from loopwm.exits import EXIT_RULES, LoopOptions
 from loopwm.lipschitz import CertifiedLinear
-from loopwm.loop import EXIT_RULES, LoopOptions
 from tests.helpers import tiny_config, tiny_model
 
 

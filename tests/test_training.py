@@ -14,8 +14,8 @@ from torch import nn
 from loopwm import objective
 from loopwm.analysis.prediction import prediction_errors
 from loopwm.config import ConfigError, from_dict
+from loopwm.exits import LoopOptions
 from loopwm.logger import RunLogger
-from loopwm.loop import LoopOptions
 from loopwm.objective import QuantileTracker, gate_targets, hard_mask, sample_loops, sequence_loss
 from loopwm.optim import OPTIMIZERS, build_optimizer, build_schedule, load_optimizer_state, optimizer_state
 from loopwm.replay import ReplayBuffer

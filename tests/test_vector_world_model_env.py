@@ -8,7 +8,7 @@ from gymnasium.spaces import Box, Discrete
 from gymnasium.vector import AutoresetMode
 
 from loopwm.envs import VectorWorldModelEnv, WorldModelEnv
-from loopwm.loop import LoopOptions
+from loopwm.exits import LoopOptions
 from loopwm.replay import ReplayBuffer
 from loopwm.world_model import WorldModel
 from tests.helpers import tiny_config

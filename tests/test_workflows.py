@@ -141,7 +141,7 @@ def test_unknown_optimizer_exits_2_naming_it(tmp_path, capsys):
 
 
 def test_eval_exit_names_come_from_the_loop_registry(tmp_path, capsys):
-    from loopwm.loop import EXIT_RULES
+    from loopwm.exits import EXIT_RULES
 
     with pytest.raises(SystemExit) as exited:
         main(["eval", str(tmp_path / "x.pt"), "--exit", "sometimes"])

@@ -9,7 +9,7 @@ from gymnasium.utils.env_checker import check_env
 from gymnasium.wrappers import RecordEpisodeStatistics, TimeLimit
 
 from loopwm.envs import WorldModelEnv, action_to_model
-from loopwm.loop import LoopOptions
+from loopwm.exits import LoopOptions
 from loopwm.world_model import WorldModel
 from tests.helpers import tiny_config
 

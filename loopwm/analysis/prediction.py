@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from loopwm.analysis.stats import spearman
-from loopwm.loop import LoopOptions
+from loopwm.exits import LoopOptions
 from loopwm.replay import ReplayBuffer
 from loopwm.world_model import WorldModel
 

@@ -22,7 +22,7 @@ from loopwm.analysis.geometry import effective_rank, path_independence
 from loopwm.analysis.jacobian import hutchinson_frobenius, spectral_norm, spectral_radius
 from loopwm.analysis.rollout import lyapunov_rate
 from loopwm.analysis.stats import auroc, quartiles, spearman, top_fraction
-from loopwm.loop import LoopOptions
+from loopwm.exits import LoopOptions
 from loopwm.world_model import WorldModel
 
 

@@ -11,7 +11,7 @@ from loopwm.app.train import held_out_split, load_checked
 from loopwm.checkpoint import load_run
 from loopwm.config import ConfigError
 from loopwm.envs.factory import env_spaces
-from loopwm.loop import LoopOptions
+from loopwm.exits import LoopOptions
 
 
 def evaluate_checkpoint(
