@@ -135,9 +135,7 @@ def group_slices(groups: tuple[int, ...]) -> list[slice]:
 
 
 def one_hot_groups(indices: Tensor, groups: tuple[int, ...]) -> Tensor:
-    """Indices [..., G] (or [...] for one group) -> concatenated one-hots [..., Σ groups]."""
-    if indices.dim() == 0 or len(groups) == 1 and indices.shape[-1:] != (1,):
-        indices = indices.unsqueeze(-1)
+    """Indices [..., G], one per group, -> concatenated one-hots [..., Σ groups]."""
     return torch.cat([F.one_hot(indices[..., i].long(), n) for i, n in enumerate(groups)], -1).float()
 
 

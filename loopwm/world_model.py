@@ -140,7 +140,7 @@ class WorldModel(nn.Module):
             sizes = torch.as_tensor(groups, device=self.device)
             if bool((action < 0).any()) or bool((action.reshape(*batch, -1) >= sizes).any()):
                 raise ValueError(f"categorical action indices must be integers in [0, n) for groups {list(groups)}")
-            return one_hot_groups(action, groups)
+            return one_hot_groups(action.unsqueeze(-1) if len(groups) == 1 else action, groups)
         if tuple(action.shape) != (*batch, n):
             raise ValueError(f"action has shape {tuple(action.shape)}; expected {(*batch, n)}")
         action = action.float()

@@ -130,3 +130,13 @@ def test_atari_env_follows_the_protocol():
     assert env.action_space == gym.spaces.Discrete(4)  # Breakout's minimal action set
     assert env.unwrapped.ale.getFloat("repeat_action_probability") == 0.0
     env.close()
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_discrete_index_actions_step_like_their_one_hots_at_any_batch(batch):
+    _, wm, _ = pixel_agent()
+    obs = torch.as_tensor(np.random.default_rng(2).integers(0, 256, (batch, 4, 40, 40), dtype=np.uint8))
+    z, idx = wm.encode(obs), torch.arange(batch) % 5
+    by_index, _ = wm.step(z, idx)
+    by_one_hot, _ = wm.step(z, torch.nn.functional.one_hot(idx, 5).float())
+    torch.testing.assert_close(by_index, by_one_hot)
