@@ -1,4 +1,4 @@
-"""Parameter efficiency: loopwm next to a plain observation-space MLP on the same data, split and held-out sequences.
+"""Parameter efficiency: loopwm next to an unshared stack, plain MLP dynamics and an observation-space MLP.
 
 For each task a random-policy dataset is collected once (`loopwm.app.collect.collect`, seeded) and split by whole
 episodes (`ReplayBuffer.split`, seed 0). Every variant is trained on the same train split with the same number of
@@ -11,15 +11,23 @@ Variants (`VARIANTS`; `--define NAME='key=value ...'` adds a loopwm variant with
 - loopwm variants: `configs/<task>.yaml` plus overrides, trained with `loopwm.train.Trainer`, scored with
   `prediction_errors`; diagnostics at every evaluation point: the reconstruction floor (decoding the encoder's
   latent of the true observation) and the latent error against the encoder's target at 1/10/50 steps;
+- "stack": `model.shared=false`, `model.loops` distinct blocks of the same width applied once each, with the
+  encoder, heads, loss, data and updates of `loopwm-plain` (about `model.loops`x the block's parameters);
+- "mlp-params" / "mlp-flops": `model.dynamics=mlp`, a TD-MPC2-style core (Linear-LayerNorm-Mish x2, no loop)
+  between the same prelude and coda, its width chosen (`loopwm.flops.matched_width`) so that the whole model
+  has the parameters, or the multiply-adds per step, of the task's shipped loopwm config under the protocol;
 - "obs-mlp" (`obs_mlp.py`): 4x200 SiLU in observation space predicting the normalised observation delta from a
   1-step loss (PETS/MBPO style), rolled out open loop from the same first observations.
 
 Each run records parameters, analytic multiply-adds per environment step (`loopwm.flops.step_macs`), the errors at
 every `--eval-at` point and the training wall time (updates only). Runs are merged into
 `<docs>/param_efficiency.json` under a protocol name (one job per invocation on a shared machine), and the markdown
-is rebuilt from the whole JSON.
+is rebuilt from the whole JSON; a figure of the errors against parameters and against FLOPs per step is drawn
+for the task (`param_efficiency_<protocol>_<task>.png` next to the JSON; with --smoke, into --out).
 
     python benchmarks/param_efficiency.py --task pendulum --variants loopwm obs-mlp --seeds 0 --eval-at 250 500 1000
+    python benchmarks/param_efficiency.py --task hopper --variants loopwm loopwm-plain stack mlp-params mlp-flops \
+        obs-mlp --seeds 0 1 2 --protocol variants
     python benchmarks/param_efficiency.py --smoke --out /tmp/pe --docs /tmp/pe      # seconds, tiny sizes
 """
 
@@ -37,7 +45,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 from obs_mlp import ObsMLP, fit_obs_mlp
-from param_report import markdown
+from param_report import markdown, plot_task
 
 from loopwm.config import Config, load_config
 from loopwm.replay import ReplayBuffer
@@ -63,18 +71,40 @@ class Variant:
     kind: str = "loopwm"  # "loopwm" or "obs-mlp"
     overrides: list[str] = field(default_factory=list)
     note: str = ""
+    match: Optional[str] = None  # "parameters" or "macs": set model.dynamics_width to match the shipped loopwm
 
 
 PLAIN_LOOP = ["train.loop_sampling=fixed", "train.w_deep=0", "train.w_gate=0", "train.extra_loops=0"]
 """The loop's training extras switched off: fixed loop count, no deep supervision, no extra loops, no gate."""
 DELTA_DESIGN = ["model.obs_decoder=delta", "model.latent_update=residual", "train.w_delta=10", "train.w_obs=10"]
 """Observation-space design: the delta decoder, the residual latent update and observation-space weights."""
+PLAIN_MLP = ["model.dynamics=mlp", "train.w_deep=0", "train.w_gate=0", "train.extra_loops=0"]
+"""The loop replaced by a TD-MPC2-style MLP core; the loop-only terms (deep supervision, gate, extra loops) off."""
 
 VARIANTS = {
     v.name: v
     for v in [
         Variant("loopwm", note="configs/<task>.yaml as shipped"),
         Variant("obs-mlp", kind="obs-mlp", note="4x200 SiLU, normalised delta, 1-step loss"),
+        Variant(
+            "stack",
+            overrides=["model.shared=false", *PLAIN_LOOP],
+            note="unshared stack: model.loops distinct blocks of the same width, each applied once, each its own "
+            "contraction; trained as loopwm-plain",
+        ),
+        Variant(
+            "mlp-params",
+            overrides=PLAIN_MLP,
+            match="parameters",
+            note="TD-MPC2-style MLP core (Linear-LayerNorm-Mish x2, no loop; latent LayerNorm as loopwm's), width "
+            "matching the shipped loopwm's parameters",
+        ),
+        Variant(
+            "mlp-flops",
+            overrides=PLAIN_MLP,
+            match="macs",
+            note="TD-MPC2-style MLP core as mlp-params, width matching the shipped loopwm's FLOPs per step",
+        ),
         Variant(
             "loopwm-plain",
             overrides=PLAIN_LOOP,
@@ -220,6 +250,20 @@ def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def idle_parameters(wm: Any) -> int:
+    """Parameters of the dynamics blocks that a step from h = 0 does not reach (zero gradient, fixed seed): in an
+    unshared stack, the first block's maps on the zero start state; in a shared loop, none."""
+    g = torch.Generator().manual_seed(0)
+    z = wm.encode(torch.randn(16, *wm.spec.obs_shape, generator=g))
+    actions = torch.rand(16, wm.action_dim, generator=g) * 2 - 1
+    wm.zero_grad(set_to_none=True)
+    wm.step(z.detach(), actions)[0].square().sum().backward()
+    blocks = wm.core.blocks() if hasattr(wm.core, "blocks") else [wm.core]
+    idle = sum(p.numel() for b in blocks for p in b.parameters() if p.grad is None or not bool(p.grad.any()))
+    wm.zero_grad(set_to_none=True)
+    return idle
+
+
 def run_loopwm(
     task: str, variant: Variant, seed: int, protocol: Protocol, train: ReplayBuffer, val: ReplayBuffer, data_path: Path
 ) -> dict[str, Any]:
@@ -232,6 +276,11 @@ def run_loopwm(
     from loopwm.world_model import WorldModel
 
     cfg = task_config(task, seed, variant.overrides, protocol, data_path)
+    matched = matched_dynamics(task, cfg, variant, protocol, data_path) if variant.match else None
+    if matched is not None:
+        cfg = task_config(
+            task, seed, [*variant.overrides, f"model.dynamics_width={matched['width']}"], protocol, data_path
+        )
     seed_everything(cfg.seed, cfg.threads)
     wm = WorldModel.from_config(cfg, *env_spaces(cfg.env))
     stats = train.stats()
@@ -254,15 +303,32 @@ def run_loopwm(
         return float(trainer.update()["loss/total"])
 
     record = train_and_score(update, evaluate, protocol)
-    loops = cfg.model.loops
     record.update(
         parameters=count_parameters(wm),
-        macs_per_step=step_macs(wm, loops)["total"],
-        loops=loops,
+        core_parameters=count_parameters(wm.core),
+        idle_parameters=idle_parameters(wm),
+        macs_per_step=step_macs(wm)["total"],
+        loops=cfg.model.loops if cfg.model.dynamics == "loop" else 1,
         transitions_per_update=cfg.train.batch_size * cfg.train.horizon,
         kappa=wm.certified_lipschitz(),
     )
+    if matched is not None:
+        record["matched"] = matched
     return record
+
+
+def matched_dynamics(task: str, cfg: Config, variant: Variant, protocol: Protocol, data_path: Path) -> dict[str, Any]:
+    """The MLP core width at which `cfg` matches the task's shipped loopwm (under the protocol) in `variant.match`."""
+    from loopwm.envs import env_spaces
+    from loopwm.flops import matched_width, model_cost
+    from loopwm.nets import SpaceSpec
+    from loopwm.world_model import WorldModel
+
+    shipped = task_config(task, cfg.seed, [], protocol, data_path)
+    spaces = env_spaces(cfg.env)
+    target = model_cost(WorldModel.from_config(shipped, *spaces), variant.match)
+    width = matched_width(cfg.model, SpaceSpec.from_spaces(*spaces), target, variant.match)
+    return {"by": variant.match, "reference": "loopwm", "reference_cost": target, "width": width}
 
 
 def run_obs_mlp(
@@ -338,8 +404,10 @@ def merge(
     variant: Variant,
     seed: int,
     record: dict[str, Any],
+    figure: Optional[str] = None,
 ) -> dict[str, Any]:
-    """Add one run to the JSON at `path`; a protocol name always stands for the same settings."""
+    """Add one run to the JSON at `path`; a protocol name always stands for the same settings. `figure` names the
+    task's PNG written next to the JSON, for the markdown to show."""
     data = json.loads(path.read_text()) if path.is_file() else {}
     proto = {
         "steps": protocol.steps,
@@ -356,6 +424,8 @@ def merge(
             "pass another --protocol name"
         )
     task_entry = entry["tasks"].setdefault(task, {"dataset": data_info, "variants": {}})
+    if figure is not None:
+        task_entry["figure"] = figure
     var_entry = task_entry["variants"].setdefault(
         variant.name, {"kind": variant.kind, "overrides": variant.overrides, "note": variant.note, "seeds": {}}
     )
@@ -412,15 +482,29 @@ def main(argv: Optional[list[str]] = None) -> None:
         f"{args.task}: {info['transitions']} transitions, held-out {info['val_transitions']} "
         f"({info['val_episodes']} episodes)"
     )
+    figure = f"param_efficiency_{name}_{args.task}.png"
+    figure_path = (out if args.smoke else docs) / figure
     for seed in args.seeds:
         for vname in args.variants:
             variant = variants[vname]
             log(f"{args.task} / {vname} / seed {seed} ({protocol.updates} updates)")
             record = RUNNERS[variant.kind](args.task, variant, seed, protocol, train, val, data_path)
             record["command"] = command()
-            data = merge(docs / "param_efficiency.json", name, protocol, args.task, info, variant, seed, record)
+            data = merge(
+                docs / "param_efficiency.json",
+                name,
+                protocol,
+                args.task,
+                info,
+                variant,
+                seed,
+                record,
+                None if args.smoke else figure,
+            )
             (docs / "param_efficiency.md").write_text(markdown(data))
-    log(f"wrote {docs / 'param_efficiency.json'} and .md")
+    entry = data["protocols"][name]
+    plot_task(entry["tasks"][args.task], entry["settings"]["horizons"], f"{args.task}, protocol {name}", figure_path)
+    log(f"wrote {docs / 'param_efficiency.json'}, .md and {figure_path}")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from common import machine_md, md_table
 
-INTRO = """# Parameter efficiency: loopwm next to an observation-space MLP
+INTRO = """# Parameter efficiency: loopwm next to an unshared stack, plain MLP dynamics and an observation-space MLP
 
 `benchmarks/param_efficiency.py`. Every variant of a task is trained on the same random-policy dataset and
 train split, for the same number of updates, and scored on the same 256 held-out sequences with the semantics
@@ -16,7 +17,11 @@ of `loopwm eval` (`loopwm.analysis.prediction.prediction_errors`): open-loop rol
 with the
 logged actions, squared error divided per dimension by the train split's variance and averaged over dimensions
 (1.0 = always predicting the mean). Errors are the mean ± std over model seeds (dataset, split and held-out
-sequences fixed). FLOPs are 2 × the analytic multiply-adds of one imagined environment step (`loopwm.flops`:
+sequences fixed). Idle parameters are those of the dynamics blocks that a step from the zero start state never
+reaches (an unshared stack's first block acts on h = 0 only); they are included in the count. Core parameters are
+the dynamics core's alone (loop: retention, injection, blocks, gains and exit gate; or the plain MLP), without the
+encoder, prelude, coda and heads that every loopwm variant shares. FLOPs are 2 × the
+analytic multiply-adds of one imagined environment step (`loopwm.flops`:
 linear maps only). Training time counts the updates only, on one thread of a shared 2-core CPU.
 
 The reconstruction floor is decode(encode(o)) against o: the 1-step error a loopwm model would have if its loop
@@ -38,6 +43,19 @@ def _seeds(variant: dict[str, Any]) -> list[dict[str, Any]]:
     return [variant["seeds"][s] for s in sorted(variant["seeds"], key=int)]
 
 
+def _parameters(run: dict[str, Any]) -> str:
+    idle = run.get("idle_parameters")
+    return f"{run['parameters']} ({idle} idle)" if idle else str(run["parameters"])
+
+
+def _matched(m: dict[str, Any] | None) -> str:
+    if m is None:
+        return ""
+    unit = "parameters" if m["by"] == "parameters" else "FLOPs per step"
+    cost = m["reference_cost"] * (1 if m["by"] == "parameters" else 2)
+    return f"; `model.dynamics_width={m['width']}`, matching {m['reference']}'s {cost:.0f} {unit}"
+
+
 def task_tables(task: str, entry: dict[str, Any], horizons: list[int]) -> list[str]:
     d = entry["dataset"]
     lines = [
@@ -56,7 +74,8 @@ def task_tables(task: str, entry: dict[str, Any], horizons: list[int]) -> list[s
         rows.append(
             [
                 f"`{name}`",
-                runs[0]["parameters"],
+                _parameters(runs[0]),
+                runs[0].get("core_parameters", "-"),
                 f"{2 * runs[0]['macs_per_step'] / 1e3:.0f}k",
                 *errs,
                 spread([r["train_seconds"] for r in runs]),
@@ -79,9 +98,22 @@ def task_tables(task: str, entry: dict[str, Any], horizons: list[int]) -> list[s
                 at = [c for r in runs for c in r["curve"] if c["updates"] == p]
                 curves.append([f"`{name}`", p, *[spread([c["errors"][str(h)] for c in at]) for h in horizons]])
     lines += [
-        md_table(["variant", "parameters", "FLOPs/step", *[f"err@{h}" for h in horizons], "train s", "seeds"], rows),
+        md_table(
+            [
+                "variant",
+                "parameters",
+                "core parameters",
+                "FLOPs/step",
+                *[f"err@{h}" for h in horizons],
+                "train s",
+                "seeds",
+            ],
+            rows,
+        ),
         "",
     ]
+    if "figure" in entry:
+        lines += [f"![errors against parameters and FLOPs per step]({entry['figure']})", ""]
     if diag:
         lines += [
             "Where the loopwm error sits (final models):",
@@ -97,12 +129,44 @@ def task_tables(task: str, entry: dict[str, Any], horizons: list[int]) -> list[s
             "",
         ]
     notes = [
-        f"- `{name}`: {v['note']}" + (f"; overrides `{' '.join(v['overrides'])}`" if v["overrides"] else "")
+        f"- `{name}`: {v['note']}"
+        + (f"; overrides `{' '.join(v['overrides'])}`" if v["overrides"] else "")
+        + _matched(_seeds(v)[0].get("matched"))
         for name, v in entry["variants"].items()
     ]
     commands = sorted({r["command"] for v in entry["variants"].values() for r in _seeds(v) if "command" in r})
     lines += ["Variants:", "", *notes, "", "Commands:", "", *[f"- `{c}`" for c in commands], ""]
     return lines
+
+
+def plot_task(entry: dict[str, Any], horizons: list[int], title: str, path: Path) -> None:
+    """One PNG: each variant's held-out error (mean, std over seeds) against parameters and against FLOPs per
+    step, one row per horizon, log-log."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
+
+    fig = Figure(figsize=(10, 3 * len(horizons) + 0.8), layout="constrained")
+    axes = fig.subplots(len(horizons), 2, squeeze=False)
+    for i, (name, v) in enumerate(entry["variants"].items()):
+        runs = _seeds(v)
+        x = {"parameters": runs[0]["parameters"], "FLOPs per step": 2 * runs[0]["macs_per_step"]}
+        for row, h in zip(axes, horizons):
+            errs = [r["errors"][str(h)] for r in runs if str(h) in r["errors"]]
+            for ax, value in zip(row, x.values()):
+                if errs:
+                    ax.errorbar(
+                        [value], [np.mean(errs)], yerr=[np.std(errs)], fmt="o", capsize=3, color=f"C{i}", label=name
+                    )
+    for row, h in zip(axes, horizons):
+        for ax, label in zip(row, ["parameters", "FLOPs per step"]):
+            ax.set(xscale="log", yscale="log", xlabel=label, ylabel=f"error at {h} step{'s' * (h > 1)}")
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 4), fontsize=8)
+    fig.suptitle(f"held-out error against model size: {title} (mean ± std over seeds)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
 
 
 def markdown(data: dict[str, Any]) -> str:

@@ -17,8 +17,9 @@ from typing import Callable, ClassVar, Optional, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from loopwm.config import ConfigError, ModelConfig, Section, build_dataclass
+from loopwm.config import ConfigError, ModelConfig
 from loopwm.lipschitz import ACTIVATIONS, CertifiedLinear
+from loopwm.sections import Section, build_dataclass
 
 
 @runtime_checkable

@@ -16,8 +16,9 @@ from typing import Any, Optional
 import torch
 
 from loopwm.atomic import atomic_write
-from loopwm.config import Config, ConfigError, ModelConfig, build_dataclass
+from loopwm.config import Config, ConfigError, ModelConfig
 from loopwm.nets import SpaceSpec
+from loopwm.sections import build_dataclass
 from loopwm.world_model import WorldModel
 
 FORMAT = "loopwm-checkpoint"

@@ -9,48 +9,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config value or key is invalid; the message names the key and what was expected."""
-
-
-def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> dict:
-    return {"range": (lo, hi, lo_open, hi_open)}
-
-
-class Section:
-    """A config section: every field is range- and finiteness-checked at construction, then `check` runs
-    the rules across fields, so a section built directly in Python is held to the same rules as YAML."""
-
-    prefix: ClassVar[str] = ""
-
-    def __post_init__(self) -> None:
-        hints = _hints(type(self))
-        for f in dataclasses.fields(self):
-            key = f"{self.prefix}.{f.name}" if self.prefix else f.name
-            tp, value = hints[f.name], getattr(self, f.name)
-            if dataclasses.is_dataclass(tp):
-                if isinstance(value, dict):
-                    value = build_dataclass(tp, value, key)
-                elif not isinstance(value, tp):
-                    raise ConfigError(f"{key}: expected a {tp.__name__} or a mapping, got {type(value).__name__}")
-            else:
-                value = _coerce(key, value, tp)
-                _check_range(key, value, f.metadata.get("range"))
-            object.__setattr__(self, f.name, value)
-        self.check()
-
-    def check(self) -> None:
-        """Rules across fields; sections override this."""
+from loopwm.sections import ConfigError, Section, bounds, build_dataclass
 
 
 @dataclass
@@ -58,11 +23,11 @@ class AtariConfig(Section):
     """Atari preprocessing (the standard one of Machado et al. 2018, with frame stacking)."""
 
     prefix: ClassVar[str] = "env.atari"
-    frame_skip: int = field(default=4, metadata=_range(1, 16))
-    frame_stack: int = field(default=4, metadata=_range(1, 16))
-    screen_size: int = field(default=84, metadata=_range(16, 256))
-    sticky_actions: float = field(default=0.25, metadata=_range(0.0, 1.0))
-    noop_max: int = field(default=30, metadata=_range(0, 1000))  # up to this many no-ops after each reset
+    frame_skip: int = field(default=4, metadata=bounds(1, 16))
+    frame_stack: int = field(default=4, metadata=bounds(1, 16))
+    screen_size: int = field(default=84, metadata=bounds(16, 256))
+    sticky_actions: float = field(default=0.25, metadata=bounds(0.0, 1.0))
+    noop_max: int = field(default=30, metadata=bounds(0, 1000))  # up to this many no-ops after each reset
     full_action_space: bool = False  # all 18 actions, or the game's minimal set
     terminal_on_life_loss: bool = False
     clip_rewards: bool = True
@@ -74,10 +39,10 @@ class EnvConfig(Section):
 
     prefix: ClassVar[str] = "env"
     id: str = "Pendulum-v1"
-    num_envs: int = field(default=1, metadata=_range(1, 256))
+    num_envs: int = field(default=1, metadata=bounds(1, 256))
     vectorization: Literal["sync", "async"] = "sync"
-    max_episode_steps: Optional[int] = field(default=None, metadata=_range(1))
-    action_repeat: int = field(default=1, metadata=_range(1, 16))
+    max_episode_steps: Optional[int] = field(default=None, metadata=bounds(1))
+    action_repeat: int = field(default=1, metadata=bounds(1, 16))
     atari: AtariConfig = field(default_factory=AtariConfig)
 
 
@@ -91,32 +56,38 @@ class ModelConfig(Section):
     """
 
     prefix: ClassVar[str] = "model"
-    latent_dim: int = field(default=64, metadata=_range(1))
-    hidden_dim: int = field(default=128, metadata=_range(1))
-    inject_dim: int = field(default=128, metadata=_range(1))
-    mlp_dim: int = field(default=256, metadata=_range(1))
+    latent_dim: int = field(default=64, metadata=bounds(1))
+    hidden_dim: int = field(default=128, metadata=bounds(1))
+    inject_dim: int = field(default=128, metadata=bounds(1))
+    mlp_dim: int = field(default=256, metadata=bounds(1))
     block: str = "mlp"
-    block_depth: int = field(default=1, metadata=_range(1, 8))
+    block_depth: int = field(default=1, metadata=bounds(1, 8))
     block_options: dict = field(default_factory=dict)
     activation: Literal["relu", "leaky_relu", "tanh"] = "relu"
-    kappa_max: float = field(default=0.9, metadata=_range(0.0, 1.0, lo_open=True, hi_open=True))
-    retention_max: float = field(default=0.5, metadata=_range(0.0, 1.0, hi_open=True))
+    kappa_max: float = field(default=0.9, metadata=bounds(0.0, 1.0, lo_open=True, hi_open=True))
+    retention_max: float = field(default=0.5, metadata=bounds(0.0, 1.0, hi_open=True))
     constrain_block: bool = True
     retention: bool = True
-    loops: int = field(default=4, metadata=_range(1, 256))
+    loops: int = field(default=4, metadata=bounds(1, 256))
     exit: str = "fixed"
-    min_loops: int = field(default=1, metadata=_range(1, 256))
-    max_loops: int = field(default=16, metadata=_range(1, 1024))
-    exit_tol: float = field(default=1e-2, metadata=_range(0.0, lo_open=True))
-    gate_threshold: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    min_loops: int = field(default=1, metadata=bounds(1, 256))
+    max_loops: int = field(default=16, metadata=bounds(1, 1024))
+    exit_tol: float = field(default=1e-2, metadata=bounds(0.0, lo_open=True))
+    gate_threshold: float = field(default=0.5, metadata=bounds(0.0, 1.0))
     reward_head: Literal["symlog", "twohot"] = "symlog"
-    reward_bins: int = field(default=101, metadata=_range(3))
+    reward_bins: int = field(default=101, metadata=bounds(3))
     encoder: Literal["auto", "mlp", "cnn"] = "auto"
-    cnn_channels: int = field(default=16, metadata=_range(1, 256))  # pixel encoder/decoder width c (c, 2c, 2c)
+    cnn_channels: int = field(default=16, metadata=bounds(1, 256))  # pixel encoder/decoder width c (c, 2c, 2c)
     # "delta" adds a head that decodes o_k − o_{k−1} from (z_{k−1}, z_k): rollouts add it to the previous decoded obs
     obs_decoder: Literal["absolute", "delta"] = "absolute"
     # "residual": the coda's output is a change added to the previous latent (z_k = LN(z_{k−1} + C(h))), not z_k itself
     latent_update: Literal["absolute", "residual"] = "absolute"
+    # false: an unshared stack, one distinct block per loop (model.loops of them), each its own contraction
+    shared: bool = True
+    # "mlp": no loop; a feed-forward core in TD-MPC2's style (Linear-LayerNorm-Mish) between the prelude and the coda
+    dynamics: Literal["loop", "mlp"] = "loop"
+    dynamics_width: int = field(default=512, metadata=bounds(1))  # the "mlp" core's width
+    dynamics_depth: int = field(default=2, metadata=bounds(1, 16))  # and its number of Linear-LayerNorm-Mish layers
 
     def check(self) -> None:
         from loopwm.blocks import check_block
@@ -131,6 +102,23 @@ class ModelConfig(Section):
             )
         check_exit(self.exit)
         check_block(self)
+        if not self.shared:
+            self.check_stack()
+
+    def check_stack(self) -> None:
+        """An unshared stack has a block for each of its `loops` loops and no single fixed point."""
+        if self.dynamics != "loop":
+            raise ConfigError(f"model.shared=false stacks loop blocks; model.dynamics={self.dynamics!r} has no loop")
+        if self.exit == "certified":
+            raise ConfigError(
+                "model.exit='certified' needs a shared block: with model.shared=false every loop applies a "
+                "different map, so there is no fixed point to certify a distance to; use model.exit=fixed"
+            )
+        if self.exit == "gate" and self.max_loops > self.loops:
+            raise ConfigError(
+                f"model.shared=false builds model.loops={self.loops} blocks, one per loop; the gate exit could run "
+                f"model.max_loops={self.max_loops} loops: set model.max_loops<={self.loops}"
+            )
 
 
 @dataclass
@@ -138,36 +126,36 @@ class TrainConfig(Section):
     """World-model fitting: objective, loop sampling, optimiser and bookkeeping."""
 
     prefix: ClassVar[str] = "train"
-    updates: int = field(default=2000, metadata=_range(0))
-    batch_size: int = field(default=256, metadata=_range(1))
-    horizon: int = field(default=5, metadata=_range(1, 256))
+    updates: int = field(default=2000, metadata=bounds(0))
+    batch_size: int = field(default=256, metadata=bounds(1))
+    horizon: int = field(default=5, metadata=bounds(1, 256))
     optimizer: str = "adam"
     lookahead: bool = False
-    lr: float = field(default=1e-3, metadata=_range(0.0, lo_open=True))
-    weight_decay: float = field(default=0.0, metadata=_range(0.0))
+    lr: float = field(default=1e-3, metadata=bounds(0.0, lo_open=True))
+    weight_decay: float = field(default=0.0, metadata=bounds(0.0))
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
-    warmup: int = field(default=0, metadata=_range(0))
-    grad_clip: float = field(default=10.0, metadata=_range(0.0))
-    rho: float = field(default=0.9, metadata=_range(0.0, 1.0))
-    w_consistency: float = field(default=1.0, metadata=_range(0.0))
-    w_obs: float = field(default=1.0, metadata=_range(0.0))
-    w_reward: float = field(default=0.5, metadata=_range(0.0))
-    w_continue: float = field(default=0.1, metadata=_range(0.0))
-    w_deep: float = field(default=0.1, metadata=_range(0.0))
-    w_gate: float = field(default=0.1, metadata=_range(0.0))
-    w_extra: float = field(default=0.5, metadata=_range(0.0))
-    w_delta: float = field(default=1.0, metadata=_range(0.0))  # chained delta-decoder loss (model.obs_decoder=delta)
-    w_recon: float = field(default=0.0, metadata=_range(0.0))  # decode(E(o)) against o, gradients into the encoder
+    warmup: int = field(default=0, metadata=bounds(0))
+    grad_clip: float = field(default=10.0, metadata=bounds(0.0))
+    rho: float = field(default=0.9, metadata=bounds(0.0, 1.0))
+    w_consistency: float = field(default=1.0, metadata=bounds(0.0))
+    w_obs: float = field(default=1.0, metadata=bounds(0.0))
+    w_reward: float = field(default=0.5, metadata=bounds(0.0))
+    w_continue: float = field(default=0.1, metadata=bounds(0.0))
+    w_deep: float = field(default=0.1, metadata=bounds(0.0))
+    w_gate: float = field(default=0.1, metadata=bounds(0.0))
+    w_extra: float = field(default=0.5, metadata=bounds(0.0))
+    w_delta: float = field(default=1.0, metadata=bounds(0.0))  # chained delta-decoder loss (model.obs_decoder=delta)
+    w_recon: float = field(default=0.0, metadata=bounds(0.0))  # decode(E(o)) against o, gradients into the encoder
     loop_sampling: Literal["poisson", "fixed"] = "poisson"  # per-sequence 1 + Poisson(loop_mean − 1), or model.loops
-    loop_mean: float = field(default=4.0, metadata=_range(0.0))
-    bptt_loops: int = field(default=4, metadata=_range(1))
-    hard_quantile: float = field(default=0.9, metadata=_range(0.0, 1.0))
-    extra_loops: int = field(default=4, metadata=_range(0))
-    obs_inject_prob: float = field(default=0.0, metadata=_range(0.0, 1.0))
-    val_fraction: float = field(default=0.1, metadata=_range(0.0, 0.9))
-    log_every: int = field(default=50, metadata=_range(1))
-    checkpoint_every: int = field(default=500, metadata=_range(1))
-    max_nonfinite: int = field(default=10, metadata=_range(1))  # NaN/inf updates in a row (skipped) before a stop
+    loop_mean: float = field(default=4.0, metadata=bounds(0.0))
+    bptt_loops: int = field(default=4, metadata=bounds(1))
+    hard_quantile: float = field(default=0.9, metadata=bounds(0.0, 1.0))
+    extra_loops: int = field(default=4, metadata=bounds(0))
+    obs_inject_prob: float = field(default=0.0, metadata=bounds(0.0, 1.0))
+    val_fraction: float = field(default=0.1, metadata=bounds(0.0, 0.9))
+    log_every: int = field(default=50, metadata=bounds(1))
+    checkpoint_every: int = field(default=500, metadata=bounds(1))
+    max_nonfinite: int = field(default=10, metadata=bounds(1))  # NaN/inf updates in a row (skipped) before a stop
 
     def check(self) -> None:
         from loopwm.optim import OPTIMIZERS
@@ -188,11 +176,11 @@ class DataConfig(Section):
 
     prefix: ClassVar[str] = "data"
     path: str = "data/dataset.npz"
-    steps: int = field(default=20000, metadata=_range(1))
+    steps: int = field(default=20000, metadata=bounds(1))
     policy: Literal["random", "noisy_planner", "mixed"] = "random"
-    noise: float = field(default=0.3, metadata=_range(0.0))
+    noise: float = field(default=0.3, metadata=bounds(0.0))
     planner_checkpoint: Optional[str] = None
-    capacity: int = field(default=1_000_000, metadata=_range(1))
+    capacity: int = field(default=1_000_000, metadata=bounds(1))
 
 
 @dataclass
@@ -204,16 +192,16 @@ class PlannerConfig(Section):
 
     prefix: ClassVar[str] = "planner"
     method: str = "mppi"
-    horizon: int = field(default=3, metadata=_range(1, 128))
-    iterations: int = field(default=3, metadata=_range(1, 64))
-    samples: int = field(default=256, metadata=_range(2))
-    elites: int = field(default=32, metadata=_range(1))
-    policy_samples: int = field(default=16, metadata=_range(0))
-    temperature: float = field(default=0.5, metadata=_range(0.0, lo_open=True))
-    min_std: float = field(default=0.05, metadata=_range(0.0))
-    max_std: float = field(default=2.0, metadata=_range(0.0, lo_open=True))
-    uncertainty_penalty: float = field(default=0.0, metadata=_range(0.0))
-    momentum: float = field(default=0.1, metadata=_range(0.0, 1.0))
+    horizon: int = field(default=3, metadata=bounds(1, 128))
+    iterations: int = field(default=3, metadata=bounds(1, 64))
+    samples: int = field(default=256, metadata=bounds(2))
+    elites: int = field(default=32, metadata=bounds(1))
+    policy_samples: int = field(default=16, metadata=bounds(0))
+    temperature: float = field(default=0.5, metadata=bounds(0.0, lo_open=True))
+    min_std: float = field(default=0.05, metadata=bounds(0.0))
+    max_std: float = field(default=2.0, metadata=bounds(0.0, lo_open=True))
+    uncertainty_penalty: float = field(default=0.0, metadata=bounds(0.0))
+    momentum: float = field(default=0.1, metadata=bounds(0.0, 1.0))
     policy_eval: Literal["mode", "sample"] = "mode"  # method=policy: evaluate with π's mode, or a sample of π
 
     def check(self) -> None:
@@ -228,23 +216,23 @@ class AgentConfig(Section):
     """The online loop: seeding, update ratio, value and prior learning, and evaluation."""
 
     prefix: ClassVar[str] = "agent"
-    total_steps: int = field(default=5000, metadata=_range(1))
-    seed_steps: int = field(default=500, metadata=_range(0))
-    update_every: int = field(default=1, metadata=_range(1))
-    updates_per_step: float = field(default=1.0, metadata=_range(0.0))
-    eval_every: int = field(default=1000, metadata=_range(1))
-    eval_episodes: int = field(default=5, metadata=_range(1))
+    total_steps: int = field(default=5000, metadata=bounds(1))
+    seed_steps: int = field(default=500, metadata=bounds(0))
+    update_every: int = field(default=1, metadata=bounds(1))
+    updates_per_step: float = field(default=1.0, metadata=bounds(0.0))
+    eval_every: int = field(default=1000, metadata=bounds(1))
+    eval_episodes: int = field(default=5, metadata=bounds(1))
     eval_video: bool = False  # also log each evaluation's first episode as a video to TensorBoard (and W&B)
     use_value: bool = True
     use_policy_prior: bool = True
-    value_lr: float = field(default=3e-4, metadata=_range(0.0, lo_open=True))
-    tau: float = field(default=0.01, metadata=_range(0.0, 1.0))
-    value_lambda: float = field(default=0.95, metadata=_range(0.0, 1.0))
-    discount: float = field(default=0.99, metadata=_range(0.0, 1.0))
-    hidden_dim: int = field(default=256, metadata=_range(1))
-    prior_horizon: int = field(default=3, metadata=_range(1, 64))
-    prior_entropy: float = field(default=1e-3, metadata=_range(0.0))
-    exploration_std: float = field(default=0.1, metadata=_range(0.0))
+    value_lr: float = field(default=3e-4, metadata=bounds(0.0, lo_open=True))
+    tau: float = field(default=0.01, metadata=bounds(0.0, 1.0))
+    value_lambda: float = field(default=0.95, metadata=bounds(0.0, 1.0))
+    discount: float = field(default=0.99, metadata=bounds(0.0, 1.0))
+    hidden_dim: int = field(default=256, metadata=bounds(1))
+    prior_horizon: int = field(default=3, metadata=bounds(1, 64))
+    prior_entropy: float = field(default=1e-3, metadata=bounds(0.0))
+    exploration_std: float = field(default=0.1, metadata=bounds(0.0))
 
 
 @dataclass
@@ -252,11 +240,11 @@ class Config(Section):
     """A whole experiment."""
 
     name: str = "default"
-    seed: int = field(default=0, metadata=_range(0, 2**32 - 1))  # numpy's seed range
+    seed: int = field(default=0, metadata=bounds(0, 2**32 - 1))  # numpy's seed range
     device: str = "auto"
     run_dir: str = "runs"
     resume: bool = False
-    threads: int = field(default=0, metadata=_range(0))
+    threads: int = field(default=0, metadata=bounds(0))
     wandb: bool = False  # mirror the TensorBoard scalars to Weights & Biases (extra [wandb])
     wandb_project: str = "loopwm"  # the W&B project runs go to when wandb is true
     env: EnvConfig = field(default_factory=EnvConfig)
@@ -269,106 +257,38 @@ class Config(Section):
     def check(self) -> None:
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"device={self.device!r}: expected 'auto', 'cpu' or 'cuda[:N]'")
+        self.check_dynamics()
 
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check `value` against the annotation `tp`, converting int->float only."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key}={value!r}: expected {' or '.join(_type_name(a) for a in args)}")
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r}: expected one of {list(allowed)}")
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}={value!r}: expected a boolean (true/false)")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}={value!r}: expected an integer")
-    if tp is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            try:
-                number = float(value)
-            except OverflowError:  # an integer beyond the float range
-                number = math.inf
-        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is None:
-            raise ConfigError(f"{key}={value!r}: expected a number")
-        if not math.isfinite(number):
-            raise ConfigError(f"{key}={value!r}: expected a finite number")
-        return number
-    if tp is dict:
-        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-            return dict(value)
-        raise ConfigError(f"{key}={value!r}: expected a mapping with string keys")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}={value!r}: expected a string")
-    raise ConfigError(f"{key}: unsupported annotation {tp}")
-
-
-def _check_range(key: str, value: Any, spec: tuple | None) -> None:
-    if spec is None or value is None:
-        return
-    lo, hi, lo_open, hi_open = spec
-    if lo is not None and (value <= lo if lo_open else value < lo):
-        raise ConfigError(f"{key}={value!r}: expected a value {'>' if lo_open else '>='} {lo}")
-    if hi is not None and (value >= hi if hi_open else value > hi):
-        raise ConfigError(f"{key}={value!r}: expected a value {'<' if hi_open else '<='} {hi}")
-
-
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
-
-
-def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
-    """Build the `Section` subclass `cls` from a mapping, refusing unknown keys (the section checks its values)."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(map(str, data)) - set(fields))
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown config key {where}{unknown[0]}; expected one of {sorted(fields)}")
-    hints = _hints(cls)
-    kwargs = {}
-    for name, value in data.items():
-        tp = hints[name]
-        key = f"{prefix}.{name}" if prefix else name
-        nested = dataclasses.is_dataclass(tp)
-        kwargs[name] = build_dataclass(tp, {} if value is None else value, key) if nested else value
-    return cls(**kwargs)
+    def check_dynamics(self) -> None:
+        """Training and planning options that an unshared stack or a loop-free core cannot honour."""
+        m, t = self.model, self.train
+        extra = t.extra_loops > 0 and t.w_extra > 0
+        if m.dynamics == "mlp":
+            unset = {"train.extra_loops=0": extra, "train.w_deep=0": t.w_deep > 0, "train.w_gate=0": t.w_gate > 0}
+            loop_terms = [key for key, on in unset.items() if on]
+            if loop_terms:
+                raise ConfigError(
+                    "model.dynamics='mlp' has no loop, so extra loops, deep supervision and the exit gate have "
+                    f"nothing to train: set {', '.join(loop_terms)}"
+                )
+        if m.shared:
+            return
+        if extra:
+            raise ConfigError(
+                f"train.extra_loops={t.extra_loops} would loop past the last of model.loops={m.loops} unshared "
+                "blocks (model.shared=false): set train.extra_loops=0"
+            )
+        if t.loop_sampling == "poisson" and m.max_loops > m.loops:
+            raise ConfigError(
+                f"train.loop_sampling='poisson' draws up to model.max_loops={m.max_loops} loops, more than the "
+                f"model.loops={m.loops} unshared blocks (model.shared=false): set model.max_loops<={m.loops} "
+                "or train.loop_sampling=fixed"
+            )
+        if self.planner.uncertainty_penalty > 0:
+            raise ConfigError(
+                "planner.uncertainty_penalty penalises the certified distance to the loop's fixed point, which an "
+                "unshared stack (model.shared=false) does not have: set planner.uncertainty_penalty=0"
+            )
 
 
 def from_dict(data: dict) -> Config:

@@ -5,6 +5,11 @@
 s = (κ_max − max Ā)·sigmoid(ρ). So κ = max Ā + s < κ_max < 1 for every parameter value, and Banach's
 theorem gives a unique fixed point h*(e), the a-posteriori bound ‖h(t) − h*‖ ≤ κ/(1−κ)‖h(t) − h(t−1)‖
 and ‖h*‖ ≤ ‖F(0)‖/(1−κ). "Paper mode" (LoopWM, arXiv 2606.18208) drops the constraint on R̄.
+
+With `model.shared=false` loop t applies its own block R̄_t and gain s_t (an unshared stack of `model.loops`
+blocks; Ā and B̄ stay common). Every map F_t is still a κ_t-contraction, so states stay bounded by
+max_t ‖F_t(0)‖/(1−κ), but there is no common fixed point: the certified exit is refused and the bound
+at exit is +inf.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from torch.nn import functional as F
 from loopwm.blocks import make_block
 from loopwm.certificate import LoopCertificate, norm_bounds
 from loopwm.config import ConfigError, ModelConfig
-from loopwm.lipschitz import Certified, round_up
+from loopwm.lipschitz import Certified, CertifiedLinear, round_up
 
 
 @dataclass(frozen=True)
@@ -175,6 +180,11 @@ class StepContext:
     scale: Tensor  # s, the block's output gain
     kappa: Tensor  # certified Lipschitz constant of h ↦ F(h, e)
     certificate: LoopCertificate  # κ's parts and the rounding term of the certified bound
+    stages: tuple["StepContext", ...] = ()  # an unshared stack's context of each loop (the fields above: loop 0's)
+
+    def at(self, t: int) -> "StepContext":
+        """The context of loop t: this one for a shared block, stage t's for an unshared stack."""
+        return self.stages[t] if self.stages else self
 
     def select(self, index: Tensor) -> "StepContext":
         """The context of a subset of the batch (shared parts are kept as they are)."""
@@ -186,6 +196,7 @@ class StepContext:
             self.scale,
             self.kappa,
             self.certificate,
+            tuple(s.select(index) for s in self.stages),
         )
 
 
@@ -197,8 +208,9 @@ class LoopParams:
     delta: Tensor  # the injection's step size softplus(δ), [H]
     weights: list[Tensor]  # effective h-path weights, the output map pre-multiplied by s
     scale: Tensor  # s
-    kappa: Tensor  # κ
+    kappa: Tensor  # κ (an unshared stack's: the largest of its stages')
     certificate: LoopCertificate
+    stages: tuple["LoopParams", ...] = ()  # an unshared stack's parameters of each loop
 
 
 @dataclass
@@ -232,8 +244,9 @@ class LoopCore(nn.Module):
         self.log_rate = nn.Parameter(torch.linspace(-1.0, 1.0, h))  # a
         self.delta_raw = nn.Parameter(torch.full((h,), math.log(math.e - 1)))  # δ, softplus(δ) = 1
         self.inject = nn.Linear(cfg.inject_dim, h, bias=False)  # B
-        self.block = make_block(cfg)
-        self.gain_logit = nn.Parameter(torch.zeros(()))  # block gain logit (constrained) or log-gain (paper mode)
+        # one shared block, or (model.shared=false) model.loops distinct ones, each with its own gain
+        self.block = make_block(cfg) if cfg.shared else nn.ModuleList(make_block(cfg) for _ in range(cfg.loops))
+        self.gain_logit = nn.Parameter(torch.zeros(() if cfg.shared else (cfg.loops,)))  # logit, or log-gain (paper)
         self.gate = nn.Linear(h + 1, 1)
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, -2.0)
@@ -242,6 +255,14 @@ class LoopCore(nn.Module):
         self._cache: tuple[tuple, list[Tensor]] | None = None
 
     # ---- parameters -> certificate -------------------------------------------------------
+    def blocks(self) -> list[nn.Module]:
+        """The block of each loop, in order: the one shared block, or the stack's `model.loops` blocks."""
+        return [self.block] if self.cfg.shared else list(self.block)
+
+    def linears(self) -> list[CertifiedLinear]:
+        """Every h-path map of every block, block by block."""
+        return [lin for block in self.blocks() for lin in block.linears()]
+
     def retention(self) -> Tensor:
         """Ā = exp(−(r_min + Δ·exp(a))) per hidden unit, or zeros when retention is ablated."""
         if not self.use_retention:
@@ -249,7 +270,8 @@ class LoopCore(nn.Module):
         return torch.exp(-(self.r_min + F.softplus(self.delta_raw) * torch.exp(self.log_rate)))
 
     def block_scale(self, max_retention: Tensor) -> Tensor:
-        """s: the block's output gain, inside the contraction budget unless in paper mode."""
+        """s: the block's output gain (one per block of a stack), inside the contraction budget unless in paper
+        mode."""
         if self.cfg.constrain_block:
             return (self.cfg.kappa_max - max_retention) * torch.sigmoid(self.gain_logit)
         return (self.cfg.kappa_max - self.cfg.retention_max) * 0.5 * torch.exp(self.gain_logit)
@@ -263,7 +285,7 @@ class LoopCore(nn.Module):
     def certified_weights(self) -> list[Certified]:
         """The h-path weights as applied, with their norm bounds: computed once per forward call, never once
         per loop (cached under no_grad until a weight changes). A non-finite weight raises, naming it."""
-        linears = self.block.linears()
+        linears = self.linears()
         if torch.is_grad_enabled():
             return [lin.certify(name) for lin, name in zip(linears, self._linear_names())]
         key = tuple((lin.weight._version, lin.weight.data_ptr()) for lin in linears)
@@ -279,17 +301,26 @@ class LoopCore(nn.Module):
     def _linear_names(self) -> list[str]:
         """Each h-path weight's name as in `WorldModel.state_dict()`, for error messages."""
         names = {id(mod): name for name, mod in self.block.named_modules()}
-        return [f"core.block.{names[id(lin)]}.weight" for lin in self.block.linears()]
+        return [f"core.block.{names[id(lin)]}.weight" for lin in self.linears()]
 
     def loop_params(self) -> LoopParams:
-        """Retention, step size, scaled weights, gain and κ: everything a step needs that is not the input."""
+        """Retention, step size, scaled weights, gain and κ: everything a step needs that is not the input.
+
+        An unshared stack certifies each block on its own (its weights and gain s_t, with the common Ā)."""
         a_bar = self.retention()
         delta = F.softplus(self.delta_raw) if self.use_retention else torch.ones_like(self.delta_raw)
-        certified = self.certified_weights()
-        scale = self.block_scale(a_bar.max())
-        certificate, last = LoopCertificate.build(a_bar, scale, certified, self.cfg.activation)
-        weights = [*(c.weight for c in certified[:-1]), last]
-        return LoopParams(a_bar, delta, weights, scale, certificate.kappa, certificate)
+        certified, scales = self.certified_weights(), self.block_scale(a_bar.max())
+        stages, start = [], 0
+        for t, block in enumerate(self.blocks()):
+            own, start = certified[start : start + len(block.linears())], start + len(block.linears())
+            scale = scales if self.cfg.shared else scales[t]
+            certificate, last = LoopCertificate.build(a_bar, scale, own, self.cfg.activation)
+            weights = [*(c.weight for c in own[:-1]), last]
+            stages.append(LoopParams(a_bar, delta, weights, scale, certificate.kappa, certificate))
+        if self.cfg.shared:
+            return stages[0]
+        kappa = torch.stack([p.kappa for p in stages]).max()
+        return dataclasses.replace(stages[0], kappa=kappa, stages=tuple(stages))
 
     @contextlib.contextmanager
     def weight_scope(self) -> Iterator[None]:
@@ -305,19 +336,25 @@ class LoopCore(nn.Module):
     def prepare(self, e: Tensor) -> StepContext:
         """Precompute the injection's contributions for one environment step."""
         p = self._scope if self._scope is not None else self.loop_params()
-        return StepContext(
-            p.retention, p.delta * self.inject(e), self.block.context(e), p.weights, p.scale, p.kappa, p.certificate
+        drive = p.delta * self.inject(e)
+        stages = tuple(
+            StepContext(q.retention, drive, block.context(e), q.weights, q.scale, q.kappa, q.certificate)
+            for block, q in zip(self.blocks(), p.stages or (p,))
         )
+        return stages[0] if self.cfg.shared else dataclasses.replace(stages[0], kappa=p.kappa, stages=stages)
 
-    def loop_map(self, h: Optional[Tensor], ctx: StepContext) -> Tensor:
-        """One loop: F(h) = Ā ⊙ h + B̄ e + s·R(h, e); h=None is the zero state, F(0) = B̄ e + s·R(0, e)."""
-        out = self.block(h, ctx.block_ctx, ctx.weights, ctx.drive)
-        return out if h is None else out.addcmul_(ctx.retention, h)
+    def loop_map(self, h: Optional[Tensor], ctx: StepContext, t: int = 0) -> Tensor:
+        """Loop t: F(h) = Ā ⊙ h + B̄ e + s·R(h, e), with block t of an unshared stack; h=None is the zero state,
+        F(0) = B̄ e + s·R(0, e)."""
+        stage = ctx.at(t)
+        block = self.block if self.cfg.shared else self.block[t]
+        out = block(h, stage.block_ctx, stage.weights, stage.drive)
+        return out if h is None else out.addcmul_(stage.retention, h)
 
     def state_bound(self, ctx: StepContext) -> Tensor:
-        """Per-sample bound on every loop state started from zero: ‖h(t)‖ ≤ ‖F(0)‖/(1−κ)."""
-        f0 = self.loop_map(None, ctx)
-        return f0.norm(dim=-1) / (1.0 - ctx.kappa)
+        """Per-sample bound on every loop state started from zero: ‖h(t)‖ ≤ max_t ‖F_t(0)‖/(1−κ)."""
+        f0 = torch.stack([self.loop_map(None, ctx, t).norm(dim=-1) for t in range(len(ctx.stages) or 1)])
+        return f0.amax(0) / (1.0 - ctx.kappa)
 
     def exit_probability(self, h: Tensor, step_norm: Tensor) -> Tensor:
         """Learned exit gate λ(t) = σ(w·[h; log‖Δh‖] + b) (Ouro-style), trained on improvement targets."""
@@ -330,7 +367,10 @@ class LoopCore(nn.Module):
         """Certified distance from h to the fixed point after a loop that moved it by `step_norm`, rounding
         included (`LoopCertificate`): (κ‖Δh‖ + ρ)/(1−κ). For the samples in the mask `refine` where ρ
         dominates (more loops cannot lower it), also the float64 residual bound ‖F(h) − h‖/(1−κ) if lower:
-        one float64 loop map, which the certified exit spends to certify tolerances near float32's grid."""
+        one float64 loop map, which the certified exit spends to certify tolerances near float32's grid.
+        An unshared stack has no fixed point: its bound is +inf."""
+        if ctx.stages:
+            return torch.full_like(step_norm, math.inf)
         cert = ctx.certificate
         h_norm, drive = norm_bounds(h), norm_bounds(ctx.drive)
         context = sum((norm_bounds(c) for c in ctx.block_ctx), torch.zeros_like(h_norm))
@@ -373,6 +413,7 @@ class LoopCore(nn.Module):
         target = rule.targets(opts, self.cfg.loops, batch, device)
         uniform = target is not None and not isinstance(opts.loops, Tensor)
         t_max = int(target.max()) if target is not None else opts.max_loops
+        self._check_stack(opts, t_max)
         active = torch.ones(batch, dtype=torch.bool, device=device)
         used = target if uniform else torch.zeros(batch, dtype=torch.long, device=device)
         last = torch.zeros(batch, device=device, dtype=h.dtype)
@@ -381,7 +422,7 @@ class LoopCore(nn.Module):
         for t in range(t_max):
             if opts.bptt is not None:
                 h = torch.where((t < target - opts.bptt).unsqueeze(-1), h.detach(), h)
-            h_next = self.loop_map(None if t == 0 and h0 is None else h, ctx)
+            h_next = self.loop_map(None if t == 0 and h0 is None else h, ctx, t)
             step_norm = (h_next - h).norm(dim=-1)
             if uniform:  # every sample runs the same loops: no masking needed
                 h, last = h_next, step_norm
@@ -416,6 +457,21 @@ class LoopCore(nn.Module):
             final_state=h,
         )
         return h, trace
+
+    def _check_stack(self, opts: LoopOptions, t_max: int) -> None:
+        """An unshared stack runs at most one loop per block, and has no fixed point for a bound-based exit."""
+        if self.cfg.shared:
+            return
+        if EXIT_RULES[opts.exit].uses_bound:
+            raise ValueError(
+                f"exit={opts.exit!r} stops at a certified distance to the fixed point; an unshared stack "
+                "(model.shared=false) applies a different map every loop and has none: use exit='fixed'"
+            )
+        if t_max > self.cfg.loops:
+            raise ValueError(
+                f"this run could take {t_max} loops, but the unshared stack (model.shared=false) has "
+                f"model.loops={self.cfg.loops} blocks, one per loop: ask for at most {self.cfg.loops}"
+            )
 
     def _check_h0(self, h0: Tensor, ctx: StepContext) -> Tensor:
         """A start state must match the batch and hidden width (`WorldModel.step` also refuses non-finite ones;

@@ -28,6 +28,7 @@ from loopwm.nets import (
     optional,
     rms_normalize,
 )
+from loopwm.plain import PlainCore
 
 Decode = Literal["final", "all", "none"]
 
@@ -56,7 +57,7 @@ class WorldModel(nn.Module):
         self.encoder = build_encoder(spec, cfg.encoder, m, z, cfg.cnn_channels)
         self.action_embed = nn.Linear(spec.action_dim, z)
         self.prelude = nn.Linear(3 * z, cfg.inject_dim)
-        self.core = LoopCore(cfg)
+        self.core = LoopCore(cfg) if cfg.dynamics == "loop" else PlainCore(cfg)  # PlainCore: no loop
         self.coda = mlp(cfg.hidden_dim, m, z)
         if cfg.latent_update == "residual":  # an untrained model predicts "no change" in latent space
             nn.init.zeros_(self.coda[-1].weight)

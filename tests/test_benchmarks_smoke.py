@@ -22,18 +22,18 @@ from obs_mlp import ObsMLP, fit_obs_mlp  # noqa: E402
 
 
 def test_param_efficiency_smoke_writes_every_variant(tmp_path):
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    names = ["loopwm", "stack", "mlp-params", "mlp-flops", "obs-mlp", "delta"]
     cmd = [
         sys.executable,
         "benchmarks/param_efficiency.py",
         "--smoke",
         "--out",
-        str(tmp_path),
+        str(out),
         "--docs",
-        str(tmp_path),
+        str(docs),
         "--variants",
-        "loopwm",
-        "obs-mlp",
-        "delta",
+        *names,
         "--define",
         "delta=model.obs_decoder=delta",
         "--seeds",
@@ -42,9 +42,9 @@ def test_param_efficiency_smoke_writes_every_variant(tmp_path):
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
-    data = json.loads((tmp_path / "param_efficiency.json").read_text())
+    data = json.loads((docs / "param_efficiency.json").read_text())
     variants = data["protocols"]["smoke"]["tasks"]["pendulum"]["variants"]
-    assert set(variants) == {"loopwm", "obs-mlp", "delta"}
+    assert set(variants) == set(names)
     assert variants["delta"]["overrides"] == ["model.obs_decoder=delta"]
     for v in variants.values():
         assert set(v["seeds"]) == {"0", "1"}
@@ -52,11 +52,26 @@ def test_param_efficiency_smoke_writes_every_variant(tmp_path):
             assert run["parameters"] > 0 and run["macs_per_step"] > 0
             assert [c["updates"] for c in run["curve"]] == [3, 6]
             assert set(run["errors"]) == {"1", "10", "50"} and all(np.isfinite(list(run["errors"].values())))
+    run = {name: v["seeds"]["0"] for name, v in variants.items()}
     # the delta head adds parameters; the diagnostics are recorded for loopwm variants only
-    assert variants["delta"]["seeds"]["0"]["parameters"] > variants["loopwm"]["seeds"]["0"]["parameters"]
-    assert "recon_floor" in variants["loopwm"]["seeds"]["0"]["curve"][-1]
-    md = (tmp_path / "param_efficiency.md").read_text()
-    assert "`obs-mlp`" in md and "`delta`" in md and "reconstruction floor" in md
+    assert run["delta"]["parameters"] > run["loopwm"]["parameters"]
+    assert "recon_floor" in run["loopwm"]["curve"][-1] and "recon_floor" in run["stack"]["curve"][-1]
+    # the stack pays for its distinct blocks in parameters and e-paths; each block stays a contraction
+    assert run["stack"]["parameters"] > 2 * run["loopwm"]["parameters"] - 1000
+    assert run["stack"]["macs_per_step"] > run["loopwm"]["macs_per_step"] and run["stack"]["kappa"] < 1
+    # only the stack's first block holds a map a cold start never reaches (its h-path map on h = 0)
+    assert run["loopwm"]["idle_parameters"] == run["mlp-params"]["idle_parameters"] == 0
+    assert run["stack"]["idle_parameters"] == 16 * 32  # the smoke model's hidden 16 -> block width 32
+    # the plain MLP cores match the shipped loopwm in what they are named after, and do not loop
+    for name, key, by in [("mlp-params", "parameters", "parameters"), ("mlp-flops", "macs_per_step", "macs")]:
+        assert run[name]["matched"]["by"] == by and run[name]["loops"] == 1 and run[name]["kappa"] == 0
+        assert run[name][key] == pytest.approx(run["loopwm"][key], rel=0.05)
+    assert run["mlp-flops"]["matched"]["width"] > run["mlp-params"]["matched"]["width"]
+    md = (docs / "param_efficiency.md").read_text()
+    assert "`obs-mlp`" in md and "`delta`" in md and "reconstruction floor" in md and "dynamics_width=" in md
+    # the smoke figure goes to --out, never next to the docs
+    assert (out / "param_efficiency_smoke_pendulum.png").stat().st_size > 0
+    assert not list(docs.glob("*.png")) and "](param_efficiency" not in md
 
 
 def test_benchmark_errors_match_prediction_errors():

@@ -75,6 +75,12 @@ def analyze(
 
     `compare` is a second model (e.g. a paper-mode ablation) rolled out beside this one in the long-horizon analysis.
     """
+    for model in (wm, compare):
+        if model is not None and (not model.cfg.shared or model.cfg.dynamics != "loop"):
+            raise ValueError(
+                "the stability report audits one shared block's fixed point; a model with model.shared=false "
+                "(a different map every loop) or model.dynamics='mlp' (no loop) has none"
+            )
     settings = settings or Settings()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,330 @@
+"""Atari 100k: scores, human-normalised scores and model errors of `loopwm run configs/atari/<game>.yaml` runs.
+
+For each game the final checkpoint of `runs/<game>` (trained by `loopwm run configs/atari/<game>.yaml`,
+resumable with `resume=true`) is evaluated on `--episodes` evaluation episodes with fixed reset seeds, next to a
+uniformly random policy on the same seeds. Scores are raw game scores; human-normalised scores use the
+reference random and human scores of `loopwm.envs.atari_games`. Held-out episodes, played by the agent's
+training policy, give the next-frame error of the newest frame at 1 and 10 steps open loop (pixel MSE on a
+0-1 scale) against copying the last observed frame, and the sign accuracy of 1-step reward predictions on
+non-zero (clipped) rewards. Wall-clock time and peak RSS are the run's own, summed over its sittings.
+
+    .venv/bin/python benchmarks/atari.py --games boxing breakout pong ms_pacman
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from loopwm.agents.online import Agent, evaluate
+from loopwm.checkpoint import load_run
+from loopwm.config import Config, apply_overrides, from_dict, load_config, to_dict
+from loopwm.envs.atari_games import ATARI_100K, game_of
+from loopwm.envs.factory import action_from_model, env_spaces, make_env
+
+from common import DEFAULT_OUT, REPO, command, load_average, machine_info, machine_md, md_table, write_outputs
+
+DREAMERV3 = {"Boxing": 79.4, "Breakout": 9.0, "Pong": -4.2, "MsPacman": 1526.0}
+"""DreamerV3's Atari 100k scores (Hafner et al. 2023, its published score file): the mean over 5 seeds of the
+training-episode returns in the last 10% of the 400k frames."""
+
+EVAL_SEED = 30_000  # reset seeds EVAL_SEED + i, the same for every game, agent and the random policy
+PLANNER = [
+    "planner.method=mppi",
+    "planner.samples=64",
+    "planner.elites=8",
+    "planner.iterations=2",
+    "planner.policy_samples=8",
+]
+"""The latent planner `--planner` compares with the actor: categorical MPPI seeded by the actor's samples."""
+
+
+def agent_from(path: Path, overrides: list[str] = ()) -> Agent:
+    """The run's agent (model, value, actor, planner state), with `overrides` applied to its config."""
+    run = load_run(path)
+    cfg = from_dict(apply_overrides(to_dict(run.require_config("it is not a run's checkpoint")), list(overrides)))
+    agent = Agent(cfg, *env_spaces(cfg.env))
+    agent.wm.load_state_dict(run.model.state_dict())
+    agent.load_state_dict(run.payload["agent"])
+    return agent
+
+
+def random_returns(cfg: Config, episodes: int) -> list[float]:
+    """Raw scores of uniformly random actions on the evaluation seeds."""
+    env, returns = make_env(cfg.env, training=False), []
+    env.action_space.seed(EVAL_SEED)
+    for i in range(episodes):
+        env.reset(seed=EVAL_SEED + i)
+        done, total = False, 0.0
+        while not done:
+            _, reward, terminated, truncated, _ = env.step(env.action_space.sample())
+            total, done = total + float(reward), terminated or truncated
+        returns.append(total)
+    env.close()
+    return returns
+
+
+def held_out(agent: Agent, episodes: int, max_steps: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """Episodes of the agent's training policy (sampled actions, clipped rewards): obs stacks, actions, rewards."""
+    env, out = make_env(agent.cfg.env, training=True), []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed + i)
+        frames, actions, rewards = [obs], [], []
+        done, t0 = False, True
+        while not done and len(actions) < max_steps:
+            action = agent.planned_action(obs, eval_mode=False, t0=t0)
+            obs, reward, terminated, truncated, _ = env.step(action_from_model(action, agent.act_space))
+            frames.append(obs)
+            actions.append(action)
+            rewards.append(reward)
+            done, t0 = terminated or truncated, False
+        out.append({"obs": np.stack(frames), "actions": np.stack(actions), "rewards": np.asarray(rewards, np.float32)})
+    env.close()
+    return out
+
+
+@torch.no_grad()
+def model_errors(agent: Agent, episodes: list[dict[str, np.ndarray]], horizon: int = 10) -> dict[str, Any]:
+    """Newest-frame MSE (0-1 pixels) of open-loop predictions at 1 and `horizon` steps against copying the last
+    frame, and the sign accuracy of 1-step reward predictions on non-zero and on zero rewards."""
+    wm = agent.wm
+    wm.eval()
+    model = {1: [], horizon: []}
+    copy = {1: [], horizon: []}
+    hits_nonzero, hits_zero = [], []
+    for ep in episodes:
+        obs, actions, rewards = ep["obs"], torch.as_tensor(ep["actions"]), ep["rewards"]
+        starts = np.arange(0, len(actions) - horizon + 1, 2)
+        for chunk in np.array_split(starts, max(1, math.ceil(len(starts) / 128))):
+            if len(chunk) == 0:
+                continue
+            steps = chunk[None] + np.arange(horizon)[:, None]  # [H, B]
+            out = wm.imagine(wm.encode(torch.as_tensor(obs[chunk])), actions[steps], decode="all")
+            pred = wm.denormalize_obs(out.obs[:, :, -1]) / 255.0  # newest frame of each predicted stack
+            true = torch.as_tensor(obs[steps + 1][:, :, -1]).float() / 255.0
+            last = torch.as_tensor(obs[chunk][:, -1]).float() / 255.0
+            for h in (1, horizon):
+                model[h].append((pred[h - 1] - true[h - 1]).pow(2).flatten(1).mean(1))
+                copy[h].append((last - true[h - 1]).pow(2).flatten(1).mean(1))
+            sign_pred = np.sign(np.round(out.rewards[0].numpy()))
+            sign_true = np.sign(rewards[chunk])
+            hits_nonzero += list((sign_pred == sign_true)[sign_true != 0])
+            hits_zero += list((sign_pred == sign_true)[sign_true == 0])
+    frame = {
+        str(h): {"model": float(torch.cat(model[h]).mean()), "copy_last": float(torch.cat(copy[h]).mean())}
+        for h in (1, horizon)
+    }
+    return {
+        "frame_mse": frame,
+        "predictions": int(sum(len(x) for x in model[1])),
+        "reward_sign_accuracy_nonzero": float(np.mean(hits_nonzero)) if hits_nonzero else None,
+        "nonzero_rewards": len(hits_nonzero),
+        "reward_sign_accuracy_zero": float(np.mean(hits_zero)) if hits_zero else None,
+    }
+
+
+def stats(returns: list[float]) -> dict[str, float]:
+    r = np.asarray(returns, dtype=float)
+    return {"mean": float(r.mean()), "se": float(r.std(ddof=1) / math.sqrt(len(r))) if len(r) > 1 else float("nan")}
+
+
+def measure_game(stem: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Everything the report says about one game's run."""
+    path = args.runs / stem
+    cfg = load_config(REPO / "configs" / "atari" / f"{stem}.yaml")
+    game = game_of(cfg.env.id)
+    if not (path / "checkpoints" / "latest.pt").is_file():
+        return {"game": game.name, "run": str(path), "status": "not run"}
+    run = load_run(path)
+    progress = run.payload["progress"]
+    agent = agent_from(path, args.override)
+    start = time.perf_counter()
+    result = evaluate(agent, args.episodes, seed=EVAL_SEED)
+    eval_s = time.perf_counter() - start
+    rand = random_returns(agent.cfg, args.episodes)
+    s, r = stats(result["returns"]), stats(rand)
+    record = {
+        "game": game.name,
+        "run": str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path),
+        "status": "complete" if progress["step"] >= cfg.agent.total_steps else "partial",
+        "agent_steps": int(progress["step"]),
+        "updates": int(run.payload["trainer"]["updates"]) if "trainer" in run.payload else None,
+        "returns": result["returns"],
+        "score": s,
+        "random_returns": rand,
+        "random": r,
+        "above_random_by_2se": bool(s["mean"] - r["mean"] > 2 * math.hypot(s["se"], r["se"])),
+        "hns": game.normalised(s["mean"]),
+        "reference": {"random": game.random, "human": game.human, "dreamerv3": DREAMERV3.get(game.name)},
+        "ms_per_decision": result["ms_per_decision"],
+        "eval_s": eval_s,
+        "elapsed_s": progress.get("elapsed_s"),
+        "hours_per_100k": progress["elapsed_s"] / 3600 * 100_000 / max(progress["step"], 1)
+        if progress.get("elapsed_s")
+        else None,
+        "steps_per_s": progress["step"] / progress["elapsed_s"] if progress.get("elapsed_s") else None,
+        "peak_rss_mib": progress.get("peak_rss_mib"),
+        "replay_mib": agent_replay_mib(run.payload),
+    }
+    record["model"] = model_errors(agent, held_out(agent, args.held_out, args.held_out_steps, seed=EVAL_SEED + 500))
+    if args.planner:
+        planned = agent_from(path, [*args.override, *PLANNER])
+        start = time.perf_counter()
+        p = evaluate(planned, args.planner_episodes, seed=EVAL_SEED)
+        record["planner"] = {
+            "overrides": PLANNER,
+            "returns": p["returns"],
+            "score": stats(p["returns"]),
+            "ms_per_decision": p["ms_per_decision"],
+            "eval_s": time.perf_counter() - start,
+        }
+    return record
+
+
+def agent_replay_mib(payload: dict[str, Any]) -> Optional[float]:
+    """Bytes the checkpointed replay holds (frames, actions and flags), in MiB."""
+    replay = payload.get("replay")
+    if not isinstance(replay, dict):
+        return None
+    total = 0
+    stack = [replay]
+    while stack:
+        node = stack.pop()
+        for value in node.values() if isinstance(node, dict) else node:
+            if isinstance(value, (dict, list, tuple)):
+                stack.append(value)
+            elif isinstance(value, (np.ndarray, torch.Tensor)):
+                total += value.nbytes if isinstance(value, np.ndarray) else value.numel() * value.element_size()
+    return total / 2**20
+
+
+def fmt(x: Optional[float], spec: str = ".1f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    done = [g for g in payload["games"] if g["status"] != "not run"]
+    missing = [g["game"] for g in payload["games"] if g["status"] == "not run"]
+    scores = md_table(
+        [
+            "game",
+            "agent steps",
+            "loopwm",
+            "random (here)",
+            "> random + 2 SE?",
+            "HNS",
+            "random / human (ref.)",
+            "DreamerV3",
+            "h per 100k",
+            "peak RSS MiB",
+        ],
+        [
+            [
+                g["game"],
+                g["agent_steps"],
+                f"{g['score']['mean']:.1f} ± {fmt(g['score']['se'])}",
+                f"{g['random']['mean']:.1f} ± {fmt(g['random']['se'])}",
+                "yes" if g["above_random_by_2se"] else "no",
+                f"{g['hns']:.3f}",
+                f"{g['reference']['random']:g} / {g['reference']['human']:g}",
+                fmt(g["reference"]["dreamerv3"]),
+                fmt(g["hours_per_100k"], ".2f"),
+                fmt(g["peak_rss_mib"], ".0f"),
+            ]
+            for g in done
+        ],
+    )
+    model = md_table(
+        [
+            "game",
+            "frame MSE @1 (model / copy last)",
+            "frame MSE @10 (model / copy last)",
+            "reward sign acc. (non-zero)",
+            "non-zero rewards",
+            "reward sign acc. (zero)",
+        ],
+        [
+            [
+                g["game"],
+                f"{g['model']['frame_mse']['1']['model']:.5f} / {g['model']['frame_mse']['1']['copy_last']:.5f}",
+                f"{g['model']['frame_mse']['10']['model']:.5f} / {g['model']['frame_mse']['10']['copy_last']:.5f}",
+                fmt(g["model"]["reward_sign_accuracy_nonzero"], ".3f"),
+                g["model"]["nonzero_rewards"],
+                fmt(g["model"]["reward_sign_accuracy_zero"], ".3f"),
+            ]
+            for g in done
+        ],
+    )
+    parts = [
+        "# Atari 100k",
+        __doc__.split("\n\n")[1].replace("\n", " "),
+        f"Scores: mean ± standard error over {payload['episodes']} evaluation episodes (reset seeds "
+        f"{EVAL_SEED}+i, the same for loopwm and random). Protocol: configs/atari/base.yaml.",
+        scores,
+        "## World model",
+        model,
+    ]
+    planned = [g for g in done if "planner" in g]
+    if planned:
+        parts += [
+            "## Actor against the latent planner",
+            "The same checkpoints, acting with the actor alone (the default) or with categorical MPPI seeded by "
+            f"the actor's samples (`{' '.join(PLANNER)}`).",
+            md_table(
+                ["game", "actor", "ms/decision", "planner", "ms/decision"],
+                [
+                    [
+                        g["game"],
+                        f"{g['score']['mean']:.1f} ± {fmt(g['score']['se'])} ({len(g['returns'])} ep.)",
+                        g["ms_per_decision"],
+                        f"{g['planner']['score']['mean']:.1f} ± {fmt(g['planner']['score']['se'])} "
+                        f"({len(g['planner']['returns'])} ep.)",
+                        g["planner"]["ms_per_decision"],
+                    ]
+                    for g in planned
+                ],
+            ),
+        ]
+    if missing:
+        parts.append(f"Not run yet: {', '.join(missing)}.")
+    parts += ["## Machine", machine_md(payload["machine"])]
+    return "\n\n".join(parts)
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--games",
+        nargs="+",
+        default=["boxing", "breakout", "pong", "ms_pacman"],
+        choices=sorted(g.stem for g in ATARI_100K.values()),
+    )
+    parser.add_argument("--runs", type=Path, default=REPO / "runs", help="folder holding runs/<game>")
+    parser.add_argument("--episodes", type=int, default=10, help="evaluation episodes per game (>= 2)")
+    parser.add_argument("--held-out", type=int, default=2, help="held-out episodes for the model errors")
+    parser.add_argument("--held-out-steps", type=int, default=2000, help="steps per held-out episode at most")
+    parser.add_argument("--planner", action="store_true", help="also evaluate the latent planner")
+    parser.add_argument("--planner-episodes", type=int, default=3)
+    parser.add_argument("--override", nargs="*", default=[], help="config overrides for evaluation")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    if args.episodes < 2 or args.held_out < 1 or args.planner_episodes < 1:
+        parser.error("--episodes must be >= 2, --held-out and --planner-episodes >= 1")
+    torch.set_num_threads(1)
+    info = machine_info()
+    games = [measure_game(stem, args) for stem in args.games]
+    info["load_average_end"] = load_average()
+    info["command"] = command()
+    payload = {"machine": info, "episodes": args.episodes, "games": games}
+    write_outputs(args.out, "atari", payload, markdown(payload))
+    return payload
+
+
+if __name__ == "__main__":
+    main()
