@@ -7,8 +7,7 @@ Two outputs go to DIR:
   frame the newest frame of the real stack | the imagined one | their absolute difference, with a bar below
   that fills as the horizon goes by; vector observations give `imagined.png`, one plot per dimension.
 
-The comparison starts from the reset of the first episode (the same seed), so with a deterministic policy its
-real frames are the first steps of `rl-video-episode-0.mp4`.
+The comparison starts from the reset of the first episode (the same seed).
 """
 
 from __future__ import annotations
@@ -90,8 +89,8 @@ def require_writers(spec: SpaceSpec) -> None:
 
 
 def open_loop(agent: Agent, steps: int, seed: int) -> OpenLoop:
-    """The agent's deterministic play for up to `steps` steps from `reset(seed=seed)` (fewer if the episode
-    ends), and the model's imagination of them from the first real observation alone."""
+    """The agent's evaluation play for up to `steps` steps from `reset(seed=seed)` (fewer if the episode ends),
+    and the model's imagination of them from the first real observation alone."""
     env = make_env(agent.cfg.env, training=False)
     obs, _ = env.reset(seed=seed)
     real, actions = [obs], []
