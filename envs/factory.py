@@ -13,7 +13,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.spaces import Box, Dict, Discrete, MultiBinary, MultiDiscrete, Space
 
-from loopwm.config import Config, EnvConfig
+from loopwm.config import Config, ConfigError, EnvConfig, ModelConfig
 from loopwm.envs.families import family_of
 from loopwm.envs.wrappers import ActionRepeat, FlattenDictObservation
 from loopwm.nets import SpaceSpec
@@ -96,6 +96,23 @@ def check_spaces(obs_space: Space, act_space: Space) -> None:
         raise ValueError(f"{exc} (the world model's supported spaces)") from None
     if isinstance(act_space, Box) and np.any(act_space.high <= act_space.low):
         raise ValueError(f"action space {act_space} has a dimension with high <= low")
+
+
+def check_model_fits(model: ModelConfig, obs_space: Space, act_space: Space, env_id: str) -> None:
+    """Raise a ConfigError naming the setting that fixes it when `model` cannot read `env_id`'s observations
+    (an MLP encoder or a delta decoder with frames, a CNN encoder with vectors); checked before a run writes."""
+    spec = SpaceSpec.from_spaces(obs_space, act_space)
+    frames = spec.pixels or any(is_frame for _, _, is_frame in spec.obs_parts)
+    what = f"{env_id} gives {'frames' if spec.pixels else 'observations'} of shape {tuple(spec.obs_shape)}"
+    fixes = []
+    if model.encoder == "mlp" and spec.pixels:
+        fixes.append("model.encoder='mlp' reads vectors: set model.encoder=auto (a CNN for frames)")
+    if model.encoder == "cnn" and not spec.pixels and not spec.obs_parts:
+        fixes.append("model.encoder='cnn' reads (C, H, W) frames: set model.encoder=auto (an MLP for vectors)")
+    if model.obs_decoder == "delta" and frames:
+        fixes.append("model.obs_decoder='delta' predicts changes of vectors: set model.obs_decoder=absolute")
+    if fixes:
+        raise ConfigError(f"{what}, but {'; '.join(fixes)}")
 
 
 def action_groups(space: Space) -> tuple[int, ...]:

@@ -37,20 +37,72 @@ def cmd_collect(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from loopwm.analysis.prediction import format_table
-    from loopwm.app.evaluate import evaluate_checkpoint, evaluate_planner
+    from loopwm.config import ConfigError
 
-    if args.episodes is not None:
-        result = evaluate_planner(args.checkpoint, args.episodes, video_dir=args.video)
-        print(
-            f"return {result['return_mean']:.1f} ± {result['return_std']:.1f} over {args.episodes} episodes; "
-            f"{result['ms_per_decision']:.1f} ms per decision"
+    playing = args.episodes is not None or args.video is not None
+    misplaced = [
+        flag
+        for flag, given, wanted in (
+            ("--data", args.data, not playing),
+            ("--exit", args.exit, not playing),
+            ("--seed", args.seed, playing),
+            ("--imagine-steps", args.imagine_steps, args.video is not None),
         )
+        if given is not None and not wanted
+    ]
+    if misplaced:
+        raise ConfigError(
+            f"{', '.join(misplaced)} does not apply here: --data and --exit go with prediction errors (no "
+            "--episodes or --video), --seed with --episodes or --video, --imagine-steps with --video"
+        )
+    if args.video is not None:
+        result = _eval_video(args)
+    elif playing:
+        from loopwm.app.evaluate import evaluate_planner
+
+        result = evaluate_planner(args.checkpoint, args.episodes, seed=args.seed)
+        _print_returns(result)
     else:
+        from loopwm.analysis.prediction import format_table
+        from loopwm.app.evaluate import evaluate_checkpoint
+
         result = evaluate_checkpoint(args.checkpoint, args.data, args.exit)
         print(format_table(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+def _eval_video(args: argparse.Namespace) -> dict:
+    from loopwm.app.video import record_videos
+
+    steps = args.imagine_steps or 50
+    result = record_videos(args.checkpoint, args.video, args.episodes or 1, imagine_steps=steps, seed=args.seed)
+    _print_returns(result)
+    for path in result["videos"]:
+        print(f"wrote {path}")
+    done = result["imagined_steps"]
+    ended = f" (the episode ended after {done} of {steps})" if done < steps else ""
+    print(f"wrote {result['imagined']}: real vs imagined, open loop for {done} steps{ended}")
+    return result
+
+
+def _print_returns(result: dict) -> None:
+    episodes = len(result["returns"])
+    print(
+        f"return {result['return_mean']:.1f} ± {result['return_std']:.1f} over {episodes} episodes; "
+        f"{result['ms_per_decision']:.1f} ms per decision"
+    )
+
+
+def _natural_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
@@ -107,14 +159,27 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("collect", "Write a dataset of environment transitions to data.path.", cmd_collect)
     p = sub.add_parser(
         "eval",
-        help="Prediction errors of a checkpoint, or planner returns with --episodes.",
-        description="Prediction errors of a checkpoint, or planner returns with --episodes.",
+        help="Prediction errors of a checkpoint, planner returns with --episodes, or videos with --video.",
+        description="Prediction errors of a checkpoint, planner returns with --episodes, or videos with --video.",
     )
     p.add_argument("checkpoint", help="a run folder or a checkpoint file")
     p.add_argument("--data", help="held-out dataset (.npz); default: the run's own held-out split")
     p.add_argument("--exit", type=_exit_rule, help="override the exit rule (a name in loopwm.exits.EXIT_RULES)")
     p.add_argument("--episodes", type=_positive_int, help="run the planner for N >= 1 episodes instead")
-    p.add_argument("--video", help="folder for episode videos (rgb-capable envs)")
+    p.add_argument(
+        "--video",
+        metavar="DIR",
+        help="record the planner's episodes (MP4, default 1 episode) and the model's open-loop imagination next "
+        "to the real frames (imagined.gif; imagined.png for vector observations) into DIR",
+    )
+    p.add_argument(
+        "--imagine-steps", type=_positive_int, metavar="N", help="steps of the --video imagined rollout (default 50)"
+    )
+    p.add_argument(
+        "--seed",
+        type=_natural_int,
+        help="seed of the first --episodes/--video episode (default: the run's seed + 20000)",
+    )
     p.add_argument("--out", help="write the JSON result here")
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser(

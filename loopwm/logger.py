@@ -16,17 +16,24 @@ import torch
 from loopwm.atomic import atomic_write
 
 
-def gif_summary(tag: str, frames: np.ndarray, fps: int) -> Any:
-    """A TensorBoard image summary holding frames [T, H, W, 3] uint8 as an animated GIF (TensorBoard's
-    video format), encoded with Pillow."""
+def encode_gif(frames: np.ndarray, fps: float) -> bytes:
+    """Frames [T, H, W] (greyscale) or [T, H, W, 3] uint8 as an animated GIF that loops, encoded with Pillow."""
     from PIL import Image
-    from tensorboard.compat.proto.summary_pb2 import Summary
 
     images = [Image.fromarray(frame) for frame in frames]
     buf = io.BytesIO()
-    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=max(1, 1000 // fps), loop=0)
+    duration = max(1, int(1000 // fps))
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=duration, loop=0)
+    return buf.getvalue()
+
+
+def gif_summary(tag: str, frames: np.ndarray, fps: int) -> Any:
+    """A TensorBoard image summary holding frames [T, H, W, 3] uint8 as an animated GIF (TensorBoard's
+    video format)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
     t, h, w, c = frames.shape
-    image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=buf.getvalue())
+    image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=encode_gif(frames, fps))
     return Summary(value=[Summary.Value(tag=tag, image=image)])
 
 

@@ -33,9 +33,9 @@ TINY_PENDULUM_RUN = {
 }
 
 
-def save_pendulum_run(path):
+def save_pendulum_run(path, max_episode_steps=None):
     """A Pendulum run checkpoint (model, config, replay, value and prior) whose value and prior differ from
-    freshly built ones; returns the online `Agent` that was saved."""
+    freshly built ones, its episodes cut at `max_episode_steps` when given; returns the online `Agent` saved."""
     import torch
 
     from loopwm.agents.online import Agent
@@ -43,7 +43,8 @@ def save_pendulum_run(path):
 
     real = gym.make("Pendulum-v1")
     torch.manual_seed(0)
-    agent = Agent(from_dict(TINY_PENDULUM_RUN), real.observation_space, real.action_space)
+    cfg = from_dict({**TINY_PENDULUM_RUN, "env": {"id": "Pendulum-v1", "max_episode_steps": max_episode_steps}})
+    agent = Agent(cfg, real.observation_space, real.action_space)
     with torch.no_grad():
         for p in [*agent.value.net.parameters(), *agent.prior.net.parameters()]:
             p.add_(0.1 * torch.randn_like(p))

@@ -35,15 +35,34 @@ def evaluate_checkpoint(
     return prediction_errors(wm, held_out, horizons, seed=seed, **norm, options=options)
 
 
-def evaluate_planner(path: str | Path, episodes: int, video_dir: Optional[str] = None) -> dict[str, Any]:
-    """`loopwm eval RUN --episodes N`: run the saved agent's planner (with its value and prior, when the run
-    learnt them) for N fresh episodes of its environment."""
-    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
-        raise ConfigError(f"episodes={episodes!r}: expected an integer >= 1")
+def saved_agent(path: str | Path) -> Agent:
+    """The agent a run saved, rebuilt for its environment: the run's world model with the value, prior and
+    planner it learnt (a run without them gets fresh ones, as its config asks)."""
     run = load_run(path)
     cfg = run.require_config("there is no environment or planner to evaluate it with: evaluate a run's checkpoint")
     agent = Agent(cfg, *env_spaces(cfg.env))
     agent.wm.load_state_dict(run.model.state_dict())
     if run.agent is not None:
         agent.load_state_dict(run.agent)
-    return evaluate(agent, episodes, seed=cfg.seed + 20_000, video_dir=video_dir)
+    return agent
+
+
+def eval_seed(agent: Agent, seed: Optional[int] = None) -> int:
+    """The seed of the first evaluation episode: `seed`, or by default one the run never trained or evaluated on."""
+    return agent.cfg.seed + 20_000 if seed is None else seed
+
+
+def check_count(name: str, value: Any, minimum: int = 1) -> None:
+    """Refuse anything but an integer >= `minimum` for the argument `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}={value!r}: expected an integer >= {minimum}")
+
+
+def evaluate_planner(path: str | Path, episodes: int, seed: Optional[int] = None) -> dict[str, Any]:
+    """`loopwm eval RUN --episodes N`: run the saved agent's planner (with its value and prior, when the run
+    learnt them) for N fresh episodes of its environment, episode i reset with seed + i."""
+    check_count("episodes", episodes)
+    if seed is not None:
+        check_count("seed", seed, minimum=0)
+    agent = saved_agent(path)
+    return evaluate(agent, episodes, seed=eval_seed(agent, seed))

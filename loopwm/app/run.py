@@ -23,7 +23,7 @@ from loopwm.agents.collector import VectorCollector
 from loopwm.agents.online import Agent, evaluate
 from loopwm.app.session import RunSession, seed_everything
 from loopwm.config import Config
-from loopwm.envs.factory import make_vector_env
+from loopwm.envs.factory import check_model_fits, make_vector_env
 from loopwm.train import NonFiniteLoss
 
 
@@ -46,7 +46,9 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
         seed_everything(cfg.seed, cfg.threads)
         envs = make_vector_env(cfg.env, training=True, autoreset=gym.vector.AutoresetMode.DISABLED)
         with closing(envs):
-            agent = Agent(cfg, envs.single_observation_space, envs.single_action_space, session.logger)
+            spaces = envs.single_observation_space, envs.single_action_space
+            check_model_fits(cfg.model, *spaces, cfg.env.id)
+            agent = Agent(cfg, *spaces, session.logger)
             collector = VectorCollector(envs, agent.replay, seed=cfg.seed)
             session.start(agent.wm.spec)
             state = Progress()

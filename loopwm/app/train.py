@@ -11,7 +11,7 @@ from loopwm import distributed
 from loopwm.analysis.prediction import format_table, prediction_errors
 from loopwm.app.session import RunSession, seed_everything
 from loopwm.config import Config, ConfigError
-from loopwm.envs.factory import env_spaces
+from loopwm.envs.factory import check_model_fits, env_spaces
 from loopwm.replay import ReplayBuffer
 from loopwm.train import Trainer, resolve_device
 from loopwm.world_model import WorldModel
@@ -54,7 +54,9 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
     the run folder and evaluates."""
     with distributed.joined(resolve_device(cfg.device)) as device, RunSession(cfg, "train") as session:
         seed_everything(cfg.seed, cfg.threads)
-        wm = WorldModel.from_config(cfg, *env_spaces(cfg.env, cfg.seed)).to(device)
+        spaces = env_spaces(cfg.env, cfg.seed)
+        check_model_fits(cfg.model, *spaces, cfg.env.id)
+        wm = WorldModel.from_config(cfg, *spaces).to(device)
         train_data, val_data = load_dataset(cfg, wm, expected_by=f"the environment {cfg.env.id}")
         if cfg.train.val_fraction == 0 and session.main:
             print(
