@@ -23,10 +23,11 @@ import numpy as np
 import torch
 
 from loopwm.agents.online import Agent, evaluate
+from loopwm.app.evaluate import saved_agent
 from loopwm.checkpoint import load_run
-from loopwm.config import Config, apply_overrides, from_dict, load_config, to_dict
+from loopwm.config import Config, load_config
 from loopwm.envs.atari_games import ATARI_100K, game_of
-from loopwm.envs.factory import action_from_model, env_spaces, make_env
+from loopwm.envs.factory import action_from_model, make_env
 
 from common import DEFAULT_OUT, REPO, command, load_average, machine_info, machine_md, md_table, write_outputs
 
@@ -43,16 +44,6 @@ PLANNER = [
     "planner.policy_samples=8",
 ]
 """The latent planner `--planner` compares with the actor: categorical MPPI seeded by the actor's samples."""
-
-
-def agent_from(path: Path, overrides: list[str] = ()) -> Agent:
-    """The run's agent (model, value, actor, planner state), with `overrides` applied to its config."""
-    run = load_run(path)
-    cfg = from_dict(apply_overrides(to_dict(run.require_config("it is not a run's checkpoint")), list(overrides)))
-    agent = Agent(cfg, *env_spaces(cfg.env))
-    agent.wm.load_state_dict(run.model.state_dict())
-    agent.load_state_dict(run.payload["agent"])
-    return agent
 
 
 def random_returns(cfg: Config, episodes: int) -> list[float]:
@@ -143,7 +134,7 @@ def measure_game(stem: str, args: argparse.Namespace) -> dict[str, Any]:
         return {"game": game.name, "run": str(path), "status": "not run"}
     run = load_run(path)
     progress = run.payload["progress"]
-    agent = agent_from(path, args.override)
+    agent = saved_agent(path, args.override)
     start = time.perf_counter()
     result = evaluate(agent, args.episodes, seed=EVAL_SEED)
     eval_s = time.perf_counter() - start
@@ -174,7 +165,7 @@ def measure_game(stem: str, args: argparse.Namespace) -> dict[str, Any]:
     }
     record["model"] = model_errors(agent, held_out(agent, args.held_out, args.held_out_steps, seed=EVAL_SEED + 500))
     if args.planner:
-        planned = agent_from(path, [*args.override, *PLANNER])
+        planned = saved_agent(path, [*args.override, *PLANNER])
         start = time.perf_counter()
         p = evaluate(planned, args.planner_episodes, seed=EVAL_SEED)
         record["planner"] = {

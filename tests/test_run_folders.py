@@ -38,7 +38,12 @@ TINY = [
     "train.loop_mean=2",
     "train.bptt_loops=2",
 ]
-TIMING = ("perf/transitions_per_s", "eval/ms_per_decision")  # wall-clock values, never equal across runs
+TIMING = (
+    "perf/transitions_per_s",
+    "perf/elapsed_s",
+    "perf/peak_rss_mib",
+    "eval/ms_per_decision",
+)  # wall-clock values, never equal across runs
 
 
 def run_args(tmp_path: Path, name: str = "r", steps: int = 60) -> list[str]:

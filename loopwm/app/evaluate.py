@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from loopwm.agents.online import Agent, evaluate
 from loopwm.analysis.prediction import prediction_errors
 from loopwm.app.train import held_out_split, load_checked
 from loopwm.checkpoint import load_run
-from loopwm.config import ConfigError
+from loopwm.config import ConfigError, apply_overrides, from_dict, to_dict
 from loopwm.envs.factory import env_spaces
 from loopwm.exits import LoopOptions
 
@@ -35,11 +35,14 @@ def evaluate_checkpoint(
     return prediction_errors(wm, held_out, horizons, seed=seed, **norm, options=options)
 
 
-def saved_agent(path: str | Path) -> Agent:
+def saved_agent(path: str | Path, overrides: Sequence[str] = ()) -> Agent:
     """The agent a run saved, rebuilt for its environment: the run's world model with the value, prior and
-    planner it learnt (a run without them gets fresh ones, as its config asks)."""
+    planner it learnt (a run without them gets fresh ones, as its config asks). `overrides` (dotted
+    key=value) change its config first, e.g. to act with another planner."""
     run = load_run(path)
     cfg = run.require_config("there is no environment or planner to evaluate it with: evaluate a run's checkpoint")
+    if overrides:
+        cfg = from_dict(apply_overrides(to_dict(cfg), list(overrides)))
     agent = Agent(cfg, *env_spaces(cfg.env))
     agent.wm.load_state_dict(run.model.state_dict())
     if run.agent is not None:
