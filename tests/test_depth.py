@@ -176,3 +176,27 @@ def test_exit_depth_reports_every_signal_for_every_rule():
         out = exit_depth(wm, z, action, target, LoopOptions(exit=name))
         assert {"mean_loops", "error_mean", "spearman_loops_error", "auroc_bound", "auroc_agreement"} <= set(out)
         assert "auroc_head" in out  # None here: an untrained head predicts one constant
+
+
+def test_checkpoints_keep_a_trained_head_and_older_ones_load_with_an_untrained_one(tmp_path):
+    import loopwm
+    from loopwm.checkpoint import CheckpointError, atomic_torch_save, read_checkpoint
+
+    wm = tiny_model()
+    with torch.no_grad():
+        wm.core.error_head.weight.normal_()
+        wm.core.error_offset.fill_(-3.0)
+    loopwm.save(tmp_path / "new.pt", wm)
+    loaded = loopwm.load(tmp_path / "new.pt")
+    assert torch.equal(loaded.core.error_head.weight, wm.core.error_head.weight)
+    assert float(loaded.core.error_offset) == -3.0
+    payload = read_checkpoint(tmp_path / "new.pt")
+    for key in ("core.error_head.weight", "core.error_head.bias", "core.error_offset"):
+        del payload["model"][key]
+    atomic_torch_save(payload, tmp_path / "old.pt")
+    old = loopwm.load(tmp_path / "old.pt")
+    assert not old.core.error_head.weight.any() and float(old.core.error_offset) == 0.0
+    del payload["model"]["core.gate.weight"]  # any other missing entry is still refused
+    atomic_torch_save(payload, tmp_path / "broken.pt")
+    with pytest.raises(CheckpointError, match="core.gate.weight"):
+        loopwm.load(tmp_path / "broken.pt")
