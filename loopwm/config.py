@@ -74,6 +74,7 @@ class ModelConfig(Section):
     max_loops: int = field(default=16, metadata=bounds(1, 1024))
     exit_tol: float = field(default=1e-2, metadata=bounds(0.0, lo_open=True))
     gate_threshold: float = field(default=0.5, metadata=bounds(0.0, 1.0))
+    exit_rel_tol: float = field(default=0.1, metadata=bounds(0.0, lo_open=True))  # "relative": × predicted error
     reward_head: Literal["symlog", "twohot"] = "symlog"
     reward_bins: int = field(default=101, metadata=bounds(3))
     encoder: Literal["auto", "mlp", "cnn"] = "auto"
@@ -107,11 +108,13 @@ class ModelConfig(Section):
 
     def check_stack(self) -> None:
         """An unshared stack has a block for each of its `loops` loops and no single fixed point."""
+        from loopwm.exits import check_exit
+
         if self.dynamics != "loop":
             raise ConfigError(f"model.shared=false stacks loop blocks; model.dynamics={self.dynamics!r} has no loop")
-        if self.exit == "certified":
+        if check_exit(self.exit).uses_bound:
             raise ConfigError(
-                "model.exit='certified' needs a shared block: with model.shared=false every loop applies a "
+                f"model.exit={self.exit!r} needs a shared block: with model.shared=false every loop applies a "
                 "different map, so there is no fixed point to certify a distance to; use model.exit=fixed"
             )
         if self.exit == "gate" and self.max_loops > self.loops:
@@ -146,6 +149,7 @@ class TrainConfig(Section):
     w_extra: float = field(default=0.5, metadata=bounds(0.0))
     w_delta: float = field(default=1.0, metadata=bounds(0.0))  # chained delta-decoder loss (model.obs_decoder=delta)
     w_recon: float = field(default=0.0, metadata=bounds(0.0))  # decode(E(o)) against o, gradients into the encoder
+    w_error: float = field(default=0.0, metadata=bounds(0.0))  # the error head's log-error regression (exit=relative)
     loop_sampling: Literal["poisson", "fixed"] = "poisson"  # per-sequence 1 + Poisson(loop_mean − 1), or model.loops
     loop_mean: float = field(default=4.0, metadata=bounds(0.0))
     bptt_loops: int = field(default=4, metadata=bounds(1))
@@ -217,6 +221,7 @@ class PlannerConfig(Section):
     min_loops: Optional[int] = field(default=None, metadata=bounds(1, 256))
     max_loops: Optional[int] = field(default=None, metadata=bounds(1, 1024))
     exit_tol: Optional[float] = field(default=None, metadata=bounds(0.0, lo_open=True))
+    exit_rel_tol: Optional[float] = field(default=None, metadata=bounds(0.0, lo_open=True))
 
     LOOP_OPTIONS: ClassVar[dict[str, str]] = {
         "exit": "exit",
@@ -224,6 +229,7 @@ class PlannerConfig(Section):
         "min_loops": "min_loops",
         "max_loops": "max_loops",
         "exit_tol": "tol",
+        "exit_rel_tol": "rel_tol",
     }  # planner key -> `LoopOptions` field
 
     def loop_overrides(self) -> dict[str, Any]:
@@ -291,21 +297,37 @@ class Config(Section):
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"device={self.device!r}: expected 'auto', 'cpu' or 'cuda[:N]'")
         self.check_dynamics()
+        self.check_error_head()
         from loopwm.exits import planner_loop_options
 
         planner_loop_options(self.model, self.planner)
+
+    def check_error_head(self) -> None:
+        """The relative exit scales its tolerance by the error head's prediction, which only `train.w_error` trains."""
+        rules = {"model.exit": self.model.exit, "planner.exit": self.planner.exit}
+        uses = [key for key, rule in rules.items() if rule == "relative"]
+        if uses and self.train.w_error == 0:
+            raise ConfigError(
+                f"{uses[0]}='relative' scales the exit tolerance by the error head's prediction, which "
+                "train.w_error=0 leaves untrained: set train.w_error > 0 (e.g. 0.1)"
+            )
 
     def check_dynamics(self) -> None:
         """Training and planning options that an unshared stack or a loop-free core cannot honour."""
         m, t = self.model, self.train
         extra = t.extra_loops > 0 and t.w_extra > 0
         if m.dynamics == "mlp":
-            unset = {"train.extra_loops=0": extra, "train.w_deep=0": t.w_deep > 0, "train.w_gate=0": t.w_gate > 0}
+            unset = {
+                "train.extra_loops=0": extra,
+                "train.w_deep=0": t.w_deep > 0,
+                "train.w_gate=0": t.w_gate > 0,
+                "train.w_error=0": t.w_error > 0,
+            }
             loop_terms = [key for key, on in unset.items() if on]
             if loop_terms:
                 raise ConfigError(
-                    "model.dynamics='mlp' has no loop, so extra loops, deep supervision and the exit gate have "
-                    f"nothing to train: set {', '.join(loop_terms)}"
+                    "model.dynamics='mlp' has no loop, so extra loops, deep supervision, the exit gate and the "
+                    f"error head have nothing to train: set {', '.join(loop_terms)}"
                 )
         if m.shared:
             return

@@ -2,7 +2,8 @@
 
 Each rule is a small object in `EXIT_RULES`, the one list the config, the CLI and `LoopOptions` check names
 against: "fixed" runs a set number of loops, "certified" stops once the certified distance to the fixed point
-is within tolerance, "gate" once the learned exit probability passes its threshold.
+is within tolerance, "gate" once the learned exit probability passes its threshold, "relative" once that
+distance is a small fraction of the error the model predicts for the sample (its error head).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ class LoopOptions:
 
     `exit` names a rule in `EXIT_RULES`. "fixed" runs `loops` iterations (an int, or a per-sample
     long tensor); "certified" stops a sample once its certified distance to the fixed point is
-    ≤ `tol`; "gate" once the learned exit probability exceeds `gate_threshold`. The adaptive rules
+    ≤ `tol`; "gate" once the learned exit probability exceeds `gate_threshold`; "relative" once it is
+    ≤ `rel_tol` × the sample's predicted error (`RelativeExit`). The adaptive rules
     respect `min_loops`/`max_loops`. `bptt=k` backpropagates through the last k loops only, which
     needs the loop count in advance, so only "fixed" takes it; an option a rule cannot honour is
     refused here rather than ignored.
@@ -38,6 +40,7 @@ class LoopOptions:
     max_loops: int = 16
     tol: float = 1e-2
     gate_threshold: float = 0.5
+    rel_tol: float = 0.1
     bptt: Optional[int] = None
 
     def __post_init__(self) -> None:
@@ -46,13 +49,10 @@ class LoopOptions:
             _check_count(name, getattr(self, name))
         if self.min_loops > self.max_loops:
             raise ValueError(f"min_loops={self.min_loops} must be <= max_loops={self.max_loops}")
-        if (
-            isinstance(self.tol, bool)
-            or not isinstance(self.tol, (int, float))
-            or not math.isfinite(self.tol)
-            or self.tol <= 0
-        ):
-            raise ValueError(f"tol={self.tol!r}: expected a finite number > 0")
+        for name in ("tol", "rel_tol"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name}={value!r}: expected a finite number > 0")
         if not isinstance(self.gate_threshold, (int, float)) or not 0.0 <= self.gate_threshold <= 1.0:
             raise ValueError(f"gate_threshold={self.gate_threshold!r}: expected a number in [0, 1]")
         if self.bptt is not None:
@@ -73,6 +73,7 @@ class LoopOptions:
             "max_loops": cfg.max_loops,
             "tol": cfg.exit_tol,
             "gate_threshold": cfg.gate_threshold,
+            "rel_tol": cfg.exit_rel_tol,
         }
         exit = overrides.get("exit", base["exit"])
         if exit == "fixed":
@@ -152,6 +153,35 @@ class GateExit:
         return prob.detach() > opts.gate_threshold
 
 
+class RelativeExit:
+    """Stop once the certified distance to the fixed point is ≤ `rel_tol` × the error the model predicts for
+    this sample (`LoopCore.predicted_distance`, the error head trained with `train.w_error`).
+
+    The certified exit's tolerance is absolute: every sample loops until ‖h − h*‖ ≤ tol, however large its
+    prediction error. Loops then go to the samples whose loop converges slowly (a large ‖h*‖, a stiff
+    injection), and those need not be the ones the model predicts badly: on a sample whose error is large,
+    loops past the first few shrink a loop error that the model error swamps. This rule scales each sample's
+    tolerance by its own predicted error, so a sample stops once more loops could change its prediction by
+    only a fraction of its expected error: the loops it saves are those on samples predicted to be badly
+    off, and a sample predicted to be accurate loops on until the loop no longer limits it. At equal
+    convergence it gives *fewer* loops to a larger predicted error; it puts the loop count where the loop's
+    error matters, not where the model's error is large.
+    """
+
+    uses_bound = True
+
+    def check(self, opts: LoopOptions) -> None:
+        _refuse_fixed_only("relative", opts)
+
+    def targets(self, opts: LoopOptions, default: int, batch: int, device: torch.device) -> None:
+        return None
+
+    def fire(
+        self, core: "LoopCore", h: Tensor, step_norm: Tensor, bound: Tensor, opts: LoopOptions, gates: list[Tensor]
+    ) -> Tensor:
+        return bound <= opts.rel_tol * core.predicted_distance(h.detach()).to(bound.dtype)
+
+
 def _refuse_fixed_only(rule: str, opts: LoopOptions) -> None:
     for name in ("loops", "bptt"):
         if getattr(opts, name) is not None:
@@ -161,7 +191,7 @@ def _refuse_fixed_only(rule: str, opts: LoopOptions) -> None:
             )
 
 
-EXIT_RULES = {"fixed": FixedExit(), "certified": CertifiedExit(), "gate": GateExit()}
+EXIT_RULES = {"fixed": FixedExit(), "certified": CertifiedExit(), "gate": GateExit(), "relative": RelativeExit()}
 """The exit rules by name: the one list the config, the CLI and `LoopOptions` check against."""
 
 

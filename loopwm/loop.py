@@ -122,6 +122,13 @@ class LoopCore(nn.Module):
         self.gate = nn.Linear(h + 1, 1)
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, -2.0)
+        # the error head starts at zero without drawing from the global RNG, so every other module initialises
+        # as it would without it (a default config trains bit for bit as before); it predicts a log error around
+        # `error_offset`, a running mean of the training targets, so its linear part learns only the ranking
+        self.error_head = nn.utils.skip_init(nn.Linear, h, 1)
+        nn.init.zeros_(self.error_head.weight)
+        nn.init.zeros_(self.error_head.bias)
+        self.register_buffer("error_offset", torch.zeros(()))
         self.default_options = LoopOptions.from_config(cfg)
         self._scope: Optional[LoopParams] = None
         self._cache: tuple[tuple, list[Tensor]] | None = None
@@ -244,6 +251,22 @@ class LoopCore(nn.Module):
         """Learned exit gate λ(t) = σ(w·[h; log‖Δh‖] + b) (Ouro-style), trained on improvement targets."""
         feats = torch.cat([h, torch.log(step_norm.unsqueeze(-1) + 1e-6)], dim=-1)
         return torch.sigmoid(self.gate(feats)).squeeze(-1)
+
+    def predicted_log_error(self, h: Tensor) -> Tensor:
+        """The error head: log of the consistency error (`objective.consistency_loss`) predicted for the readout
+        of loop state h, [B]; trained by the "error" term (`train.w_error`), 0 (an error of 1) untrained."""
+        return self.error_offset + self.error_head(h).squeeze(-1)
+
+    def track_error(self, log_error: Tensor, decay: float = 0.9) -> None:
+        """Move `error_offset` towards the batch mean of the error head's targets (skipped when not finite)."""
+        with torch.no_grad():
+            mean = log_error.detach().mean()
+            if bool(torch.isfinite(mean)):
+                self.error_offset.mul_(decay).add_((1.0 - decay) * mean)
+
+    def predicted_distance(self, h: Tensor) -> Tensor:
+        """The predicted error as a distance ‖z − z_target‖ = √(latent_dim · error), the units of the exit's bound."""
+        return torch.exp(0.5 * self.predicted_log_error(h)) * math.sqrt(self.cfg.latent_dim)
 
     def certified_bound(
         self, step_norm: Tensor, h: Tensor, ctx: StepContext, refine: Optional[Tensor] = None

@@ -7,7 +7,8 @@ decodes by adding each step's change to the previous decoded one). Loop counts a
 Huginn-style; or fixed at model.loops) with backprop through the last k loops; intermediate loop readouts get deep
 supervision; the steps whose error is in the running top quantile get extra loops and their
 deeper readout a loss; and the exit gate learns, from the real per-loop losses, whether one more
-loop still helps (Ouro-style improvement targets).
+loop still helps (Ouro-style improvement targets). An error head on the loop state can learn, by regression on
+the detached log consistency error of each step's prediction, how wrong the model expects to be (off by default).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from loopwm.exits import LoopOptions
 from loopwm.loop import LoopTrace, StepContext
 from loopwm.world_model import WorldModel
 
-TERMS = ("consistency", "obs", "reward", "continue", "deep", "extra", "gate", "delta", "recon")
+TERMS = ("consistency", "obs", "reward", "continue", "deep", "extra", "gate", "delta", "recon", "error")
 
 
 def sample_loops(batch: int, mean: float, model: ModelConfig, generator: torch.Generator) -> Tensor:
@@ -124,6 +125,15 @@ def gate_loss(wm: WorldModel, trace: LoopTrace, per_loop: Tensor) -> Tensor:
     return (bce * valid).sum() / valid.sum().clamp_min(1)
 
 
+def error_loss(wm: WorldModel, h: Tensor, err: Tensor) -> Tensor:
+    """Squared error of the error head's log prediction at exit state h against the detached log of `err`, the
+    per-sample consistency error of that state's readout; neither the loop nor the readout gets its gradient.
+    Moves the head's offset towards the targets' running mean (`LoopCore.track_error`)."""
+    target = torch.log(err.detach() + 1e-8)
+    wm.core.track_error(target)
+    return (wm.core.predicted_log_error(h.detach()) - target).pow(2).mean()
+
+
 def deepen_hard(
     wm: WorldModel,
     ctx: StepContext,
@@ -185,6 +195,8 @@ def sequence_loss(
             )
             z_next = wm.readout(h, z)
             err = consistency_loss(z_next, target_z[k])
+            if weights["error"] > 0:
+                terms["error"] = terms["error"] + w * error_loss(wm, h, err)
             used = trace.loops_used
             if deepen:
                 z_next, extra, hard = deepen_hard(wm, ctx, h, z, z_next, err, target_z[k], cfg, tracker)

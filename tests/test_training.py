@@ -96,9 +96,11 @@ def test_training_lowers_every_loss_term(trained):
         "gate",
         "delta",
         "recon",
+        "error",
     }
-    assert all(h["loss/delta"] == h["loss/recon"] == 0 for h in history)  # no delta decoder; w_recon = 0
-    for term in set(objective.TERMS) - {"delta", "recon"}:
+    # no delta decoder; w_recon = w_error = 0
+    assert all(h["loss/delta"] == h["loss/recon"] == h["loss/error"] == 0 for h in history)
+    for term in set(objective.TERMS) - {"delta", "recon", "error"}:
         values = np.array([h[f"loss/{term}"] for h in history])
         assert np.isfinite(values).all(), term
         early, late = values[:15].mean(), values[-15:].mean()

@@ -223,10 +223,10 @@ def long_horizon_figure(sec: dict[str, Any], path: Path) -> Path:
 
 
 def pareto_figure(sec: dict[str, Any], path: Path) -> Path:
-    """Mean loops against one-step error for fixed loop counts, certified tolerances and gate thresholds."""
+    """Mean loops against one-step error for fixed loop counts, certified and relative tolerances, gate thresholds."""
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
-    for name, marker in (("fixed", "o"), ("certified", "s"), ("gate", "^")):
+    for name, marker in (("fixed", "o"), ("certified", "s"), ("gate", "^"), ("relative", "D")):
         rows = sec[name]
         ax.plot([r["mean_loops"] for r in rows], [r["error"] for r in rows], marker, linestyle="-", label=name)
     front = sorted((r["mean_loops"], r["error"]) for rows in sec.values() for r in rows if r["pareto"])
@@ -240,6 +240,30 @@ def pareto_figure(sec: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
+def exits_figure(sec: dict[str, Any], path: Path) -> Path:
+    """Per exit rule: mean loops and Spearman(loops used, error); each confidence signal's AUROC for the top 10%."""
+    fig = Figure(figsize=(11, 4))
+    ax1, ax2 = fig.subplots(1, 2)
+    rules = list(sec)
+    x = np.arange(len(rules))
+    ax1.bar(x, [sec[r]["mean_loops"] for r in rules])
+    ax1.set_xticks(x, [f"{r}\nρ={_num(sec[r]['spearman_loops_error'])}" for r in rules])
+    ax1.set(ylabel="mean loops per step", title="loops used, and Spearman(loops used, error)")
+    signals = ("bound", "agreement", "head")
+    for i, name in enumerate(signals):
+        values = [sec[r].get(f"auroc_{name}") for r in rules]
+        ax2.bar(x + (i - 1) * 0.27, [np.nan if v is None else v for v in values], width=0.27, label=name)
+    ax2.axhline(0.5, color="k", linestyle=":", linewidth=1, label="chance")
+    ax2.set_xticks(x, rules)
+    ax2.set(ylim=(0, 1), ylabel="AUROC", title="flagging the top-10% errors")
+    ax2.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _num(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
 FIGURES: dict[str, Callable[[dict[str, Any], Path], Path]] = {
     "certificate": certificate_figure,
     "convergence": convergence_figure,
@@ -250,4 +274,5 @@ FIGURES: dict[str, Callable[[dict[str, Any], Path], Path]] = {
     "path_independence": path_independence_figure,
     "long_horizon": long_horizon_figure,
     "pareto": pareto_figure,
+    "exits": exits_figure,
 }

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from loopwm.analysis.stats import spearman
+from loopwm.analysis.depth import confidence_signals, depth_stats
 from loopwm.exits import LoopOptions
 from loopwm.replay import ReplayBuffer
 from loopwm.world_model import WorldModel
@@ -38,7 +38,8 @@ def prediction_errors(
 
     Rolls out from z₀ = E(o₀) with the logged actions, decoding every step (a delta decoder starts from
     o₀). Horizons longer than the longest stored episode are dropped. `options` overrides the model's
-    loop options (e.g. the certified exit).
+    loop options (e.g. the certified exit). `depth_step1` holds the first step's `depth_stats`: loops used
+    against the true observation error, and the AUROC of the bound and the error head at flagging its top 10%.
     """
     wm.eval()
     longest = max(len(ep["rewards"]) for ep in data.episodes())
@@ -79,10 +80,10 @@ def prediction_errors(
             "continue_accuracy": float(((out.continues[:h] > 0.5).float() == cont_true[:h]).float().mean()),
             "loops_mean": float(out.loops[:h].float().mean()),
         }
-    first = out.loops[0].float().cpu().numpy()
-    result["loops_error_spearman_step1"] = (
-        spearman(first, model_err[0].cpu().numpy()) if np.ptp(first) > 0 else float("nan")
-    )
+    depth = depth_stats(model_err[0], out.loops[0], confidence_signals(wm, out.traces[0]))
+    result["depth_step1"] = depth
+    spear = depth["spearman_loops_error"]
+    result["loops_error_spearman_step1"] = float("nan") if spear is None else spear
     result["kappa"] = wm.certified_lipschitz()
     return result
 

@@ -122,7 +122,7 @@ def markdown(report: dict[str, Any]) -> str:
     """A readable summary: the key number of each analysis, followed by its figure."""
     c, v, a = report["certificate"], report["convergence"], report["agreement"]
     sw, o, er = report["loop_sweep"], report["oscillation"], report["effective_rank"]
-    pi, lh, pa = report["path_independence"], report["long_horizon"], report["pareto"]
+    pi, lh, pa, ex = report["path_independence"], report["long_horizon"], report["pareto"], report["exits"]
     fit = sw["fit"]
     figs = report["meta"].get("figures", {})
     lines = {
@@ -200,6 +200,13 @@ def markdown(report: dict[str, Any]) -> str:
                 if r["pareto"]
             )
             + "."
+        ],
+        "exits": [
+            f"{name}: {_f(r['mean_loops'])} loops, error {_f(r['error_mean'])}, Spearman(loops used, error) "
+            f"{_f(r['spearman_loops_error'], '.3f')}; AUROC for the top-10% errors: bound "
+            f"{_f(r['auroc_bound'], '.3f')}, readout disagreement {_f(r.get('auroc_agreement'), '.3f')}, error head "
+            f"{_f(r.get('auroc_head'), '.3f')}."
+            for name, r in ex.items()
         ],
     }
     out = [

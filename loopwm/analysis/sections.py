@@ -1,4 +1,4 @@
-"""The nine stability analyses of a looped world model, each returning a JSON-ready dict.
+"""The ten stability analyses of a looped world model, each returning a JSON-ready dict.
 
 All work from a `Probe`: a seeded batch of one-step transitions, one long fixed-loop run from h(0) = 0 with every
 state and readout kept, and a far-converged reference state h* with the last loops before it.
@@ -17,6 +17,7 @@ from loopwm.analysis import probe as P
 from loopwm.analysis.agreement import agreement_score, prediction_depth, readout_errors, rms_distance
 from loopwm.analysis.convergence import aposteriori_bound, contraction_ratios, relative_residuals, step_norms
 from loopwm.analysis.cycles import detect_period, recurrence_matrix, step_cosines
+from loopwm.analysis.depth import exits_section
 from loopwm.analysis.fit import fit_saturating
 from loopwm.analysis.geometry import effective_rank, path_independence
 from loopwm.analysis.jacobian import hutchinson_frobenius, spectral_norm, spectral_radius
@@ -49,6 +50,7 @@ class Settings:
     period_tol: float = 1e-3
     tolerances: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
     gate_thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    rel_tolerances: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # relative exit: × predicted error
     seed: int = 0
     threads: int = 1  # torch intra-op threads while analysing (0: leave as is); the ops are small
 
@@ -327,12 +329,18 @@ def _front(points: list[tuple[float, float]]) -> list[bool]:
 
 
 def pareto_section(p: Probe) -> dict[str, Any]:
-    """(9) Compute (mean loops) against accuracy: fixed loop counts, certified exit tolerances, gate thresholds."""
+    """(9) Compute (mean loops) against accuracy: fixed loop counts, certified and relative exit tolerances, gate
+    thresholds."""
     s = p.settings
-    series: dict[str, list[dict[str, float]]] = {"fixed": [], "certified": [], "gate": []}
+    series: dict[str, list[dict[str, float]]] = {"fixed": [], "certified": [], "gate": [], "relative": []}
     for t, e in zip(range(1, p.T_max + 1), p.errors.mean(1).tolist()):
         series["fixed"].append({"setting": float(t), "mean_loops": float(t), "error": e})
-    for name, key, values in (("certified", "tol", s.tolerances), ("gate", "gate_threshold", s.gate_thresholds)):
+    sweeps = (
+        ("certified", "tol", s.tolerances),
+        ("gate", "gate_threshold", s.gate_thresholds),
+        ("relative", "rel_tol", s.rel_tolerances),
+    )
+    for name, key, values in sweeps:
         for v in values:
             err, loops = P.step_with(p.wm, p.tr, LoopOptions.from_config(p.wm.cfg, exit=name, min_loops=1, **{key: v}))
             series[name].append(
@@ -356,4 +364,5 @@ SECTIONS: dict[str, Callable[[Probe], dict[str, Any]]] = {
     "path_independence": path_independence_section,
     "long_horizon": long_horizon_section,
     "pareto": pareto_section,
+    "exits": exits_section,
 }

@@ -1,0 +1,202 @@
+"""Depth where the error is: the relative exit, the learned error head and the per-rule depth statistics."""
+
+import numpy as np
+import pytest
+import torch
+
+from loopwm.analysis.depth import depth_stats, exit_depth
+from loopwm.analysis.stats import auroc
+from loopwm.config import ConfigError, from_dict
+from loopwm.exits import EXIT_RULES, LoopOptions
+from loopwm.objective import TERMS, QuantileTracker, sequence_loss, term_weights
+from loopwm.replay import ReplayBuffer
+from loopwm.train import Trainer
+from loopwm.world_model import WorldModel
+from tests.helpers import box_spaces, tiny_model
+
+TINY = {"latent_dim": 16, "hidden_dim": 32, "inject_dim": 32, "mlp_dim": 64}
+
+
+def split_dataset(episodes: int = 16, steps: int = 16, seed: int = 0) -> ReplayBuffer:
+    """x' = 0.9 x + 0.3 a on two dims, with a third dim flagging the episode: +1 episodes ("hard") add large
+    noise to every transition, −1 episodes are noise-free, so the hard half's true error is known."""
+    rng = np.random.default_rng(seed)
+    buffer = ReplayBuffer((3,), 1, 10_000)
+    for ep in range(episodes):
+        flag = 1.0 if ep % 2 else -1.0
+        x = np.r_[rng.normal(size=2), flag]
+        obs, actions = [x], []
+        for _ in range(steps):
+            a = rng.uniform(-1, 1, size=1)
+            nxt = 0.9 * x[:2] + 0.3 * a + (rng.normal(scale=1.0, size=2) if flag > 0 else 0.0)
+            x = np.r_[nxt, flag]
+            obs.append(x)
+            actions.append(a)
+        truncated = np.zeros(steps, bool)
+        truncated[-1] = True
+        buffer.add_episode(
+            np.array(obs, np.float32),
+            np.array(actions, np.float32),
+            np.zeros(steps, np.float32),
+            ~truncated & False,
+            truncated,
+        )
+    return buffer
+
+
+def config(model=None, **train):
+    return from_dict({"device": "cpu", "model": {**TINY, **(model or {})}, "train": train})
+
+
+def new_model(cfg, data: ReplayBuffer) -> WorldModel:
+    torch.manual_seed(0)
+    wm = WorldModel.from_config(cfg, *box_spaces())
+    stats = data.stats()
+    wm.set_obs_stats(stats["obs_mean"], stats["obs_std"])
+    return wm
+
+
+# ---- the relative exit ------------------------------------------------------------------------------------------
+def test_relative_exit_spends_more_loops_on_the_half_started_far_from_its_fixed_point():
+    torch.manual_seed(0)
+    wm = tiny_model()
+    z = wm.encode(torch.randn(8, 3)).repeat(2, 1)
+    action = (torch.rand(8, 1) * 2 - 1).repeat(2, 1)
+    ctx = wm.core.prepare(wm.injection(z, action))
+    h_star = wm.core.fixed_point(ctx)
+    far = h_star + 20.0 * torch.randn_like(h_star)
+    h0 = torch.cat([h_star[:8] + 1e-3 * torch.randn(8, h_star.shape[1]), far[8:]])  # second half: the hard one
+    opts = LoopOptions(exit="relative", rel_tol=0.01, max_loops=200)
+    with torch.no_grad():
+        _, trace = wm.core.run(ctx, h0, opts)
+    used = trace.loops_used
+    assert bool((used[8:] > used[:8]).all()), used.tolist()
+    # every sample stopped because its bound met its own tolerance, before the cap
+    tol = opts.rel_tol * wm.core.predicted_distance(trace.final_state)
+    assert bool((used < opts.max_loops).all()) and bool((trace.bound <= tol).all())
+
+
+def test_relative_exit_stops_sooner_where_the_predicted_error_is_larger():
+    torch.manual_seed(0)
+    wm = tiny_model()
+    z, action = wm.encode(torch.randn(16, 3)), torch.rand(16, 1) * 2 - 1
+    loops = []
+    for offset in (-6.0, -2.0):  # predicted consistency errors e^-6 and e^-2
+        wm.core.error_offset.fill_(offset)
+        _, trace = wm.step(z, action, options=LoopOptions(exit="relative", rel_tol=0.1, max_loops=200))
+        loops.append(trace.loops_used)
+    assert bool((loops[1] <= loops[0]).all()) and loops[1].float().mean() < loops[0].float().mean()
+
+
+def test_relative_exit_is_registered_and_its_options_are_checked_at_the_door():
+    assert EXIT_RULES["relative"].uses_bound
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True, "0.1"):
+        with pytest.raises(ValueError, match="rel_tol"):
+            LoopOptions(exit="relative", rel_tol=bad)
+    with pytest.raises(ValueError, match="needs exit='fixed'"):
+        LoopOptions(exit="relative", loops=3)
+    with pytest.raises(TypeError):
+        LoopOptions(exit="relative", rel_tolerance=0.1)
+    with pytest.raises(ConfigError, match="model.exit_rel_tol"):
+        config({"exit_rel_tol": 0.0})
+    with pytest.raises(ConfigError, match="planner.exit_rel_tol"):
+        from_dict({"planner": {"exit_rel_tol": -1.0}})
+    with pytest.raises(ConfigError, match="train.w_error"):
+        config(w_error=-0.1)
+    with pytest.raises(ConfigError, match="train.w_error=0 leaves"):
+        config({"exit": "relative"})
+    with pytest.raises(ConfigError, match="train.w_error=0 leaves"):
+        from_dict({"planner": {"exit": "relative"}})
+    with pytest.raises(ConfigError, match="needs a shared block"):
+        config({"exit": "relative", "shared": False}, w_error=0.1)
+    with pytest.raises(ConfigError, match="train.w_error=0"):
+        config({"dynamics": "mlp"}, extra_loops=0, w_deep=0, w_gate=0, w_error=0.1)
+    assert LoopOptions.from_config(config({"exit_rel_tol": 0.3}, w_error=0.1).model, exit="relative").rel_tol == 0.3
+
+
+# ---- the error head and its term --------------------------------------------------------------------------------
+def test_the_error_term_is_off_by_default_and_leaves_the_loss_bit_identical():
+    data = split_dataset()
+    default, off = config(horizon=2, batch_size=8), config(horizon=2, batch_size=8, w_error=0.0)
+    assert term_weights(default.train)["error"] == 0.0 and "error" in TERMS
+    batch = data.sample(8, 2, np.random.default_rng(1))
+    losses = []
+    for cfg in (default, off):
+        wm = new_model(cfg, data)
+        loss, terms, _ = sequence_loss(wm, batch, cfg.train, torch.Generator().manual_seed(3), QuantileTracker(0.9))
+        loss.backward()
+        assert float(terms["error"]) == 0.0 and wm.core.error_head.weight.grad is None
+        assert float(wm.core.error_offset) == 0.0
+        losses.append(loss)
+    assert losses[0].item() == losses[1].item()
+    # and the loss is the sum of the other terms alone, as before the error term existed
+    on = config(horizon=2, batch_size=8, w_error=1.0)
+    wm = new_model(on, data)
+    loss_on, terms_on, _ = sequence_loss(wm, batch, on.train, torch.Generator().manual_seed(3), QuantileTracker(0.9))
+    assert float(terms_on["error"]) > 0 and loss_on.item() == pytest.approx(losses[0].item() + float(terms_on["error"]))
+
+
+def test_error_head_learns_to_rank_the_known_hard_half():
+    torch.set_num_threads(1)
+    data = split_dataset()
+    cfg = config(updates=40, batch_size=32, horizon=2, lr=3e-3, w_error=1.0, log_every=1000)
+    trainer = Trainer(new_model(cfg, data), cfg, data)
+    for _ in range(cfg.train.updates):
+        trainer.update()
+    wm = trainer.wm.eval()
+    held_out = split_dataset(seed=1)
+    batch = held_out.sample(256, 1, np.random.default_rng(0))
+    obs, action = batch["obs"], batch["actions"][0]
+    hard = obs[0, :, 2] > 0
+    with torch.no_grad():
+        _, trace = wm.step(wm.encode(obs[0]), action)
+        predicted = wm.core.predicted_log_error(trace.final_state)
+    print("AUROC", auroc(predicted, hard))
+    assert auroc(predicted, hard) > 0.9
+
+
+# ---- per-rule depth statistics ----------------------------------------------------------------------------------
+def test_depth_stats_on_a_known_table():
+    error = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 5.0])
+    loops = torch.arange(1, 11)
+    perfect, inverse = error.clone(), -error
+    out = depth_stats(error, loops, {"head": perfect, "bound": inverse, "flat": torch.ones(10)})
+    assert out["spearman_loops_error"] == pytest.approx(1.0)
+    assert out["auroc_head"] == 1.0 and out["auroc_bound"] == 0.0 and out["auroc_flat"] is None
+    assert out["mean_loops"] == 5.5 and out["error_mean"] == pytest.approx(float(error.mean()))
+    assert depth_stats(error, torch.full((10,), 4), {})["spearman_loops_error"] is None
+
+
+def test_exit_depth_reports_every_signal_for_every_rule():
+    torch.manual_seed(0)
+    wm = tiny_model()
+    z, action = wm.encode(torch.randn(32, 3)), torch.rand(32, 1) * 2 - 1
+    target = wm.encode(torch.randn(32, 3))
+    for name in EXIT_RULES:
+        out = exit_depth(wm, z, action, target, LoopOptions(exit=name))
+        assert {"mean_loops", "error_mean", "spearman_loops_error", "auroc_bound", "auroc_agreement"} <= set(out)
+        assert "auroc_head" in out  # None here: an untrained head predicts one constant
+
+
+def test_checkpoints_keep_a_trained_head_and_older_ones_load_with_an_untrained_one(tmp_path):
+    import loopwm
+    from loopwm.checkpoint import CheckpointError, atomic_torch_save, read_checkpoint
+
+    wm = tiny_model()
+    with torch.no_grad():
+        wm.core.error_head.weight.normal_()
+        wm.core.error_offset.fill_(-3.0)
+    loopwm.save(tmp_path / "new.pt", wm)
+    loaded = loopwm.load(tmp_path / "new.pt")
+    assert torch.equal(loaded.core.error_head.weight, wm.core.error_head.weight)
+    assert float(loaded.core.error_offset) == -3.0
+    payload = read_checkpoint(tmp_path / "new.pt")
+    for key in ("core.error_head.weight", "core.error_head.bias", "core.error_offset"):
+        del payload["model"][key]
+    atomic_torch_save(payload, tmp_path / "old.pt")
+    old = loopwm.load(tmp_path / "old.pt")
+    assert not old.core.error_head.weight.any() and float(old.core.error_offset) == 0.0
+    del payload["model"]["core.gate.weight"]  # any other missing entry is still refused
+    atomic_torch_save(payload, tmp_path / "broken.pt")
+    with pytest.raises(CheckpointError, match="core.gate.weight"):
+        loopwm.load(tmp_path / "broken.pt")
