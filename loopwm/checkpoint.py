@@ -23,8 +23,6 @@ from loopwm.world_model import WorldModel
 
 FORMAT = "loopwm-checkpoint"
 VERSION = 2  # 2: LoopCore.gain_logit (was rho), config sections (env.atari, block_options), planner state
-ADDED_KEYS = ("core.error_head.weight", "core.error_head.bias", "core.error_offset")
-"""Model entries added within version 2: a checkpoint without them loads with their untrained values."""
 LATEST = Path("checkpoints") / "latest.pt"
 """Where a run folder keeps its resumable checkpoint."""
 
@@ -78,8 +76,7 @@ def model_from_payload(payload: dict, path: str | Path = "<memory>") -> WorldMod
     try:
         cfg = build_dataclass(ModelConfig, payload["model_config"], "model")
         wm = WorldModel(cfg, SpaceSpec.from_dict(payload["spec"]))
-        fresh = wm.state_dict()
-        wm.load_state_dict({**{k: fresh[k] for k in ADDED_KEYS if k in fresh}, **payload["model"]})
+        wm.load_state_dict(payload["model"])
     except (KeyError, TypeError, ConfigError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint {str(path)!r} has an invalid model section: {exc}") from None
     return wm

@@ -75,6 +75,7 @@ class ModelConfig(Section):
     exit_tol: float = field(default=1e-2, metadata=bounds(0.0, lo_open=True))
     gate_threshold: float = field(default=0.5, metadata=bounds(0.0, 1.0))
     exit_rel_tol: float = field(default=0.1, metadata=bounds(0.0, lo_open=True))  # "relative": × predicted error
+    error_head: bool = False  # a head predicting each step's log error (train.w_error trains it; exit=relative)
     reward_head: Literal["symlog", "twohot"] = "symlog"
     reward_bins: int = field(default=101, metadata=bounds(3))
     encoder: Literal["auto", "mlp", "cnn"] = "auto"
@@ -306,6 +307,9 @@ class Config(Section):
         """The relative exit scales its tolerance by the error head's prediction, which only `train.w_error` trains."""
         rules = {"model.exit": self.model.exit, "planner.exit": self.planner.exit}
         uses = [key for key, rule in rules.items() if rule == "relative"]
+        if (uses or self.train.w_error > 0) and not self.model.error_head:
+            what = f"{uses[0]}='relative'" if uses else f"train.w_error={self.train.w_error}"
+            raise ConfigError(f"{what} needs the error head: set model.error_head=true")
         if uses and self.train.w_error == 0:
             raise ConfigError(
                 f"{uses[0]}='relative' scales the exit tolerance by the error head's prediction, which "
@@ -322,6 +326,7 @@ class Config(Section):
                 "train.w_deep=0": t.w_deep > 0,
                 "train.w_gate=0": t.w_gate > 0,
                 "train.w_error=0": t.w_error > 0,
+                "model.error_head=false": m.error_head,
             }
             loop_terms = [key for key, on in unset.items() if on]
             if loop_terms:

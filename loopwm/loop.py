@@ -122,13 +122,14 @@ class LoopCore(nn.Module):
         self.gate = nn.Linear(h + 1, 1)
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, -2.0)
-        # the error head starts at zero without drawing from the global RNG, so every other module initialises
-        # as it would without it (a default config trains bit for bit as before); it predicts a log error around
-        # `error_offset`, a running mean of the training targets, so its linear part learns only the ranking
-        self.error_head = nn.utils.skip_init(nn.Linear, h, 1)
-        nn.init.zeros_(self.error_head.weight)
-        nn.init.zeros_(self.error_head.bias)
-        self.register_buffer("error_offset", torch.zeros(()))
+        # model.error_head: a log-error prediction around `error_offset`, a running mean of the training targets,
+        # so its linear part learns only the ranking; it starts at zero without drawing from the global RNG
+        self.error_head: Optional[nn.Linear] = None
+        if cfg.error_head:
+            self.error_head = nn.utils.skip_init(nn.Linear, h, 1)
+            nn.init.zeros_(self.error_head.weight)
+            nn.init.zeros_(self.error_head.bias)
+            self.register_buffer("error_offset", torch.zeros(()))
         self.default_options = LoopOptions.from_config(cfg)
         self._scope: Optional[LoopParams] = None
         self._cache: tuple[tuple, list[Tensor]] | None = None
@@ -255,6 +256,8 @@ class LoopCore(nn.Module):
     def predicted_log_error(self, h: Tensor) -> Tensor:
         """The error head: log of the consistency error (`objective.consistency_loss`) predicted for the readout
         of loop state h, [B]; trained by the "error" term (`train.w_error`), 0 (an error of 1) untrained."""
+        if self.error_head is None:
+            raise ValueError("this model has no error head: build it with model.error_head=true")
         return self.error_offset + self.error_head(h).squeeze(-1)
 
     def track_error(self, log_error: Tensor, decay: float = 0.9) -> None:

@@ -59,7 +59,7 @@ def new_model(cfg, data: ReplayBuffer) -> WorldModel:
 # ---- the relative exit ------------------------------------------------------------------------------------------
 def test_relative_exit_spends_more_loops_on_the_half_started_far_from_its_fixed_point():
     torch.manual_seed(0)
-    wm = tiny_model()
+    wm = tiny_model(error_head=True)
     z = wm.encode(torch.randn(8, 3)).repeat(2, 1)
     action = (torch.rand(8, 1) * 2 - 1).repeat(2, 1)
     ctx = wm.core.prepare(wm.injection(z, action))
@@ -78,7 +78,7 @@ def test_relative_exit_spends_more_loops_on_the_half_started_far_from_its_fixed_
 
 def test_relative_exit_stops_sooner_where_the_predicted_error_is_larger():
     torch.manual_seed(0)
-    wm = tiny_model()
+    wm = tiny_model(error_head=True)
     z, action = wm.encode(torch.randn(16, 3)), torch.rand(16, 1) * 2 - 1
     loops = []
     for offset in (-6.0, -2.0):  # predicted consistency errors e^-6 and e^-2
@@ -103,15 +103,24 @@ def test_relative_exit_is_registered_and_its_options_are_checked_at_the_door():
         from_dict({"planner": {"exit_rel_tol": -1.0}})
     with pytest.raises(ConfigError, match="train.w_error"):
         config(w_error=-0.1)
+    with pytest.raises(ConfigError, match="model.exit='relative' needs the error head: set model.error_head=true"):
+        config({"exit": "relative"}, w_error=0.1)
+    with pytest.raises(ConfigError, match="train.w_error=0.1 needs the error head"):
+        config(w_error=0.1)
     with pytest.raises(ConfigError, match="train.w_error=0 leaves"):
-        config({"exit": "relative"})
+        config({"exit": "relative", "error_head": True})
     with pytest.raises(ConfigError, match="train.w_error=0 leaves"):
-        from_dict({"planner": {"exit": "relative"}})
+        from_dict({"model": {"error_head": True}, "planner": {"exit": "relative"}})
     with pytest.raises(ConfigError, match="needs a shared block"):
-        config({"exit": "relative", "shared": False}, w_error=0.1)
+        config({"exit": "relative", "shared": False, "error_head": True}, w_error=0.1)
     with pytest.raises(ConfigError, match="train.w_error=0"):
         config({"dynamics": "mlp"}, extra_loops=0, w_deep=0, w_gate=0, w_error=0.1)
-    assert LoopOptions.from_config(config({"exit_rel_tol": 0.3}, w_error=0.1).model, exit="relative").rel_tol == 0.3
+    assert (
+        LoopOptions.from_config(
+            config({"exit_rel_tol": 0.3, "error_head": True}, w_error=0.1).model, exit="relative"
+        ).rel_tol
+        == 0.3
+    )
 
 
 # ---- the error head and its term --------------------------------------------------------------------------------
@@ -125,12 +134,11 @@ def test_the_error_term_is_off_by_default_and_leaves_the_loss_bit_identical():
         wm = new_model(cfg, data)
         loss, terms, _ = sequence_loss(wm, batch, cfg.train, torch.Generator().manual_seed(3), QuantileTracker(0.9))
         loss.backward()
-        assert float(terms["error"]) == 0.0 and wm.core.error_head.weight.grad is None
-        assert float(wm.core.error_offset) == 0.0
+        assert float(terms["error"]) == 0.0 and wm.core.error_head is None  # no head, no extra parameters
         losses.append(loss)
     assert losses[0].item() == losses[1].item()
     # and the loss is the sum of the other terms alone, as before the error term existed
-    on = config(horizon=2, batch_size=8, w_error=1.0)
+    on = config({"error_head": True}, horizon=2, batch_size=8, w_error=1.0)
     wm = new_model(on, data)
     loss_on, terms_on, _ = sequence_loss(wm, batch, on.train, torch.Generator().manual_seed(3), QuantileTracker(0.9))
     assert float(terms_on["error"]) > 0 and loss_on.item() == pytest.approx(losses[0].item() + float(terms_on["error"]))
@@ -139,7 +147,7 @@ def test_the_error_term_is_off_by_default_and_leaves_the_loss_bit_identical():
 def test_error_head_learns_to_rank_the_known_hard_half():
     torch.set_num_threads(1)
     data = split_dataset()
-    cfg = config(updates=40, batch_size=32, horizon=2, lr=3e-3, w_error=1.0, log_every=1000)
+    cfg = config({"error_head": True}, updates=40, batch_size=32, horizon=2, lr=3e-3, w_error=1.0, log_every=1000)
     trainer = Trainer(new_model(cfg, data), cfg, data)
     for _ in range(cfg.train.updates):
         trainer.update()
@@ -169,7 +177,7 @@ def test_depth_stats_on_a_known_table():
 
 def test_exit_depth_reports_every_signal_for_every_rule():
     torch.manual_seed(0)
-    wm = tiny_model()
+    wm = tiny_model(error_head=True)
     z, action = wm.encode(torch.randn(32, 3)), torch.rand(32, 1) * 2 - 1
     target = wm.encode(torch.randn(32, 3))
     for name in EXIT_RULES:
@@ -178,25 +186,18 @@ def test_exit_depth_reports_every_signal_for_every_rule():
         assert "auroc_head" in out  # None here: an untrained head predicts one constant
 
 
-def test_checkpoints_keep_a_trained_head_and_older_ones_load_with_an_untrained_one(tmp_path):
+def test_the_head_exists_only_when_asked_so_default_checkpoints_keep_their_layout(tmp_path):
     import loopwm
-    from loopwm.checkpoint import CheckpointError, atomic_torch_save, read_checkpoint
 
-    wm = tiny_model()
+    plain = tiny_model()
+    assert plain.core.error_head is None and not any("error" in k for k in plain.state_dict())
+    wm = tiny_model(error_head=True)
     with torch.no_grad():
         wm.core.error_head.weight.normal_()
         wm.core.error_offset.fill_(-3.0)
-    loopwm.save(tmp_path / "new.pt", wm)
-    loaded = loopwm.load(tmp_path / "new.pt")
+    loopwm.save(tmp_path / "head.pt", wm)
+    loaded = loopwm.load(tmp_path / "head.pt")
     assert torch.equal(loaded.core.error_head.weight, wm.core.error_head.weight)
     assert float(loaded.core.error_offset) == -3.0
-    payload = read_checkpoint(tmp_path / "new.pt")
-    for key in ("core.error_head.weight", "core.error_head.bias", "core.error_offset"):
-        del payload["model"][key]
-    atomic_torch_save(payload, tmp_path / "old.pt")
-    old = loopwm.load(tmp_path / "old.pt")
-    assert not old.core.error_head.weight.any() and float(old.core.error_offset) == 0.0
-    del payload["model"]["core.gate.weight"]  # any other missing entry is still refused
-    atomic_torch_save(payload, tmp_path / "broken.pt")
-    with pytest.raises(CheckpointError, match="core.gate.weight"):
-        loopwm.load(tmp_path / "broken.pt")
+    with pytest.raises(ValueError, match="model.error_head=true"):
+        plain.core.predicted_log_error(torch.zeros(2, 32))

@@ -25,7 +25,7 @@ def confidence_signals(wm: WorldModel, trace: LoopTrace) -> dict[str, Tensor]:
     signals = {"bound": trace.bound}
     if trace.readouts is not None and len(trace.readouts) >= 2:
         signals["agreement"] = -agreement_score(trace.readouts)
-    if hasattr(wm.core, "predicted_log_error"):  # a loop-free core has no error head
+    if getattr(wm.core, "error_head", None) is not None:  # a model built with model.error_head=true
         signals["head"] = wm.core.predicted_log_error(trace.final_state)
     return signals
 
