@@ -143,7 +143,7 @@ def plot_task(entry: dict[str, Any], horizons: list[int], title: str, path: Path
     """One PNG: each variant's held-out error (mean, std over seeds) against parameters and against FLOPs per
     step, one row per horizon, log-log."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import EngFormatter, LogLocator
 
     fig = Figure(figsize=(10, 3 * len(horizons) + 0.8), layout="constrained")
     axes = fig.subplots(len(horizons), 2, squeeze=False)
@@ -160,7 +160,9 @@ def plot_task(entry: dict[str, Any], horizons: list[int], title: str, path: Path
     for row, h in zip(axes, horizons):
         for ax, label in zip(row, ["parameters", "FLOPs per step"]):
             ax.set(xscale="log", yscale="log", xlabel=label, ylabel=f"error at {h} step{'s' * (h > 1)}")
-            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.xaxis.set_minor_locator(LogLocator(subs=(2, 5)))  # labels within a decade, too
+            ax.xaxis.set_major_formatter(EngFormatter())
+            ax.xaxis.set_minor_formatter(EngFormatter())
             ax.grid(True, which="both", alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 4), fontsize=8)
