@@ -97,7 +97,7 @@ def model_errors(agent: Agent, episodes: list[dict[str, np.ndarray]], horizon: i
                 continue
             steps = chunk[None] + np.arange(horizon)[:, None]  # [H, B]
             out = wm.imagine(wm.encode(torch.as_tensor(obs[chunk])), actions[steps], decode="all")
-            pred = wm.denormalize_obs(out.obs[:, :, -1]) / 255.0  # newest frame of each predicted stack
+            pred = out.obs[:, :, -1] / 255.0  # newest frame of each predicted stack (decoded in pixel units)
             true = torch.as_tensor(obs[steps + 1][:, :, -1]).float() / 255.0
             last = torch.as_tensor(obs[chunk][:, -1]).float() / 255.0
             for h in (1, horizon):

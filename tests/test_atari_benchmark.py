@@ -61,3 +61,41 @@ def test_atari_benchmark_reports_a_tiny_boxing_run(tmp_path):
     assert len(game["planner"]["returns"]) == 1 and game["planner"]["ms_per_decision"] > game["ms_per_decision"]
     md = (tmp_path / "atari.md").read_text()
     assert "| Boxing | 180 |" in md and "Not run yet" not in md and "Actor against the latent planner" in md
+
+
+class CopyLastModel:
+    """A stand-in world model that predicts every future stack to be the start stack, and zero rewards."""
+
+    def eval(self):
+        return self
+
+    def encode(self, obs):
+        return obs.float()
+
+    def imagine(self, z, actions, decode):
+        from types import SimpleNamespace
+
+        import torch
+
+        assert decode == "all"
+        horizon = actions.shape[0]
+        return SimpleNamespace(obs=z.expand(horizon, *z.shape), rewards=torch.zeros(horizon, z.shape[0]))
+
+
+def test_model_errors_score_a_copy_last_model_exactly_like_the_copy_last_baseline():
+    import numpy as np
+
+    script = load_script()
+    rng = np.random.default_rng(0)
+    obs = rng.integers(0, 256, (31, 4, 36, 36), dtype=np.uint8)
+    rewards = np.zeros(30, np.float32)
+    rewards[[4, 18]] = [1.0, -1.0]
+    episode = {"obs": obs, "actions": np.eye(3, dtype=np.float32)[rng.integers(3, size=30)], "rewards": rewards}
+    agent = type("A", (), {"wm": CopyLastModel()})()
+    out = script.model_errors(agent, [episode], horizon=10)
+    for h in ("1", "10"):
+        assert out["frame_mse"][h]["model"] == pytest.approx(out["frame_mse"][h]["copy_last"], rel=1e-6)
+        assert 0.1 < out["frame_mse"][h]["model"] < 0.25  # uniform random pixels: E(x − y)² = 1/6 on a 0-1 scale
+    starts = len(range(0, 30 - 10 + 1, 2))
+    assert out["predictions"] == starts and out["reward_sign_accuracy_zero"] == 1.0
+    assert out["reward_sign_accuracy_nonzero"] == 0.0 and out["nonzero_rewards"] == 2
