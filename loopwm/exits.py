@@ -103,6 +103,7 @@ class FixedExit:
     """Run a set number of loops per sample (`loops`, default the model's `loops`)."""
 
     uses_bound = False  # whether `fire` reads the certified bound after every loop
+    needs_error_head = False  # whether `fire` reads the error head (model.error_head)
 
     def check(self, opts: LoopOptions) -> None:
         """Every option applies."""
@@ -121,6 +122,7 @@ class CertifiedExit:
     """Stop once the certified distance κ/(1−κ)·‖h(t) − h(t−1)‖ (plus rounding) is ≤ `tol`."""
 
     uses_bound = True
+    needs_error_head = False  # whether `fire` reads the error head (model.error_head)
 
     def check(self, opts: LoopOptions) -> None:
         _refuse_fixed_only("certified", opts)
@@ -138,6 +140,7 @@ class GateExit:
     """Stop once the learned exit gate's probability exceeds `gate_threshold` (Ouro-style)."""
 
     uses_bound = False
+    needs_error_head = False  # whether `fire` reads the error head (model.error_head)
 
     def check(self, opts: LoopOptions) -> None:
         _refuse_fixed_only("gate", opts)
@@ -169,6 +172,7 @@ class RelativeExit:
     """
 
     uses_bound = True
+    needs_error_head = True
 
     def check(self, opts: LoopOptions) -> None:
         _refuse_fixed_only("relative", opts)

@@ -63,8 +63,14 @@ def exit_rule_options(wm: WorldModel, loops: int) -> dict[str, LoopOptions]:
     and relative rules read the learned gate and error head: untrained (w_gate, w_error = 0) they say little."""
     return {
         name: LoopOptions.from_config(wm.cfg, exit=name, **({"loops": loops} if name == "fixed" else {}))
-        for name in EXIT_RULES
+        for name in usable_rules(wm)
     }
+
+
+def usable_rules(wm: WorldModel) -> list[str]:
+    """The exit rules `wm` can run: the relative exit needs an error head (`model.error_head`)."""
+    has_head = getattr(wm.core, "error_head", None) is not None
+    return [name for name, rule in EXIT_RULES.items() if has_head or not rule.needs_error_head]
 
 
 def exits_section(p: "Probe") -> dict[str, Any]:

@@ -17,7 +17,7 @@ from loopwm.analysis import probe as P
 from loopwm.analysis.agreement import agreement_score, prediction_depth, readout_errors, rms_distance
 from loopwm.analysis.convergence import aposteriori_bound, contraction_ratios, relative_residuals, step_norms
 from loopwm.analysis.cycles import detect_period, recurrence_matrix, step_cosines
-from loopwm.analysis.depth import exits_section
+from loopwm.analysis.depth import exits_section, usable_rules
 from loopwm.analysis.fit import fit_saturating
 from loopwm.analysis.geometry import effective_rank, path_independence
 from loopwm.analysis.jacobian import hutchinson_frobenius, spectral_norm, spectral_radius
@@ -341,6 +341,8 @@ def pareto_section(p: Probe) -> dict[str, Any]:
         ("relative", "rel_tol", s.rel_tolerances),
     )
     for name, key, values in sweeps:
+        if name not in usable_rules(p.wm):
+            continue
         for v in values:
             err, loops = P.step_with(p.wm, p.tr, LoopOptions.from_config(p.wm.cfg, exit=name, min_loops=1, **{key: v}))
             series[name].append(
