@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 
 def _config(args: argparse.Namespace):
@@ -94,15 +94,19 @@ def _print_returns(result: dict) -> None:
     )
 
 
-def _natural_int(text: str) -> int:
-    """An argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `low`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    return parse
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
@@ -110,17 +114,6 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
     report = analyze_checkpoint(args.checkpoint, data=args.data, out_dir=args.out, compare=args.compare)
     print(f"wrote {Path(args.out) / 'report.md'} ({len(report)} sections)")
-
-
-def _positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def _exit_rule(name: str) -> str:
@@ -165,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a run folder or a checkpoint file")
     p.add_argument("--data", help="held-out dataset (.npz); default: the run's own held-out split")
     p.add_argument("--exit", type=_exit_rule, help="override the exit rule (a name in loopwm.exits.EXIT_RULES)")
-    p.add_argument("--episodes", type=_positive_int, help="run the planner for N >= 1 episodes instead")
+    p.add_argument("--episodes", type=_int_at_least(1), help="run the planner for N >= 1 episodes instead")
     p.add_argument(
         "--video",
         metavar="DIR",
@@ -173,11 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
         "to the real frames (imagined.gif; imagined.png for vector observations) into DIR",
     )
     p.add_argument(
-        "--imagine-steps", type=_positive_int, metavar="N", help="steps of the --video imagined rollout (default 50)"
+        "--imagine-steps", type=_int_at_least(1), metavar="N", help="steps of the --video imagined rollout (default 50)"
     )
     p.add_argument(
         "--seed",
-        type=_natural_int,
+        type=_int_at_least(0),
         help="seed of the first --episodes/--video episode (default: the run's seed + 20000)",
     )
     p.add_argument("--out", help="write the JSON result here")
