@@ -70,6 +70,7 @@ class StepStats:
     loops: list[Tensor] = field(default_factory=list)
     bounds: list[Tensor] = field(default_factory=list)
     hard_fraction: float = 0.0
+    latent_spread: float = 0.0  # std of the encoder's target latents across the batch: near 0 means collapse
 
 
 def term_weights(cfg: TrainConfig) -> dict[str, float]:
@@ -170,6 +171,8 @@ def sequence_loss(
     with torch.no_grad():
         target_z = wm.encode(obs[1:])
         target_obs = wm.normalize_obs(obs[1:])
+        rows = target_z.flatten(0, -2)
+        spread = rows.std(0).mean() if rows.shape[0] > 1 else rows.new_zeros(())
     weights = term_weights(cfg)
     loops = wm.cfg.loops if cfg.loop_sampling == "fixed" else sample_loops(size, cfg.loop_mean, wm.cfg, generator)
     options = LoopOptions(exit="fixed", loops=loops, bptt=cfg.bptt_loops)
@@ -219,6 +222,7 @@ def sequence_loss(
             stats.bounds.append(trace.bound)
             z = z_next
     stats.hard_fraction = hard_total / (size * horizon)
+    stats.latent_spread = float(spread)
     if weights["recon"] > 0:  # a per-step mean, scaled like the horizon-summed terms
         terms["recon"] = recon_loss(wm, obs) * horizon
     total = sum(weights[name] * terms[name] for name in TERMS) / horizon

@@ -119,6 +119,7 @@ class Trainer:
             {
                 "loss/total": float(scalars[0]),
                 "train/grad_norm": float(grad_norm),
+                "train/latent_spread": stats.latent_spread,
                 "train/lr": self.schedule.get_last_lr()[0],
                 "loops/mean": float(loops.mean()),
                 "loops/max": float(loops.max()),

@@ -183,6 +183,21 @@ def test_extra_loops_go_exactly_to_the_hard_samples(trained):
     assert torch.equal(stats.loops[0], base) and stats.hard_fraction == 0.0 and float(terms["extra"]) == 0.0
 
 
+def test_latent_spread_reports_an_encoder_collapsed_onto_one_latent():
+    data = linear_dataset()
+    cfg = config(horizon=2, batch_size=8)
+    wm = new_model(cfg, data)
+    batch = data.sample(8, 2, np.random.default_rng(3))
+    _, _, stats = sequence_loss(wm, batch, cfg.train, torch.Generator().manual_seed(0), QuantileTracker(0.5))
+    assert stats.latent_spread > 0.05  # distinct observations, distinct latents
+    last = [m for m in wm.encoder.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():  # the encoder now maps every observation to the same latent
+        last.weight.zero_()
+        last.bias.copy_(torch.linspace(-1, 1, last.bias.numel()))
+    _, _, stats = sequence_loss(wm, batch, cfg.train, torch.Generator().manual_seed(0), QuantileTracker(0.5))
+    assert stats.latent_spread < 1e-5
+
+
 # ---- 3. the gate learns from the real per-loop losses ---------------------------------------------
 def test_gate_targets_on_a_known_loss_table():
     table = torch.tensor(
@@ -452,6 +467,7 @@ def test_tensorboard_and_jsonl_hold_the_logged_scalars(tmp_path):
         "certificate/kappa",
         "certificate/residual_at_exit",
         "train/grad_norm",
+        "train/latent_spread",
         "train/lr",
         "perf/transitions_per_s",
     ]
