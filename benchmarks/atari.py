@@ -28,6 +28,7 @@ from loopwm.checkpoint import load_run
 from loopwm.config import Config, load_config
 from loopwm.envs.atari_games import ATARI_100K, game_of
 from loopwm.envs.factory import action_from_model, make_env
+from loopwm.world_model import WorldModel
 
 from common import DEFAULT_OUT, REPO, command, load_average, machine_info, machine_md, md_table, write_outputs
 
@@ -81,10 +82,9 @@ def held_out(agent: Agent, episodes: int, max_steps: int, seed: int) -> list[dic
 
 
 @torch.no_grad()
-def model_errors(agent: Agent, episodes: list[dict[str, np.ndarray]], horizon: int = 10) -> dict[str, Any]:
+def model_errors(wm: WorldModel, episodes: list[dict[str, np.ndarray]], horizon: int = 10) -> dict[str, Any]:
     """Newest-frame MSE (0-1 pixels) of open-loop predictions at 1 and `horizon` steps against copying the last
     frame, and the sign accuracy of 1-step reward predictions on non-zero and on zero rewards."""
-    wm = agent.wm
     wm.eval()
     model = {1: [], horizon: []}
     copy = {1: [], horizon: []}
@@ -163,7 +163,7 @@ def measure_game(stem: str, args: argparse.Namespace) -> dict[str, Any]:
         "peak_rss_mib": progress.get("peak_rss_mib"),
         "replay_mib": agent_replay_mib(run.payload),
     }
-    record["model"] = model_errors(agent, held_out(agent, args.held_out, args.held_out_steps, seed=EVAL_SEED + 500))
+    record["model"] = model_errors(agent.wm, held_out(agent, args.held_out, args.held_out_steps, seed=EVAL_SEED + 500))
     if args.planner:
         planned = saved_agent(path, [*args.override, *PLANNER])
         start = time.perf_counter()

@@ -91,11 +91,28 @@ def test_model_errors_score_a_copy_last_model_exactly_like_the_copy_last_baselin
     rewards = np.zeros(30, np.float32)
     rewards[[4, 18]] = [1.0, -1.0]
     episode = {"obs": obs, "actions": np.eye(3, dtype=np.float32)[rng.integers(3, size=30)], "rewards": rewards}
-    agent = type("A", (), {"wm": CopyLastModel()})()
-    out = script.model_errors(agent, [episode], horizon=10)
+    out = script.model_errors(CopyLastModel(), [episode], horizon=10)
     for h in ("1", "10"):
         assert out["frame_mse"][h]["model"] == pytest.approx(out["frame_mse"][h]["copy_last"], rel=1e-6)
         assert 0.1 < out["frame_mse"][h]["model"] < 0.25  # uniform random pixels: E(x − y)² = 1/6 on a 0-1 scale
     starts = len(range(0, 30 - 10 + 1, 2))
     assert out["predictions"] == starts and out["reward_sign_accuracy_zero"] == 1.0
     assert out["reward_sign_accuracy_nonzero"] == 0.0 and out["nonzero_rewards"] == 2
+
+
+def test_pixel_loss_benchmark_smoke_reports_every_weight_and_point(tmp_path):
+    pytest.importorskip("ale_py", reason="the [atari] extra")
+    spec = importlib.util.spec_from_file_location("atari_pixel_loss", REPO / "benchmarks" / "atari_pixel_loss.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    payload = script.main(["--smoke", "--weights", "1", "100", "--data", str(tmp_path), "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "atari_pixel_loss.json").read_text()) == json.loads(json.dumps(payload))
+    assert [fit["w_obs"] for fit in payload["runs"]] == [1.0, 100.0]
+    for fit in payload["runs"]:
+        assert [p["updates"] for p in fit["curve"]] == [2, 4]
+        for point in fit["curve"]:
+            assert 0 <= point["latent_spread"] < 2
+            assert set(point["frame_mse"]) == {"1", "10"} and point["predictions"] > 0
+    # both weights trained on the same data and scored on the same frames: the copy-last baseline is identical
+    first, second = (fit["curve"][-1]["frame_mse"]["1"]["copy_last"] for fit in payload["runs"])
+    assert first == second
