@@ -89,15 +89,15 @@ def latent_spread(wm: WorldModel, episodes: list[dict[str, np.ndarray]], frames:
     return float(wm.eval().encode(torch.as_tensor(obs[pick])).std(0).mean())
 
 
-def measure(weight: float, args: argparse.Namespace) -> dict[str, Any]:
-    """Train one model at observation weight `weight`, scoring it at every evaluation point."""
+def measure(
+    weight: float, args: argparse.Namespace, train: ReplayBuffer, episodes: list[dict[str, np.ndarray]]
+) -> dict[str, Any]:
+    """Train one model at observation weight `weight` on `train`, scoring it on `episodes` at every evaluation point."""
     from loopwm.app.session import seed_everything
     from loopwm.envs import env_spaces
     from loopwm.train import Trainer
 
     cfg = game_config(args, weight)
-    train, val, info = dataset(cfg)
-    episodes = held_out(val, args.held_out_steps)
     seed_everything(cfg.seed, cfg.threads)
     wm = WorldModel.from_config(cfg, *env_spaces(cfg.env))
     trainer = Trainer(wm, cfg, train)
@@ -122,7 +122,7 @@ def measure(weight: float, args: argparse.Namespace) -> dict[str, Any]:
             }
         )
         print(f"w_obs={weight:g}, {point} updates: spread {curve[-1]['latent_spread']:.3f}, {errors['frame_mse']}")
-    return {"w_obs": weight, "dataset": info, "curve": curve}
+    return {"w_obs": weight, "curve": curve}
 
 
 def markdown(payload: dict[str, Any]) -> str:
@@ -141,7 +141,7 @@ def markdown(payload: dict[str, Any]) -> str:
                     f"{point['train_seconds']:.0f}",
                 ]
             )
-    info = payload["runs"][0]["dataset"]
+    info = payload["dataset"]
     return "\n\n".join(
         [
             "# Atari pixel-loss weight",
@@ -178,7 +178,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         args.steps, args.updates, args.eval_at, args.held_out_steps = 300, 4, [2], 30
     torch.set_num_threads(1)
     info = machine_info()
-    runs = [measure(w, args) for w in args.weights]
+    train, val, data_info = dataset(game_config(args, args.weights[0]))  # the same data for every weight
+    episodes = held_out(val, args.held_out_steps)
+    runs = [measure(w, args, train, episodes) for w in args.weights]
     info["load_average_end"] = load_average()
     info["command"] = command()
     payload = {
@@ -187,6 +189,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "updates": args.updates,
         "seed": args.seed,
         "held_out_steps": args.held_out_steps,
+        "dataset": data_info,
         "runs": runs,
     }
     write_outputs(args.out, "atari_pixel_loss", payload, markdown(payload))
