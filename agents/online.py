@@ -36,7 +36,8 @@ class Agent:
         device = resolve_device(cfg.device)
         self.wm = WorldModel.from_config(cfg, obs_space, act_space).to(device)
         self.replay = replay_buffer(cfg, obs_space, act_space)
-        self.trainer = Trainer(self.wm, cfg, self.replay, logger)
+        planned = round(cfg.agent.total_steps * cfg.agent.updates_per_step)  # seed-data pretraining included
+        self.trainer = Trainer(self.wm, cfg, self.replay, logger, planned_updates=planned)
         self.value, self.prior, self.planner = planning_parts(cfg, self.wm)
         self.rng = np.random.default_rng(cfg.seed + 1)
 

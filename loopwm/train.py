@@ -60,7 +60,17 @@ class Trainer:
     after every backward pass, so each update uses `train.batch_size` sequences in all.
     """
 
-    def __init__(self, wm: WorldModel, cfg: Config, replay: ReplayBuffer, logger: Optional[RunLogger] = None):
+    def __init__(
+        self,
+        wm: WorldModel,
+        cfg: Config,
+        replay: ReplayBuffer,
+        logger: Optional[RunLogger] = None,
+        planned_updates: Optional[int] = None,
+    ):
+        """`planned_updates` is how many updates the learning-rate schedule spans (default `train.updates`);
+        the online loop passes its own count, so a decaying schedule ends with the run, not at `train.updates`.
+        """
         self.wm, self.cfg, self.replay, self.logger = wm, cfg, replay, logger
         t = cfg.train
         self.world = distributed.current()
@@ -71,7 +81,9 @@ class Trainer:
             )
         self.world.broadcast_parameters(wm)
         self.opt = build_optimizer(t.optimizer, wm.parameters(), t.lr, t.weight_decay, t.lookahead)
-        self.schedule = build_schedule(self.opt, t.lr_schedule, t.updates, t.warmup)
+        self.schedule = build_schedule(
+            self.opt, t.lr_schedule, t.updates if planned_updates is None else planned_updates, t.warmup
+        )
         self.rng = np.random.default_rng(distributed.rank_seed(cfg.seed, self.world.rank))
         self.generator = torch.Generator().manual_seed(distributed.rank_torch_seed(cfg.seed, self.world.rank))
         self.tracker = QuantileTracker(t.hard_quantile)

@@ -63,6 +63,7 @@ def cli_overrides(root: Path, run_dir: Path, name: str, updates: int) -> list[st
         "model.inject_dim=16",
         "model.mlp_dim=32",
         f"train.updates={updates}",
+        "train.lr_schedule=constant",  # "stop at 4, resume to 6" changes a decaying schedule's span
         "train.batch_size=4",
         "train.horizon=2",
         "train.log_every=2",

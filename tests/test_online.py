@@ -9,7 +9,7 @@ import torch
 
 from loopwm.agents.online import Agent, evaluate
 from loopwm.app.run import run
-from loopwm.config import from_dict
+from loopwm.config import from_dict, to_dict
 
 
 class PointMass(gym.Env):
@@ -185,6 +185,16 @@ def test_evaluation_does_not_perturb_training_randomness(tmp_path):
     evaluate(agent, 1, seed=0)
     assert torch.equal(agent.planner.gen.get_state(), gen_state)
     assert torch.equal(torch.get_rng_state(), torch_state)
+
+
+def test_a_decaying_schedule_spans_the_online_runs_updates_not_train_updates(tmp_path):
+    raw = to_dict(tiny(tmp_path))  # 300 steps at 0.5 updates per step: 150 planned updates
+    cfg = from_dict({**raw, "train": {**raw["train"], "updates": 10, "lr_schedule": "cosine"}})
+    env = PointMass()
+    factor = Agent(cfg, env.observation_space, env.action_space).trainer.schedule.lr_lambdas[0]
+    assert factor(10) > 0.9  # still near the full rate where `loopwm train` would have stopped
+    assert factor(75) == pytest.approx(0.5)
+    assert factor(150) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_refuses_to_overwrite_a_run(tmp_path):

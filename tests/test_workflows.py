@@ -26,6 +26,7 @@ def overrides(tmp_path, name="e2e", updates=6):
         "model.inject_dim=16",
         "model.mlp_dim=32",
         f"train.updates={updates}",
+        "train.lr_schedule=constant",  # extending a run to more updates changes a decaying schedule's span
         "train.batch_size=8",
         "train.horizon=2",
         "train.log_every=2",
