@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from loopwm.agents.online import Agent, evaluate
+from loopwm.analysis.stats import auroc
 from loopwm.app.evaluate import saved_agent
 from loopwm.checkpoint import load_run
 from loopwm.config import Config, load_config
@@ -84,11 +85,14 @@ def held_out(agent: Agent, episodes: int, max_steps: int, seed: int) -> list[dic
 @torch.no_grad()
 def model_errors(wm: WorldModel, episodes: list[dict[str, np.ndarray]], horizon: int = 10) -> dict[str, Any]:
     """Newest-frame MSE (0-1 pixels) of open-loop predictions at 1 and `horizon` steps against copying the last
-    frame, and the sign accuracy of 1-step reward predictions on non-zero and on zero rewards."""
+    frame, the sign accuracy of 1-step reward predictions on non-zero and on zero rewards, and how well the
+    predicted |reward| ranks the steps with a reward above those without (AUROC; 0.5 is a head that knows nothing,
+    and it can be high while every prediction still rounds to 0)."""
     wm.eval()
     model = {1: [], horizon: []}
     copy = {1: [], horizon: []}
     hits_nonzero, hits_zero = [], []
+    magnitude, event = [], []
     for ep in episodes:
         obs, actions, rewards = ep["obs"], torch.as_tensor(ep["actions"]), ep["rewards"]
         starts = np.arange(0, len(actions) - horizon + 1, 2)
@@ -107,6 +111,8 @@ def model_errors(wm: WorldModel, episodes: list[dict[str, np.ndarray]], horizon:
             sign_true = np.sign(rewards[chunk])
             hits_nonzero += list((sign_pred == sign_true)[sign_true != 0])
             hits_zero += list((sign_pred == sign_true)[sign_true == 0])
+            magnitude.append(out.rewards[0].abs().numpy())
+            event.append(sign_true != 0)
     frame = {
         str(h): {"model": float(torch.cat(model[h]).mean()), "copy_last": float(torch.cat(copy[h]).mean())}
         for h in (1, horizon)
@@ -117,7 +123,13 @@ def model_errors(wm: WorldModel, episodes: list[dict[str, np.ndarray]], horizon:
         "reward_sign_accuracy_nonzero": float(np.mean(hits_nonzero)) if hits_nonzero else None,
         "nonzero_rewards": len(hits_nonzero),
         "reward_sign_accuracy_zero": float(np.mean(hits_zero)) if hits_zero else None,
+        "reward_event_auroc": finite_or_none(auroc(np.concatenate(magnitude), np.concatenate(event))),
     }
+
+
+def finite_or_none(x: float) -> Optional[float]:
+    """`x`, or None (JSON null) where it is NaN: an AUROC with one class empty."""
+    return None if math.isnan(x) else x
 
 
 def stats(returns: list[float]) -> dict[str, float]:
@@ -239,6 +251,7 @@ def markdown(payload: dict[str, Any]) -> str:
             "reward sign acc. (non-zero)",
             "non-zero rewards",
             "reward sign acc. (zero)",
+            "reward-event AUROC",
         ],
         [
             [
@@ -248,6 +261,7 @@ def markdown(payload: dict[str, Any]) -> str:
                 fmt(g["model"]["reward_sign_accuracy_nonzero"], ".3f"),
                 g["model"]["nonzero_rewards"],
                 fmt(g["model"]["reward_sign_accuracy_zero"], ".3f"),
+                fmt(g["model"].get("reward_event_auroc"), ".3f"),
             ]
             for g in done
         ],

@@ -7,7 +7,8 @@ held-out episodes:
 - the spread of the encoder's latents across held-out frames (std over frames, mean over dimensions; LayerNorm
   latents give about 1 for distinct frames and 0 when every frame maps to one latent);
 - the newest-frame MSE at 1 and 10 steps open loop against copying the last frame (`atari.model_errors`);
-- the sign accuracy of 1-step reward predictions on non-zero rewards, and the training loss terms.
+- the sign accuracy of 1-step reward predictions on non-zero rewards, the AUROC of predicted |reward| for the
+  steps with a reward, and the training loss terms.
 
     .venv/bin/python benchmarks/atari_pixel_loss.py --game boxing --weights 1 1000 10000 --updates 2000
     .venv/bin/python benchmarks/atari_pixel_loss.py --smoke --data /tmp/apl --out /tmp/apl   # seconds
@@ -138,6 +139,7 @@ def markdown(payload: dict[str, Any]) -> str:
                     f"{frame['1']['model']:.5f} / {frame['1']['copy_last']:.5f}",
                     f"{frame['10']['model']:.5f} / {frame['10']['copy_last']:.5f}",
                     "-" if acc is None else f"{acc:.2f} ({point['nonzero_rewards']})",
+                    "-" if point["reward_event_auroc"] is None else f"{point['reward_event_auroc']:.2f}",
                     f"{point['train_seconds']:.0f}",
                 ]
             )
@@ -152,7 +154,7 @@ def markdown(payload: dict[str, Any]) -> str:
             "encoder's latents across held-out frames (about 1 for distinct frames, 0 for a collapsed encoder). "
             "Frame MSE: newest frame, 0-1 pixels, model / copy-last-frame.",
             md_table(
-                ["w_obs", "updates", "latent spread", "1 step", "10 steps", "reward sign (non-zero)", "train s"], rows
+                ["w_obs", "updates", "latent spread", "1 step", "10 steps", "reward sign (non-zero)", "reward AUROC", "train s"], rows
             ),
             f"Command: `{payload['machine']['command']}`",
             "## Machine",

@@ -98,6 +98,30 @@ def test_model_errors_score_a_copy_last_model_exactly_like_the_copy_last_baselin
     starts = len(range(0, 30 - 10 + 1, 2))
     assert out["predictions"] == starts and out["reward_sign_accuracy_zero"] == 1.0
     assert out["reward_sign_accuracy_nonzero"] == 0.0 and out["nonzero_rewards"] == 2
+    assert out["reward_event_auroc"] == 0.5  # a constant prediction ranks nothing
+
+
+class FlaggedRewardModel(CopyLastModel):
+    """Predicts a 1-step reward of magnitude pixel[0, 0, 0] / 255 of the start stack."""
+
+    def imagine(self, z, actions, decode):
+        out = super().imagine(z, actions, decode)
+        out.rewards[0] = z[:, 0, 0, 0] / 255.0
+        return out
+
+
+def test_the_reward_event_auroc_is_one_for_a_head_that_ranks_reward_steps_first():
+    import numpy as np
+
+    script = load_script()
+    rng = np.random.default_rng(0)
+    obs = rng.integers(0, 100, (31, 4, 36, 36), dtype=np.uint8)
+    rewards = np.zeros(30, np.float32)
+    rewards[[4, 18]] = [1.0, -1.0]
+    obs[[4, 18], 0, 0, 0] = 120  # below 0.5 after scaling, so every prediction still rounds to no reward
+    episode = {"obs": obs, "actions": np.eye(3, dtype=np.float32)[rng.integers(3, size=30)], "rewards": rewards}
+    out = script.model_errors(FlaggedRewardModel(), [episode], horizon=10)
+    assert out["reward_sign_accuracy_nonzero"] == 0.0 and out["reward_event_auroc"] == 1.0
 
 
 def test_pixel_loss_benchmark_smoke_reports_every_weight_and_point(tmp_path):
