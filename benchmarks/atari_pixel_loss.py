@@ -154,7 +154,17 @@ def markdown(payload: dict[str, Any]) -> str:
             "encoder's latents across held-out frames (about 1 for distinct frames, 0 for a collapsed encoder). "
             "Frame MSE: newest frame, 0-1 pixels, model / copy-last-frame.",
             md_table(
-                ["w_obs", "updates", "latent spread", "1 step", "10 steps", "reward sign (non-zero)", "reward AUROC", "train s"], rows
+                [
+                    "w_obs",
+                    "updates",
+                    "latent spread",
+                    "1 step",
+                    "10 steps",
+                    "reward sign (non-zero)",
+                    "reward AUROC",
+                    "train s",
+                ],
+                rows,
             ),
             f"Command: `{payload['machine']['command']}`",
             "## Machine",
