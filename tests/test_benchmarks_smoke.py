@@ -23,7 +23,7 @@ from obs_mlp import ObsMLP, fit_obs_mlp  # noqa: E402
 
 def test_param_efficiency_smoke_writes_every_variant(tmp_path):
     out, docs = tmp_path / "out", tmp_path / "docs"
-    names = ["loopwm", "stack", "mlp-params", "mlp-flops", "obs-mlp", "delta"]
+    names = ["loopwm", "stack", "mlp-params", "mlp-flops", "obs-mlp", "absolute"]
     cmd = [
         sys.executable,
         "benchmarks/param_efficiency.py",
@@ -35,7 +35,7 @@ def test_param_efficiency_smoke_writes_every_variant(tmp_path):
         "--variants",
         *names,
         "--define",
-        "delta=model.obs_decoder=delta",
+        "absolute=model.obs_decoder=absolute",
         "--seeds",
         "0",
         "1",
@@ -45,7 +45,7 @@ def test_param_efficiency_smoke_writes_every_variant(tmp_path):
     data = json.loads((docs / "param_efficiency.json").read_text())
     variants = data["protocols"]["smoke"]["tasks"]["pendulum"]["variants"]
     assert set(variants) == set(names)
-    assert variants["delta"]["overrides"] == ["model.obs_decoder=delta"]
+    assert variants["absolute"]["overrides"] == ["model.obs_decoder=absolute"]
     for v in variants.values():
         assert set(v["seeds"]) == {"0", "1"}
         for run in v["seeds"].values():
@@ -53,8 +53,8 @@ def test_param_efficiency_smoke_writes_every_variant(tmp_path):
             assert [c["updates"] for c in run["curve"]] == [3, 6]
             assert set(run["errors"]) == {"1", "10", "50"} and all(np.isfinite(list(run["errors"].values())))
     run = {name: v["seeds"]["0"] for name, v in variants.items()}
-    # the delta head adds parameters; the diagnostics are recorded for loopwm variants only
-    assert run["delta"]["parameters"] > run["loopwm"]["parameters"]
+    # the shipped delta head adds parameters; the diagnostics are recorded for loopwm variants only
+    assert run["absolute"]["parameters"] < run["loopwm"]["parameters"]
     assert "recon_floor" in run["loopwm"]["curve"][-1] and "recon_floor" in run["stack"]["curve"][-1]
     # the stack pays for its distinct blocks in parameters and e-paths; each block stays a contraction
     assert run["stack"]["parameters"] > 2 * run["loopwm"]["parameters"] - 1000
@@ -68,7 +68,7 @@ def test_param_efficiency_smoke_writes_every_variant(tmp_path):
         assert run[name][key] == pytest.approx(run["loopwm"][key], rel=0.05)
     assert run["mlp-flops"]["matched"]["width"] > run["mlp-params"]["matched"]["width"]
     md = (docs / "param_efficiency.md").read_text()
-    assert "`obs-mlp`" in md and "`delta`" in md and "reconstruction floor" in md and "dynamics_width=" in md
+    assert "`obs-mlp`" in md and "`absolute`" in md and "reconstruction floor" in md and "dynamics_width=" in md
     # the smoke figure goes to --out, never next to the docs
     assert (out / "param_efficiency_smoke_pendulum.png").stat().st_size > 0
     assert not list(docs.glob("*.png")) and "](param_efficiency" not in md
