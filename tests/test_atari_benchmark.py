@@ -82,16 +82,20 @@ class CopyLastModel:
         return SimpleNamespace(obs=z.expand(horizon, *z.shape), rewards=torch.zeros(horizon, z.shape[0]))
 
 
-def test_model_errors_score_a_copy_last_model_exactly_like_the_copy_last_baseline():
+def two_reward_episode(pixel_max: int) -> dict:
+    """30 steps of random frames (pixels below `pixel_max`) and actions, with rewards +1 at step 4 and −1 at 18."""
     import numpy as np
 
-    script = load_script()
     rng = np.random.default_rng(0)
-    obs = rng.integers(0, 256, (31, 4, 36, 36), dtype=np.uint8)
+    obs = rng.integers(0, pixel_max, (31, 4, 36, 36), dtype=np.uint8)
     rewards = np.zeros(30, np.float32)
     rewards[[4, 18]] = [1.0, -1.0]
-    episode = {"obs": obs, "actions": np.eye(3, dtype=np.float32)[rng.integers(3, size=30)], "rewards": rewards}
-    out = script.model_errors(CopyLastModel(), [episode], horizon=10)
+    return {"obs": obs, "actions": np.eye(3, dtype=np.float32)[rng.integers(3, size=30)], "rewards": rewards}
+
+
+def test_model_errors_score_a_copy_last_model_exactly_like_the_copy_last_baseline():
+    script = load_script()
+    out = script.model_errors(CopyLastModel(), [two_reward_episode(256)], horizon=10)
     for h in ("1", "10"):
         assert out["frame_mse"][h]["model"] == pytest.approx(out["frame_mse"][h]["copy_last"], rel=1e-6)
         assert 0.1 < out["frame_mse"][h]["model"] < 0.25  # uniform random pixels: E(x − y)² = 1/6 on a 0-1 scale
@@ -111,15 +115,9 @@ class FlaggedRewardModel(CopyLastModel):
 
 
 def test_the_reward_event_auroc_is_one_for_a_head_that_ranks_reward_steps_first():
-    import numpy as np
-
     script = load_script()
-    rng = np.random.default_rng(0)
-    obs = rng.integers(0, 100, (31, 4, 36, 36), dtype=np.uint8)
-    rewards = np.zeros(30, np.float32)
-    rewards[[4, 18]] = [1.0, -1.0]
-    obs[[4, 18], 0, 0, 0] = 120  # below 0.5 after scaling, so every prediction still rounds to no reward
-    episode = {"obs": obs, "actions": np.eye(3, dtype=np.float32)[rng.integers(3, size=30)], "rewards": rewards}
+    episode = two_reward_episode(100)
+    episode["obs"][[4, 18], 0, 0, 0] = 120  # below 0.5 after scaling, so every prediction still rounds to no reward
     out = script.model_errors(FlaggedRewardModel(), [episode], horizon=10)
     assert out["reward_sign_accuracy_nonzero"] == 0.0 and out["reward_event_auroc"] == 1.0
 
