@@ -1,9 +1,10 @@
-"""Pixel-loss weight of the Atari world model: the encoder collapse at `train.w_obs=1`, next to larger weights.
+"""Loss weights of the Atari world model: the encoder collapse at `train.w_obs=1`, larger weights, and variants.
 
 One game's random-policy dataset (`loopwm.app.collect.collect`, cached under --data) is split by whole episodes.
-For each observation-loss weight, the game's config (configs/atari/<game>.yaml with `train.w_obs` overridden)
-trains a fresh model for the same updates with the same seed. At every evaluation point it is scored on the
-held-out episodes:
+Each variant is the game's config (configs/atari/<game>.yaml) with overrides: `--weights W ...` gives one variant
+per observation-loss weight (`train.w_obs=W`), and `--define NAME='key=value ...'` adds one with any overrides
+(for example the reward weight). Every variant trains a fresh model for the same updates with the same seed, and
+at every evaluation point it is scored on the held-out episodes:
 - the spread of the encoder's latents across held-out frames (std over frames, mean over dimensions; LayerNorm
   latents give about 1 for distinct frames and 0 when every frame maps to one latent);
 - the newest-frame MSE at 1 and 10 steps open loop against copying the last frame (`atari.model_errors`);
@@ -11,12 +12,14 @@ held-out episodes:
   steps with a reward, and the training loss terms.
 
     .venv/bin/python benchmarks/atari_pixel_loss.py --game boxing --weights 1 1000 10000 --updates 2000
+    .venv/bin/python benchmarks/atari_pixel_loss.py --game boxing --weights 10000 --define r100='train.w_reward=100'
     .venv/bin/python benchmarks/atari_pixel_loss.py --smoke --data /tmp/apl --out /tmp/apl   # seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -43,8 +46,8 @@ SMOKE = [
 TERMS = ("loss/obs", "loss/consistency", "loss/reward")
 
 
-def game_config(args: argparse.Namespace, weight: float) -> Config:
-    """The game's config on one CPU thread, with the dataset's path and size and this observation weight."""
+def game_config(args: argparse.Namespace, variant: list[str]) -> Config:
+    """The game's config on one CPU thread, with the dataset's path and size and the variant's overrides."""
     overrides = [
         f"seed={args.seed}",
         "threads=1",
@@ -52,8 +55,8 @@ def game_config(args: argparse.Namespace, weight: float) -> Config:
         f"data.path={dataset_path(args)}",
         f"data.steps={args.steps}",
         "data.policy=random",
-        f"train.w_obs={weight}",
         *(SMOKE if args.smoke else []),
+        *variant,
     ]
     return load_config(REPO / "configs" / "atari" / f"{args.game}.yaml", overrides)
 
@@ -90,15 +93,34 @@ def latent_spread(wm: WorldModel, episodes: list[dict[str, np.ndarray]], frames:
     return float(wm.eval().encode(torch.as_tensor(obs[pick])).std(0).mean())
 
 
+def variants(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Each variant's name and overrides: one per `--weights` entry, then the `--define`d ones in order."""
+    out = {f"w_obs={w:g}": [f"train.w_obs={w}"] for w in args.weights}
+    for text in args.define:
+        name, _, overrides = text.partition("=")
+        if not name or not overrides.strip():
+            raise SystemExit(f"--define {text!r}: expected NAME='key=value key=value'")
+        if name in out:
+            raise SystemExit(f"--define {text!r}: variant {name!r} is already defined")
+        out[name] = shlex.split(overrides)
+    if not out:
+        raise SystemExit("no variants: give --weights and/or --define")
+    return out
+
+
 def measure(
-    weight: float, args: argparse.Namespace, train: ReplayBuffer, episodes: list[dict[str, np.ndarray]]
+    name: str,
+    overrides: list[str],
+    cfg: Config,
+    args: argparse.Namespace,
+    train: ReplayBuffer,
+    episodes: list[dict[str, np.ndarray]],
 ) -> dict[str, Any]:
-    """Train one model at observation weight `weight` on `train`, scoring it on `episodes` at every evaluation point."""
+    """Train one model of variant `name` on `train`, scoring it on `episodes` at every evaluation point."""
     from loopwm.app.session import seed_everything
     from loopwm.envs import env_spaces
     from loopwm.train import Trainer
 
-    cfg = game_config(args, weight)
     seed_everything(cfg.seed, cfg.threads)
     wm = WorldModel.from_config(cfg, *env_spaces(cfg.env))
     trainer = Trainer(wm, cfg, train)
@@ -122,8 +144,14 @@ def measure(
                 **errors,
             }
         )
-        print(f"w_obs={weight:g}, {point} updates: spread {curve[-1]['latent_spread']:.3f}, {errors['frame_mse']}")
-    return {"w_obs": weight, "curve": curve}
+        print(f"{name}, {point} updates: spread {curve[-1]['latent_spread']:.3f}, {errors['frame_mse']}")
+    return {
+        "variant": name,
+        "overrides": overrides,
+        "w_obs": cfg.train.w_obs,
+        "w_reward": cfg.train.w_reward,
+        "curve": curve,
+    }
 
 
 def markdown(payload: dict[str, Any]) -> str:
@@ -133,7 +161,9 @@ def markdown(payload: dict[str, Any]) -> str:
             frame, acc = point["frame_mse"], point["reward_sign_accuracy_nonzero"]
             rows.append(
                 [
+                    run["variant"],
                     f"{run['w_obs']:g}",
+                    f"{run['w_reward']:g}",
                     point["updates"],
                     f"{point['latent_spread']:.3f}",
                     f"{frame['1']['model']:.5f} / {frame['1']['copy_last']:.5f}",
@@ -146,16 +176,19 @@ def markdown(payload: dict[str, Any]) -> str:
     info = payload["dataset"]
     return "\n\n".join(
         [
-            "# Atari pixel-loss weight",
+            "# Atari world-model loss weights",
             f"`benchmarks/atari_pixel_loss.py` on `{payload['game']}`: a random-policy dataset of "
             f"{info['transitions']:,} transitions ({info['episodes']} episodes, {info['val_episodes']} held out, "
             f"the first {payload['held_out_steps']} steps of each scored), {payload['updates']} updates of "
-            f"configs/atari/{payload['game']}.yaml per weight, seed {payload['seed']}. Latent spread: std of the "
-            "encoder's latents across held-out frames (about 1 for distinct frames, 0 for a collapsed encoder). "
+            f"configs/atari/{payload['game']}.yaml per variant (overrides in the JSON), seed {payload['seed']}. "
+            "Latent spread: std of the encoder's latents across held-out frames (about 1 for distinct frames, 0 "
+            "for a collapsed encoder). "
             "Frame MSE: newest frame, 0-1 pixels, model / copy-last-frame.",
             md_table(
                 [
+                    "variant",
                     "w_obs",
+                    "w_reward",
                     "updates",
                     "latent spread",
                     "1 step",
@@ -176,7 +209,8 @@ def markdown(payload: dict[str, Any]) -> str:
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--game", default="boxing")
-    parser.add_argument("--weights", type=float, nargs="+", default=[1.0, 1000.0, 10000.0])
+    parser.add_argument("--weights", type=float, nargs="*", default=[1.0, 1000.0, 10000.0], help="train.w_obs values")
+    parser.add_argument("--define", action="append", default=[], help="NAME='key=value ...': a variant's overrides")
     parser.add_argument("--steps", type=int, default=30_000, help="dataset transitions (random policy)")
     parser.add_argument("--updates", type=int, default=2000)
     parser.add_argument("--eval-at", type=int, nargs="*", default=[500])
@@ -190,9 +224,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         args.steps, args.updates, args.eval_at, args.held_out_steps = 300, 4, [2], 30
     torch.set_num_threads(1)
     info = machine_info()
-    train, val, data_info = dataset(game_config(args, args.weights[0]))  # the same data for every weight
+    todo = variants(args)
+    configs = {name: game_config(args, overrides) for name, overrides in todo.items()}  # bad overrides fail here
+    train, val, data_info = dataset(game_config(args, []))  # the same data for every variant
     episodes = held_out(val, args.held_out_steps)
-    runs = [measure(w, args, train, episodes) for w in args.weights]
+    runs = [measure(name, todo[name], cfg, args, train, episodes) for name, cfg in configs.items()]
     info["load_average_end"] = load_average()
     info["command"] = command()
     payload = {

@@ -127,14 +127,33 @@ def test_pixel_loss_benchmark_smoke_reports_every_weight_and_point(tmp_path):
     spec = importlib.util.spec_from_file_location("atari_pixel_loss", REPO / "benchmarks" / "atari_pixel_loss.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    payload = script.main(["--smoke", "--weights", "1", "100", "--data", str(tmp_path), "--out", str(tmp_path)])
+    argv = ["--smoke", "--weights", "1", "100", "--define", "r5=train.w_reward=5 train.w_obs=100"]
+    payload = script.main([*argv, "--data", str(tmp_path), "--out", str(tmp_path)])
     assert json.loads((tmp_path / "atari_pixel_loss.json").read_text()) == json.loads(json.dumps(payload))
-    assert [fit["w_obs"] for fit in payload["runs"]] == [1.0, 100.0]
+    assert [fit["variant"] for fit in payload["runs"]] == ["w_obs=1", "w_obs=100", "r5"]
+    assert [(fit["w_obs"], fit["w_reward"]) for fit in payload["runs"]] == [(1.0, 1.0), (100.0, 1.0), (100.0, 5.0)]
     for fit in payload["runs"]:
         assert [p["updates"] for p in fit["curve"]] == [2, 4]
         for point in fit["curve"]:
             assert 0 <= point["latent_spread"] < 2
             assert set(point["frame_mse"]) == {"1", "10"} and point["predictions"] > 0
-    # both weights trained on the same data and scored on the same frames: the copy-last baseline is identical
-    first, second = (fit["curve"][-1]["frame_mse"]["1"]["copy_last"] for fit in payload["runs"])
-    assert first == second
+    # every variant trained on the same data and scored on the same frames: the copy-last baseline is identical
+    assert len({fit["curve"][-1]["frame_mse"]["1"]["copy_last"] for fit in payload["runs"]}) == 1
+
+
+@pytest.mark.parametrize(
+    "defines, message",
+    [
+        (["r5"], "expected NAME="),
+        (["r5=train.w_reward=5", "r5=train.w_reward=6"], "already defined"),
+        (["bad=train.nope=1"], "nope"),
+    ],
+)
+def test_pixel_loss_benchmark_rejects_a_bad_variant_before_collecting_data(tmp_path, defines, message):
+    spec = importlib.util.spec_from_file_location("atari_pixel_loss", REPO / "benchmarks" / "atari_pixel_loss.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises((SystemExit, ValueError), match=message):
+        argv = ["--smoke", "--weights", "1", *[arg for d in defines for arg in ("--define", d)]]
+        script.main([*argv, "--data", str(tmp_path), "--out", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == []
