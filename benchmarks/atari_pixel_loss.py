@@ -19,7 +19,6 @@ at every evaluation point it is scored on the held-out episodes:
 from __future__ import annotations
 
 import argparse
-import shlex
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -32,7 +31,17 @@ from loopwm.config import Config, load_config
 from loopwm.replay import ReplayBuffer
 from loopwm.world_model import WorldModel
 
-from common import DEFAULT_OUT, REPO, command, load_average, machine_info, machine_md, md_table, write_outputs
+from common import (
+    DEFAULT_OUT,
+    REPO,
+    command,
+    load_average,
+    machine_info,
+    machine_md,
+    md_table,
+    parse_define,
+    write_outputs,
+)
 
 SMOKE = [
     "env.max_episode_steps=60",
@@ -97,12 +106,10 @@ def variants(args: argparse.Namespace) -> dict[str, list[str]]:
     """Each variant's name and overrides: one per `--weights` entry, then the `--define`d ones in order."""
     out = {f"w_obs={w:g}": [f"train.w_obs={w}"] for w in args.weights}
     for text in args.define:
-        name, _, overrides = text.partition("=")
-        if not name or not overrides.strip():
-            raise SystemExit(f"--define {text!r}: expected NAME='key=value key=value'")
+        name, overrides = parse_define(text)
         if name in out:
             raise SystemExit(f"--define {text!r}: variant {name!r} is already defined")
-        out[name] = shlex.split(overrides)
+        out[name] = overrides
     if not out:
         raise SystemExit("no variants: give --weights and/or --define")
     return out

@@ -67,6 +67,14 @@ def command() -> str:
     return shlex.join([*env, ".venv/bin/python", script, *sys.argv[1:]])
 
 
+def parse_define(text: str) -> tuple[str, list[str]]:
+    """A `--define NAME='key=value ...'` argument as its variant name and config overrides."""
+    name, _, overrides = text.partition("=")
+    if not name or not overrides.strip():
+        raise SystemExit(f"--define {text!r}: expected NAME='key=value key=value'")
+    return name, shlex.split(overrides)
+
+
 @dataclass
 class Samples:
     """Timings of one function: wall-clock seconds and process CPU seconds (all threads) per call."""

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +49,7 @@ from param_report import markdown, plot_task
 from loopwm.config import Config, load_config
 from loopwm.replay import ReplayBuffer
 
-from common import REPO, command, machine_info
+from common import REPO, command, machine_info, parse_define
 
 TASKS = {
     "pendulum": ("configs/pendulum.yaml", 2000),
@@ -439,13 +438,6 @@ def merge(
     return data
 
 
-def parse_define(text: str) -> Variant:
-    name, _, overrides = text.partition("=")
-    if not name or not overrides:
-        raise SystemExit(f"--define {text!r}: expected NAME='key=value key=value'")
-    return Variant(name, overrides=shlex.split(overrides), note="defined on the command line")
-
-
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(TASKS), default="pendulum")
@@ -464,8 +456,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     torch.set_num_threads(1)
     variants = dict(VARIANTS)
     for text in args.define:
-        v = parse_define(text)
-        variants[v.name] = v
+        name, overrides = parse_define(text)
+        if name in variants:
+            raise SystemExit(f"--define {text!r}: variant {name!r} is already defined")
+        variants[name] = Variant(name, overrides=overrides, note="defined on the command line")
     unknown = [v for v in args.variants if v not in variants]
     if unknown:
         raise SystemExit(f"unknown variant {unknown[0]!r}: expected one of {sorted(variants)} or --define it")

@@ -14,11 +14,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))  # the scripts import their shared helpers as `common`
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("atari_benchmark", REPO / "benchmarks" / "atari.py")
+def load_benchmark(name: str, filename: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / filename)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_script():
+    return load_benchmark("atari_benchmark", "atari.py")
+
+
+def load_pixel_loss():
+    return load_benchmark("atari_pixel_loss", "atari_pixel_loss.py")
 
 
 def test_atari_benchmark_reports_a_tiny_boxing_run(tmp_path):
@@ -124,9 +132,7 @@ def test_the_reward_event_auroc_is_one_for_a_head_that_ranks_reward_steps_first(
 
 def test_pixel_loss_benchmark_smoke_reports_every_weight_and_point(tmp_path):
     pytest.importorskip("ale_py", reason="the [atari] extra")
-    spec = importlib.util.spec_from_file_location("atari_pixel_loss", REPO / "benchmarks" / "atari_pixel_loss.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_pixel_loss()
     argv = ["--smoke", "--weights", "1", "100", "--define", "r5=train.w_reward=5 train.w_obs=100"]
     payload = script.main([*argv, "--data", str(tmp_path), "--out", str(tmp_path)])
     assert json.loads((tmp_path / "atari_pixel_loss.json").read_text()) == json.loads(json.dumps(payload))
@@ -150,9 +156,7 @@ def test_pixel_loss_benchmark_smoke_reports_every_weight_and_point(tmp_path):
     ],
 )
 def test_pixel_loss_benchmark_rejects_a_bad_variant_before_collecting_data(tmp_path, defines, message):
-    spec = importlib.util.spec_from_file_location("atari_pixel_loss", REPO / "benchmarks" / "atari_pixel_loss.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_pixel_loss()
     with pytest.raises((SystemExit, ValueError), match=message):
         argv = ["--smoke", "--weights", "1", *[arg for d in defines for arg in ("--define", d)]]
         script.main([*argv, "--data", str(tmp_path), "--out", str(tmp_path)])

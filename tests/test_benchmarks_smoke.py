@@ -74,6 +74,17 @@ def test_param_efficiency_smoke_writes_every_variant(tmp_path):
     assert not list(docs.glob("*.png")) and "](param_efficiency" not in md
 
 
+@pytest.mark.parametrize(
+    "define, message",
+    [("loopwm=model.loops=2", "already defined"), ("wide", "expected NAME="), ("wide=  ", "expected NAME=")],
+)
+def test_param_efficiency_rejects_a_bad_define_before_writing(tmp_path, define, message):
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    with pytest.raises(SystemExit, match=message):
+        pe.main(["--smoke", "--out", str(out), "--docs", str(docs), "--define", define])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_benchmark_errors_match_prediction_errors():
     """The benchmark's scoring of a rollout is `prediction_errors`' (same sequences, same normalisation)."""
     data = linear_dataset(episodes=6, steps=60)
