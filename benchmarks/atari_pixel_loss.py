@@ -3,7 +3,7 @@
 One game's random-policy dataset (`loopwm.app.collect.collect`, cached under --data) is split by whole episodes.
 Each variant is the game's config (configs/atari/<game>.yaml) with overrides: `--weights W ...` gives one variant
 per observation-loss weight (`train.w_obs=W`), and `--define NAME='key=value ...'` adds one with any overrides
-(for example the reward weight). Every variant trains a fresh model for the same updates with the same seed, and
+(for example the reward weight or `train.reward_balance`). Every variant trains a fresh model for the same updates with the same seed, and
 at every evaluation point it is scored on the held-out episodes:
 - the spread of the encoder's latents across held-out frames (std over frames, mean over dimensions; LayerNorm
   latents give about 1 for distinct frames and 0 when every frame maps to one latent);
@@ -157,6 +157,7 @@ def measure(
         "overrides": overrides,
         "w_obs": cfg.train.w_obs,
         "w_reward": cfg.train.w_reward,
+        "reward_balance": cfg.train.reward_balance,
         "curve": curve,
     }
 
@@ -171,6 +172,7 @@ def markdown(payload: dict[str, Any]) -> str:
                     run["variant"],
                     f"{run['w_obs']:g}",
                     f"{run['w_reward']:g}",
+                    f"{run.get('reward_balance', 0.0):g}",
                     point["updates"],
                     f"{point['latent_spread']:.3f}",
                     f"{frame['1']['model']:.5f} / {frame['1']['copy_last']:.5f}",
@@ -196,6 +198,7 @@ def markdown(payload: dict[str, Any]) -> str:
                     "variant",
                     "w_obs",
                     "w_reward",
+                    "reward balance",
                     "updates",
                     "latent spread",
                     "1 step",

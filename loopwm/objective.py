@@ -103,8 +103,25 @@ def delta_loss(wm: WorldModel, z: Tensor, z_next: Tensor, x: Tensor, target_obs:
     return x_next, (x_next - target_obs).pow(2).flatten(1).mean(-1).mean()
 
 
-def reward_loss(wm: WorldModel, z_next: Tensor, rewards: Tensor) -> Tensor:
-    return wm.reward_head.loss(z_next, rewards).mean()
+def reward_weights(rewards: Tensor, balance: float) -> Optional[Tensor]:
+    """Per-element weights that give the steps with a non-zero reward `balance` of the batch's reward loss.
+
+    With rare rewards (Atari: a few per hundred steps) the plain mean is won by predicting 0 everywhere;
+    balancing keeps the events' share of the gradient fixed. None (the plain mean) when off, or when the
+    batch holds only one kind of step (every step rewarded, as in dense-reward control, or none).
+    """
+    if balance == 0:
+        return None
+    event = rewards != 0
+    share = event.float().mean()
+    if share == 0 or share == 1:
+        return None
+    return torch.where(event, balance / share, (1 - balance) / (1 - share))
+
+
+def reward_loss(wm: WorldModel, z_next: Tensor, rewards: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+    loss = wm.reward_head.loss(z_next, rewards)
+    return (loss if weights is None else loss * weights).mean()
 
 
 def continue_loss(wm: WorldModel, z_next: Tensor, terminated: Tensor) -> Tensor:
@@ -174,6 +191,7 @@ def sequence_loss(
         rows = target_z.flatten(0, -2)
         spread = rows.std(0).mean() if rows.shape[0] > 1 else rows.new_zeros(())
     weights = term_weights(cfg)
+    balance = reward_weights(rewards, cfg.reward_balance)
     loops = wm.cfg.loops if cfg.loop_sampling == "fixed" else sample_loops(size, cfg.loop_mean, wm.cfg, generator)
     options = LoopOptions(exit="fixed", loops=loops, bptt=cfg.bptt_loops)
     want_readouts = weights["deep"] > 0 or weights["gate"] > 0
@@ -208,7 +226,7 @@ def sequence_loss(
                 used = used + hard.long() * cfg.extra_loops
             terms["consistency"] = terms["consistency"] + w * err.mean()
             terms["obs"] = terms["obs"] + w * obs_loss(wm, z_next, target_obs[k])
-            terms["reward"] = terms["reward"] + w * reward_loss(wm, z_next, rewards[k])
+            terms["reward"] = terms["reward"] + w * reward_loss(wm, z_next, rewards[k], None if balance is None else balance[k])
             terms["continue"] = terms["continue"] + w * continue_loss(wm, z_next, terminated[k])
             if wm.delta_decoder is not None:
                 x, chained = delta_loss(wm, z, z_next, x, target_obs[k])

@@ -1,0 +1,108 @@
+"""`train.reward_balance`: rare rewards keep a fixed share of the reward loss, and the head learns them."""
+
+import numpy as np
+import pytest
+import torch
+
+from loopwm.objective import QuantileTracker, reward_weights, sequence_loss
+from loopwm.replay import ReplayBuffer
+from loopwm.train import Trainer
+from tests.test_training import config, new_model
+
+
+def rare_reward_dataset(episodes: int = 16, steps: int = 40, threshold: float = 1.5) -> ReplayBuffer:
+    """The linear system of test_training with reward 1 when the next state's first coordinate passes
+    `threshold` (about 2% of steps at 1.5) and 0 otherwise: a sparse, learnable event."""
+    rng = np.random.default_rng(0)
+    a_mat = np.array([[0.9, 0.2, 0.0], [-0.2, 0.9, 0.0], [0.0, 0.1, 0.8]])
+    b_mat = np.array([[0.0], [0.5], [0.3]])
+    buffer = ReplayBuffer((3,), 1, 10_000)
+    for _ in range(episodes):
+        x = rng.normal(size=3)
+        obs, actions, rewards = [x], [], []
+        for _ in range(steps):
+            a = rng.uniform(-1, 1, size=1)
+            x = a_mat @ x + b_mat @ a
+            obs.append(x)
+            actions.append(a)
+            rewards.append(float(x[0] > threshold))
+        truncated = np.zeros(steps, bool)
+        truncated[-1] = True
+        buffer.add_episode(
+            np.array(obs, np.float32),
+            np.array(actions, np.float32),
+            np.array(rewards, np.float32),
+            np.zeros(steps, bool),
+            truncated,
+        )
+    return buffer
+
+
+@pytest.mark.parametrize("events", [1, 2, 80, 159])  # one event in 160, a pair, half, all but one
+@pytest.mark.parametrize("balance", [0.05, 0.5, 0.95])
+def test_reward_weights_split_the_mean_between_events_and_the_rest(events, balance):
+    g = torch.Generator().manual_seed(events)
+    rewards = torch.zeros(5, 32)
+    flat = rewards.view(-1)
+    picked = torch.randperm(flat.numel(), generator=g)[:events]
+    flat[picked] = torch.where(torch.rand(events, generator=g) < 0.5, -1.0, 1.0)  # either sign is an event
+    loss = torch.rand(5, 32, generator=g) * 10 ** torch.empty(5, 32).uniform_(-3, 3, generator=g)
+    weights = reward_weights(rewards, balance)
+    event = rewards != 0
+    expected = balance * loss[event].mean() + (1 - balance) * loss[~event].mean()
+    torch.testing.assert_close((weights * loss).mean(), expected, rtol=1e-5, atol=0)
+    assert weights.dtype == torch.float32 and (weights > 0).all()
+
+
+def test_reward_weights_are_off_for_dense_or_absent_rewards():
+    dense = torch.randn(5, 32).abs() + 0.1  # every step rewarded, as in Pendulum
+    assert reward_weights(dense, 0.5) is None
+    assert reward_weights(torch.zeros(5, 32), 0.5) is None
+    assert reward_weights(torch.tensor([[0.0, 1.0]]), 0.0) is None
+
+
+def test_sequence_loss_weighs_each_step_by_its_own_rewards(monkeypatch):
+    """The reward term is sum_k rho^k mean(w_k * l_k) / H with each step's own weights."""
+    data = rare_reward_dataset()
+    cfg = config(horizon=3, batch_size=16, loop_sampling="fixed", reward_balance=0.5)
+    wm = new_model(cfg, data)
+    batch = data.sample(16, 3, np.random.default_rng(0))
+    batch["rewards"] = torch.zeros_like(batch["rewards"])
+    batch["rewards"][1, :3] = 1.0  # events at step 1 only: step 0's and step 2's weights differ from step 1's
+    losses = []
+    head_loss = type(wm.reward_head).loss
+
+    def recorded(head, z, reward):
+        out = head_loss(head, z, reward)
+        losses.append(out.detach())
+        return out
+
+    monkeypatch.setattr(type(wm.reward_head), "loss", recorded)
+    _, terms, _ = sequence_loss(wm, batch, cfg.train, torch.Generator().manual_seed(0), QuantileTracker(0.5))
+    weights = reward_weights(batch["rewards"].float(), 0.5)
+    expected = sum(cfg.train.rho**k * (weights[k] * losses[k]).mean() for k in range(3)) / 3
+    torch.testing.assert_close(terms["reward"], expected)
+    plain = sum(cfg.train.rho**k * losses[k].mean() for k in range(3)) / 3
+    assert not torch.isclose(terms["reward"], plain)
+
+
+def test_balance_teaches_the_head_a_rare_reward_the_plain_mean_misses():
+    torch.set_num_threads(1)
+    data = rare_reward_dataset()
+    batch = data.sample(256, 1, np.random.default_rng(5))
+    event = batch["rewards"][0] != 0
+    assert 2 <= int(event.sum()) <= 16  # rare: a few percent of steps
+    at_events = {}
+    for balance in (0.0, 0.5):
+        cfg = config(updates=200, batch_size=16, horizon=3, lr=3e-3, log_every=1000, reward_balance=balance)
+        wm = new_model(cfg, data)
+        trainer = Trainer(wm, cfg, data)
+        for _ in range(cfg.train.updates):
+            trainer.update()
+        with torch.no_grad():
+            rewards = wm.imagine(wm.encode(batch["obs"][0]), batch["actions"].float()).rewards[0]
+        at_events[balance] = float(rewards[event].mean())
+        assert float(rewards[~event].abs().mean()) < 0.1  # steps without a reward stay near 0 either way
+    # the plain mean leaves events below 0.5 (rounded, no reward at all); balanced, they read as rewards
+    assert at_events[0.0] < 0.5 < at_events[0.5]
+    assert at_events[0.5] > at_events[0.0] + 0.15
