@@ -3,8 +3,8 @@
 One game's random-policy dataset (`loopwm.app.collect.collect`, cached under --data) is split by whole episodes.
 Each variant is the game's config (configs/atari/<game>.yaml) with overrides: `--weights W ...` gives one variant
 per observation-loss weight (`train.w_obs=W`), and `--define NAME='key=value ...'` adds one with any overrides
-(for example the reward weight or `train.reward_balance`). Every variant trains a fresh model for the same updates with the same seed, and
-at every evaluation point it is scored on the held-out episodes:
+(for example the reward weight or `train.reward_balance`). Every variant trains a fresh model for the same updates
+with the same seed, and at every evaluation point it is scored on the held-out episodes:
 - the spread of the encoder's latents across held-out frames (std over frames, mean over dimensions; LayerNorm
   latents give about 1 for distinct frames and 0 when every frame maps to one latent);
 - the newest-frame MSE at 1 and 10 steps open loop against copying the last frame (`atari.model_errors`);

@@ -226,7 +226,8 @@ def sequence_loss(
                 used = used + hard.long() * cfg.extra_loops
             terms["consistency"] = terms["consistency"] + w * err.mean()
             terms["obs"] = terms["obs"] + w * obs_loss(wm, z_next, target_obs[k])
-            terms["reward"] = terms["reward"] + w * reward_loss(wm, z_next, rewards[k], None if balance is None else balance[k])
+            step_weights = None if balance is None else balance[k]
+            terms["reward"] = terms["reward"] + w * reward_loss(wm, z_next, rewards[k], step_weights)
             terms["continue"] = terms["continue"] + w * continue_loss(wm, z_next, terminated[k])
             if wm.delta_decoder is not None:
                 x, chained = delta_loss(wm, z, z_next, x, target_obs[k])

@@ -7,35 +7,13 @@ import torch
 from loopwm.objective import QuantileTracker, reward_weights, sequence_loss
 from loopwm.replay import ReplayBuffer
 from loopwm.train import Trainer
-from tests.test_training import config, new_model
+from tests.test_training import config, linear_dataset, new_model
 
 
-def rare_reward_dataset(episodes: int = 16, steps: int = 40, threshold: float = 1.5) -> ReplayBuffer:
-    """The linear system of test_training with reward 1 when the next state's first coordinate passes
-    `threshold` (about 2% of steps at 1.5) and 0 otherwise: a sparse, learnable event."""
-    rng = np.random.default_rng(0)
-    a_mat = np.array([[0.9, 0.2, 0.0], [-0.2, 0.9, 0.0], [0.0, 0.1, 0.8]])
-    b_mat = np.array([[0.0], [0.5], [0.3]])
-    buffer = ReplayBuffer((3,), 1, 10_000)
-    for _ in range(episodes):
-        x = rng.normal(size=3)
-        obs, actions, rewards = [x], [], []
-        for _ in range(steps):
-            a = rng.uniform(-1, 1, size=1)
-            x = a_mat @ x + b_mat @ a
-            obs.append(x)
-            actions.append(a)
-            rewards.append(float(x[0] > threshold))
-        truncated = np.zeros(steps, bool)
-        truncated[-1] = True
-        buffer.add_episode(
-            np.array(obs, np.float32),
-            np.array(actions, np.float32),
-            np.array(rewards, np.float32),
-            np.zeros(steps, bool),
-            truncated,
-        )
-    return buffer
+def rare_reward_dataset() -> ReplayBuffer:
+    """The linear system with reward 1 when the next state's first coordinate passes 1.5 (about 2% of steps)
+    and 0 otherwise: a sparse, learnable event."""
+    return linear_dataset(episodes=16, steps=40, reward=lambda x, x_next: float(x_next[0] > 1.5))
 
 
 @pytest.mark.parametrize("events", [1, 2, 80, 159])  # one event in 160, a pair, half, all but one

@@ -5,6 +5,7 @@ metrics.jsonl, and a tiny model learns real Pendulum dynamics better than both b
 import copy
 import io
 import json
+from typing import Callable, Optional
 
 import numpy as np
 import pytest
@@ -31,8 +32,11 @@ def config(model=None, **train):
     return from_dict({"device": "cpu", "model": {**TINY, **(model or {})}, "train": train})
 
 
-def linear_dataset(episodes: int = 12, steps: int = 20, seed: int = 0) -> ReplayBuffer:
-    """x' = A x + B a with reward −‖x‖²; even episodes end terminated, odd ones truncated."""
+Reward = Callable[[np.ndarray, np.ndarray], float]
+
+
+def linear_dataset(episodes: int = 12, steps: int = 20, seed: int = 0, reward: Optional[Reward] = None) -> ReplayBuffer:
+    """x' = A x + B a with reward −‖x‖² (or `reward(x, x')`); even episodes end terminated, odd ones truncated."""
     rng = np.random.default_rng(seed)
     a_mat = np.array([[0.9, 0.2, 0.0], [-0.2, 0.9, 0.0], [0.0, 0.1, 0.8]])
     b_mat = np.array([[0.0], [0.5], [0.3]])
@@ -42,8 +46,9 @@ def linear_dataset(episodes: int = 12, steps: int = 20, seed: int = 0) -> Replay
         obs, actions, rewards = [x], [], []
         for _ in range(steps):
             a = rng.uniform(-1, 1, size=1)
-            rewards.append(-float(x @ x))
-            x = a_mat @ x + b_mat @ a
+            x_next = a_mat @ x + b_mat @ a
+            rewards.append(-float(x @ x) if reward is None else reward(x, x_next))
+            x = x_next
             obs.append(x)
             actions.append(a)
         terminated, truncated = np.zeros(steps, bool), np.zeros(steps, bool)
