@@ -5,8 +5,10 @@ depend on the weights under the fixed exit). Its continue head is pinned to "con
 never terminates, so episodes end at the 1,000-step time limit and autoreset costs what it would in use.
 Each N steps the batched env with random actions in the real bounds (start observations: 256 real
 resets); the real environment is stepped with random actions in the same run, interleaved in rounds.
+At N = 1024 the batched env is also stepped with fewer loops per step (`--loops`, passed as
+`options=LoopOptions(loops=L)`), as `planner.loops` does for planning.
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/vector_env.py --threads 1
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/vector_env.py --threads 2 --loops 2 1
     .venv/bin/python benchmarks/vector_env.py --smoke --out /tmp/bench     # seconds, for the test suite
 """
 
@@ -25,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loopwm.config import load_config  # noqa: E402
 from loopwm.envs import VectorWorldModelEnv, WorldModelEnv, make_env  # noqa: E402
+from loopwm.exits import LoopOptions  # noqa: E402
 from loopwm.flops import linear_macs, step_macs  # noqa: E402
 from loopwm.world_model import WorldModel  # noqa: E402
 
@@ -70,6 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--loops", type=int, nargs="*", default=[], help="also step N=1024 with these loop counts")
     p.add_argument("--smoke", action="store_true", help="tiny sizes for the test suite (numbers mean nothing)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
@@ -114,6 +118,23 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                 stepper(env, actions(steps, n)),
                 n,
             )
+    loops: dict[str, int] = {name: cfg.model.loops for name in timed if not name.startswith("real")}
+    wide = sizes[-1] if args.smoke else 1024
+    for count in args.loops:
+        if not 1 <= count <= cfg.model.max_loops:
+            raise SystemExit(f"--loops {count}: expected 1..model.max_loops={cfg.model.max_loops}")
+        env = VectorWorldModelEnv(
+            wm,
+            wide,
+            reset_obs=starts,
+            observation_space=real.observation_space,
+            max_episode_steps=1000,
+            options=LoopOptions(exit="fixed", loops=count),
+        )
+        env.reset(seed=0)
+        name = f"VectorWorldModelEnv N={wide}, {count} loop{'s' if count > 1 else ''}"
+        timed[name] = (stepper(env, actions(max(4, min(budget // wide, 1000)), wide)), wide)
+        loops[name] = count
     rates: dict[str, list[float]] = {name: [] for name in timed}
     for r in range(args.rounds):
         for name, (fn, n) in timed.items():
@@ -122,21 +143,34 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     peak = matmul_peak(args.threads, repeats=3 if args.smoke else 10, sizes=(256,))["256"]
     macs = step_macs(wm, cfg.model.loops)["total"]
     decoded_macs = macs + linear_macs(wm.decoder)
+    row_macs = {
+        name: step_macs(wm, count)["total"] + (0 if "latent" in name else linear_macs(wm.decoder))
+        for name, count in loops.items()
+    }
     real_rate = median(rates["real HalfCheetah-v5"])
     rows, results = [], []
     for name, values in rates.items():
         m = median(values)
-        gflops = None if name.startswith("real") else 2 * m * (macs if "latent" in name else decoded_macs) / 1e9
+        gflops = None if name.startswith("real") else 2 * m * row_macs[name] / 1e9
         results.append(
             {
                 "env": name,
+                "loops": None if name.startswith("real") else loops[name],
                 "transitions_per_s": m,
                 "rounds": values,
                 "vs_real": m / real_rate,
                 "model_gflop_per_s": gflops,
             }
         )
-        rows.append([name, f"{m:,.0f}", f"{m / real_rate:.2f}×", "" if gflops is None else f"{gflops:.1f}"])
+        rows.append(
+            [
+                name,
+                "" if gflops is None else loops[name],
+                f"{m:,.0f}",
+                f"{m / real_rate:.2f}×",
+                "" if gflops is None else f"{gflops:.1f}",
+            ]
+        )
     key = "VectorWorldModelEnv N=1024"
     target = {"n": 1024, "ratio": next((r["vs_real"] for r in results if r["env"] == key), None), "goal": 20.0}
     info.update(load_average_end=load_average(), command=command(), threads=args.threads)
@@ -164,6 +198,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         f"peak the model would step {ceiling:,.0f} transitions/s, {ceiling / real_rate:.1f}× the real "
         "environment: the ratio is set by the model's arithmetic, not by the environment around it"
     )
+    fewer = [r for r in results if r["env"].startswith(f"VectorWorldModelEnv N={wide}, ")]
+    target["fewer_loops"] = {str(r["loops"]): r["vs_real"] for r in fewer}
+    if fewer and not args.smoke:
+        verdict += "; with fewer loops per step: " + ", ".join(
+            f"{r['loops']} loop{'s' if r['loops'] > 1 else ''} {r['vs_real']:.1f}× "
+            f"({'met' if r['vs_real'] >= 20 else 'not met'})"
+            for r in fewer
+        )
     markdown = "\n\n".join(
         [
             "# VectorWorldModelEnv throughput",
@@ -174,7 +216,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             f"One imagined transition is {decoded_macs / 1e3:.0f}k multiply-adds with the observation decoded "
             f"({macs / 1e3:.0f}k without; `loopwm.flops`); the model GFLOP/s column is what the batched forward "
             f"sustains, against a float32 matmul peak of {peak:.0f} GFLOP/s (256×256, same threads, same run).",
-            md_table(["environment", "transitions/s", "vs real", "model GFLOP/s"], rows),
+            md_table(["environment", "loops", "transitions/s", "vs real", "model GFLOP/s"], rows),
             f"Result: {verdict}.",
         ]
     )
