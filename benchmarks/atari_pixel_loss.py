@@ -229,7 +229,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--smoke", action="store_true", help="tiny model, data and updates (numbers mean nothing)")
     parser.add_argument("--data", type=Path, default=REPO / "benchmarks" / "out" / "atari_pixel_loss")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--name", default="atari_pixel_loss", help="stem of the JSON and markdown written to --out")
     args = parser.parse_args(argv)
+    if not args.name or Path(args.name).name != args.name:
+        raise SystemExit(f"--name {args.name!r}: expected a file stem, without a folder")
     if args.smoke:
         args.steps, args.updates, args.eval_at, args.held_out_steps = 300, 4, [2], 30
     torch.set_num_threads(1)
@@ -250,7 +253,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "dataset": data_info,
         "runs": runs,
     }
-    write_outputs(args.out, "atari_pixel_loss", payload, markdown(payload))
+    write_outputs(args.out, args.name, payload, markdown(payload))
     return payload
 
 

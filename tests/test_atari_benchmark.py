@@ -134,8 +134,9 @@ def test_pixel_loss_benchmark_smoke_reports_every_weight_and_point(tmp_path):
     pytest.importorskip("ale_py", reason="the [atari] extra")
     script = load_pixel_loss()
     argv = ["--smoke", "--weights", "1", "100", "--define", "r5=train.w_reward=5 train.w_obs=100"]
-    payload = script.main([*argv, "--data", str(tmp_path), "--out", str(tmp_path)])
-    assert json.loads((tmp_path / "atari_pixel_loss.json").read_text()) == json.loads(json.dumps(payload))
+    payload = script.main([*argv, "--data", str(tmp_path), "--out", str(tmp_path), "--name", "balance"])
+    assert json.loads((tmp_path / "balance.json").read_text()) == json.loads(json.dumps(payload))
+    assert (tmp_path / "balance.md").exists() and not (tmp_path / "atari_pixel_loss.json").exists()
     assert [fit["variant"] for fit in payload["runs"]] == ["w_obs=1", "w_obs=100", "r5"]
     assert [(fit["w_obs"], fit["w_reward"]) for fit in payload["runs"]] == [(1.0, 1.0), (100.0, 1.0), (100.0, 5.0)]
     for fit in payload["runs"]:
@@ -160,4 +161,10 @@ def test_pixel_loss_benchmark_rejects_a_bad_variant_before_collecting_data(tmp_p
     with pytest.raises((SystemExit, ValueError), match=message):
         argv = ["--smoke", "--weights", "1", *[arg for d in defines for arg in ("--define", d)]]
         script.main([*argv, "--data", str(tmp_path), "--out", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pixel_loss_benchmark_rejects_an_output_name_with_a_folder(tmp_path):
+    with pytest.raises(SystemExit, match="file stem"):
+        load_pixel_loss().main(["--smoke", "--data", str(tmp_path), "--out", str(tmp_path), "--name", "sub/run"])
     assert list(tmp_path.iterdir()) == []
