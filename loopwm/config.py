@@ -118,10 +118,10 @@ class ModelConfig(Section):
                 f"model.exit={self.exit!r} needs a shared block: with model.shared=false every loop applies a "
                 "different map, so there is no fixed point to certify a distance to; use model.exit=fixed"
             )
-        if self.exit == "gate" and self.max_loops > self.loops:
+        if self.exit != "fixed" and self.max_loops > self.loops:
             raise ConfigError(
-                f"model.shared=false builds model.loops={self.loops} blocks, one per loop; the gate exit could run "
-                f"model.max_loops={self.max_loops} loops: set model.max_loops<={self.loops}"
+                f"model.shared=false builds model.loops={self.loops} blocks, one per loop; the {self.exit} exit "
+                f"could run model.max_loops={self.max_loops} loops: set model.max_loops<={self.loops}"
             )
 
 

@@ -3,7 +3,8 @@
 Each rule is a small object in `EXIT_RULES`, the one list the config, the CLI and `LoopOptions` check names
 against: "fixed" runs a set number of loops, "certified" stops once the certified distance to the fixed point
 is within tolerance, "gate" once the learned exit probability passes its threshold, "relative" once that
-distance is a small fraction of the error the model predicts for the sample (its error head).
+distance is a small fraction of the error the model predicts for the sample (its error head), "agreement" once
+two successive readouts (the predicted latent) agree within tolerance.
 """
 
 from __future__ import annotations
@@ -99,11 +100,48 @@ def _check_count(name: str, value: object) -> None:
         raise ValueError(f"{name}={value!r}: expected an integer >= 1")
 
 
-class FixedExit:
-    """Run a set number of loops per sample (`loops`, default the model's `loops`)."""
+@dataclass
+class LoopStep:
+    """What an exit rule may read after one loop: the state, its step norm ‖h(t) − h(t−1)‖, the certified bound
+    (current only for rules with `uses_bound`), the readouts so far (for rules with `needs_readout`), and a
+    list the gate appends its probabilities to."""
 
+    h: Tensor
+    step_norm: Tensor
+    bound: Tensor
+    readouts: Optional[list[Tensor]]
+    gates: list[Tensor]
+
+
+class ExitRule:
+    """An adaptive exit: `fire` says, after each loop, which samples may stop (`min_loops`/`max_loops` apply)."""
+
+    name = ""
     uses_bound = False  # whether `fire` reads the certified bound after every loop
     needs_error_head = False  # whether `fire` reads the error head (model.error_head)
+    needs_readout = False  # whether `fire` reads the latent read out after every loop
+
+    def check(self, opts: LoopOptions) -> None:
+        """Refuse the options only a fixed loop count can honour."""
+        for name in ("loops", "bptt"):
+            if getattr(opts, name) is not None:
+                raise ValueError(
+                    f"{name}={getattr(opts, name)!r} needs exit='fixed': the {self.name!r} exit decides the "
+                    "loop count as it runs (use min_loops/max_loops to bound it)"
+                )
+
+    def targets(self, opts: LoopOptions, default: int, batch: int, device: torch.device) -> Optional[Tensor]:
+        """Per-sample loop counts decided in advance, or None for a rule that decides as it runs."""
+        return None
+
+    def fire(self, core: "LoopCore", step: LoopStep, opts: LoopOptions) -> Optional[Tensor]:
+        raise NotImplementedError
+
+
+class FixedExit(ExitRule):
+    """Run a set number of loops per sample (`loops`, default the model's `loops`)."""
+
+    name = "fixed"
 
     def check(self, opts: LoopOptions) -> None:
         """Every option applies."""
@@ -112,51 +150,32 @@ class FixedExit:
         loops = default if opts.loops is None else opts.loops
         return torch.as_tensor(loops, device=device).long().expand(batch)
 
-    def fire(
-        self, core: "LoopCore", h: Tensor, step_norm: Tensor, bound: Tensor, opts: LoopOptions, gates: list[Tensor]
-    ) -> Optional[Tensor]:
+    def fire(self, core: "LoopCore", step: LoopStep, opts: LoopOptions) -> None:
         return None
 
 
-class CertifiedExit:
+class CertifiedExit(ExitRule):
     """Stop once the certified distance κ/(1−κ)·‖h(t) − h(t−1)‖ (plus rounding) is ≤ `tol`."""
 
+    name = "certified"
     uses_bound = True
-    needs_error_head = False  # whether `fire` reads the error head (model.error_head)
 
-    def check(self, opts: LoopOptions) -> None:
-        _refuse_fixed_only("certified", opts)
-
-    def targets(self, opts: LoopOptions, default: int, batch: int, device: torch.device) -> None:
-        return None
-
-    def fire(
-        self, core: "LoopCore", h: Tensor, step_norm: Tensor, bound: Tensor, opts: LoopOptions, gates: list[Tensor]
-    ) -> Tensor:
-        return bound <= opts.tol
+    def fire(self, core: "LoopCore", step: LoopStep, opts: LoopOptions) -> Tensor:
+        return step.bound <= opts.tol
 
 
-class GateExit:
+class GateExit(ExitRule):
     """Stop once the learned exit gate's probability exceeds `gate_threshold` (Ouro-style)."""
 
-    uses_bound = False
-    needs_error_head = False  # whether `fire` reads the error head (model.error_head)
+    name = "gate"
 
-    def check(self, opts: LoopOptions) -> None:
-        _refuse_fixed_only("gate", opts)
-
-    def targets(self, opts: LoopOptions, default: int, batch: int, device: torch.device) -> None:
-        return None
-
-    def fire(
-        self, core: "LoopCore", h: Tensor, step_norm: Tensor, bound: Tensor, opts: LoopOptions, gates: list[Tensor]
-    ) -> Tensor:
-        prob = core.exit_probability(h, step_norm.detach())
-        gates.append(prob)
+    def fire(self, core: "LoopCore", step: LoopStep, opts: LoopOptions) -> Tensor:
+        prob = core.exit_probability(step.h, step.step_norm.detach())
+        step.gates.append(prob)
         return prob.detach() > opts.gate_threshold
 
 
-class RelativeExit:
+class RelativeExit(ExitRule):
     """Stop once the certified distance to the fixed point is ≤ `rel_tol` × the error the model predicts for
     this sample (`LoopCore.predicted_distance`, the error head trained with `train.w_error`).
 
@@ -171,35 +190,43 @@ class RelativeExit:
     error matters, not where the model's error is large.
     """
 
+    name = "relative"
     uses_bound = True
     needs_error_head = True
 
-    def check(self, opts: LoopOptions) -> None:
-        _refuse_fixed_only("relative", opts)
-
-    def targets(self, opts: LoopOptions, default: int, batch: int, device: torch.device) -> None:
-        return None
-
-    def fire(
-        self, core: "LoopCore", h: Tensor, step_norm: Tensor, bound: Tensor, opts: LoopOptions, gates: list[Tensor]
-    ) -> Tensor:
-        return bound <= opts.rel_tol * core.predicted_distance(h.detach()).to(bound.dtype)
+    def fire(self, core: "LoopCore", step: LoopStep, opts: LoopOptions) -> Tensor:
+        return step.bound <= opts.rel_tol * core.predicted_distance(step.h.detach()).to(step.bound.dtype)
 
 
-def _refuse_fixed_only(rule: str, opts: LoopOptions) -> None:
-    for name in ("loops", "bptt"):
-        if getattr(opts, name) is not None:
-            raise ValueError(
-                f"{name}={getattr(opts, name)!r} needs exit='fixed': the {rule!r} exit decides the "
-                "loop count as it runs (use min_loops/max_loops to bound it)"
-            )
+class AgreementExit(ExitRule):
+    """Stop once the prediction stops moving: the RMS change, over latent dimensions, of the latent read out
+    after this loop against the one after the previous loop is ≤ `tol`.
+
+    The certified exit measures the loop state's distance to its fixed point, which is not the prediction's
+    error: on a trained model the two can even be anti-correlated (docs/analysis.md). This rule watches the
+    quantity the model outputs instead, PABEE-style, and spends further loops only while the readout still
+    changes; readout disagreement is the confidence signal that flags large errors. Each loop then also
+    pays for one readout (the coda). `tol` is in latent units: with LayerNorm latents (RMS about 1) it reads
+    as a relative change.
+    """
+
+    name = "agreement"
+    needs_readout = True
+
+    def fire(self, core: "LoopCore", step: LoopStep, opts: LoopOptions) -> Tensor:
+        r = step.readouts
+        if r is None or len(r) < 2:  # `LoopCore.run` refuses this rule without a readout
+            return torch.zeros(step.h.shape[0], dtype=torch.bool, device=step.h.device)
+        return (r[-1] - r[-2]).detach().pow(2).flatten(1).mean(-1).sqrt() <= opts.tol
 
 
-EXIT_RULES = {"fixed": FixedExit(), "certified": CertifiedExit(), "gate": GateExit(), "relative": RelativeExit()}
+EXIT_RULES: dict[str, ExitRule] = {
+    rule.name: rule for rule in (FixedExit(), CertifiedExit(), GateExit(), RelativeExit(), AgreementExit())
+}
 """The exit rules by name: the one list the config, the CLI and `LoopOptions` check against."""
 
 
-def check_exit(name: str):
+def check_exit(name: str) -> ExitRule:
     """The exit rule called `name`, or a ConfigError listing the known ones."""
     if name not in EXIT_RULES:
         raise ConfigError(f"exit={name!r}: expected one of {sorted(EXIT_RULES)}")

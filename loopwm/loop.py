@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from loopwm.blocks import make_block
 from loopwm.certificate import LoopCertificate, norm_bounds
 from loopwm.config import ModelConfig
-from loopwm.exits import EXIT_RULES, LoopOptions
+from loopwm.exits import EXIT_RULES, LoopOptions, LoopStep
 from loopwm.lipschitz import Certified, CertifiedLinear, round_up
 
 
@@ -313,10 +313,13 @@ class LoopCore(nn.Module):
         """Iterate the loop map from h0 (zeros by default) until each sample's exit rule fires.
 
         `options` (default: the model config's) chooses the exit rule; `keep_states` keeps h(0..T) and
-        `readout` is applied after every loop, for intermediate predictions.
+        `readout` is applied after every loop, for intermediate predictions (and for the agreement exit,
+        which needs it).
         """
         opts = self.default_options if options is None else options
         rule = EXIT_RULES[opts.exit]
+        if rule.needs_readout and readout is None:
+            raise ValueError(f"exit={opts.exit!r} compares the latents read out after each loop: pass readout=")
         batch, device = ctx.drive.shape[0], ctx.drive.device
         h = torch.zeros_like(ctx.drive) if h0 is None else self._check_h0(h0, ctx)
         target = rule.targets(opts, self.cfg.loops, batch, device)
@@ -336,6 +339,8 @@ class LoopCore(nn.Module):
             if uniform:  # every sample runs the same loops: no masking needed
                 h, last = h_next, step_norm
                 norms.append(step_norm)
+                if readout is not None:
+                    readouts.append(readout(h))
             else:
                 h = torch.where(active.unsqueeze(-1), h_next, h)
                 norms.append(torch.where(active, step_norm, torch.zeros_like(step_norm)))
@@ -343,13 +348,13 @@ class LoopCore(nn.Module):
                 if rule.uses_bound:  # the other rules need the bound at exit only: computed once, below
                     bound = torch.where(active, self.certified_bound(step_norm, h, ctx, active), bound)
                 used = used + active.long()
-                fire = rule.fire(self, h, step_norm, bound, opts, gates)
+                if readout is not None:
+                    readouts.append(readout(h))
+                fire = rule.fire(self, LoopStep(h, step_norm, bound, readouts, gates), opts)
                 done = used >= target if fire is None else (fire & (used >= opts.min_loops)) | (used >= opts.max_loops)
                 active = active & ~done
             if keep_states:
                 states.append(h)
-            if readout is not None:
-                readouts.append(readout(h))
             if not uniform and not bool(active.any()):
                 break
         if not rule.uses_bound:  # exited samples keep their last step norm and state, so this is their bound at exit

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from loopwm.config import Config, ModelConfig
-from loopwm.exits import LoopOptions
+from loopwm.exits import EXIT_RULES, LoopOptions
 from loopwm.loop import LoopCore, LoopTrace
 from loopwm.nets import (
     RewardHead,
@@ -228,7 +228,9 @@ class WorldModel(nn.Module):
     def _step(
         self, z: Tensor, e: Tensor, h0: Optional[Tensor], options: Optional[LoopOptions], readouts: bool = False
     ) -> tuple[Tensor, LoopTrace]:
-        h, trace = self.core.run(self.core.prepare(e), h0, options, readout=self.readout_for(z) if readouts else None)
+        exit_rule = EXIT_RULES[(options.exit if options is not None else self.cfg.exit)]
+        readout = self.readout_for(z) if readouts or exit_rule.needs_readout else None
+        h, trace = self.core.run(self.core.prepare(e), h0, options, readout=readout)
         return self.readout(h, z), trace
 
     def predict_reward(self, z: Tensor) -> Tensor:

@@ -34,7 +34,7 @@ def test_yaml_and_overrides_resolve(tmp_path):
         ("seed: -1\n", r"seed=-1: expected a value >= 0"),
         ("seed: 4294967296\n", r"seed=4294967296: expected a value <= 4294967295"),
         ("planner:\n  warm_start: previous\n", r"planner.warm_start='previous': expected one of \['none'"),
-        ("planner:\n  exit: early\n", r"planner.exit='early': expected one of \['certified', 'fixed', 'gate', 're"),
+        ("planner:\n  exit: early\n", r"planner.exit='early': expected one of \['agreement', 'certified', 'fixed'"),
         ("planner:\n  exit_tol: 0\n", r"planner.exit_tol=0.0: expected a value > 0.0"),
         ("planner:\n  loops: 0\n", r"planner.loops=0: expected a value >= 1"),
         (

@@ -59,6 +59,7 @@ def randomized_stack():
             r"exit='certified' needs a shared",
         ),
         ({"shared": False, "exit": "gate"}, {"extra_loops": 0}, r"gate exit could run model\.max_loops=16"),
+        ({"shared": False, "exit": "agreement"}, {"extra_loops": 0}, r"agreement exit could run model\.max_loops"),
         ({"shared": False}, {"extra_loops": 0}, r"poisson.*draws up to model\.max_loops=16"),
         ({"shared": False, "max_loops": 4}, {}, r"train\.extra_loops=4 would loop past the last"),
         ({"shared": False, "dynamics": "mlp"}, NO_LOOP_TRAINING, r"model\.dynamics='mlp' has no loop"),

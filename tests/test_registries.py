@@ -21,7 +21,7 @@ from tests.helpers import tiny_config, tiny_model
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"exit": "never"}, r"exit='never': expected one of \['certified', 'fixed', 'gate', 'relative'\]"),
+        ({"exit": "never"}, r"exit='never': expected one of \['agreement', 'certified', 'fixed', 'gate', 'relative'\]"),
         ({"exit": "certified", "bptt": 2}, r"bptt=2 needs exit='fixed'"),
         ({"exit": "gate", "bptt": 1}, r"bptt=1 needs exit='fixed'"),
         ({"exit": "certified", "loops": 4}, r"loops=4 needs exit='fixed'"),
@@ -45,7 +45,7 @@ def test_loop_options_from_config_and_frozen():
     assert LoopOptions.from_config(cfg, exit="fixed").loops == 5
     with pytest.raises(AttributeError):
         opts.tol = 1.0  # type: ignore[misc]
-    assert set(EXIT_RULES) == {"fixed", "certified", "gate", "relative"}
+    assert set(EXIT_RULES) == {"fixed", "certified", "gate", "relative", "agreement"}
 
 
 def test_model_and_cli_share_the_exit_names():

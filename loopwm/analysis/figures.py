@@ -223,11 +223,13 @@ def long_horizon_figure(sec: dict[str, Any], path: Path) -> Path:
 
 
 def pareto_figure(sec: dict[str, Any], path: Path) -> Path:
-    """Mean loops against one-step error for fixed loop counts, certified and relative tolerances, gate thresholds."""
+    """Mean loops against one-step error for fixed loop counts, certified, relative and agreement tolerances, gate
+    thresholds (a report written before a rule existed has no series for it)."""
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
-    for name, marker in (("fixed", "o"), ("certified", "s"), ("gate", "^"), ("relative", "D")):
-        rows = sec[name]
+    markers = (("fixed", "o"), ("certified", "s"), ("gate", "^"), ("relative", "D"), ("agreement", "v"))
+    for name, marker in markers:
+        rows = sec.get(name, [])
         ax.plot([r["mean_loops"] for r in rows], [r["error"] for r in rows], marker, linestyle="-", label=name)
     front = sorted((r["mean_loops"], r["error"]) for rows in sec.values() for r in rows if r["pareto"])
     ax.plot(*zip(*front), "k--", linewidth=1, label="Pareto front")

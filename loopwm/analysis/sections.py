@@ -51,6 +51,7 @@ class Settings:
     tolerances: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
     gate_thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     rel_tolerances: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # relative exit: × predicted error
+    agreement_tolerances: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)  # agreement exit: RMS readout change
     seed: int = 0
     threads: int = 1  # torch intra-op threads while analysing (0: leave as is); the ops are small
 
@@ -329,16 +330,18 @@ def _front(points: list[tuple[float, float]]) -> list[bool]:
 
 
 def pareto_section(p: Probe) -> dict[str, Any]:
-    """(9) Compute (mean loops) against accuracy: fixed loop counts, certified and relative exit tolerances, gate
-    thresholds."""
+    """(9) Compute (mean loops) against accuracy: fixed loop counts, certified, relative and agreement exit
+    tolerances, gate thresholds."""
     s = p.settings
-    series: dict[str, list[dict[str, float]]] = {"fixed": [], "certified": [], "gate": [], "relative": []}
+    rules = ("fixed", "certified", "gate", "relative", "agreement")
+    series: dict[str, list[dict[str, float]]] = {name: [] for name in rules}
     for t, e in zip(range(1, p.T_max + 1), p.errors.mean(1).tolist()):
         series["fixed"].append({"setting": float(t), "mean_loops": float(t), "error": e})
     sweeps = (
         ("certified", "tol", s.tolerances),
         ("gate", "gate_threshold", s.gate_thresholds),
         ("relative", "rel_tol", s.rel_tolerances),
+        ("agreement", "tol", s.agreement_tolerances),
     )
     for name, key, values in sweeps:
         if name not in usable_rules(p.wm):
