@@ -152,3 +152,16 @@ def test_analyze_checkpoint_uses_the_runs_held_out_split_and_handles_uncertified
         analyze_checkpoint(tmp_path / "run.pt", None, tmp_path / "out", loopz=3)
     with pytest.raises(ConfigError, match="pass --data"):
         analyze_checkpoint(tmp_path / "bare.pt", None, tmp_path / "out")
+
+
+def test_analyze_reads_out_a_residual_latent_as_a_change_from_its_step_start(tmp_path):
+    """The shipped Pendulum design (residual latent, delta decoder): every readout is z + C(h), from each
+    sample's own start latent, so the probe's per-loop readouts end at what `step` predicts."""
+    wm = _model(latent_update="residual", obs_decoder="delta")
+    obs, actions, rewards = _data()
+    report = analyze(wm, obs, actions, tmp_path, rewards=rewards, settings=SMALL)
+    assert {"agreement", "exits", "pareto"} <= set(report) and report["pareto"]["agreement"]
+    p = build_probe(wm, obs, actions, SMALL)
+    with torch.no_grad():
+        z1, _ = wm.step(p.tr.z, p.tr.action, options=LoopOptions(loops=wm.cfg.loops))
+    torch.testing.assert_close(p.run.readouts[wm.cfg.loops - 1], z1)

@@ -245,8 +245,9 @@ def test_sequence_loss_feeds_the_gate_the_real_per_loop_losses(monkeypatch):
     # recompute the per-loop readout losses independently
     with torch.no_grad():
         target = wm.encode(batch["obs"][1])
-        ctx = wm.core.prepare(wm.injection(wm.encode(batch["obs"][0]), batch["actions"][0]))
-        _, trace = wm.core.run(ctx, options=LoopOptions(loops=loops), readout=wm.readout)
+        z = wm.encode(batch["obs"][0])
+        ctx = wm.core.prepare(wm.injection(z, batch["actions"][0]))
+        _, trace = wm.core.run(ctx, options=LoopOptions(loops=loops), readout=wm.readout_for(z))
         expected = torch.stack([(r - target).pow(2).mean(-1) for r in trace.readouts])
     assert calls[0].shape == (int(loops.max()), 8)
     torch.testing.assert_close(calls[0], expected, rtol=1e-5, atol=1e-6)

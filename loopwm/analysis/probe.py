@@ -102,9 +102,10 @@ def loop_map(wm: WorldModel, ctx: StepContext) -> Callable[[Tensor], Tensor]:
 
 
 @torch.no_grad()
-def run_loops(wm: WorldModel, ctx: StepContext, loops: int, h0: Optional[Tensor] = None) -> LoopRun:
-    """Run exactly `loops` loops from `h0` (zeros by default), keeping every state and readout latent."""
-    _, trace = wm.core.run(ctx, h0, LoopOptions(loops=loops), keep_states=True, readout=wm.readout)
+def run_loops(wm: WorldModel, ctx: StepContext, z: Tensor, loops: int, h0: Optional[Tensor] = None) -> LoopRun:
+    """Run exactly `loops` loops of the step from latents `z` (context `ctx`) from `h0` (zeros by default),
+    keeping every state and readout latent (a residual latent update reads out a change from `z`)."""
+    _, trace = wm.core.run(ctx, h0, LoopOptions(loops=loops), keep_states=True, readout=wm.readout_for(z))
     return LoopRun(ctx=ctx, states=torch.stack(trace.states), readouts=torch.stack(trace.readouts))
 
 

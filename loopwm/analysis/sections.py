@@ -92,10 +92,10 @@ def build_probe(
     T0 = settings.train_loops or wm.cfg.loops
     T_max = settings.sweep_factor * T0
     ctx = P.context(wm, tr.z, tr.action)
-    run = P.run_loops(wm, ctx, max(T_max, settings.convergence_loops))
+    run = P.run_loops(wm, ctx, tr.z, max(T_max, settings.convergence_loops))
     tail_len = 2 * settings.max_period
     far = P.final_state(wm, ctx, run.states[-1], max(1, settings.reference_loops - tail_len))
-    tail = P.run_loops(wm, ctx, tail_len, far).states
+    tail = P.run_loops(wm, ctx, tr.z, tail_len, far).states
     errors = readout_errors(run.readouts[:T_max], tr.target)
     return Probe(wm, settings, tr, run, tail, tail[-1], errors, T0, T_max, obs, actions, compare)
 
@@ -252,8 +252,9 @@ def path_independence_section(p: Probe) -> dict[str, Any]:
     noise = noise / noise.norm(dim=-1, keepdim=True) * p.h_star.norm(dim=-1, keepdim=True)
     warm = P.final_state(wm, P.context(wm, tr.prev_z, tr.prev_action), torch.zeros_like(p.h_star), p.T0)
     h0 = torch.cat([torch.zeros_like(p.h_star)[None], warm[None], noise]).reshape(k * n, -1)
-    ctx = P.context(wm, torch.cat([tr.z] * k), torch.cat([tr.action] * k))
-    run = P.run_loops(wm, ctx, p.T_max, h0)
+    zs = torch.cat([tr.z] * k)
+    ctx = P.context(wm, zs, torch.cat([tr.action] * k))
+    run = P.run_loops(wm, ctx, zs, p.T_max, h0)
     states = run.states.reshape(p.T_max + 1, k, n, -1)
     spread = [path_independence(h).pairwise for h in states[1:]]
     err = readout_errors(run.readouts[p.T0 - 1].reshape(k, n, -1), tr.target).reshape(k, n)
