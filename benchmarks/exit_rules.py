@@ -1,0 +1,218 @@
+"""Exit rules on trained models: the loops each spends against its 1- and 10-step held-out error.
+
+Each model (`--model NAME=PATH`, a run folder or checkpoint) is scored on the held-out episodes of `--data`
+(`ReplayBuffer.split(0.1, seed=0)`, as `param_efficiency.py` splits it; errors normalised by the train split's
+variance) with `loopwm.analysis.prediction.prediction_errors`, once per setting:
+- fixed loop counts (`--fixed`);
+- the agreement exit (`exit=agreement`: stop once the readout moved by at most tol in the last loop) at `--agreement`
+  tolerances;
+- the certified exit (`exit=certified`: stop once the certified distance to the fixed point is at most tol) at
+  `--certified` tolerances.
+Per setting: mean loops per imagined step over the first 10 steps, the 1- and 10-step errors, Spearman(loops used,
+error) at step 1, and the AUROC with which readout disagreement (under the agreement exit) and the certified bound
+flag the top-10% step-1 errors. The summary compares the best adaptive setting with the best fixed loop count (the
+lowest 1-step error): the loops it saves at no more than 1% higher 1- and 10-step error.
+
+    .venv/bin/python benchmarks/exit_rules.py --data benchmarks/out/param_efficiency/pendulum-random-20000-s0.npz \
+        --model s0=benchmarks/out/control/pendulum-s0-recipe --name exit_rules_pendulum
+    .venv/bin/python benchmarks/exit_rules.py --smoke --out /tmp/er      # seconds: a tiny model and dataset
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+import loopwm
+from loopwm.analysis.prediction import prediction_errors
+from loopwm.checkpoint import load_run
+from loopwm.exits import LoopOptions
+from loopwm.replay import ReplayBuffer
+from loopwm.world_model import WorldModel
+
+from common import DEFAULT_OUT, command, load_average, machine_info, machine_md, md_table, write_outputs
+
+HORIZONS = (1, 10)
+SLACK = 0.01  # "at most 1% higher error"
+
+
+def settings(args: argparse.Namespace) -> list[tuple[str, float, LoopOptions]]:
+    """(rule, setting, options) for every fixed count and tolerance asked for."""
+    out = [("fixed", float(t), LoopOptions(exit="fixed", loops=t)) for t in args.fixed]
+    for rule, tols in (("agreement", args.agreement), ("certified", args.certified)):
+        out += [(rule, tol, LoopOptions(exit=rule, tol=tol, max_loops=args.max_loops)) for tol in tols]
+    return out
+
+
+def score(wm: WorldModel, val: ReplayBuffer, train: ReplayBuffer, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One row per setting: loops, errors and depth statistics on the same held-out sequences."""
+    stats = train.stats()
+    rows = []
+    for rule, setting, options in settings(args):
+        with torch.no_grad():
+            res = prediction_errors(
+                wm,
+                val,
+                HORIZONS,
+                args.sequences,
+                seed=0,
+                obs_var=stats["obs_std"].pow(2),
+                obs_mean=stats["obs_mean"],
+                options=options,
+            )
+        depth = res["depth_step1"]
+        rows.append(
+            {
+                "rule": rule,
+                "setting": setting,
+                "mean_loops": res["horizons"]["10"]["loops_mean"],
+                "errors": {str(h): res["horizons"][str(h)]["model"] for h in HORIZONS},
+                "spearman_loops_error": depth["spearman_loops_error"],
+                "auroc_agreement": depth.get("auroc_agreement"),
+                "auroc_bound": depth.get("auroc_bound"),
+            }
+        )
+    return rows
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The best fixed count (lowest 1-step error, fewer loops on a tie) and the adaptive setting that saves the
+    most loops against it at no more than `SLACK` higher 1- and 10-step error."""
+    fixed = [r for r in rows if r["rule"] == "fixed"]
+    best = min(fixed, key=lambda r: (r["errors"]["1"], r["mean_loops"]))
+    ok = [
+        r
+        for r in rows
+        if r["rule"] != "fixed" and all(r["errors"][h] <= (1 + SLACK) * best["errors"][h] for h in best["errors"])
+    ]
+    chosen = min(ok, key=lambda r: r["mean_loops"], default=None)
+    saving = None if chosen is None else 1 - chosen["mean_loops"] / best["mean_loops"]
+    return {
+        "best_fixed": {"loops": best["setting"], "errors": best["errors"]},
+        "best_adaptive": None if chosen is None else {k: chosen[k] for k in ("rule", "setting", "mean_loops")},
+        "loop_saving": saving,
+        "saving_target_met": saving is not None and saving >= 0.4,
+    }
+
+
+def smoke_model(out: Path) -> tuple[Path, Path]:
+    """A tiny untrained model and a small dataset of a stable linear system, saved under `out`."""
+    import gymnasium as gym
+
+    from loopwm.config import from_dict
+
+    rng = np.random.default_rng(0)
+    data = ReplayBuffer((3,), 1, 10_000)
+    for _ in range(20):
+        x, obs, actions = rng.normal(size=3), [], []
+        for _ in range(12):
+            obs.append(x)
+            actions.append(rng.uniform(-1, 1, size=1))
+            x = 0.9 * x + 0.3 * actions[-1][0]
+        obs.append(x)
+        done = np.eye(12, dtype=bool)[-1]
+        data.add_episode(np.array(obs, np.float32), np.array(actions, np.float32), np.zeros(12, np.float32),
+                         np.zeros(12, bool), done)  # fmt: skip
+    cfg = from_dict({"model": {"latent_dim": 16, "hidden_dim": 32, "inject_dim": 32, "mlp_dim": 64}})
+    spaces = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32), gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+    torch.manual_seed(0)
+    loopwm.save(out / "smoke.pt", WorldModel.from_config(cfg, *spaces))
+    data.save(out / "smoke.npz")
+    return out / "smoke.pt", out / "smoke.npz"
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    parts = [
+        "# Exit rules on trained models",
+        __doc__.split("\n\n")[1],
+        f"Data: `{payload['data']}` ({payload['held_out_transitions']} held-out transitions, "
+        f"{payload['sequences']} sequences).",
+    ]
+    for name, model in payload["models"].items():
+        s = model["summary"]
+        rows = [
+            [
+                r["rule"],
+                f"{r['setting']:g}",
+                f"{r['mean_loops']:.2f}",
+                f"{r['errors']['1']:.5g}",
+                f"{r['errors']['10']:.5g}",
+                *("-" if r[k] is None else f"{r[k]:.2f}" for k in ("spearman_loops_error", "auroc_agreement")),
+                "-" if r["auroc_bound"] is None else f"{r['auroc_bound']:.2f}",
+            ]
+            for r in model["rows"]
+        ]
+        chosen = s["best_adaptive"]
+        verdict = (
+            "no adaptive setting is within 1% of its 1- and 10-step errors"
+            if chosen is None
+            else f"{chosen['rule']} at tol {chosen['setting']:g} uses {chosen['mean_loops']:.2f} loops, "
+            f"{s['loop_saving']:.0%} fewer (target ≥ 40%: {'met' if s['saving_target_met'] else 'not met'})"
+        )
+        parts += [
+            f"## {name}",
+            f"`{model['path']}`, κ = {model['kappa']:.3f}. Best fixed count: {s['best_fixed']['loops']:g} loops; "
+            f"{verdict}.",
+            md_table(
+                ["rule", "setting", "mean loops", "1 step", "10 steps", "Spearman", "AUROC agreement", "AUROC bound"],
+                rows,
+            ),
+        ]
+    parts += [f"Command: `{payload['machine']['command']}`", "## Machine", machine_md(payload["machine"])]
+    return "\n\n".join(parts)
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", action="append", default=[], help="NAME=PATH: a run folder or checkpoint")
+    parser.add_argument("--data", type=Path, help="dataset (.npz) whose held-out episodes are scored")
+    parser.add_argument("--fixed", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 8])
+    parser.add_argument("--agreement", type=float, nargs="*", default=[1e-3, 3e-3, 1e-2, 2e-2, 3e-2])
+    parser.add_argument("--certified", type=float, nargs="*", default=[1e-2, 0.1, 0.3, 1.0])
+    parser.add_argument("--max-loops", type=int, default=16)
+    parser.add_argument("--sequences", type=int, default=256)
+    parser.add_argument("--smoke", action="store_true", help="a tiny model and dataset (numbers mean nothing)")
+    parser.add_argument("--name", default="exit_rules", help="stem of the JSON and markdown")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.smoke:
+        args.out.mkdir(parents=True, exist_ok=True)
+        model, args.data = smoke_model(args.out)
+        args.model, args.sequences = [f"smoke={model}"], 32
+    if not args.model or args.data is None:
+        raise SystemExit("give --data and at least one --model NAME=PATH (or --smoke)")
+    paths = {}
+    for text in args.model:
+        name, _, path = text.partition("=")
+        if not name or not path or not Path(path).exists() or name in paths:
+            raise SystemExit(f"--model {text!r}: expected a new NAME=PATH to an existing run folder or checkpoint")
+        paths[name] = Path(path)
+    settings(args)  # bad tolerances fail here, before any model is loaded
+    train, val = ReplayBuffer.load(args.data).split(0.1, seed=0)
+    info = machine_info()
+    models = {}
+    for name, path in paths.items():
+        wm = load_run(path).model.eval()
+        rows = score(wm, val, train, args)
+        models[name] = {"path": str(path), "kappa": wm.certified_lipschitz(), "rows": rows, "summary": summary(rows)}
+        print(f"{name}: {models[name]['summary']}")
+    info.update(load_average_end=load_average(), command=command())
+    payload = {
+        "machine": info,
+        "smoke": args.smoke,
+        "data": str(args.data),
+        "held_out_transitions": len(val),
+        "sequences": args.sequences,
+        "models": models,
+    }
+    write_outputs(args.out, args.name, payload, markdown(payload))
+    return payload
+
+
+if __name__ == "__main__":
+    main()
