@@ -10,8 +10,9 @@ variance) with `loopwm.analysis.prediction.prediction_errors`, once per setting:
   `--certified` tolerances.
 Per setting: mean loops per imagined step over the first 10 steps, the 1- and 10-step errors, Spearman(loops used,
 error) at step 1, and the AUROC with which readout disagreement (under the agreement exit) and the certified bound
-flag the top-10% step-1 errors. The summary compares the best adaptive setting with the best fixed loop count (the
-lowest 1-step error): the loops it saves at no more than 1% higher 1- and 10-step error.
+flag the top-10% step-1 errors. The summary takes the cheapest adaptive setting whose 1- and 10-step errors are
+within 1% of the best that any fixed count reaches, and the loops it saves against the cheapest fixed count within
+that 1% (and against the fixed count with the lowest 1-step error).
 
     .venv/bin/python benchmarks/exit_rules.py --data benchmarks/out/param_efficiency/pendulum-random-20000-s0.npz \
         --model s0=benchmarks/out/control/pendulum-s0-recipe --name exit_rules_pendulum
@@ -80,22 +81,33 @@ def score(wm: WorldModel, val: ReplayBuffer, train: ReplayBuffer, args: argparse
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The best fixed count (lowest 1-step error, fewer loops on a tie) and the adaptive setting that saves the
-    most loops against it at no more than `SLACK` higher 1- and 10-step error."""
+    """The loops the cheapest adaptive setting saves against fixed counts, at the same accuracy bar.
+
+    The bar is the best error any fixed count reaches, per horizon, plus `SLACK`. Against two references: the
+    fixed count with the lowest 1-step error, and the cheapest fixed count that clears the bar too (what a user
+    would pick, and the fair comparison: where extra loops stop helping, the lowest error sits at a needlessly
+    high count)."""
     fixed = [r for r in rows if r["rule"] == "fixed"]
-    best = min(fixed, key=lambda r: (r["errors"]["1"], r["mean_loops"]))
-    ok = [
-        r
-        for r in rows
-        if r["rule"] != "fixed" and all(r["errors"][h] <= (1 + SLACK) * best["errors"][h] for h in best["errors"])
-    ]
-    chosen = min(ok, key=lambda r: r["mean_loops"], default=None)
-    saving = None if chosen is None else 1 - chosen["mean_loops"] / best["mean_loops"]
+    bar = {h: (1 + SLACK) * min(r["errors"][h] for r in fixed) for h in fixed[0]["errors"]}
+
+    def clears(r: dict[str, Any]) -> bool:
+        return all(r["errors"][h] <= bar[h] for h in bar)
+
+    lowest = min(fixed, key=lambda r: (r["errors"]["1"], r["mean_loops"]))
+    cheapest = min((r for r in fixed if clears(r)), key=lambda r: r["mean_loops"], default=None)
+    chosen = min((r for r in rows if r["rule"] != "fixed" and clears(r)), key=lambda r: r["mean_loops"], default=None)
+
+    def saving(ref: Optional[dict[str, Any]]) -> Optional[float]:
+        return None if chosen is None or ref is None else 1 - chosen["mean_loops"] / ref["mean_loops"]
+
     return {
-        "best_fixed": {"loops": best["setting"], "errors": best["errors"]},
+        "bar": bar,
+        "lowest_fixed": lowest["setting"],
+        "cheapest_fixed": None if cheapest is None else cheapest["setting"],
         "best_adaptive": None if chosen is None else {k: chosen[k] for k in ("rule", "setting", "mean_loops")},
-        "loop_saving": saving,
-        "saving_target_met": saving is not None and saving >= 0.4,
+        "saving_vs_lowest": saving(lowest),
+        "saving_vs_cheapest": saving(cheapest),
+        "saving_target_met": (saving(cheapest) or 0.0) >= 0.4,
     }
 
 
@@ -125,6 +137,10 @@ def smoke_model(out: Path) -> tuple[Path, Path]:
     return out / "smoke.pt", out / "smoke.npz"
 
 
+def percent(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
 def markdown(payload: dict[str, Any]) -> str:
     parts = [
         "# Exit rules on trained models",
@@ -147,16 +163,19 @@ def markdown(payload: dict[str, Any]) -> str:
             for r in model["rows"]
         ]
         chosen = s["best_adaptive"]
+        cheapest = "none" if s["cheapest_fixed"] is None else f"{s['cheapest_fixed']:g}"
         verdict = (
-            "no adaptive setting is within 1% of its 1- and 10-step errors"
+            "no adaptive setting is within 1% of the best fixed errors at 1 and 10 steps"
             if chosen is None
-            else f"{chosen['rule']} at tol {chosen['setting']:g} uses {chosen['mean_loops']:.2f} loops, "
-            f"{s['loop_saving']:.0%} fewer (target ≥ 40%: {'met' if s['saving_target_met'] else 'not met'})"
+            else f"{chosen['rule']} at tol {chosen['setting']:g} is the cheapest adaptive setting within 1%: "
+            f"{chosen['mean_loops']:.2f} loops, a saving of {percent(s['saving_vs_cheapest'])} against the cheapest "
+            f"fixed count within 1% ({cheapest}) and of {percent(s['saving_vs_lowest'])} against the lowest-error one "
+            f"({s['lowest_fixed']:g}); target ≥ 40% against the former: "
+            f"{'met' if s['saving_target_met'] else 'not met'}"
         )
         parts += [
             f"## {name}",
-            f"`{model['path']}`, κ = {model['kappa']:.3f}. Best fixed count: {s['best_fixed']['loops']:g} loops; "
-            f"{verdict}.",
+            f"`{model['path']}`, κ = {model['kappa']:.3f}. {verdict}.",
             md_table(
                 ["rule", "setting", "mean loops", "1 step", "10 steps", "Spearman", "AUROC agreement", "AUROC bound"],
                 rows,
