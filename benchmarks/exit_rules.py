@@ -1,8 +1,9 @@
 """Exit rules on trained models: the loops each spends against its 1- and 10-step held-out error.
 
 Each model (`--model NAME=PATH`, a run folder or checkpoint) is scored on the held-out episodes of `--data`
-(`ReplayBuffer.split(0.1, seed=0)`, as `param_efficiency.py` splits it; errors normalised by the train split's
-variance) with `loopwm.analysis.prediction.prediction_errors`, once per setting:
+(a run's own `ReplayBuffer.split(train.val_fraction, seed)`, so a model trained on the dataset is scored on episodes
+it never saw; `split(0.1, seed=0)` for a bare checkpoint; errors normalised by the train split's variance) with
+`loopwm.analysis.prediction.prediction_errors`, once per setting:
 - fixed loop counts (`--fixed`);
 - the agreement exit (`exit=agreement`: stop once the readout moved by at most tol in the last loop) at `--agreement`
   tolerances;
@@ -145,8 +146,7 @@ def markdown(payload: dict[str, Any]) -> str:
     parts = [
         "# Exit rules on trained models",
         __doc__.split("\n\n")[1],
-        f"Data: `{payload['data']}` ({payload['held_out_transitions']} held-out transitions, "
-        f"{payload['sequences']} sequences).",
+        f"Data: `{payload['data']}`, {payload['sequences']} held-out sequences per model.",
     ]
     for name, model in payload["models"].items():
         s = model["summary"]
@@ -175,7 +175,8 @@ def markdown(payload: dict[str, Any]) -> str:
         )
         parts += [
             f"## {name}",
-            f"`{model['path']}`, κ = {model['kappa']:.3f}. {verdict}.",
+            f"`{model['path']}`, κ = {model['kappa']:.3f}, held out: {model['split']['held_out_transitions']} "
+            f"transitions (split seed {model['split']['seed']}). {verdict}.",
             md_table(
                 ["rule", "setting", "mean loops", "1 step", "10 steps", "Spearman", "AUROC agreement", "AUROC bound"],
                 rows,
@@ -212,20 +213,29 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             raise SystemExit(f"--model {text!r}: expected a new NAME=PATH to an existing run folder or checkpoint")
         paths[name] = Path(path)
     settings(args)  # bad tolerances fail here, before any model is loaded
-    train, val = ReplayBuffer.load(args.data).split(0.1, seed=0)
+    data = ReplayBuffer.load(args.data)
     info = machine_info()
     models = {}
     for name, path in paths.items():
-        wm = load_run(path).model.eval()
+        run = load_run(path)
+        # a model trained on this dataset is scored on its own held-out split (`loopwm train` splits by its seed)
+        fraction, seed = (0.1, 0) if run.config is None else (run.config.train.val_fraction, run.config.seed)
+        train, val = data.split(fraction, seed=seed)
+        wm = run.model.eval()
         rows = score(wm, val, train, args)
-        models[name] = {"path": str(path), "kappa": wm.certified_lipschitz(), "rows": rows, "summary": summary(rows)}
+        models[name] = {
+            "path": str(path),
+            "kappa": wm.certified_lipschitz(),
+            "split": {"val_fraction": fraction, "seed": seed, "held_out_transitions": len(val)},
+            "rows": rows,
+            "summary": summary(rows),
+        }
         print(f"{name}: {models[name]['summary']}")
     info.update(load_average_end=load_average(), command=command())
     payload = {
         "machine": info,
         "smoke": args.smoke,
         "data": str(args.data),
-        "held_out_transitions": len(val),
         "sequences": args.sequences,
         "models": models,
     }

@@ -55,3 +55,17 @@ def test_a_bad_model_argument_is_refused_before_anything_is_written(tmp_path):
         with pytest.raises(SystemExit, match="--model|--data"):
             exit_rules.main([*bad, "--data", str(tmp_path / "d.npz"), "--out", str(tmp_path / "out")])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_trained_run_is_scored_on_its_own_held_out_split(tmp_path):
+    from loopwm.checkpoint import load, save
+    from loopwm.config import from_dict, to_dict
+
+    model, data = exit_rules.smoke_model(tmp_path)
+    cfg = from_dict({"seed": 3, "model": load(model).cfg.__dict__, "train": {"val_fraction": 0.25}})
+    save(tmp_path / "run.pt", load(model), config=to_dict(cfg))
+    args = ["--data", str(data), "--model", f"run={tmp_path / 'run.pt'}", "--model", f"bare={model}"]
+    payload = exit_rules.main([*args, "--fixed", "1", "2", "--agreement", "0.01", "--certified", "--sequences", "8",
+                               "--out", str(tmp_path)])  # fmt: skip
+    assert payload["models"]["run"]["split"] == {"val_fraction": 0.25, "seed": 3, "held_out_transitions": 60}
+    assert payload["models"]["bare"]["split"]["seed"] == 0
