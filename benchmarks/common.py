@@ -142,13 +142,19 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def machine_md(info: dict[str, Any]) -> str:
     """The machine section of a markdown report."""
+    busy = info["load_average_start"][0] > 0.5
+    load_note = (
+        "other processes shared the cores, so timings are noisy"
+        if busy
+        else "the machine was idle when the run started"
+    )
     return "\n".join(
         [
             f"- CPU: {info['cpu_model']}, `nproc` = {info['nproc']}",
             f"- torch {info['torch']}, Python {info['python']}; "
             f"threading variables: {info['threading_env'] or 'none set'}",
             f"- load average (1/5/15 min) at start {info['load_average_start']}, "
-            f"at end {info['load_average_end']}: other processes shared the cores, so timings are noisy",
+            f"at end {info['load_average_end']}: {load_note}",
             f"- command: `{info['command']}`",
         ]
     )

@@ -77,8 +77,9 @@ PLAIN_LOOP = ["train.loop_sampling=fixed", "train.w_deep=0", "train.w_gate=0", "
 """The loop's training extras switched off: fixed loop count, no deep supervision, no extra loops, no gate."""
 DELTA_DESIGN = ["model.obs_decoder=delta", "model.latent_update=residual", "train.w_delta=10", "train.w_obs=10"]
 """Observation-space design: the delta decoder, the residual latent update and observation-space weights."""
-PLAIN_MLP = ["model.dynamics=mlp", "train.w_deep=0", "train.w_gate=0", "train.extra_loops=0"]
-"""The loop replaced by a TD-MPC2-style MLP core; the loop-only terms (deep supervision, gate, extra loops) off."""
+PLAIN_MLP = ["model.dynamics=mlp", "train.w_deep=0", "train.w_gate=0", "train.extra_loops=0", "planner.loops=null"]
+"""The loop replaced by a TD-MPC2-style MLP core; the loop-only terms (deep supervision, gate, extra loops, a
+planner loop count) off."""
 
 VARIANTS = {
     v.name: v
@@ -87,7 +88,7 @@ VARIANTS = {
         Variant("obs-mlp", kind="obs-mlp", note="4x200 SiLU, normalised delta, 1-step loss"),
         Variant(
             "stack",
-            overrides=["model.shared=false", *PLAIN_LOOP],
+            overrides=["model.shared=false", "planner.loops=null", *PLAIN_LOOP],
             note="unshared stack: model.loops distinct blocks of the same width, each applied once, each its own "
             "contraction; trained as loopwm-plain",
         ),

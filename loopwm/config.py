@@ -336,8 +336,19 @@ class Config(Section):
                     "model.dynamics='mlp' has no loop, so extra loops, deep supervision, the exit gate and the "
                     f"error head have nothing to train: set {', '.join(loop_terms)}"
                 )
+            if self.planner.loops is not None:
+                raise ConfigError(
+                    f"planner.loops={self.planner.loops}: model.dynamics='mlp' has no loop to shorten: "
+                    "set planner.loops=null"
+                )
         if m.shared:
             return
+        if self.planner.loops is not None and self.planner.loops != m.loops:
+            raise ConfigError(
+                f"planner.loops={self.planner.loops} would plan through {self.planner.loops} of the "
+                f"model.loops={m.loops} unshared blocks (model.shared=false), a map the stack was not trained "
+                "as: set planner.loops=null"
+            )
         if extra:
             raise ConfigError(
                 f"train.extra_loops={t.extra_loops} would loop past the last of model.loops={m.loops} unshared "

@@ -73,6 +73,20 @@ def test_configs_a_stack_or_a_plain_core_cannot_honour_are_refused(model, train,
         from_dict({"model": STACK, "train": {"extra_loops": 0}, "planner": {"uncertainty_penalty": 0.1}})
 
 
+@pytest.mark.parametrize(
+    "model, loops, message",
+    [
+        (STACK, 2, r"planner\.loops=2 would plan through 2 of the model\.loops=3 unshared blocks"),
+        (PLAIN, 2, r"planner\.loops=2: model\.dynamics='mlp' has no loop to shorten"),
+    ],
+)
+def test_a_planner_loop_count_a_stack_or_plain_core_was_not_trained_at_is_refused(model, loops, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict({"model": {**TINY, **model}, "train": NO_LOOP_TRAINING, "planner": {"loops": loops}})
+    if not model.get("shared", True):  # the stack's own loop count is what it was trained at
+        assert from_dict({"model": {**TINY, **model}, "train": NO_LOOP_TRAINING, "planner": {"loops": 3}})
+
+
 def test_each_block_of_a_stack_is_certified_on_its_own():
     wm = randomized_stack()
     with torch.no_grad():
