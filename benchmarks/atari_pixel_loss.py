@@ -162,6 +162,12 @@ def measure(
     }
 
 
+def other_overrides(overrides: list[str]) -> str:
+    """A variant's overrides besides the two weights that have their own columns."""
+    rest = [o for o in overrides if o.split("=", 1)[0] not in ("train.w_obs", "train.w_reward")]
+    return " ".join(f"`{o}`" for o in rest) or "-"
+
+
 def markdown(payload: dict[str, Any]) -> str:
     rows = []
     for run in payload["runs"]:
@@ -172,7 +178,7 @@ def markdown(payload: dict[str, Any]) -> str:
                     run["variant"],
                     f"{run['w_obs']:g}",
                     f"{run['w_reward']:g}",
-                    f"{run.get('reward_balance', 0.0):g}",
+                    other_overrides(run["overrides"]),
                     point["updates"],
                     f"{point['latent_spread']:.3f}",
                     f"{frame['1']['model']:.5f} / {frame['1']['copy_last']:.5f}",
@@ -198,7 +204,7 @@ def markdown(payload: dict[str, Any]) -> str:
                     "variant",
                     "w_obs",
                     "w_reward",
-                    "reward balance",
+                    "other overrides",
                     "updates",
                     "latent spread",
                     "1 step",

@@ -146,6 +146,8 @@ class TrainConfig(Section):
     w_reward: float = field(default=0.5, metadata=bounds(0.0))
     # the share of the reward loss given to steps with a non-zero reward (0: off, the plain mean); for sparse rewards
     reward_balance: float = field(default=0.0, metadata=bounds(0.0, 1.0, hi_open=True))
+    # the reward head also on the encoder's latent of the true next observation, gradients into the encoder
+    w_reward_encoded: float = field(default=0.0, metadata=bounds(0.0))
     w_continue: float = field(default=0.1, metadata=bounds(0.0))
     w_deep: float = field(default=0.1, metadata=bounds(0.0))
     w_gate: float = field(default=0.1, metadata=bounds(0.0))

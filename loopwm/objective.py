@@ -25,7 +25,19 @@ from loopwm.exits import LoopOptions
 from loopwm.loop import LoopTrace, StepContext
 from loopwm.world_model import WorldModel
 
-TERMS = ("consistency", "obs", "reward", "continue", "deep", "extra", "gate", "delta", "recon", "error")
+TERMS = (
+    "consistency",
+    "obs",
+    "reward",
+    "reward_encoded",
+    "continue",
+    "deep",
+    "extra",
+    "gate",
+    "delta",
+    "recon",
+    "error",
+)
 
 
 def sample_loops(batch: int, mean: float, model: ModelConfig, generator: torch.Generator) -> Tensor:
@@ -185,12 +197,16 @@ def sequence_loss(
     obs, actions = batch["obs"], batch["actions"].float()
     rewards, terminated = batch["rewards"].float(), batch["terminated"].float()
     horizon, size = actions.shape[:2]
+    weights = term_weights(cfg)
+    # the reward head on the encoder's latent of the true next observation (gradients into the encoder, as
+    # DreamerV3 trains its reward head on the posterior): the encoder learns what the reward depends on, and the
+    # consistency target then asks the loop to predict it
+    encoded = wm.encode(obs[1:]) if weights["reward_encoded"] > 0 else None
     with torch.no_grad():
-        target_z = wm.encode(obs[1:])
+        target_z = wm.encode(obs[1:]) if encoded is None else encoded.detach()
         target_obs = wm.normalize_obs(obs[1:])
         rows = target_z.flatten(0, -2)
         spread = rows.std(0).mean() if rows.shape[0] > 1 else rows.new_zeros(())
-    weights = term_weights(cfg)
     balance = reward_weights(rewards, cfg.reward_balance)
     loops = wm.cfg.loops if cfg.loop_sampling == "fixed" else sample_loops(size, cfg.loop_mean, wm.cfg, generator)
     options = LoopOptions(exit="fixed", loops=loops, bptt=cfg.bptt_loops)
@@ -228,6 +244,10 @@ def sequence_loss(
             terms["obs"] = terms["obs"] + w * obs_loss(wm, z_next, target_obs[k])
             step_weights = None if balance is None else balance[k]
             terms["reward"] = terms["reward"] + w * reward_loss(wm, z_next, rewards[k], step_weights)
+            if encoded is not None:
+                terms["reward_encoded"] = terms["reward_encoded"] + w * reward_loss(
+                    wm, encoded[k], rewards[k], step_weights
+                )
             terms["continue"] = terms["continue"] + w * continue_loss(wm, z_next, terminated[k])
             if wm.delta_decoder is not None:
                 x, chained = delta_loss(wm, z, z_next, x, target_obs[k])

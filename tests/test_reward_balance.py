@@ -84,3 +84,41 @@ def test_balance_teaches_the_head_a_rare_reward_the_plain_mean_misses():
     # the plain mean leaves events below 0.5 (rounded, no reward at all); balanced, they read as rewards
     assert at_events[0.0] < 0.5 < at_events[0.5]
     assert at_events[0.5] > at_events[0.0] + 0.15
+
+
+def test_the_encoded_reward_term_reads_the_true_next_latent_and_trains_the_encoder(monkeypatch):
+    """`train.w_reward_encoded`: the reward head scored on E(o_{k+1}), discounted like the other terms, with the
+    gradient reaching the encoder; the consistency target stays the same detached latent."""
+    data = rare_reward_dataset()
+    batch = data.sample(16, 3, np.random.default_rng(0))
+    batch["rewards"] = torch.zeros_like(batch["rewards"])
+    batch["rewards"][1, :3] = 1.0  # a few events, so the balance weights are live
+    cfg = config(horizon=3, batch_size=16, loop_sampling="fixed", w_reward_encoded=1.0, reward_balance=0.5)
+    wm = new_model(cfg, data)
+    with torch.no_grad():
+        encoded = wm.encode(batch["obs"][1:])
+        weights = reward_weights(batch["rewards"].float(), 0.5)
+        expected = sum(
+            cfg.train.rho**k * (weights[k] * wm.reward_head.loss(encoded[k], batch["rewards"][k])).mean()
+            for k in range(3)
+        )
+    _, terms, _ = sequence_loss(wm, batch, cfg.train, torch.Generator().manual_seed(0), QuantileTracker(0.5))
+    torch.testing.assert_close(terms["reward_encoded"] * 3, expected)
+
+    def encoder_grad(w_reward_encoded: float) -> torch.Tensor:
+        run = config(horizon=3, batch_size=16, loop_sampling="fixed", w_reward_encoded=w_reward_encoded)
+        model = new_model(run, data)
+        with torch.no_grad():  # the head's output layer starts at zero, which passes no gradient back to its input
+            model.reward_head.net[-1].weight.normal_(generator=torch.Generator().manual_seed(1))
+        loss, _, _ = sequence_loss(model, batch, run.train, torch.Generator().manual_seed(0), QuantileTracker(0.5))
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.encoder.parameters()])
+
+    # the other terms reach the encoder only through E(o_0); the new term adds E(o_1..H)'s own gradient
+    assert not torch.allclose(encoder_grad(1.0), encoder_grad(0.0))
+    off = config(horizon=3, batch_size=16, loop_sampling="fixed")
+    _, plain_terms, _ = sequence_loss(
+        new_model(off, data), batch, off.train, torch.Generator().manual_seed(0), QuantileTracker(0.5)
+    )
+    assert float(plain_terms["reward_encoded"]) == 0.0
+    torch.testing.assert_close(plain_terms["consistency"], terms["consistency"])  # same target either way

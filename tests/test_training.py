@@ -95,6 +95,7 @@ def test_training_lowers_every_loss_term(trained):
         "consistency",
         "obs",
         "reward",
+        "reward_encoded",
         "continue",
         "deep",
         "extra",
@@ -103,9 +104,10 @@ def test_training_lowers_every_loss_term(trained):
         "recon",
         "error",
     }
-    # no delta decoder; w_recon = w_error = 0
-    assert all(h["loss/delta"] == h["loss/recon"] == h["loss/error"] == 0 for h in history)
-    for term in set(objective.TERMS) - {"delta", "recon", "error"}:
+    # no delta decoder; w_recon = w_error = w_reward_encoded = 0
+    off = ("delta", "recon", "error", "reward_encoded")
+    assert all(h[f"loss/{term}"] == 0 for h in history for term in off)
+    for term in set(objective.TERMS) - set(off):
         values = np.array([h[f"loss/{term}"] for h in history])
         assert np.isfinite(values).all(), term
         early, late = values[:15].mean(), values[-15:].mean()
