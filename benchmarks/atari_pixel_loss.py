@@ -162,6 +162,10 @@ def measure(
     }
 
 
+def fmt_auroc(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def other_overrides(overrides: list[str]) -> str:
     """A variant's overrides besides the two weights that have their own columns."""
     rest = [o for o in overrides if o.split("=", 1)[0] not in ("train.w_obs", "train.w_reward")]
@@ -184,7 +188,8 @@ def markdown(payload: dict[str, Any]) -> str:
                     f"{frame['1']['model']:.5f} / {frame['1']['copy_last']:.5f}",
                     f"{frame['10']['model']:.5f} / {frame['10']['copy_last']:.5f}",
                     "-" if acc is None else f"{acc:.2f} ({point['nonzero_rewards']})",
-                    "-" if point["reward_event_auroc"] is None else f"{point['reward_event_auroc']:.2f}",
+                    fmt_auroc(point["reward_event_auroc"]),
+                    fmt_auroc(point.get("reward_event_auroc_encoded")),
                     f"{point['train_seconds']:.0f}",
                 ]
             )
@@ -211,6 +216,7 @@ def markdown(payload: dict[str, Any]) -> str:
                     "10 steps",
                     "reward sign (non-zero)",
                     "reward AUROC",
+                    "AUROC, encoded next frame",
                     "train s",
                 ],
                 rows,

@@ -89,6 +89,11 @@ class CopyLastModel:
         horizon = actions.shape[0]
         return SimpleNamespace(obs=z.expand(horizon, *z.shape), rewards=torch.zeros(horizon, z.shape[0]))
 
+    def reward_head(self, z):
+        import torch
+
+        return torch.zeros(z.shape[0])
+
 
 def two_reward_episode(pixel_max: int) -> dict:
     """30 steps of random frames (pixels below `pixel_max`) and actions, with rewards +1 at step 4 and −1 at 18."""
@@ -114,20 +119,26 @@ def test_model_errors_score_a_copy_last_model_exactly_like_the_copy_last_baselin
 
 
 class FlaggedRewardModel(CopyLastModel):
-    """Predicts a 1-step reward of magnitude pixel[0, 0, 0] / 255 of the start stack."""
+    """Predicts a 1-step reward of magnitude pixel[0, 0, 0] / 255 of the start stack, and reads pixel[1, 0, 0] / 255
+    of an encoded stack as its reward."""
 
     def imagine(self, z, actions, decode):
         out = super().imagine(z, actions, decode)
         out.rewards[0] = z[:, 0, 0, 0] / 255.0
         return out
 
+    def reward_head(self, z):
+        return z[:, 1, 0, 0] / 255.0
+
 
 def test_the_reward_event_auroc_is_one_for_a_head_that_ranks_reward_steps_first():
     script = load_script()
     episode = two_reward_episode(100)
     episode["obs"][[4, 18], 0, 0, 0] = 120  # below 0.5 after scaling, so every prediction still rounds to no reward
+    episode["obs"][[5, 19], 1, 0, 0] = 120  # the frames the rewarded steps lead to: what the encoded head reads
     out = script.model_errors(FlaggedRewardModel(), [episode], horizon=10)
     assert out["reward_sign_accuracy_nonzero"] == 0.0 and out["reward_event_auroc"] == 1.0
+    assert out["reward_event_auroc_encoded"] == 1.0
 
 
 def test_pixel_loss_benchmark_smoke_reports_every_weight_and_point(tmp_path):
