@@ -320,6 +320,29 @@ class Config(Section):
                 "train.w_error=0 leaves untrained: set train.w_error > 0 (e.g. 0.1)"
             )
 
+    def check_planner_loops(self) -> None:
+        """A loop-free core has no loop for the planner to shorten, stop early or warm-start; an unshared stack
+        plans with the loop options it was trained with, from zero, since it has no fixed point to start near."""
+        m, p = self.model, self.planner
+        if m.dynamics == "mlp":
+            wrong = {key: getattr(p, key) for key in p.LOOP_OPTIONS if getattr(p, key) is not None}
+            why = "model.dynamics='mlp' has no loop to shorten, stop or warm-start"
+        elif not m.shared:
+            wrong = {key: getattr(p, key) for key in p.LOOP_OPTIONS if getattr(p, key) not in (None, getattr(m, key))}
+            why = (
+                f"an unshared stack (model.shared=false) applies its model.loops={m.loops} blocks as trained "
+                f"(model.exit={m.exit!r}), from zero"
+            )
+        else:
+            return
+        fixes = [f"planner.{key}=null" for key in wrong]
+        if p.warm_start != "none":
+            wrong["warm_start"] = p.warm_start
+            fixes.append("planner.warm_start=none")
+        if wrong:
+            given = ", ".join(f"planner.{key}={value!r}" for key, value in wrong.items())
+            raise ConfigError(f"{given}: {why}; set {', '.join(fixes)}")
+
     def check_dynamics(self) -> None:
         """Training and planning options that an unshared stack or a loop-free core cannot honour."""
         m, t = self.model, self.train
@@ -338,19 +361,9 @@ class Config(Section):
                     "model.dynamics='mlp' has no loop, so extra loops, deep supervision, the exit gate and the "
                     f"error head have nothing to train: set {', '.join(loop_terms)}"
                 )
-            if self.planner.loops is not None:
-                raise ConfigError(
-                    f"planner.loops={self.planner.loops}: model.dynamics='mlp' has no loop to shorten: "
-                    "set planner.loops=null"
-                )
+        self.check_planner_loops()
         if m.shared:
             return
-        if self.planner.loops is not None and self.planner.loops != m.loops:
-            raise ConfigError(
-                f"planner.loops={self.planner.loops} would plan through {self.planner.loops} of the "
-                f"model.loops={m.loops} unshared blocks (model.shared=false), a map the stack was not trained "
-                "as: set planner.loops=null"
-            )
         if extra:
             raise ConfigError(
                 f"train.extra_loops={t.extra_loops} would loop past the last of model.loops={m.loops} unshared "

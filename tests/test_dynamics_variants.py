@@ -74,17 +74,28 @@ def test_configs_a_stack_or_a_plain_core_cannot_honour_are_refused(model, train,
 
 
 @pytest.mark.parametrize(
-    "model, loops, message",
+    "model, planner, message",
     [
-        (STACK, 2, r"planner\.loops=2 would plan through 2 of the model\.loops=3 unshared blocks"),
-        (PLAIN, 2, r"planner\.loops=2: model\.dynamics='mlp' has no loop to shorten"),
+        (
+            STACK,
+            {"loops": 2},
+            r"^planner\.loops=2: an unshared stack .* model\.loops=3 blocks .*; set planner\.loops=null$",
+        ),
+        (STACK, {"exit": "gate"}, r"^planner\.exit='gate': an unshared stack .*; set planner\.exit=null$"),
+        (STACK, {"warm_start": "time"}, r"^planner\.warm_start='time': .* from zero; set planner\.warm_start=none$"),
+        (STACK, {"exit": "agreement", "max_loops": 8}, r"planner\.exit='agreement', planner\.max_loops=8: "),
+        (PLAIN, {"loops": 2}, r"^planner\.loops=2: model\.dynamics='mlp' has no loop to shorten"),
+        (PLAIN, {"exit_tol": 0.1}, r"^planner\.exit_tol=0\.1: model\.dynamics='mlp' .*; set planner\.exit_tol=null$"),
+        (PLAIN, {"warm_start": "elite"}, r"^planner\.warm_start='elite': model\.dynamics='mlp'"),
     ],
 )
-def test_a_planner_loop_count_a_stack_or_plain_core_was_not_trained_at_is_refused(model, loops, message):
+def test_planner_loop_options_a_stack_or_plain_core_cannot_honour_are_refused(model, planner, message):
     with pytest.raises(ConfigError, match=message):
-        from_dict({"model": {**TINY, **model}, "train": NO_LOOP_TRAINING, "planner": {"loops": loops}})
-    if not model.get("shared", True):  # the stack's own loop count is what it was trained at
-        assert from_dict({"model": {**TINY, **model}, "train": NO_LOOP_TRAINING, "planner": {"loops": 3}})
+        from_dict({"model": {**TINY, **model}, "train": NO_LOOP_TRAINING, "planner": planner})
+    if not model.get("shared", True):  # the stack's own options are what it was trained with
+        assert from_dict(
+            {"model": {**TINY, **model}, "train": NO_LOOP_TRAINING, "planner": {"loops": 3, "exit": "fixed"}}
+        )
 
 
 def test_each_block_of_a_stack_is_certified_on_its_own():

@@ -86,7 +86,13 @@ def test_balance_teaches_the_head_a_rare_reward_the_plain_mean_misses():
     assert at_events[0.5] > at_events[0.0] + 0.15
 
 
-def test_the_encoded_reward_term_reads_the_true_next_latent_and_trains_the_encoder(monkeypatch):
+def random_reward_output(model) -> None:
+    """The head's output layer starts at zero, so its loss would not depend on the latent it reads."""
+    with torch.no_grad():
+        model.reward_head.net[-1].weight.normal_(generator=torch.Generator().manual_seed(1))
+
+
+def test_the_encoded_reward_term_reads_the_true_next_latent_and_trains_the_encoder():
     """`train.w_reward_encoded`: the reward head scored on E(o_{k+1}), discounted like the other terms, with the
     gradient reaching the encoder; the consistency target stays the same detached latent."""
     data = rare_reward_dataset()
@@ -95,6 +101,7 @@ def test_the_encoded_reward_term_reads_the_true_next_latent_and_trains_the_encod
     batch["rewards"][1, :3] = 1.0  # a few events, so the balance weights are live
     cfg = config(horizon=3, batch_size=16, loop_sampling="fixed", w_reward_encoded=1.0, reward_balance=0.5)
     wm = new_model(cfg, data)
+    random_reward_output(wm)
     with torch.no_grad():
         encoded = wm.encode(batch["obs"][1:])
         weights = reward_weights(batch["rewards"].float(), 0.5)
@@ -105,17 +112,20 @@ def test_the_encoded_reward_term_reads_the_true_next_latent_and_trains_the_encod
     _, terms, _ = sequence_loss(wm, batch, cfg.train, torch.Generator().manual_seed(0), QuantileTracker(0.5))
     torch.testing.assert_close(terms["reward_encoded"] * 3, expected)
 
-    def encoder_grad(w_reward_encoded: float) -> torch.Tensor:
+    def encoder_grad(w_reward_encoded: float, head_reads_latent: bool = True) -> torch.Tensor:
         run = config(horizon=3, batch_size=16, loop_sampling="fixed", w_reward_encoded=w_reward_encoded)
         model = new_model(run, data)
-        with torch.no_grad():  # the head's output layer starts at zero, which passes no gradient back to its input
-            model.reward_head.net[-1].weight.normal_(generator=torch.Generator().manual_seed(1))
+        if head_reads_latent:
+            random_reward_output(model)
         loss, _, _ = sequence_loss(model, batch, run.train, torch.Generator().manual_seed(0), QuantileTracker(0.5))
         loss.backward()
         return torch.cat([p.grad.flatten() for p in model.encoder.parameters()])
 
     # the other terms reach the encoder only through E(o_0); the new term adds E(o_1..H)'s own gradient
     assert not torch.allclose(encoder_grad(1.0), encoder_grad(0.0))
+    # with a head blind to its input the new term sends the encoder nothing, so any difference would come from
+    # the latent-matching target, which must stay detached
+    torch.testing.assert_close(encoder_grad(1.0, head_reads_latent=False), encoder_grad(0.0, head_reads_latent=False))
     off = config(horizon=3, batch_size=16, loop_sampling="fixed")
     _, plain_terms, _ = sequence_loss(
         new_model(off, data), batch, off.train, torch.Generator().manual_seed(0), QuantileTracker(0.5)
