@@ -6,7 +6,9 @@ uniformly random policy on the same seeds. Scores are raw game scores; human-nor
 reference random and human scores of `loopwm.envs.atari_games`. Held-out episodes, played by the agent's
 training policy, give the next-frame error of the newest frame at 1 and 10 steps open loop (pixel MSE on a
 0-1 scale) against copying the last observed frame, and the sign accuracy of 1-step reward predictions on
-non-zero (clipped) rewards. Wall-clock time and peak RSS are the run's own, summed over its sittings.
+non-zero (clipped) rewards. Wall-clock time and peak RSS are the run's own, summed over its sittings. Games
+measured by an earlier invocation into the same --out are kept, each with the command that measured it, unless this
+invocation measures them again from a checkpoint.
 
     .venv/bin/python benchmarks/atari.py --games boxing breakout pong ms_pacman
 """
@@ -14,6 +16,7 @@ non-zero (clipped) rewards. Wall-clock time and peak RSS are the run's own, summ
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from pathlib import Path
@@ -94,6 +97,12 @@ def model_errors(wm: WorldModel, episodes: list[dict[str, np.ndarray]], horizon:
     copy = {1: [], horizon: []}
     hits_nonzero, hits_zero = [], []
     magnitude, encoded, event = [], [], []
+    lengths = [len(ep["actions"]) for ep in episodes]
+    if max(lengths, default=0) < horizon:
+        raise ValueError(
+            f"every held-out episode ({lengths} steps) is shorter than the {horizon}-step horizon: "
+            "raise --held-out or --held-out-steps"
+        )
     for ep in episodes:
         obs, actions, rewards = ep["obs"], torch.as_tensor(ep["actions"]), ep["rewards"]
         starts = np.arange(0, len(actions) - horizon + 1, 2)
@@ -223,6 +232,7 @@ def markdown(payload: dict[str, Any]) -> str:
         [
             "game",
             "agent steps",
+            "episodes",
             "loopwm",
             "random (here)",
             "> random + 2 SE?",
@@ -236,6 +246,7 @@ def markdown(payload: dict[str, Any]) -> str:
             [
                 g["game"],
                 g["agent_steps"],
+                len(g["returns"]),
                 f"{g['score']['mean']:.1f} ± {fmt(g['score']['se'])}",
                 f"{g['random']['mean']:.1f} ± {fmt(g['random']['se'])}",
                 "yes" if g["above_random_by_2se"] else "no",
@@ -276,7 +287,7 @@ def markdown(payload: dict[str, Any]) -> str:
     parts = [
         "# Atari 100k",
         __doc__.split("\n\n")[1].replace("\n", " "),
-        f"Scores: mean ± standard error over {payload['episodes']} evaluation episodes (reset seeds "
+        "Scores: mean ± standard error over a game's evaluation episodes (reset seeds "
         f"{EVAL_SEED}+i, the same for loopwm and random). Protocol: configs/atari/base.yaml.",
         scores,
         "## World model",
@@ -306,7 +317,24 @@ def markdown(payload: dict[str, Any]) -> str:
     if missing:
         parts.append(f"Not run yet: {', '.join(missing)}.")
     parts += ["## Machine", machine_md(payload["machine"])]
+    parts.append(
+        "Each game was measured by (a game not measured again is kept from the invocation that measured it):\n"
+        + "\n".join(f"- {g['game']}: `{g['command']}`" for g in done)
+    )
     return "\n\n".join(parts)
+
+
+def kept_games(path: Path, measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The games an earlier report at `path` holds that `measured` did not measure from a checkpoint, each with the
+    command that measured it: a run folder lost since then does not erase its result."""
+    if not path.is_file():
+        return []
+    earlier = json.loads(path.read_text())
+    fresh = {g["game"] for g in measured if g["status"] != "not run"}
+    kept = [g for g in earlier.get("games", []) if g["status"] != "not run" and g["game"] not in fresh]
+    for game in kept:
+        game.setdefault("command", earlier["machine"]["command"])  # reports from before per-game commands
+    return kept
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
@@ -326,13 +354,18 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--override", nargs="*", default=[], help="config overrides for evaluation")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    if args.episodes < 2 or args.held_out < 1 or args.planner_episodes < 1:
-        parser.error("--episodes must be >= 2, --held-out and --planner-episodes >= 1")
+    if args.episodes < 2 or args.held_out < 1 or args.planner_episodes < 1 or args.held_out_steps < 10:
+        parser.error("--episodes must be >= 2, --held-out and --planner-episodes >= 1, --held-out-steps >= 10")
     torch.set_num_threads(1)
     info = machine_info()
-    games = [measure_game(stem, args) for stem in args.games]
-    info["load_average_end"] = load_average()
     info["command"] = command()
+    games = [measure_game(stem, args) for stem in args.games]
+    for game in games:
+        if game["status"] != "not run":
+            game["command"] = info["command"]
+    kept = kept_games(args.out / "atari.json", games)
+    games = sorted([g for g in games if g["game"] not in {k["game"] for k in kept}] + kept, key=lambda g: g["game"])
+    info["load_average_end"] = load_average()
     payload = {"machine": info, "episodes": args.episodes, "games": games}
     write_outputs(args.out, "atari", payload, markdown(payload))
     return payload

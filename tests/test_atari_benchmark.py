@@ -68,7 +68,26 @@ def test_atari_benchmark_reports_a_tiny_boxing_run(tmp_path):
     assert game["model"]["predictions"] == len(range(0, 30 - 10 + 1, 2))
     assert len(game["planner"]["returns"]) == 1 and game["planner"]["ms_per_decision"] > game["ms_per_decision"]
     md = (tmp_path / "atari.md").read_text()
-    assert "| Boxing | 180 |" in md and "Not run yet" not in md and "Actor against the latent planner" in md
+    assert "| Boxing | 180 | 2 |" in md and "Not run yet" not in md and "Actor against the latent planner" in md
+    assert game["command"] == saved["machine"]["command"] and f"- Boxing: `{game['command']}`" in md
+
+    # a later invocation for another game, and one whose Boxing run folder is gone, keep the Boxing result
+    later = load_script().main(["--games", "breakout", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path)])
+    assert [g["game"] for g in later["games"]] == ["Boxing", "Breakout"] and later["games"][0] == game
+    assert "Not run yet: Breakout." in (tmp_path / "atari.md").read_text()
+    gone = load_script().main(["--games", "boxing", "--runs", str(tmp_path / "none"), "--out", str(tmp_path)])
+    assert gone["games"] == [game]
+
+
+def test_atari_benchmark_refuses_held_out_episodes_shorter_than_the_horizon():
+    script = load_script()
+    with pytest.raises(SystemExit):
+        script.main(["--games", "boxing", "--held-out-steps", "9"])
+    short = two_reward_episode(256)
+    short = {"obs": short["obs"][:10], "actions": short["actions"][:9], "rewards": short["rewards"][:9]}
+    with pytest.raises(ValueError, match=r"\[9\] steps\) is shorter than the 10-step horizon"):
+        script.model_errors(CopyLastModel(), [short], horizon=10)
+    assert script.model_errors(CopyLastModel(), [short, two_reward_episode(256)], horizon=10)["predictions"] == 11
 
 
 class CopyLastModel:
