@@ -40,6 +40,7 @@ DREAMERV3 = {"Boxing": 79.4, "Breakout": 9.0, "Pong": -4.2, "MsPacman": 1526.0}
 """DreamerV3's Atari 100k scores (Hafner et al. 2023, its published score file): the mean over 5 seeds of the
 training-episode returns in the last 10% of the 400k frames."""
 
+HORIZON = 10  # open-loop steps of the second frame error
 EVAL_SEED = 30_000  # reset seeds EVAL_SEED + i, the same for every game, agent and the random policy
 PLANNER = [
     "planner.method=mppi",
@@ -86,7 +87,7 @@ def held_out(agent: Agent, episodes: int, max_steps: int, seed: int) -> list[dic
 
 
 @torch.no_grad()
-def model_errors(wm: WorldModel, episodes: list[dict[str, np.ndarray]], horizon: int = 10) -> dict[str, Any]:
+def model_errors(wm: WorldModel, episodes: list[dict[str, np.ndarray]], horizon: int = HORIZON) -> dict[str, Any]:
     """Newest-frame MSE (0-1 pixels) of open-loop predictions at 1 and `horizon` steps against copying the last
     frame, the sign accuracy of 1-step reward predictions on non-zero and on zero rewards, and how well the
     predicted |reward| ranks the steps with a reward above those without (AUROC; 0.5 is a head that knows nothing,
@@ -136,7 +137,8 @@ def model_errors(wm: WorldModel, episodes: list[dict[str, np.ndarray]], horizon:
         "reward_sign_accuracy_zero": float(np.mean(hits_zero)) if hits_zero else None,
         "reward_event_auroc": finite_or_none(auroc(np.concatenate(magnitude), np.concatenate(event))),
         # the same ranking with the head read on the encoder's latent of the true next frame: high here and low
-        # above means the loop fails to predict the event; low here means the latent does not hold it at all
+        # above means the loop fails to predict the event; low here means the head, as trained, cannot read it from
+        # the latent
         "reward_event_auroc_encoded": finite_or_none(auroc(np.concatenate(encoded), np.concatenate(event))),
     }
 
@@ -316,7 +318,7 @@ def markdown(payload: dict[str, Any]) -> str:
         ]
     if missing:
         parts.append(f"Not run yet: {', '.join(missing)}.")
-    parts += ["## Machine", machine_md(payload["machine"])]
+    parts += ["## Machine (this invocation)", machine_md(payload["machine"])]
     parts.append(
         "Each game was measured by (a game not measured again is kept from the invocation that measured it):\n"
         + "\n".join(f"- {g['game']}: `{g['command']}`" for g in done)
@@ -325,15 +327,22 @@ def markdown(payload: dict[str, Any]) -> str:
 
 
 def kept_games(path: Path, measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The games an earlier report at `path` holds that `measured` did not measure from a checkpoint, each with the
-    command that measured it: a run folder lost since then does not erase its result."""
+    """The games of an earlier report at `path` that `measured` did not measure from a checkpoint, each with the
+    command that measured it (a run folder lost since then does not erase its result), and the games it listed as not
+    run that `measured` does not name."""
     if not path.is_file():
         return []
     earlier = json.loads(path.read_text())
+    named = {g["game"] for g in measured}
     fresh = {g["game"] for g in measured if g["status"] != "not run"}
-    kept = [g for g in earlier.get("games", []) if g["status"] != "not run" and g["game"] not in fresh]
+    kept = [
+        g
+        for g in earlier.get("games", [])
+        if g["game"] not in fresh and (g["status"] != "not run" or g["game"] not in named)
+    ]
     for game in kept:
-        game.setdefault("command", earlier["machine"]["command"])  # reports from before per-game commands
+        if game["status"] != "not run":
+            game.setdefault("command", earlier["machine"]["command"])  # reports from before per-game commands
     return kept
 
 
@@ -354,8 +363,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--override", nargs="*", default=[], help="config overrides for evaluation")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    if args.episodes < 2 or args.held_out < 1 or args.planner_episodes < 1 or args.held_out_steps < 10:
-        parser.error("--episodes must be >= 2, --held-out and --planner-episodes >= 1, --held-out-steps >= 10")
+    if args.episodes < 2 or args.held_out < 1 or args.planner_episodes < 1 or args.held_out_steps < HORIZON:
+        parser.error(f"--episodes must be >= 2, --held-out and --planner-episodes >= 1, --held-out-steps >= {HORIZON}")
     torch.set_num_threads(1)
     info = machine_info()
     info["command"] = command()

@@ -71,18 +71,43 @@ def test_atari_benchmark_reports_a_tiny_boxing_run(tmp_path):
     assert "| Boxing | 180 | 2 |" in md and "Not run yet" not in md and "Actor against the latent planner" in md
     assert game["command"] == saved["machine"]["command"] and f"- Boxing: `{game['command']}`" in md
 
-    # a later invocation for another game, and one whose Boxing run folder is gone, keep the Boxing result
+    # a later invocation for another game, and one whose Boxing run folder is gone, keep the Boxing result; a report
+    # from before per-game commands lends its one command to its games
+    del saved["games"][0]["command"]
+    saved["machine"]["command"] = "the earlier command"
+    (tmp_path / "atari.json").write_text(json.dumps(saved))
     later = load_script().main(["--games", "breakout", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path)])
-    assert [g["game"] for g in later["games"]] == ["Boxing", "Breakout"] and later["games"][0] == game
-    assert "Not run yet: Breakout." in (tmp_path / "atari.md").read_text()
+    assert [g["game"] for g in later["games"]] == ["Boxing", "Breakout"]
+    assert later["games"][0] == {**game, "command": "the earlier command"}
+    md = (tmp_path / "atari.md").read_text()
+    assert "Not run yet: Breakout." in md and "- Boxing: `the earlier command`" in md
     gone = load_script().main(["--games", "boxing", "--runs", str(tmp_path / "none"), "--out", str(tmp_path)])
-    assert gone["games"] == [game]
+    assert gone["games"] == later["games"]  # Breakout's "not run" stays listed, as this invocation does not name it
 
 
-def test_atari_benchmark_refuses_held_out_episodes_shorter_than_the_horizon():
+def test_kept_games_yield_to_a_fresh_measurement_and_to_a_game_named_again(tmp_path):
+    script = load_script()
+    earlier = {
+        "machine": {"command": "old"},
+        "games": [
+            {"game": "Boxing", "status": "complete"},
+            {"game": "Breakout", "status": "partial", "command": "b"},
+            {"game": "Pong", "status": "not run"},
+        ],
+    }
+    (tmp_path / "atari.json").write_text(json.dumps(earlier))
+    fresh = script.kept_games(tmp_path / "atari.json", [{"game": "Boxing", "status": "complete"}])
+    assert fresh == [{"game": "Breakout", "status": "partial", "command": "b"}, {"game": "Pong", "status": "not run"}]
+    lost = script.kept_games(tmp_path / "atari.json", [{"game": g, "status": "not run"} for g in ("Boxing", "Pong")])
+    assert lost == [{"game": "Boxing", "status": "complete", "command": "old"}, earlier["games"][1]]
+    assert script.kept_games(tmp_path / "missing.json", []) == []
+
+
+def test_atari_benchmark_refuses_held_out_episodes_shorter_than_the_horizon(tmp_path):
     script = load_script()
     with pytest.raises(SystemExit):
-        script.main(["--games", "boxing", "--held-out-steps", "9"])
+        script.main(["--games", "boxing", "--held-out-steps", "9", "--runs", str(tmp_path), "--out", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == []
     short = two_reward_episode(256)
     short = {"obs": short["obs"][:10], "actions": short["actions"][:9], "rewards": short["rewards"][:9]}
     with pytest.raises(ValueError, match=r"\[9\] steps\) is shorter than the 10-step horizon"):

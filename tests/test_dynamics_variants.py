@@ -85,6 +85,7 @@ def test_configs_a_stack_or_a_plain_core_cannot_honour_are_refused(model, train,
         (STACK, {"warm_start": "time"}, r"^planner\.warm_start='time': .* from zero; set planner\.warm_start=none$"),
         (STACK, {"exit": "agreement", "max_loops": 8}, r"planner\.exit='agreement', planner\.max_loops=8: "),
         (PLAIN, {"loops": 2}, r"^planner\.loops=2: model\.dynamics='mlp' has no loop to shorten"),
+        (PLAIN, {"loops": 4}, r"^planner\.loops=4: model\.dynamics='mlp' has no loop"),  # even model.loops itself
         (PLAIN, {"exit_tol": 0.1}, r"^planner\.exit_tol=0\.1: model\.dynamics='mlp' .*; set planner\.exit_tol=null$"),
         (PLAIN, {"warm_start": "elite"}, r"^planner\.warm_start='elite': model\.dynamics='mlp'"),
     ],
