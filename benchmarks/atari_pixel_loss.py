@@ -52,7 +52,7 @@ SMOKE = [
     "model.cnn_channels=4",
     "train.batch_size=4",
 ]
-TERMS = ("loss/obs", "loss/consistency", "loss/reward")
+TERMS = ("loss/obs", "loss/consistency", "loss/reward", "loss/reward_encoded")
 
 
 def game_config(args: argparse.Namespace, variant: list[str]) -> Config:

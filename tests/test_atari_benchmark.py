@@ -199,6 +199,7 @@ def test_pixel_loss_benchmark_smoke_reports_every_weight_and_point(tmp_path):
         for point in fit["curve"]:
             assert 0 <= point["latent_spread"] < 2
             assert set(point["frame_mse"]) == {"1", "10"} and point["predictions"] > 0
+            assert set(point["losses"]) == set(script.TERMS) and point["losses"]["loss/obs"] > 0
     # every variant trained on the same data and scored on the same frames: the copy-last baseline is identical
     assert len({fit["curve"][-1]["frame_mse"]["1"]["copy_last"] for fit in payload["runs"]}) == 1
 
