@@ -333,10 +333,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     longest = max(int(h) for h in fixed["horizons"])
     certified = []
     for tol in args.tols:
-        certified = LoopOptions.from_config(cfg.model, exit="certified", tol=tol)
-        res = prediction_errors(wm, val_data, horizons, seed=cfg.seed, options=certified, **norm)
+        options = LoopOptions.from_config(cfg.model, exit="certified", tol=tol)
+        res = prediction_errors(wm, val_data, horizons, seed=cfg.seed, options=options, **norm)
         res["tol"] = tol
-        res["step1_loops"] = loop_spread(wm, val_data, cfg.seed, longest, certified)
+        res["step1_loops"] = loop_spread(wm, val_data, cfg.seed, longest, options)
         res["verdict"] = verdict(res)
         certified.append(res)
         print(
