@@ -120,3 +120,21 @@ def test_obs_mlp_learns_the_linear_system():
     step = fit_obs_mlp(mlp, data, 32, np.random.default_rng(0), lr=3e-3)
     losses = [step() for _ in range(200)]
     assert np.mean(losses[-20:]) < 0.1 * np.mean(losses[:20])
+
+
+def test_world_model_benchmark_smoke_scores_the_default_and_every_certified_tolerance(tmp_path):
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    cmd = [sys.executable, "benchmarks/world_model.py", "--env", "pendulum", "--budget-min", "0.03"]
+    cmd += ["--quick-min", "0.02", "--steps", "400", "--num-envs", "2", "--tols", "0.1", "0.01"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    subprocess.run([*cmd, "--out", str(out), "--docs", str(docs)], cwd=REPO, env=env, check=True, timeout=300)
+    result = json.loads((docs / "world_model.json").read_text())["results"]["pendulum"]
+    # each half is rounded up to whole 200-step episodes on each of the 2 envs
+    assert [part["transitions"] for part in result["dataset"]["parts"]] == [400, 400]
+    assert result["dataset"]["transitions"] == 800 and result["training"]["checkpoint"]
+    runs = [result["eval_default_exit"], *result["eval_certified_exit"]]
+    assert [r.get("tol") for r in runs] == [None, 0.1, 0.01]
+    for r in runs:
+        assert set(r["horizons"]) == {"1", "10", "50"}
+        assert all(np.isfinite(h["model"]) and h["model"] >= 0 for h in r["horizons"].values())
+    assert "| 50 |" in (docs / "world_model.md").read_text()
