@@ -373,7 +373,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         if game["status"] != "not run":
             game["command"] = info["command"]
     kept = kept_games(args.out / "atari.json", games)
-    games = sorted([g for g in games if g["game"] not in {k["game"] for k in kept}] + kept, key=lambda g: g["game"])
+    replaced = {g["game"] for g in kept}
+    games = sorted([g for g in games if g["game"] not in replaced] + kept, key=lambda g: g["game"])
     info["load_average_end"] = load_average()
     payload = {"machine": info, "episodes": args.episodes, "games": games}
     write_outputs(args.out, "atari", payload, markdown(payload))
