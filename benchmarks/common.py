@@ -60,6 +60,11 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def log(msg: str) -> None:
+    """A timestamped progress line, flushed so that a log file shows where a long run is."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
 def command() -> str:
     """The exact command line that produced the outputs (threading variables included), from the repo root."""
     script = os.path.relpath(sys.argv[0], REPO)

@@ -7,7 +7,7 @@ updates and scored on the same 256 held-out sequences with the semantics of
 open-loop rollouts from the first observation with the logged actions, squared error divided per dimension by the
 train split's variance, averaged over dimensions, at 1/10/50 steps.
 
-Variants (`VARIANTS`; `--define NAME='key=value ...'` adds a loopwm variant with config overrides):
+Variants (`param_variants.VARIANTS`; `--define NAME='key=value ...'` adds a loopwm variant with config overrides):
 - loopwm variants: `configs/<task>.yaml` plus overrides, trained with `loopwm.train.Trainer`, scored with
   `prediction_errors`; diagnostics at every evaluation point: the reconstruction floor (decoding the encoder's
   latent of the true observation) and the latent error against the encoder's target at 1/10/50 steps;
@@ -44,12 +44,14 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 from obs_mlp import ObsMLP, fit_obs_mlp
+from param_measures import count_parameters, horizon_means, idle_parameters, loopwm_diagnostics, normalised_errors
 from param_report import markdown, plot_task
+from param_variants import VARIANTS, Variant
 
 from loopwm.config import Config, load_config
 from loopwm.replay import ReplayBuffer
 
-from common import REPO, command, machine_info, parse_define
+from common import REPO, command, log, machine_info, parse_define
 
 TASKS = {
     "pendulum": ("configs/pendulum.yaml", 2000),
@@ -63,78 +65,6 @@ SPLIT_SEED = EVAL_SEED = DATA_SEED = 0
 
 
 @dataclass
-class Variant:
-    """A model to compare: a loopwm config (overrides on the task's YAML) or the observation-space MLP."""
-
-    name: str
-    kind: str = "loopwm"  # "loopwm" or "obs-mlp"
-    overrides: list[str] = field(default_factory=list)
-    note: str = ""
-    match: Optional[str] = None  # "parameters" or "macs": set model.dynamics_width to match the shipped loopwm
-
-
-PLAIN_LOOP = ["train.loop_sampling=fixed", "train.w_deep=0", "train.w_gate=0", "train.extra_loops=0"]
-"""The loop's training extras switched off: fixed loop count, no deep supervision, no extra loops, no gate."""
-DELTA_DESIGN = ["model.obs_decoder=delta", "model.latent_update=residual", "train.w_delta=10", "train.w_obs=10"]
-"""Observation-space design: the delta decoder, the residual latent update and observation-space weights."""
-PLAIN_MLP = ["model.dynamics=mlp", "train.w_deep=0", "train.w_gate=0", "train.extra_loops=0", "planner.loops=null"]
-"""The loop replaced by a TD-MPC2-style MLP core; the loop-only terms (deep supervision, gate, extra loops, a
-planner loop count) off."""
-
-VARIANTS = {
-    v.name: v
-    for v in [
-        Variant("loopwm", note="configs/<task>.yaml as shipped"),
-        Variant("obs-mlp", kind="obs-mlp", note="4x200 SiLU, normalised delta, 1-step loss"),
-        Variant(
-            "stack",
-            overrides=["model.shared=false", "planner.loops=null", *PLAIN_LOOP],
-            note="unshared stack: model.loops distinct blocks of the same width, each applied once, each its own "
-            "contraction; trained as loopwm-plain",
-        ),
-        Variant(
-            "mlp-params",
-            overrides=PLAIN_MLP,
-            match="parameters",
-            note="TD-MPC2-style MLP core (Linear-LayerNorm-Mish x2, no loop; latent LayerNorm as loopwm's), width "
-            "matching the shipped loopwm's parameters",
-        ),
-        Variant(
-            "mlp-flops",
-            overrides=PLAIN_MLP,
-            match="macs",
-            note="TD-MPC2-style MLP core as mlp-params, width matching the shipped loopwm's FLOPs per step",
-        ),
-        Variant(
-            "loopwm-plain",
-            overrides=PLAIN_LOOP,
-            note="the shipped latent design, trained at model.loops without deep supervision, extra loops or gate",
-        ),
-        Variant(
-            "loopwm+delta+plain",
-            overrides=[*DELTA_DESIGN, *PLAIN_LOOP],
-            note="delta decoder, residual latent, observation weights 10, plain loop objective",
-        ),
-        Variant(
-            "loopwm-delta",
-            overrides=["model.obs_decoder=delta"],
-            note="delta decoder: o_k = o_{k-1} + D(z_{k-1}, z_k), chained from the true first observation",
-        ),
-        Variant(
-            "loopwm-residual",
-            overrides=["model.latent_update=residual"],
-            note="residual latent: z_k = LN(z_{k-1} + C(h))",
-        ),
-        Variant(
-            "loopwm-delta-residual",
-            overrides=["model.obs_decoder=delta", "model.latent_update=residual"],
-            note="delta decoder and residual latent",
-        ),
-    ]
-}
-
-
-@dataclass
 class Protocol:
     """What every variant of one task shares: data size, updates, the MLP's batch and the evaluation points."""
 
@@ -143,10 +73,6 @@ class Protocol:
     mlp_batch: int = 256
     eval_at: list[int] = field(default_factory=list)
     smoke: bool = False
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def task_config(task: str, seed: int, overrides: list[str], protocol: Protocol, data_path: Path) -> Config:
@@ -206,62 +132,6 @@ def dataset(task: str, protocol: Protocol, out: Path) -> tuple[ReplayBuffer, Rep
 def held_out(val: ReplayBuffer, horizon: int) -> dict[str, torch.Tensor]:
     """The held-out sequences every variant is scored on: those `prediction_errors` samples (same seed and length)."""
     return val.sample(SEQUENCES, horizon, np.random.default_rng(EVAL_SEED))
-
-
-def normalised_errors(pred: torch.Tensor, true: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """[H, B] squared error divided by the per-dimension variance, averaged over dimensions (prediction_errors')."""
-    return ((pred - true).pow(2) / var.clamp_min(1e-8)).flatten(2).mean(-1)
-
-
-def horizon_means(err: torch.Tensor, horizons: tuple[int, ...]) -> dict[str, float]:
-    return {str(h): float(err[h - 1].mean()) for h in horizons if h <= err.shape[0]}
-
-
-@torch.no_grad()
-def loopwm_diagnostics(
-    wm: Any, batch: dict[str, torch.Tensor], var: torch.Tensor, horizons: tuple[int, ...]
-) -> dict[str, Any]:
-    """Where a loopwm error comes from: the decoder's floor on true latents, and the latent's own drift.
-
-    - `recon_floor`: decode(encode(o)) against o over every held-out observation, i.e. the 1-step error if the
-      loop predicted the encoder's latent exactly;
-    - `latent_error`: ‖ẑ_h − E(o_h)‖² over the variance of E(o) across the batch, at each horizon (0 = perfect,
-      1 = no better than the mean latent);
-    - `delta_floor` (delta decoder only): o_k + D(E(o_k), E(o_{k+1})) against o_{k+1}, the 1-step error with
-      the latent transition predicted exactly.
-    """
-    wm.eval()
-    obs, actions = batch["obs"].float(), batch["actions"].float()
-    target = wm.encode(obs)  # [H+1, B, Z]
-    recon = wm.decode(target)
-    out = wm.imagine(target[0], actions, decode="none")
-    latent_err = (out.latents[1:] - target[1:]).pow(2).mean(-1) / target.var(1).mean(-1)[1:, None]
-    result = {
-        "recon_floor": float(normalised_errors(recon, obs, var).mean()),
-        "latent_error": horizon_means(latent_err, horizons),
-    }
-    if wm.delta_decoder is not None:
-        nxt = wm.denormalize_obs(wm.normalize_obs(obs[:-1]) + wm.decode_delta(target[:-1], target[1:]))
-        result["delta_floor"] = float(normalised_errors(nxt, obs[1:], var).mean())
-    return result
-
-
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def idle_parameters(wm: Any) -> int:
-    """Parameters of the dynamics blocks that a step from h = 0 does not reach (zero gradient, fixed seed): in an
-    unshared stack, the first block's maps on the zero start state; in a shared loop, none."""
-    g = torch.Generator().manual_seed(0)
-    z = wm.encode(torch.randn(16, *wm.spec.obs_shape, generator=g))
-    actions = torch.rand(16, wm.action_dim, generator=g) * 2 - 1
-    wm.zero_grad(set_to_none=True)
-    wm.step(z.detach(), actions)[0].square().sum().backward()
-    blocks = wm.core.blocks() if hasattr(wm.core, "blocks") else [wm.core]
-    idle = sum(p.numel() for b in blocks for p in b.parameters() if p.grad is None or not bool(p.grad.any()))
-    wm.zero_grad(set_to_none=True)
-    return idle
 
 
 def run_loopwm(

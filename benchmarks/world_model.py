@@ -27,37 +27,26 @@ import argparse
 import json
 import math
 import os
-import resource
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from world_model_report import markdown
 
+from loopwm.app.run import peak_rss_mib
 from loopwm.config import Config, dump_yaml, load_config
 from loopwm.exits import LoopOptions
 
-from common import machine_info
+from common import REPO, command, log, machine_info
 
-ROOT = Path(__file__).resolve().parent.parent
 ENVS = {"pendulum": "configs/pendulum.yaml", "halfcheetah": "configs/halfcheetah.yaml"}
 # The offline fit uses a wider HalfCheetah model than the online config, which is sized for planning speed.
 WIDER = {
     "halfcheetah": ["model.latent_dim=128", "model.hidden_dim=256", "model.inject_dim=256", "train.batch_size=256"]
 }
 TARGET_STEP1_FACTOR = 5.0
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MB (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in ["python", *sys.argv])
 
 
 def update_json(path: Path, key: str, value: Any, **top: Any) -> dict[str, Any]:
@@ -72,13 +61,9 @@ def update_json(path: Path, key: str, value: Any, **top: Any) -> dict[str, Any]:
     return data
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 def rel(path: Path) -> str:
     try:
-        return str(Path(path).resolve().relative_to(ROOT))
+        return str(Path(path).resolve().relative_to(REPO))
     except ValueError:
         return str(path)
 
@@ -95,21 +80,30 @@ def episode_steps(cfg: Config) -> int:
 
 
 def collect_part(
-    cfg: Config, policy: str, transitions: int, path: Path, seed: int, planner_ckpt: Path | None, extra: list[str]
+    config: Path,
+    base: list[str],
+    policy: str,
+    transitions: int,
+    path: Path,
+    seed: int,
+    planner_ckpt: Path | None,
+    extra: list[str],
 ) -> tuple[Any, dict[str, Any]]:
     """`collect` sized so that every env finishes whole episodes (none is cut off and dropped).
 
     `collect` stops once stored + still-open transitions reach data.steps and stores the open ones as truncated
-    episodes; asking for num_envs x whole episodes means every env stops exactly at an episode end.
+    episodes; asking for num_envs x whole episodes means every env stops exactly at an episode end. The part's
+    config is `config` with the benchmark's `base` overrides, then this part's policy, size, seed and `extra`.
     """
     from loopwm.app.collect import collect
 
+    cfg = load_config(config, base)
     n, t = cfg.env.num_envs, episode_steps(cfg)
     per_env = max(1, math.ceil(transitions / (n * t)))
     overrides = [f"data.policy={policy}", f"data.steps={n * per_env * t}", f"data.path={path}", f"seed={seed}", *extra]
     if planner_ckpt is not None:
         overrides.append(f"data.planner_checkpoint={planner_ckpt}")
-    part_cfg = load_config(ROOT / ENVS_ACTIVE, [*BASE_OVERRIDES, *overrides])
+    part_cfg = load_config(config, [*base, *overrides])
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     buffer = collect(part_cfg, progress=False)
@@ -231,16 +225,15 @@ def verdict(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    global ENVS_ACTIVE, BASE_OVERRIDES
     from loopwm.analysis.prediction import prediction_errors
     from loopwm.app.train import load_dataset
     from loopwm.envs import env_spaces, replay_buffer
     from loopwm.train import save_run
 
-    ENVS_ACTIVE = ENVS[args.env]
+    config = REPO / ENVS[args.env]
     out_dir = Path(args.out) / args.env
     data_path = out_dir / "dataset.npz"
-    BASE_OVERRIDES = [
+    base = [
         f"name={args.env}",
         f"run_dir={rel(Path(args.out))}",
         f"data.path={rel(data_path)}",
@@ -249,7 +242,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"threads={args.threads}",
         *WIDER.get(args.env, []),
     ]
-    cfg = load_config(ROOT / ENVS_ACTIVE, BASE_OVERRIDES)
+    cfg = load_config(config, base)
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     machine = machine_info()
     log(
@@ -258,17 +251,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     record: dict[str, Any] = {
         "env": cfg.env.id,
-        "config": ENVS_ACTIVE,
-        "command": command_line(),
+        "config": ENVS[args.env],
+        "command": command(),
         "machine_at_start": machine,
-        "overrides": BASE_OVERRIDES,
+        "overrides": base,
     }
     wall0 = time.perf_counter()
 
     # ---- 1. dataset: random half, quick model, noisy-planner half --------------------------------------
     half = args.steps // 2
-    random_buf, random_info = collect_part(cfg, "random", half, out_dir / "random.npz", args.seed, None, [])
-    quick_cfg = load_config(ROOT / ENVS_ACTIVE, [*BASE_OVERRIDES, f"name={args.env}-quick"])
+    random_buf, random_info = collect_part(config, base, "random", half, out_dir / "random.npz", args.seed, None, [])
+    quick_cfg = load_config(config, [*base, f"name={args.env}-quick"])
     quick_train, _ = random_buf.split(quick_cfg.train.val_fraction, seed=quick_cfg.seed)
     _, quick_trainer, quick_info = train_for(quick_cfg, quick_train, args.quick_min, "quick model")
     quick_trainer.cfg.train.updates = quick_trainer.updates
@@ -282,7 +275,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"data.noise={args.noise}",
     ]
     planner_buf, planner_info = collect_part(
-        cfg, "noisy_planner", args.steps - half, out_dir / "planner.npz", args.seed + 1000, quick_ckpt, planner_extra
+        config,
+        base,
+        "noisy_planner",
+        args.steps - half,
+        out_dir / "planner.npz",
+        args.seed + 1000,
+        quick_ckpt,
+        planner_extra,
     )
     obs_space, act_space = env_spaces(cfg.env, cfg.seed)
     merged = replay_buffer(cfg, obs_space, act_space)
@@ -345,7 +345,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"step-1 loops {res['step1_loops']}\n{table(res)}"
         )
     record["eval_certified_exit"] = certified
-    record["peak_rss_mb"] = peak_rss_mb()
+    record["peak_rss_mb"] = peak_rss_mib()  # MiB; the key predates the unit's name
     record["total_wall_s"] = round(time.perf_counter() - wall0, 1)
     record["machine_at_end"] = {"loadavg": list(os.getloadavg())}
     print(
@@ -354,96 +354,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"{train_info['train_seconds']:.0f}s), peak RSS {record['peak_rss_mb']:.0f} MB"
     )
     return record
-
-
-def markdown(data: dict[str, Any]) -> str:
-    m = data.get("machine", {})
-    lines = [
-        "# World-model benchmark",
-        "",
-        "Held-out open-loop prediction error after a fixed CPU training budget "
-        "(`benchmarks/world_model.py`). Errors are MSE divided per dimension by the *train* split's variance "
-        "(1.0 = predicting the train mean). Held-out = whole episodes of the dataset's val split "
-        "(train.val_fraction); 256 sampled sequences. Targets: step-1 error at least 5x below the better "
-        "baseline; step-50 error below both baselines.",
-        "",
-        f"Machine: {m.get('nproc')} CPUs, {m.get('cpu_model')}, {m.get('memory_gb')} GB, "
-        f"torch {m.get('torch')}, Python {m.get('python')}. Timings are wall clock on a shared machine: the load "
-        "average is recorded next to each run, and a load above the CPU count means the budget bought fewer "
-        "updates.",
-        "",
-    ]
-    for r in data.get("results", {}).values():
-        d, t = r["dataset"], r["training"]
-        lines += [
-            f"## {r['env']}",
-            "",
-            f"Command: `{r['command']}`",
-            "",
-            f"- Dataset `{d['path']}`: {d['transitions']} transitions / {d['episodes']} episodes; "
-            f"train {d['train']['transitions']} ({d['train']['episodes']} ep.), held-out "
-            f"{d['val']['transitions']} ({d['val']['episodes']} ep.).",
-        ]
-        for p in d["parts"]:
-            extra = ""
-            if p["policy"] != "random":
-                pl = p["planner"]
-                extra = (
-                    f"; MPPI samples={pl['samples']}, elites={pl['elites']}, iterations={pl['iterations']}, "
-                    f"horizon={pl['horizon']}, noise={p['noise']}"
-                )
-            lines.append(
-                f"  - {p['policy']}: {p['transitions']} transitions, {p['episodes']} episodes, "
-                f"{p['num_envs']} envs, seed {p['seed']}, {p['seconds']} s{extra}"
-            )
-        q = d["quick_model"]
-        lines += [
-            f"  - quick model for the planner: {q['updates']} updates in {q['train_seconds']} s on the random half",
-            f"- Training: `{r['config']}`, budget {t['budget_s'] / 60:g} min of `Trainer.update` wall clock -> "
-            f"**{t['updates']} updates** in {t['train_seconds']} s (process CPU {t['train_cpu_seconds']} s); "
-            f"load average before/after {t['loadavg_before'][0]:.1f}/{t['loadavg_after'][0]:.1f}.",
-            f"- Throughput: **{t['transitions_per_s']:.0f} transitions/s** "
-            f"({t['batch_size']} x {t['horizon']} x {t['updates']} / {t['train_seconds']} s); "
-            f"peak RSS **{r['peak_rss_mb']:.0f} MB** (whole process, collection included).",
-            f"- Checkpoint: `{t['checkpoint']}` (save_run: config, trainer state and replay inside); "
-            f"certified kappa {r['eval_default_exit']['kappa']:.4f}.",
-            "",
-            f"Default exit ({r['eval_default_exit']['exit']}):",
-            "",
-            "| horizon | model | predict-mean | no-change | best baseline / model | loops |",
-            "|---:|---:|---:|---:|---:|---:|",
-        ]
-        for h, e in r["eval_default_exit"]["horizons"].items():
-            best = min(e["predict_mean"], e["no_change"])
-            lines.append(
-                f"| {h} | {e['model']:.4f} | {e['predict_mean']:.4f} | {e['no_change']:.4f} | "
-                f"{best / e['model']:.2f}x | {e['loops_mean']:.2f} |"
-            )
-        v = r["eval_default_exit"]["verdict"]
-        lines += [
-            "",
-            f"Targets: step 1 >= 5x below the better baseline: "
-            f"**{'met' if v.get('step1_target_met') else 'NOT met'}** "
-            f"({v.get('step1_factor_below_best_baseline', float('nan')):.2f}x); "
-            f"step 50 below both baselines: **{'met' if v.get('step50_below_both') else 'NOT met'}**.",
-            "",
-            "Certified exit (every tolerance tried is listed):",
-            "",
-            "| tol | step-1 loops min/mean/max (distinct) | Spearman(loops, step-1 error) | err@1 | err@10 | "
-            "err@50 | mean loops @50 |",
-            "|---:|---|---:|---:|---:|---:|---:|",
-        ]
-        for c in r["eval_certified_exit"]:
-            s, hs = c["step1_loops"], c["horizons"]
-            sp = c["loops_error_spearman_step1"]
-            lines.append(
-                f"| {c['tol']:g} | {s['min']:.0f}/{s['mean']:.2f}/{s['max']:.0f} ({s['distinct']}) | "
-                f"{'n/a (loops constant)' if sp != sp else f'{sp:.3f}'} | "
-                + " | ".join(f"{hs[h]['model']:.4f}" if h in hs else "-" for h in ("1", "10", "50"))
-                + f" | {hs[max(hs, key=int)]['loops_mean']:.2f} |"
-            )
-        lines.append("")
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -473,15 +383,12 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/out")
     parser.add_argument("--docs", default="docs/benchmarks")
     args = parser.parse_args()
-    os.chdir(ROOT)
+    os.chdir(REPO)
     record = run(args)
     data = update_json(Path(args.docs) / "world_model.json", args.env, record, machine=machine_info())
     (Path(args.docs) / "world_model.md").write_text(markdown(data))
     log(f"wrote {Path(args.docs) / 'world_model.json'} and world_model.md")
 
-
-ENVS_ACTIVE = ""
-BASE_OVERRIDES: list[str] = []
 
 if __name__ == "__main__":
     main()
