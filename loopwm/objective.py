@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from loopwm.config import ModelConfig, TrainConfig
 from loopwm.exits import LoopOptions
-from loopwm.loop import LoopTrace, StepContext
+from loopwm.loop_state import LoopTrace, StepContext
 from loopwm.world_model import WorldModel
 
 TERMS = (

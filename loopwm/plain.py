@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from loopwm.config import ModelConfig
 from loopwm.exits import LoopOptions
-from loopwm.loop import LoopTrace
+from loopwm.loop_state import LoopTrace
 
 
 @dataclass

@@ -16,7 +16,8 @@ from torch.nn import functional as F
 
 from loopwm.config import Config, ModelConfig
 from loopwm.exits import EXIT_RULES, LoopOptions
-from loopwm.loop import LoopCore, LoopTrace
+from loopwm.loop import LoopCore
+from loopwm.loop_state import LoopTrace
 from loopwm.nets import (
     RewardHead,
     SpaceSpec,

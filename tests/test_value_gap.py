@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loopwm.envs import WorldModelEnv, episode_returns, value_gap
-from loopwm.loop import LoopTrace
+from loopwm.loop_state import LoopTrace
 from loopwm.world_model import WorldModel
 from tests.helpers import tiny_config
 

@@ -12,7 +12,7 @@ from torch import Tensor
 from loopwm.analysis.agreement import agreement_score, rms_distance
 from loopwm.analysis.stats import as_numpy, auroc, spearman, top_fraction
 from loopwm.exits import EXIT_RULES, LoopOptions
-from loopwm.loop import LoopTrace
+from loopwm.loop_state import LoopTrace
 from loopwm.world_model import WorldModel
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ from torch import Tensor
 from loopwm.analysis.agreement import rms_distance
 from loopwm.exits import LoopOptions
 from loopwm.lipschitz import exact_spectral_norm
-from loopwm.loop import StepContext
+from loopwm.loop_state import StepContext
 from loopwm.world_model import WorldModel
 
 
