@@ -22,6 +22,9 @@ from loopwm.exits import planner_loop_options
 from loopwm.nets import argmax_groups, group_slices
 
 LatentFn = Callable[[Tensor], Tensor]
+PriorFn = Callable[[Tensor, torch.Generator], Tensor]
+"""A policy prior: latents [B, Z] and the planner's generator to actions [B, A] drawn with that generator, so a
+seeded planner repeats its plans."""
 Params = dict[str, Tensor]
 
 
@@ -164,7 +167,7 @@ class Planner:
         wm: Any,
         cfg: PlannerConfig,
         value: Optional[LatentFn] = None,
-        prior: Optional[LatentFn] = None,
+        prior: Optional[PriorFn] = None,
         *,
         discount: float = 0.99,
         uncertainty: Literal["bound", "unconverged"] = "bound",
@@ -289,7 +292,7 @@ class Planner:
             return None
         zk, actions = z.repeat_interleave(self.policy_samples, 0), []
         for k in range(self.cfg.horizon):
-            a = self.prior(zk) if self.wm.discrete else self.prior(zk).clamp(-1, 1)
+            a = self.prior(zk, self.gen) if self.wm.discrete else self.prior(zk, self.gen).clamp(-1, 1)
             actions.append(a)
             if k + 1 < self.cfg.horizon:
                 zk = self.wm.imagine(zk, a[None], decode="none").latents[-1]
@@ -386,7 +389,7 @@ def build_planner(
     cfg: Config,
     wm: Any,
     value: Optional[LatentFn] = None,
-    prior: Optional[LatentFn] = None,
+    prior: Optional[PriorFn] = None,
     *,
     seed: Optional[int] = None,
     exploration: float = 0.0,

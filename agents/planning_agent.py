@@ -57,8 +57,10 @@ class PlanningAgent:
     `act` validates the observation (shape, finite values), plans from it (warm-starting from the previous
     plan within an episode) and maps the planner's [-1, 1] action onto the action space's bounds (an
     integer for Discrete, one per entry for MultiDiscrete and MultiBinary). Call `reset` at every episode
-    start. Deterministic by default (the planner's mean); ``explore=True`` samples with the configured
-    exploration noise instead.
+    start. By default it acts with the planner's mean; ``explore=True`` samples with the configured
+    exploration noise instead. Every draw (the planner's samples, the prior's) comes from the planner's own
+    generator, seeded by `load_agent(seed=...)`: two agents with the same seed act alike, and acting leaves
+    torch's global generator alone.
     """
 
     def __init__(

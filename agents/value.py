@@ -191,9 +191,10 @@ class PolicyPrior:
         return torch.tanh(mu + log_std.exp() * eps), eps, log_std
 
     @torch.no_grad()
-    def __call__(self, z: Tensor) -> Tensor:
-        """A sampled action [B, A] (what the planner seeds its samples with; its log-probability is not needed)."""
-        return self.sample(z)[0] if self.discrete else self._box_sample(self.net(z))[0]
+    def __call__(self, z: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """A sampled action [B, A] (what the planner seeds its samples with; its log-probability is not needed),
+        drawn with `generator` (the planner passes its own, so a seeded planner repeats its actions)."""
+        return self.sample(z, generator)[0] if self.discrete else self._box_sample(self.net(z), generator)[0]
 
     @torch.no_grad()
     def mode(self, z: Tensor) -> Tensor:

@@ -28,12 +28,16 @@ def _describe_actions(spec: SpaceSpec) -> str:
 def check_compatible(spec: SpaceSpec, obs_space: Optional[Space], act_space: Optional[Space], where: str) -> None:
     """Raise a ValueError naming the difference when `where`'s spaces are not those the model was built for.
 
-    Observations must be a Box of the model's shape and dtype (a Dict arrives flattened by `make_env`);
-    actions must be categorical with the same groups, or a Box with the same bounds.
+    Observations must be a Box of the model's shape and dtype (a Dict arrives flattened by `make_env`); a float
+    Box of another width (MuJoCo's float64) counts as the model's float32, since `make_env` casts it the same way.
+    Actions must be categorical with the same groups, or a Box with the same bounds.
     """
     if obs_space is not None:
         shape, dtype = tuple(getattr(obs_space, "shape", None) or ()), getattr(obs_space, "dtype", None)
-        dtype_ok = dtype is not None and np.dtype(dtype) == np.dtype(spec.obs_dtype)
+        dtype_ok = dtype is not None and (
+            np.dtype(dtype) == np.dtype(spec.obs_dtype)
+            or (np.issubdtype(dtype, np.floating) and np.issubdtype(np.dtype(spec.obs_dtype), np.floating))
+        )
         if not isinstance(obs_space, Box) or shape != tuple(spec.obs_shape) or not dtype_ok:
             raise ValueError(
                 f"{where} has observation space {obs_space}; the model was trained on a Box of shape "
@@ -59,8 +63,8 @@ def spaces_for(
 ) -> tuple[Box, Space]:
     """The single-env observation and action spaces of a model environment.
 
-    Given real spaces (checked against the model) are used as they are, so decoded observations carry
-    the real bounds; without them vector observations are unbounded, pixels are 0..255 uint8, and the
+    Given real spaces (checked against the model) are used with the model's observation dtype, so decoded
+    observations carry the real bounds; without them vector observations are unbounded, pixels are 0..255 uint8, and the
     actions are rebuilt from the model (one categorical group: Discrete, several: MultiDiscrete).
     Latent observations (`decode_obs=False`) are unbounded vectors of the latent width.
     """
@@ -71,7 +75,9 @@ def spaces_for(
     if not decode_obs:
         return Box(-np.inf, np.inf, (wm.latent_dim,), np.float32), action_space
     if observation_space is not None:
-        return Box(observation_space.low, observation_space.high, dtype=observation_space.dtype), action_space
+        dtype = np.dtype(spec.obs_dtype)
+        low, high = observation_space.low.astype(dtype), observation_space.high.astype(dtype)
+        return Box(low, high, dtype=dtype), action_space
     if spec.pixels:
         return Box(0, 255, spec.obs_shape, np.uint8), action_space
     return Box(-np.inf, np.inf, spec.obs_shape, np.float32), action_space

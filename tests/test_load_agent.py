@@ -34,15 +34,16 @@ def test_actions_are_in_pendulums_own_units(run_checkpoint):
     obs, _ = env.reset(seed=0)
     agent.reset()
     actions = []
+    torch.manual_seed(0)
+    global_state = torch.get_rng_state()
     for t in range(8):
-        torch.manual_seed(t)  # the prior samples from torch's global generator
-        action = agent.act(obs)
-        torch.manual_seed(t)
+        action = agent.act(obs)  # every draw from the planner's seeded generator, none from torch's global one
         raw = twin.planner.act(obs, eval_mode=True, t0=t == 0)  # the planner's [-1, 1] action
         np.testing.assert_allclose(action, 2.0 * np.clip(raw, -1, 1), rtol=1e-6)  # scaled onto ±2, not passed on
         assert action in env.action_space and action.dtype == np.float32 and action.shape == (1,)
         actions.append(action)
         obs, *_ = env.step(action)
+    assert torch.equal(torch.get_rng_state(), global_state)
     explorer = loopwm.load_agent(path, seed=1, explore=True)
     wide = [explorer.act(env.reset(seed=i)[0]) for i in range(20)]
     assert all(a in env.action_space for a in wide) and max(abs(float(a[0])) for a in wide) > 1.0

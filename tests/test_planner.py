@@ -225,7 +225,7 @@ def test_policy_prior_seeds_samples():
     wm = point_model()
     c = cfg(method="cem", iterations=1, samples=16, elites=2, policy_samples=2, momentum=0.0)
 
-    def optimal(z):
+    def optimal(z, generator):
         return TARGET - z
 
     without = make_planner(wm, c, seed=0).act(np.zeros(2), eval_mode=True)

@@ -209,3 +209,28 @@ def test_render_decodes_pixel_frames():
     assert obs.dtype == np.uint8 and obs in env.observation_space
     with pytest.raises(ValueError, match="render_mode"):
         make(box_model(), render_mode="rgb_array")
+
+
+class Float64Env(gym.Env):
+    """A real env with MuJoCo's float64 observations and the box model's action bounds."""
+
+    observation_space = Box(-10.0, 10.0, (3,), np.float64)
+    action_space = Box(np.array([-2.0, 0.0], np.float32), np.array([2.0, 1.0], np.float32))
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.np_random.normal(size=3), {}
+
+    def step(self, action):
+        return self.np_random.normal(size=3), 0.0, False, False, {}
+
+
+def test_a_float64_env_counts_as_the_float32_model_it_was_cast_for():
+    real = Float64Env()
+    env = WorldModelEnv(box_model(), reset_obs=real, observation_space=real.observation_space)
+    assert env.observation_space == Box(-10.0, 10.0, (3,), np.float32)
+    obs, _ = env.reset(seed=0)
+    assert obs.dtype == np.float32 and obs in env.observation_space
+    assert env.step(np.zeros(2, np.float32))[0].dtype == np.float32
+    with pytest.raises(ValueError, match="dtype uint8"):  # a float model is not a pixel model
+        WorldModelEnv(pixel_model(), observation_space=Box(0.0, 255.0, PIXELS, np.float64))
