@@ -24,28 +24,47 @@ class Policy(Protocol):
 
 
 def play(
-    policy: Policy, env: gym.Env, *, seed: Optional[int] = None, options: Optional[dict[str, Any]] = None
-) -> tuple[float, np.ndarray, int]:
-    """One episode of `policy` in `env`; returns (return, start observation, steps)."""
+    policy: Policy,
+    env: gym.Env,
+    *,
+    seed: Optional[int] = None,
+    options: Optional[dict[str, Any]] = None,
+    max_steps: Optional[int] = None,
+) -> tuple[float, np.ndarray, int, bool]:
+    """One episode of `policy` in `env`, cut after `max_steps` steps when given; returns (return, start
+    observation, steps, whether it ended by truncation or the cut rather than by termination)."""
     if not callable(policy):
         raise TypeError(f"policy must be callable as policy(obs) -> action, got {type(policy).__name__}")
     obs, _ = env.reset(seed=seed, options=options)
     start = np.array(obs)
     if callable(getattr(policy, "reset", None)):
         policy.reset()
-    total, steps, done = 0.0, 0, False
-    while not done:
+    total, steps, terminated, truncated = 0.0, 0, False, False
+    while not (terminated or truncated):
         obs, reward, terminated, truncated, _ = env.step(policy(obs))
         total += float(reward)
         steps += 1
-        done = bool(terminated or truncated)
-    return total, start, steps
+        truncated = bool(truncated) or (max_steps is not None and steps >= max_steps and not terminated)
+    return total, start, steps, bool(truncated and not terminated)
 
 
 def episode_returns(policy: Policy, env: gym.Env, episodes: int, seed: int = 0) -> list[float]:
     """Returns of `episodes` episodes of `policy` in `env`, episode i reset with ``seed + i``."""
     _check_episodes(episodes)
     return [play(policy, env, seed=seed + i)[0] for i in range(episodes)]
+
+
+def time_limit(env: gym.Env) -> Optional[int]:
+    """The step limit `env` enforces: the tightest of its TimeLimit wrappers' and a model env's own
+    `max_episode_steps`; None when it has neither."""
+    limits, layer = [], env
+    while layer is not None:
+        if isinstance(layer, gym.wrappers.TimeLimit):
+            limits.append(int(layer._max_episode_steps))  # TimeLimit keeps its limit there
+        elif layer is env.unwrapped and getattr(layer, "max_episode_steps", None) is not None:
+            limits.append(int(layer.max_episode_steps))
+        layer = getattr(layer, "env", None)
+    return min(limits) if limits else None
 
 
 @dataclass
@@ -88,13 +107,23 @@ def value_gap(policy: Policy, real_env: gym.Env, model_env: gym.Env, episodes: i
 
     Episode i resets the real environment with ``seed + i`` and hands its start observation to the model
     environment as ``reset(seed=seed + i, options={"obs": start})`` (as `WorldModelEnv` accepts), so the
-    two returns differ only through the model's predictions. Give both environments the same time limit.
+    two returns differ only through the model's predictions. Where the real episode ran into its time limit,
+    the model episode is cut at the same step, so both sum the same number of rewards; where it terminated, the
+    model episode runs until the model predicts termination or reaches its own time limit, so a missed
+    termination shows in the gap. A model environment without a time limit is refused: it could run forever.
     """
     _check_episodes(episodes)
+    if time_limit(model_env) is None:
+        raise ValueError(
+            "model_env has no time limit (max_episode_steps=None and no TimeLimit wrapper), so an episode the model "
+            "never ends would run forever: give it max_episode_steps or wrap it in gymnasium.wrappers.TimeLimit"
+        )
     out = ValueGap([], [])
     for i in range(episodes):
-        real_return, start, real_steps = play(policy, real_env, seed=seed + i)
-        model_return, _, model_steps = play(policy, model_env, seed=seed + i, options={"obs": start})
+        real_return, start, real_steps, cut = play(policy, real_env, seed=seed + i)
+        model_return, _, model_steps, _ = play(
+            policy, model_env, seed=seed + i, options={"obs": start}, max_steps=real_steps if cut else None
+        )
         out.real.append(real_return)
         out.model.append(model_return)
         out.real_steps.append(real_steps)

@@ -113,3 +113,25 @@ def test_policies_with_reset_are_reset_each_episode_and_bad_input_is_refused():
         episode_returns(object(), PointMass(), 1)
     with pytest.raises(ValueError, match="episodes must be an integer >= 1"):
         value_gap(controller, PointMass(), model_env(AnalyticModel()), episodes=0)
+
+
+class FallsOver(PointMass):
+    """PointMass that terminates once x leaves [-1.1, 1.1]: a model that never terminates misses it."""
+
+    def step(self, action):
+        obs, reward, _, truncated, info = super().step(action)
+        return obs, reward, bool(abs(self.x) > 1.1), truncated, info
+
+
+def test_model_episodes_end_where_the_real_time_limit_does_and_run_on_past_a_missed_termination():
+    long_model = WorldModelEnv(AnalyticModel(), observation_space=PointMass.observation_space, max_episode_steps=50)
+    gap = value_gap(controller, PointMass(), long_model, episodes=2)
+    assert gap.real_steps == gap.model_steps == [20, 20]  # cut at the real 20-step limit, not the model's 50
+    assert gap.real == gap.model
+    away = value_gap(lambda obs: np.ones(1, np.float32), FallsOver(), long_model, episodes=2)
+    assert all(r < 20 for r in away.real_steps) and away.model_steps == [50, 50]  # the model never terminates
+    unbounded = WorldModelEnv(AnalyticModel(), observation_space=PointMass.observation_space, max_episode_steps=None)
+    with pytest.raises(ValueError, match="model_env has no time limit"):
+        value_gap(controller, PointMass(), unbounded, episodes=1)
+    limited = gym.wrappers.TimeLimit(unbounded, 20)
+    assert value_gap(controller, PointMass(), limited, episodes=1).model_steps == [20]
