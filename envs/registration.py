@@ -91,9 +91,11 @@ def model_env_parts(
             raise
     if isinstance(reset_obs, str) and reset_obs == "replay":
         reset_obs = _replay_starts(run.payload, path)
-    if max_episode_steps is None:
+    if max_episode_steps is None:  # the real env's limit counts its own steps; one model step is action_repeat of them
         limit = real.spec.max_episode_steps if real is not None and real.spec is not None else None
-        max_episode_steps = limit or (cfg.env.max_episode_steps if cfg is not None else None) or 1000
+        limit = limit or (cfg.env.max_episode_steps if cfg is not None else None)
+        repeat = cfg.env.action_repeat if cfg is not None else 1
+        max_episode_steps = -(-limit // repeat) if limit else 1000
     parts = {
         "wm": wm,
         "reset_obs": reset_obs if reset_obs is not None else real,

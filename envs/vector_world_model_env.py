@@ -160,7 +160,10 @@ class VectorWorldModelEnv(gym.vector.VectorEnv):
             for i in done:
                 final_obs[i] = last[i]
             info["final_obs"], info["_final_obs"] = final_obs, self._ended.copy()
-            info["final_info"] = {k: v for k, v in info.items() if not k.startswith(("final", "_final"))}
+            final_info = {k: v for k, v in info.items() if not k.startswith(("final", "_final"))}
+            for key in [k for k in final_info if k.startswith("_")]:  # as SyncVectorEnv: set for ended envs only
+                final_info[key] = final_info[key] & self._ended
+            info["final_info"] = final_info
             info["_final_info"] = self._ended.copy()
             self._restart(done, None)
             self._ended[:] = False

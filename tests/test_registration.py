@@ -51,6 +51,17 @@ def test_make_builds_a_spec_carrying_env_with_the_real_bounds_and_time_limit(pen
     env.close()
 
 
+def test_the_time_limit_counts_model_steps_under_action_repeat(tmp_path):
+    cfg = tiny_config()
+    cfg.env.action_repeat = 3  # Pendulum's 200 steps are ceil(200 / 3) = 67 model steps
+    real = gym.make("Pendulum-v1")
+    path = tmp_path / "repeat.pt"
+    loopwm.save(path, WorldModel.from_config(cfg, real.observation_space, real.action_space), config=to_dict(cfg))
+    assert gym.make(ENV_ID, checkpoint=str(path)).unwrapped.max_episode_steps == 67
+    vec = gym.make_vec(ENV_ID, num_envs=2, checkpoint=str(path))
+    assert vec.unwrapped.max_episode_steps == 67
+
+
 def test_check_env_passes_for_a_vector_and_a_pixel_model(pendulum_checkpoint, pixel_checkpoint):
     check_env(gym.make(ENV_ID, checkpoint=str(pendulum_checkpoint)).unwrapped)
     frames = np.random.default_rng(0).integers(0, 256, (5, 3, 64, 64), dtype=np.uint8)

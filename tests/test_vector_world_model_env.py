@@ -130,6 +130,28 @@ def test_same_step_autoreset_reports_the_final_observation_and_returns_the_new_s
     assert "final_obs" not in same[3][4]
 
 
+def test_same_step_final_info_marks_only_the_envs_that_ended():
+    env = VectorWorldModelEnv(
+        never_ends(pendulum_model()),
+        3,
+        reset_obs=starts(pendulum_model()),
+        max_episode_steps=2,
+        autoreset_mode=AutoresetMode.SAME_STEP,
+    )
+    env.reset(seed=0)
+    action = np.zeros((3, 1), np.float32)
+    env.step(action)
+    env.reset(options={"reset_mask": np.array([False, True, False])})  # env 1 starts again: it ends a step later
+    _, _, _, truncated, info = env.step(action)
+    ended = np.array([True, False, True])
+    np.testing.assert_array_equal(truncated, ended)
+    np.testing.assert_array_equal(info["_final_obs"], ended)
+    np.testing.assert_array_equal(info["_final_info"], ended)
+    for key in ("_loops_used", "_bound", "_converged", "_continue_prob", "_kappa"):
+        np.testing.assert_array_equal(info["final_info"][key], ended)  # as gymnasium's SyncVectorEnv
+        assert info[key].all()  # this step's own info covers every env
+
+
 def test_disabled_autoreset_needs_a_masked_reset():
     env, _, out = run_modes(never_ends(pendulum_model()), AutoresetMode.DISABLED, steps=3)
     assert out[2][3].all()
