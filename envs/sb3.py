@@ -54,13 +54,26 @@ class SB3VecEnv(VecEnv):
         super().__init__(venv.num_envs, venv.single_observation_space, venv.single_action_space)
 
     def reset(self) -> np.ndarray:
-        """Reset every env with the seeds given to `seed()` (env i: seed + i), then forget them as SB3 does."""
+        """Reset every env with the seeds given to `seed()` (env i: seed + i) and the start observations given to
+        `set_options` (``{"obs": obs}`` per env, or one dict for all), then forget both as SB3 does."""
         seed = self._seeds[0]
-        obs, _ = self.venv.reset(seed=None if seed is None else [int(s) for s in self._seeds])
+        obs, _ = self.venv.reset(seed=None if seed is None else [int(s) for s in self._seeds], options=self._starts())
         self._reset_seeds()
         self._reset_options()
         self.reset_infos = [{} for _ in range(self.num_envs)]
         return obs
+
+    def _starts(self) -> Optional[dict[str, np.ndarray]]:
+        """The batched reset options of the per-env ones set with `set_options`: every env's start, or none."""
+        options = [dict(o or {}) for o in self._options]
+        if not any(options):
+            return None
+        if any(set(o) != {"obs"} for o in options):
+            raise ValueError(
+                f"SB3VecEnv.set_options: every env needs exactly {{'obs': start observation}}, got {options!r}; "
+                "the model env's other reset option, reset_mask, is SB3's to manage"
+            )
+        return {"obs": np.stack([np.asarray(o["obs"]) for o in options])}
 
     def step_async(self, actions: np.ndarray) -> None:
         self._actions = actions

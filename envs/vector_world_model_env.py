@@ -30,7 +30,8 @@ class VectorWorldModelEnv(gym.vector.VectorEnv):
 
     Each sub-environment behaves as a `WorldModelEnv` with the same arguments: ``reset(seed=s)`` seeds
     env i with ``s + i`` and draws its start observation with that generator, so env 0 of a vector env
-    and a `WorldModelEnv` reset with the same seed follow the same trajectory. Start observations come
+    and a `WorldModelEnv` reset with the same seed follow the same trajectory (exactly at ``num_envs=1``; with
+    more envs up to float rounding, since a larger batch may sum its matmuls in another order). Start observations come
     from ``reset_obs`` (see `Starts`: a ReplayBuffer, a dataset path, an array, a real environment or a
     sampler), or ``options={"obs": [N, *obs_shape]}``.
 

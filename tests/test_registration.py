@@ -163,3 +163,12 @@ def test_sb3_adapter_steps_the_batched_env_with_sb3_conventions():
     np.testing.assert_array_equal(obs, ref[0])  # already the new starts
     assert sb3.last_info["loops_used"].shape == (4,)
     assert sb3.get_attr("num_envs") == [4, 4, 4, 4] and sb3.env_is_wrapped(gym.Wrapper) == [False] * 4
+    given = np.random.default_rng(1).uniform(-1, 1, (4, 3)).astype(np.float32)
+    sb3.set_options([{"obs": row} for row in given])  # SB3's way to pass reset options, one dict per env
+    np.testing.assert_array_equal(sb3.reset(), given)
+    assert not np.array_equal(sb3.reset(), given)  # forgotten after one reset, as SB3 does
+    sb3.set_options({"obs": given[0]})  # one dict for every env
+    np.testing.assert_array_equal(sb3.reset(), np.repeat(given[:1], 4, 0))
+    sb3.set_options({"state": given[0]})
+    with pytest.raises(ValueError, match=r"every env needs exactly \{'obs'"):
+        sb3.reset()
