@@ -133,7 +133,7 @@ def action_dim(space: Space) -> int:
     return sum(groups) if groups else int(space.shape[0])
 
 
-def _starts(space: Space) -> np.ndarray:
+def action_starts(space: Space) -> np.ndarray:
     """The smallest value of each categorical sub-action (Discrete and MultiDiscrete may start above 0)."""
     if isinstance(space, (Discrete, MultiDiscrete)):
         return np.asarray(space.start, dtype=np.int64).ravel()
@@ -145,7 +145,7 @@ def action_to_model(action: np.ndarray, space: Space) -> np.ndarray:
     groups = action_groups(space)
     if groups:
         index = np.asarray(action, dtype=np.int64)
-        index = (index[..., None] if isinstance(space, Discrete) else index) - _starts(space)
+        index = (index[..., None] if isinstance(space, Discrete) else index) - action_starts(space)
         return np.concatenate([np.eye(n, dtype=np.float32)[index[..., i]] for i, n in enumerate(groups)], -1)
     low, high = space.low.astype(np.float64), space.high.astype(np.float64)
     return (2.0 * (np.asarray(action, dtype=np.float64) - low) / (high - low) - 1.0).astype(np.float32)
@@ -157,7 +157,8 @@ def action_from_model(x: np.ndarray, space: Space) -> np.ndarray:
     x = np.asarray(x)
     if groups:
         ends = np.cumsum(groups)
-        index = np.stack([np.argmax(x[..., e - n : e], axis=-1) for n, e in zip(groups, ends)], -1) + _starts(space)
+        index = np.stack([np.argmax(x[..., e - n : e], axis=-1) for n, e in zip(groups, ends)], -1)
+        index = index + action_starts(space)
         return (index[..., 0] if isinstance(space, Discrete) else index).astype(space.dtype)
     low, high = space.low.astype(np.float64), space.high.astype(np.float64)
     unit = (np.clip(x.astype(np.float64), -1.0, 1.0) + 1.0) / 2.0

@@ -11,7 +11,7 @@ import torch
 from gymnasium.spaces import Box, Discrete, MultiBinary, MultiDiscrete, Space
 from torch import Tensor
 
-from loopwm.envs.factory import action_groups, action_to_model
+from loopwm.envs.factory import action_groups, action_starts, action_to_model
 from loopwm.exits import LoopOptions
 from loopwm.nets import SpaceSpec
 from loopwm.world_model import WorldModel
@@ -22,7 +22,8 @@ CATEGORICAL = (Discrete, MultiDiscrete, MultiBinary)
 def _describe_actions(spec: SpaceSpec) -> str:
     if not spec.discrete:
         return f"Box({list(spec.action_low)}, {list(spec.action_high)}, ({spec.action_dim},))"
-    return f"categorical actions with one-hot groups {list(spec.action_groups)}"
+    starts = f" starting at {list(spec.action_starts)}" if spec.action_starts else ""
+    return f"categorical actions with one-hot groups {list(spec.action_groups)}{starts}"
 
 
 def check_compatible(spec: SpaceSpec, obs_space: Optional[Space], act_space: Optional[Space], where: str) -> None:
@@ -46,7 +47,11 @@ def check_compatible(spec: SpaceSpec, obs_space: Optional[Space], act_space: Opt
     if act_space is None:
         return
     if spec.discrete:
-        ok = isinstance(act_space, CATEGORICAL) and action_groups(act_space) == tuple(spec.action_groups)
+        ok = (
+            isinstance(act_space, CATEGORICAL)
+            and action_groups(act_space) == tuple(spec.action_groups)
+            and tuple(action_starts(act_space).tolist()) == _spec_starts(spec)
+        )
     else:
         ok = (
             isinstance(act_space, Box)
@@ -83,12 +88,20 @@ def spaces_for(
     return Box(-np.inf, np.inf, spec.obs_shape, np.float32), action_space
 
 
+def _spec_starts(spec: SpaceSpec) -> tuple[int, ...]:
+    """Each categorical group's smallest value in the model's spec (all 0 where it stores none)."""
+    return tuple(spec.action_starts) or (0,) * len(spec.action_groups)
+
+
 def model_action_space(spec: SpaceSpec) -> Space:
-    """The action space a model describes: its Box bounds, or Discrete / MultiDiscrete from its one-hot groups."""
+    """The action space a model describes: its Box bounds, or Discrete / MultiDiscrete from its one-hot groups
+    and their starts."""
     if not spec.discrete:
         return Box(np.asarray(spec.action_low, np.float32), np.asarray(spec.action_high, np.float32), dtype=np.float32)
-    groups = tuple(spec.action_groups)
-    return Discrete(groups[0]) if len(groups) == 1 else MultiDiscrete(list(groups))
+    groups, starts = tuple(spec.action_groups), _spec_starts(spec)
+    if len(groups) == 1:
+        return Discrete(groups[0], start=starts[0])
+    return MultiDiscrete(list(groups), start=list(starts))
 
 
 def check_actions(actions: Any, space: Space, batch: Optional[int]) -> np.ndarray:

@@ -23,7 +23,8 @@ class SpaceSpec:
     flattened into one float32 vector (keys in sorted order, `obs_parts` naming each key's shape and
     whether it holds frames), so the replay and the loop see one vector and the encoder splits it.
     Actions are a 1-D Box (normalised to [−1, 1]) or categorical: Discrete, MultiDiscrete or
-    MultiBinary, as one-hot groups of sizes `action_groups` concatenated into `action_dim` entries.
+    MultiBinary, as one-hot groups of sizes `action_groups` concatenated into `action_dim` entries, each group's
+    smallest value in `action_starts` (Discrete and MultiDiscrete may start above or below 0; () means all 0).
     """
 
     obs_shape: tuple[int, ...]
@@ -34,6 +35,7 @@ class SpaceSpec:
     action_high: tuple[float, ...] = ()
     action_groups: tuple[int, ...] = ()
     obs_parts: tuple[tuple[str, tuple[int, ...], bool], ...] = ()
+    action_starts: tuple[int, ...] = ()
 
     @staticmethod
     def from_spaces(obs_space: Any, act_space: Any) -> "SpaceSpec":
@@ -41,7 +43,18 @@ class SpaceSpec:
         obs_shape, obs_dtype, parts = _observation_layout(obs_space)
         groups = _action_groups(act_space)
         if groups:
-            return SpaceSpec(obs_shape, obs_dtype, True, sum(groups), action_groups=groups, obs_parts=parts)
+            starts = (
+                tuple(int(x) for x in np.ravel(getattr(act_space, "start", 0))) if hasattr(act_space, "start") else ()
+            )
+            return SpaceSpec(
+                obs_shape,
+                obs_dtype,
+                True,
+                sum(groups),
+                action_groups=groups,
+                obs_parts=parts,
+                action_starts=starts if any(starts) else (),
+            )
         low, high = np.asarray(act_space.low, np.float64), np.asarray(act_space.high, np.float64)
         if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
             raise TypeError(f"unsupported action space {act_space!r}: a Box needs finite bounds to be normalised")
@@ -73,6 +86,7 @@ class SpaceSpec:
             tuple(d["action_high"]),
             tuple(d["action_groups"]),
             tuple((str(k), tuple(shape), bool(frames)) for k, shape, frames in d["obs_parts"]),
+            tuple(int(x) for x in d.get("action_starts", ())),  # absent from checkpoints that predate it: all 0
         )
 
 

@@ -168,3 +168,25 @@ def test_agent_trains_and_plans_on_dict_obs_and_multidiscrete_actions():
     planned = agent.planned_action(obs, eval_mode=True, t0=True)
     assert planned.shape == (7,) and planned.sum() == 3
     assert env.action_space.contains(action_from_model(planned, env.action_space))
+
+
+def test_a_categorical_start_survives_the_checkpoint_and_shapes_every_rebuilt_action_space(tmp_path):
+    import loopwm
+    from loopwm.envs import WorldModelEnv
+    from tests.helpers import tiny_config
+
+    obs_space = gym.spaces.Box(-np.inf, np.inf, (4,), np.float32)
+    for act_space in (gym.spaces.Discrete(3, start=-1), gym.spaces.MultiDiscrete([3, 2], start=[-1, 5])):
+        path = tmp_path / "model.pt"
+        loopwm.save(path, WorldModel.from_config(tiny_config(), obs_space, act_space))
+        agent = loopwm.load_agent(path)  # no env given: the action space comes from the checkpoint alone
+        assert agent.action_space == act_space
+        obs = np.zeros(4, np.float32)
+        assert agent.act(obs) in act_space
+        env = WorldModelEnv(loopwm.load(path), reset_obs=obs[None])
+        assert env.action_space == act_space
+        shifted = (
+            gym.spaces.Discrete(3) if isinstance(act_space, gym.spaces.Discrete) else gym.spaces.MultiDiscrete([3, 2])
+        )
+        with pytest.raises(ValueError, match="starting at"):
+            WorldModelEnv(loopwm.load(path), reset_obs=obs[None], action_space=shifted)
