@@ -164,6 +164,12 @@ def test_resuming_with_another_model_or_env_lists_the_differing_keys(tmp_path, d
     assert "model.hidden_dim: 16 -> 32" in err and "model.loops: 2 -> 3" in err
     assert main(["train", "-q", *args, "resume=true", "env.id=MountainCarContinuous-v0"]) == 2
     assert "env.id: Pendulum-v1 -> MountainCarContinuous-v0" in capsys.readouterr().err
+    # what the restored optimiser, replay or split would silently ignore or mix is refused the same way
+    assert main(["train", "-q", *args, "resume=true", "train.lr=1e-6", "seed=1", "train.optimizer=sgd"]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr: 0.001 -> 1e-06" in err and "seed: 0 -> 1" in err and "train.optimizer: adam -> sgd" in err
+    assert main(["train", "-q", *args, "resume=true", f"data.path={tmp_path / 'other.npz'}"]) == 2
+    assert "data.path:" in capsys.readouterr().err
     # the same config with an env whose spaces changed (another version of it, say) is refused as well
     cfg = load_config(args[0], args[1:] + ["resume=true"])
     other = SpaceSpec.from_spaces(Box(-1.0, 1.0, (2,), np.float32), Box(-2.0, 2.0, (1,), np.float32))

@@ -7,7 +7,7 @@ TensorBoard events), `checkpoints/latest.pt` and `summary.json` or `eval.json`.
 
 Opening a session checks everything before anything is written: the name stays inside `run_dir`; no other
 process writes there; the folder was made by the same command; a checkpoint is only continued with
-`resume=true`, and only with the model, env and spaces it was saved with; logs without a checkpoint (a run
+`resume=true`, and only with the config (but for `RESUMABLE` keys) and spaces it was saved with; logs without a checkpoint (a run
 killed before its first save) are only cut, for a clean start, with `resume=true`. Writing starts with
 `start`; a run killed at any point after that resumes from its last checkpoint as if it had not stopped.
 """
@@ -38,8 +38,29 @@ from loopwm.train import Trainer, resolve_device, restore_run, save_run
 KINDS = ("run", "train")
 MARKER, LOCK = "run.json", ".lock"
 LOGS = ("metrics.jsonl", "events.out.tfevents.*", "summary.json", "eval.json")
-CHECKED = ("model", "env")  # config sections a checkpoint must be continued with
-UNCHECKED = frozenset({"env.num_envs", "env.vectorization"})  # how many copies of the env run, not which env
+RESUMABLE = frozenset(
+    {
+        "config.resume",
+        "config.name",
+        "config.run_dir",  # where the folder is, not what it holds
+        "config.device",
+        "config.threads",
+        "config.wandb",
+        "config.wandb_project",
+        "config.env.num_envs",
+        "config.env.vectorization",  # how many copies of the env run, not which env
+        "config.train.updates",
+        "config.agent.total_steps",  # how long the run goes on
+        "config.train.log_every",
+        "config.train.checkpoint_every",
+        "config.agent.eval_every",
+        "config.agent.eval_episodes",
+        "config.agent.eval_video",  # how often it reports and saves
+    }
+)
+"""The keys a resumed run may change: where and how fast it runs, how long it goes on and how often it reports.
+Any other difference (a learning rate, a dataset, a seed, the planner) would silently be ignored by the restored
+state or mix two settings in one run, so it is refused."""
 
 
 class RunFolderError(ConfigError):
@@ -210,15 +231,15 @@ class RunSession:
             self.resumed = self.resumed or load_run(self.latest)
             saved, current = to_dict(self.resumed.require_config("it cannot be resumed")), to_dict(self.cfg)
             diff = [
-                line
-                for section in CHECKED
-                for line in differences(saved[section], current[section], section)
-                if line.split(":")[0] not in UNCHECKED
+                line.removeprefix("config.")
+                for line in differences(saved, current, "config")
+                if line.split(":")[0] not in RESUMABLE
             ]
             if diff:
                 raise self._refuse(
-                    "was saved with another config; resuming it needs the same model and env, "
-                    f"but {'; '.join(diff)} (keep the saved values, or choose another name=...)"
+                    "was saved with another config; resuming it may change only how long it runs, how often it "
+                    f"reports, and where and how fast it runs, but {'; '.join(diff)} (keep the saved values, or "
+                    "choose another name=... for a new run)"
                 )
         elif self._logs() and not self.cfg.resume:
             raise self._refuse(
