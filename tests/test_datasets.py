@@ -133,3 +133,11 @@ def test_eval_data_refuses_inf_observations_and_other_layouts(tmp_path, capsys):
     assert main(["eval", str(latest), "--data", str(wide)]) == 2
     err = capsys.readouterr().err
     assert "wide.npz" in err and "(4,)" in err and "the model" in err
+
+
+def test_collect_refuses_a_capacity_below_the_steps_it_must_hold(tmp_path, capsys):
+    path = tmp_path / "small.npz"
+    assert main(["collect", "-q", CONFIG, f"data.path={path}", "data.steps=1000", "data.capacity=500"]) == 2
+    err = capsys.readouterr().err
+    assert "data.capacity=500 < data.steps=1000" in err and "raise data.capacity" in err
+    assert not path.exists()

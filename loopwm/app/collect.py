@@ -21,6 +21,11 @@ def collect(cfg: Config, progress: bool = True) -> ReplayBuffer:
     """
     from tqdm.auto import tqdm
 
+    if cfg.data.capacity < cfg.data.steps:
+        raise ConfigError(
+            f"data.capacity={cfg.data.capacity} < data.steps={cfg.data.steps}: the buffer would evict old episodes "
+            "and never hold data.steps transitions; raise data.capacity or lower data.steps"
+        )
     planner = _noisy_planner(cfg) if cfg.data.policy != "random" else None
     envs = make_vector_env(cfg.env, cfg.seed)
     space = envs.single_action_space
