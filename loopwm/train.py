@@ -92,6 +92,7 @@ class Trainer:
         self._nonfinite_run = 0  # ... of them in a row, right now
         self.last_checkpoint: Optional[tuple[str, int]] = None  # (path, updates) of the last save or restore
         self._window: dict[str, list[float]] = {}
+        self._last_loops: Optional[torch.Tensor] = None  # loops used per sample in the last update, for the histogram
 
     # ---- one update ----------------------------------------------------------------------
     def update(self, batch: Optional[dict[str, torch.Tensor]] = None) -> dict[str, float]:
@@ -221,7 +222,8 @@ class Trainer:
         if self.logger is not None and self._window:
             means = {k: float(np.mean(v)) for k, v in self._window.items()}
             means["train/nonfinite_skipped"] = float(self.nonfinite_skipped)
-            self.logger.log(means, self.updates if step is None else step, histograms={"loops/used": self._last_loops})
+            loops = {"loops/used": self._last_loops} if self._last_loops is not None else None
+            self.logger.log(means, self.updates if step is None else step, histograms=loops)
         self._window = {}
 
     # ---- checkpoints ---------------------------------------------------------------------
@@ -234,6 +236,9 @@ class Trainer:
             **self._streams(),
             "updates": self.updates,
             "nonfinite_skipped": self.nonfinite_skipped,
+            # the open logging window: the next row after a resume averages the same updates as without a stop
+            "log_window": {k: [float(x) for x in v] for k, v in self._window.items()},
+            "last_loops": self._last_loops,
         }
         if self.world.size > 1:
             state["world_size"] = self.world.size
@@ -266,6 +271,8 @@ class Trainer:
         self.tracker.value = streams["tracker"]
         self.updates = int(state["updates"])
         self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
+        self._window = {k: list(v) for k, v in state.get("log_window", {}).items()}
+        self._last_loops = state.get("last_loops", self._last_loops)
 
 
 def save_run(path: str | Path, trainer: Trainer, **extras: Any) -> None:

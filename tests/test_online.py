@@ -148,7 +148,7 @@ def test_logger_rewind_purges_what_came_after_the_checkpoint(tmp_path):
         resumed.rewind(3)
 
 
-def test_a_killed_run_saves_where_it_stopped_and_resumes(tmp_path, monkeypatch):
+def test_a_stopped_run_keeps_its_episode_end_checkpoint_and_resumes_exactly(tmp_path, monkeypatch):
     import os
     import signal
 
@@ -164,16 +164,20 @@ def test_a_killed_run_saves_where_it_stopped_and_resumes(tmp_path, monkeypatch):
         return planned(self, obs, **kw)
 
     monkeypatch.setattr(Agent, "planned_action", plan_then_kill)
-    cfg = tiny(tmp_path, total_steps=200)
+    cfg = tiny(tmp_path / "b", total_steps=200)
     with pytest.raises(SystemExit) as exited:
         run(cfg, progress=False)
     assert exited.value.code == 128 + signal.SIGTERM
-    path = tmp_path / "pm" / "checkpoints" / "latest.pt"
-    assert read_checkpoint(path)["progress"]["step"] == 150
+    path = tmp_path / "b" / "pm" / "checkpoints" / "latest.pt"
+    assert read_checkpoint(path)["progress"]["step"] == 140  # not 150: that state's open episode would be lost
     monkeypatch.setattr(Agent, "planned_action", planned)
     cfg.resume = True
     assert run(cfg, progress=False)["curve"][-1][0] == 200
     assert read_checkpoint(path)["progress"]["step"] == 200
+    run(tiny(tmp_path / "a", total_steps=200), progress=False)
+    for a, b in zip(params(tmp_path / "a" / "pm" / "checkpoints" / "latest.pt"), params(path)):
+        for key in a:
+            assert torch.equal(a[key], b[key]), key  # as if it had never stopped
 
 
 def test_evaluation_does_not_perturb_training_randomness(tmp_path):

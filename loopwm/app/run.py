@@ -88,9 +88,20 @@ def _loop(
         state.elapsed_s = elapsed_before + time.monotonic() - sitting_start
         state.peak_rss_mib = max(state.peak_rss_mib, peak_rss_mib())
 
+    saved_at: list[int] = []  # the step of this sitting's last checkpoint
+
     def checkpoint() -> None:
         clock()
         session.save(agent.trainer, agent=agent.state_dict(), progress=vars(state), collector=collector.state_dict())
+        saved_at[:] = [state.step]
+
+    def keep_or_checkpoint() -> None:
+        """After a stop signal or an error: the last checkpoint, saved at an episode end, stands, so the resumed
+        run repeats the steps since then and ends exactly as an uninterrupted one (a checkpoint here, mid-episode,
+        would drop the open episode's transitions that the step count already holds). A run stopped before its
+        first checkpoint saves one where it stopped, rather than nothing."""
+        if not session.latest.is_file():
+            checkpoint()
 
     def random_policy(obs: np.ndarray, starts: np.ndarray) -> np.ndarray:
         return agent.random_actions(len(obs))
@@ -164,12 +175,16 @@ def _loop(
     except NonFiniteLoss:
         raise  # the error names the last good checkpoint: it stays as it is
     except BaseException:
-        checkpoint()  # an error or a second signal: keep what was learnt up to here
+        keep_or_checkpoint()  # an error or a second signal
         raise
     finally:
         bar.close()
-    checkpoint()
-    stop.exit_if_received(f"at step {state.step}; its checkpoint continues with resume=true")
+    if stop.received is None:
+        checkpoint()  # the finished run
+        return
+    keep_or_checkpoint()
+    kept = f"step {saved_at[0]}'s checkpoint" if saved_at else "its last checkpoint"
+    stop.exit_if_received(f"at step {state.step}; {kept} continues with resume=true")
 
 
 def peak_rss_mib() -> float:
