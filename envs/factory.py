@@ -115,6 +115,28 @@ def check_model_fits(model: ModelConfig, obs_space: Space, act_space: Space, env
         raise ConfigError(f"{what}, but {'; '.join(fixes)}")
 
 
+def check_episode_limit(cfg: Config) -> None:
+    """Raise a ConfigError, before a run writes, when the env's time limit (`env.max_episode_steps`, else the
+    registered one; in agent steps, after action repeat) is shorter than the training sequences
+    (`train.horizon`) or longer than the replay can hold (`data.capacity`): either would only fail mid-run."""
+    limit = cfg.env.max_episode_steps
+    if limit is None and cfg.env.id in gym.registry:
+        limit = gym.spec(cfg.env.id).max_episode_steps
+    if limit is None:
+        return
+    steps = -(-limit // cfg.env.action_repeat)
+    where = f"{cfg.env.id} episodes end after at most {steps} agent steps"
+    if cfg.train.horizon > steps:
+        raise ConfigError(
+            f"{where}, but train.horizon={cfg.train.horizon} samples sequences of {cfg.train.horizon} steps "
+            f"within one episode: set train.horizon to at most {steps}"
+        )
+    if cfg.data.capacity < steps:
+        raise ConfigError(
+            f"{where}, but data.capacity={cfg.data.capacity} cannot hold one: set data.capacity to at least {steps}"
+        )
+
+
 def action_groups(space: Space) -> tuple[int, ...]:
     """One-hot group sizes of a categorical action space, () for a Box; an unsupported space raises."""
     check_spaces(Box(-1.0, 1.0, (1,), np.float32), space)

@@ -383,3 +383,17 @@ def test_a_checkpoint_inside_a_logging_window_resumes_to_the_same_rows(tmp_path,
     _kill_then_resume(args, "train", "log", 2, tmp_path)  # dies logging update 4: the checkpoint of update 3 stands
     folder = tmp_path / "runs" / "t"
     assert comparable(rows(folder)) == comparable(rows(tmp_path / "runs" / "s"))
+
+
+def test_run_refuses_a_horizon_or_capacity_its_episodes_cannot_fit_before_writing(tmp_path, capsys):
+    assert main(["run", "-q", *run_args(tmp_path), "train.horizon=21"]) == 2  # its episodes are 20 steps
+    err = capsys.readouterr().err
+    assert "at most 20 agent steps" in err and "train.horizon=21" in err and "at most 20" in err
+    assert main(["run", "-q", *run_args(tmp_path), "data.capacity=19"]) == 2
+    assert "data.capacity=19 cannot hold one: set data.capacity to at least 20" in capsys.readouterr().err
+    assert (
+        main(["run", "-q", *run_args(tmp_path), "env.max_episode_steps=60", "env.action_repeat=4", "data.capacity=14"])
+        == 2
+    )
+    assert "at least 15" in capsys.readouterr().err  # 60 environment steps are 15 agent steps
+    assert not (tmp_path / "runs").exists()

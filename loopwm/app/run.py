@@ -23,7 +23,7 @@ from loopwm.agents.collector import VectorCollector
 from loopwm.agents.online import Agent, evaluate
 from loopwm.app.session import RunSession, seed_everything
 from loopwm.config import Config
-from loopwm.envs.factory import check_model_fits, make_vector_env
+from loopwm.envs.factory import check_episode_limit, check_model_fits, make_vector_env
 from loopwm.train import NonFiniteLoss
 
 
@@ -42,6 +42,7 @@ class Progress:
 
 def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
     """The online loop in the run folder `run_dir/name`; returns the learning curve and final evaluation."""
+    check_episode_limit(cfg)
     with RunSession(cfg, "run") as session:
         seed_everything(cfg.seed, cfg.threads)
         envs = make_vector_env(cfg.env, training=True, autoreset=gym.vector.AutoresetMode.DISABLED)
