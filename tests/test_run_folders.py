@@ -397,3 +397,10 @@ def test_run_refuses_a_horizon_or_capacity_its_episodes_cannot_fit_before_writin
     )
     assert "at least 15" in capsys.readouterr().err  # 60 environment steps are 15 agent steps
     assert not (tmp_path / "runs").exists()
+
+
+def test_eval_and_analyze_of_an_online_run_ask_for_data_instead_of_splitting_data_path(straight_runs, capsys):
+    for verb in ("eval", "analyze"):
+        assert main([verb, str(straight_runs["run"])]) == 2
+        err = capsys.readouterr().err
+        assert "`loopwm run` folder" in err and "no held-out split" in err and "pass --data" in err, verb

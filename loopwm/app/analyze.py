@@ -32,7 +32,7 @@ def analyze_checkpoint(
     if data is not None:
         buffer = load_checked(data, run.model)
     else:
-        buffer = held_out_split(run.require_config("there is no default dataset: pass --data"), run.model)
+        buffer = held_out_split(run.require_config("there is no default dataset: pass --data"), run.model, run.kind)
     if run.config is not None and "train_loops" not in overrides:
         overrides["train_loops"] = max(1, round(run.config.train.loop_mean))
     settings = Settings(**overrides)

@@ -39,8 +39,14 @@ def load_checked(path: str | Path, wm: Optional[WorldModel], expected_by: str = 
     return buffer
 
 
-def held_out_split(cfg: Config, wm: Optional[WorldModel] = None) -> ReplayBuffer:
-    """The held-out episodes a run was evaluated on; a run trained on everything has none, so say so."""
+def held_out_split(cfg: Config, wm: Optional[WorldModel] = None, kind: Optional[str] = "train") -> ReplayBuffer:
+    """The held-out episodes a `loopwm train` run was evaluated on. An online run (`kind="run"`) learnt from its
+    own replay and a run trained on everything has none, so say so rather than split whatever `data.path` holds."""
+    if kind == "run":
+        raise ConfigError(
+            "this is a `loopwm run` folder: the online run learnt from its own episodes and has no held-out split "
+            f"(its data.path={cfg.data.path!r} is not its data): pass --data with a dataset it never saw"
+        )
     if cfg.train.val_fraction == 0:
         raise ConfigError("the run was trained with train.val_fraction=0, so it has no held-out split: pass --data")
     return load_dataset(cfg, wm)[1]
