@@ -170,6 +170,8 @@ def test_resuming_with_another_model_or_env_lists_the_differing_keys(tmp_path, d
     assert "train.lr: 0.001 -> 1e-06" in err and "seed: 0 -> 1" in err and "train.optimizer: adam -> sgd" in err
     assert main(["train", "-q", *args, "resume=true", f"data.path={tmp_path / 'other.npz'}"]) == 2
     assert "data.path:" in capsys.readouterr().err
+    assert main(["train", "-q", *args, "resume=true", "train.updates=4"]) == 2  # it is at update 8
+    assert "train.updates=4 would end it before where it is: pass train.updates >= 8" in capsys.readouterr().err
     # the same config with an env whose spaces changed (another version of it, say) is refused as well
     cfg = load_config(args[0], args[1:] + ["resume=true"])
     other = SpaceSpec.from_spaces(Box(-1.0, 1.0, (2,), np.float32), Box(-2.0, 2.0, (1,), np.float32))

@@ -235,6 +235,12 @@ class RunSession:
                 for line in differences(saved, current, "config")
                 if line.split(":")[0] not in RESUMABLE
             ]
+            done, key, target = self._progress()
+            if target < done:
+                raise self._refuse(
+                    f"is at {done} already; {key}={target} would end it before where it is: pass {key} >= {done} "
+                    "to continue it (a shorter run is a new run: choose another name=...)"
+                )
             if diff:
                 raise self._refuse(
                     "was saved with another config; resuming it may change only how long it runs, how often it "
@@ -246,6 +252,13 @@ class RunSession:
                 "has logs but no checkpoint (its run stopped before the first save): pass "
                 "resume=true to start it again from scratch, its logs cut, or choose another name=..."
             )
+
+    def _progress(self) -> tuple[int, str, int]:
+        """How far the checkpoint got, the key that sets how far this command goes, and its value."""
+        payload = self.resumed.payload
+        if self.kind == "run":
+            return int(payload["progress"]["step"]), "agent.total_steps", self.cfg.agent.total_steps
+        return int(payload["trainer"]["updates"]), "train.updates", self.cfg.train.updates
 
     def _logs(self) -> list[Path]:
         return [path for pattern in LOGS for path in self.folder.glob(pattern)]
