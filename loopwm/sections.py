@@ -8,6 +8,7 @@ from a nested mapping and refuses unknown keys. `loopwm.config` declares the pro
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import types
 import typing
@@ -107,7 +108,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{key}={value!r}: expected a string")
+        hint = ""
+        if isinstance(value, (bool, int, float, datetime.date)):  # YAML reads 42, true or 2024-06-01 as non-strings
+            hint = f"; YAML read it as {type(value).__name__}: quote it, as {key}='\"...\"' on the command line"
+        raise ConfigError(f"{key}={value!r}: expected a string{hint}")
     raise ConfigError(f"{key}: unsupported annotation {tp}")
 
 

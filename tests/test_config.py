@@ -72,3 +72,11 @@ def test_every_shipped_config_loads():
     for path in configs:
         cfg = load_config(path)
         assert cfg.name == path.stem
+
+
+@pytest.mark.parametrize("raw, read_as", [("42", "int"), ("2024-06-01", "date"), ("true", "bool"), ("0.5", "float")])
+def test_a_string_key_given_a_yaml_scalar_says_how_to_quote_it(raw, read_as):
+    hint = rf"expected a string; YAML read it as {read_as}: quote it, as name='\"...\"'"
+    with pytest.raises(ConfigError, match=hint):
+        load_config(None, [f"name={raw}"])
+    assert load_config(None, [f'name="{raw}"']).name == raw
