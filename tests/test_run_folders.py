@@ -406,3 +406,14 @@ def test_eval_and_analyze_of_an_online_run_ask_for_data_instead_of_splitting_dat
         assert main([verb, str(straight_runs["run"])]) == 2
         err = capsys.readouterr().err
         assert "`loopwm run` folder" in err and "no held-out split" in err and "pass --data" in err, verb
+
+
+@pytest.mark.parametrize("text", ["", "{}", '{"kind": "fit"}', "[1]"])
+def test_a_damaged_run_json_is_refused_naming_the_file(tmp_path, straight_runs, capsys, text):
+    folder = copy_of(straight_runs["run"], tmp_path, "x")
+    (folder / "run.json").write_text(text)
+    before = files(folder)
+    assert main(["run", "-q", *run_args(tmp_path, name="x"), "resume=true"]) == 2
+    err = capsys.readouterr().err
+    assert "has a damaged run.json" in err and "Traceback" not in err
+    assert files(folder) == before

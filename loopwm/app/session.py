@@ -215,7 +215,7 @@ class RunSession:
 
     def _check_folder(self) -> None:
         marker, has_checkpoint = self.folder / MARKER, self.latest.is_file()
-        made_by = json.loads(marker.read_text())["kind"] if marker.is_file() else None
+        made_by = self._made_by(marker) if marker.is_file() else None
         if made_by is None and has_checkpoint:  # a folder from before kinds were recorded
             self.resumed = load_run(self.latest)
             made_by = self.resumed.kind
@@ -252,6 +252,22 @@ class RunSession:
                 "has logs but no checkpoint (its run stopped before the first save): pass "
                 "resume=true to start it again from scratch, its logs cut, or choose another name=..."
             )
+
+    def _made_by(self, marker: Path) -> str:
+        """The command recorded in `run.json`, or a refusal naming the file when it is damaged."""
+        try:
+            kind = json.loads(marker.read_text())["kind"]
+        except (ValueError, KeyError, TypeError) as exc:
+            kind, exc_text = None, f"{type(exc).__name__}: {exc}"
+        else:
+            exc_text = f"kind {kind!r}"
+        if kind not in KINDS:
+            raise self._refuse(
+                f"has a damaged {MARKER} ({exc_text}); it should read {{\"kind\": \"run\"}} or "
+                f"{{\"kind\": \"train\"}}, as the command that made the folder wrote it: restore it, or choose "
+                "another name=..."
+            )
+        return kind
 
     def _progress(self) -> tuple[int, str, int]:
         """How far the checkpoint got, the key that sets how far this command goes, and its value."""
