@@ -263,8 +263,8 @@ class RunSession:
             exc_text = f"kind {kind!r}"
         if kind not in KINDS:
             raise self._refuse(
-                f"has a damaged {MARKER} ({exc_text}); it should read {{\"kind\": \"run\"}} or "
-                f"{{\"kind\": \"train\"}}, as the command that made the folder wrote it: restore it, or choose "
+                f'has a damaged {MARKER} ({exc_text}); it should read {{"kind": "run"}} or '
+                f'{{"kind": "train"}}, as the command that made the folder wrote it: restore it, or choose '
                 "another name=..."
             )
         return kind
