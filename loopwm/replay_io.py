@@ -8,6 +8,7 @@ checked here before a buffer is built from it; a problem raises a DataError nami
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -129,6 +130,15 @@ def check_layout(
             f"{source}: field 'actions' must be in the model's units [-1, 1] (Box actions rescaled, "
             f"categorical ones one-hot), but holds values up to {largest:g}"
         )
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """The SHA-256 of a file's bytes: what a run records of its dataset, to notice the file changing later."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_npz(path: str | os.PathLike, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:

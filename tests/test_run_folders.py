@@ -417,3 +417,15 @@ def test_a_damaged_run_json_is_refused_naming_the_file(tmp_path, straight_runs, 
     err = capsys.readouterr().err
     assert "has a damaged run.json" in err and "Traceback" not in err
     assert files(folder) == before
+
+
+def test_eval_of_a_train_run_refuses_a_dataset_file_changed_since_training(tmp_path, dataset, capsys):
+    data = tmp_path / "data.npz"
+    shutil.copy(dataset, data)
+    assert main(["train", "-q", *train_args(data, tmp_path)]) == 0
+    assert main(["eval", str(tmp_path / "runs" / "t")]) == 0  # the file it trained on: its own held-out split
+    capsys.readouterr()
+    assert main(["collect", "-q", CONFIG, f"data.path={data}", "data.steps=1200"]) == 0  # collected over it
+    for verb in ("eval", "analyze"):
+        assert main([verb, str(tmp_path / "runs" / "t")]) == 2
+        assert "has changed since the run trained on it" in capsys.readouterr().err, verb

@@ -32,7 +32,8 @@ def analyze_checkpoint(
     if data is not None:
         buffer = load_checked(data, run.model)
     else:
-        buffer = held_out_split(run.require_config("there is no default dataset: pass --data"), run.model, run.kind)
+        cfg = run.require_config("there is no default dataset: pass --data")
+        buffer = held_out_split(cfg, run.model, run.kind, run.payload.get("dataset_sha256"))
     if run.config is not None and "train_loops" not in overrides:
         overrides["train_loops"] = max(1, round(run.config.train.loop_mean))
     settings = Settings(**overrides)

@@ -28,7 +28,7 @@ def evaluate_checkpoint(
         held_out, seed = load_checked(data, wm), run.config.seed if run.config is not None else 0
     else:
         cfg = run.require_config("there is no held-out split to evaluate on: pass --data")
-        held_out, seed = held_out_split(cfg, wm, run.kind), cfg.seed
+        held_out, seed = held_out_split(cfg, wm, run.kind, run.payload.get("dataset_sha256")), cfg.seed
     options = LoopOptions.from_config(wm.cfg, exit=exit) if exit else None
     # vector models carry their training statistics; frames are normalised from the held-out data
     norm = {} if wm.spec.pixels else {"obs_mean": wm.obs_mean, "obs_var": wm.obs_std.pow(2)}

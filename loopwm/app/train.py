@@ -13,6 +13,7 @@ from loopwm.app.session import RunSession, seed_everything
 from loopwm.config import Config, ConfigError
 from loopwm.envs.factory import check_model_fits, env_spaces
 from loopwm.replay import ReplayBuffer
+from loopwm.replay_io import file_digest
 from loopwm.train import Trainer, resolve_device
 from loopwm.world_model import WorldModel
 
@@ -39,9 +40,13 @@ def load_checked(path: str | Path, wm: Optional[WorldModel], expected_by: str = 
     return buffer
 
 
-def held_out_split(cfg: Config, wm: Optional[WorldModel] = None, kind: Optional[str] = "train") -> ReplayBuffer:
+def held_out_split(
+    cfg: Config, wm: Optional[WorldModel] = None, kind: Optional[str] = "train", digest: Optional[str] = None
+) -> ReplayBuffer:
     """The held-out episodes a `loopwm train` run was evaluated on. An online run (`kind="run"`) learnt from its
-    own replay and a run trained on everything has none, so say so rather than split whatever `data.path` holds."""
+    own replay and a run trained on everything has none, so say so rather than split whatever `data.path` holds;
+    and when the file no longer has the run's recorded `digest`, its split would hold other (maybe training)
+    episodes, so that is refused too."""
     if kind == "run":
         raise ConfigError(
             "this is a `loopwm run` folder: the online run learnt from its own episodes and has no held-out split "
@@ -49,7 +54,13 @@ def held_out_split(cfg: Config, wm: Optional[WorldModel] = None, kind: Optional[
         )
     if cfg.train.val_fraction == 0:
         raise ConfigError("the run was trained with train.val_fraction=0, so it has no held-out split: pass --data")
-    return load_dataset(cfg, wm)[1]
+    held_out = load_dataset(cfg, wm)[1]
+    if digest is not None and file_digest(cfg.data.path) != digest:
+        raise ConfigError(
+            f"data.path={cfg.data.path!r} has changed since the run trained on it (its SHA-256 differs), so its "
+            "held-out split would hold other episodes, perhaps ones it trained on: restore the file, or pass --data"
+        )
+    return held_out
 
 
 def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
@@ -75,7 +86,12 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
         trainer = Trainer(wm, cfg, train_data, session.logger)
         session.start(wm.spec)
         session.restore(trainer, log_step=lambda payload: payload["trainer"]["updates"])
-        trainer.fit(progress=progress and session.main, on_checkpoint=lambda: session.save(trainer), stop=session.stop)
+        digest = file_digest(cfg.data.path)  # so eval and analyze notice the file changing under the run
+        trainer.fit(
+            progress=progress and session.main,
+            on_checkpoint=lambda: session.save(trainer, dataset_sha256=digest),
+            stop=session.stop,
+        )
         session.stop.exit_if_received(f"at update {trainer.updates}; its checkpoint continues with resume=true")
         if cfg.train.val_fraction == 0 or not session.main:
             return {}
