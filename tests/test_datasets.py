@@ -141,3 +141,9 @@ def test_collect_refuses_a_capacity_below_the_steps_it_must_hold(tmp_path, capsy
     err = capsys.readouterr().err
     assert "data.capacity=500 < data.steps=1000" in err and "raise data.capacity" in err
     assert not path.exists()
+
+
+@pytest.mark.parametrize("where", ["", "."])
+def test_collect_refuses_a_data_path_that_is_no_file_before_collecting(where, capsys):
+    assert main(["collect", "-q", CONFIG, f"data.path={where}", "data.steps=100000"]) == 2
+    assert "expected the path of the .npz file to write" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,11 @@ def collect(cfg: Config, progress: bool = True) -> ReplayBuffer:
     """
     from tqdm.auto import tqdm
 
+    path = Path(cfg.data.path)
+    if not cfg.data.path.strip() or path.is_dir():
+        raise ConfigError(f"data.path={cfg.data.path!r}: expected the path of the .npz file to write")
+    if path.parent.exists() and not os.access(path.parent, os.W_OK):
+        raise ConfigError(f"data.path={cfg.data.path!r}: its folder {str(path.parent)!r} is not writable")
     if cfg.data.capacity < cfg.data.steps:
         raise ConfigError(
             f"data.capacity={cfg.data.capacity} < data.steps={cfg.data.steps}: the buffer would evict old episodes "
