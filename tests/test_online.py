@@ -92,9 +92,15 @@ def params(agent_path):
     return payload["model"], payload["agent"]["value"]["net"], payload["agent"]["prior"]["net"]
 
 
-def test_run_resumes_after_interruption(tmp_path):
-    straight = tiny(tmp_path / "a", total_steps=200)
-    run(straight, progress=False)
+@pytest.fixture(scope="module")
+def straight_200(tmp_path_factory):
+    """An uninterrupted 200-step run, the reference every interrupted one must end as: its run folder."""
+    root = tmp_path_factory.mktemp("straight")
+    run(tiny(root, total_steps=200), progress=False)
+    return root / "pm"
+
+
+def test_run_resumes_after_interruption(tmp_path, straight_200):
     first = tiny(tmp_path / "b", total_steps=120)
     run(first, progress=False)
     metrics = tmp_path / "b" / "pm" / "metrics.jsonl"
@@ -104,13 +110,13 @@ def test_run_resumes_after_interruption(tmp_path):
     resumed.resume = True
     run(resumed, progress=False)
     for a, b in zip(
-        params(tmp_path / "a" / "pm" / "checkpoints" / "latest.pt"),
+        params(straight_200 / "checkpoints" / "latest.pt"),
         params(tmp_path / "b" / "pm" / "checkpoints" / "latest.pt"),
     ):
         for key in a:
             assert torch.equal(a[key], b[key]), key
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    straight_rows = [json.loads(line) for line in (tmp_path / "a" / "pm" / "metrics.jsonl").read_text().splitlines()]
+    straight_rows = [json.loads(line) for line in (straight_200 / "metrics.jsonl").read_text().splitlines()]
     assert 12345.0 not in [r.get("episode/return") for r in rows]
 
     def training_rows(rows):  # the interrupted run also evaluated at its last step, 120
@@ -148,7 +154,7 @@ def test_logger_rewind_purges_what_came_after_the_checkpoint(tmp_path):
         resumed.rewind(3)
 
 
-def test_a_stopped_run_keeps_its_episode_end_checkpoint_and_resumes_exactly(tmp_path, monkeypatch):
+def test_a_stopped_run_keeps_its_episode_end_checkpoint_and_resumes_exactly(tmp_path, monkeypatch, straight_200):
     import os
     import signal
 
@@ -174,8 +180,7 @@ def test_a_stopped_run_keeps_its_episode_end_checkpoint_and_resumes_exactly(tmp_
     cfg.resume = True
     assert run(cfg, progress=False)["curve"][-1][0] == 200
     assert read_checkpoint(path)["progress"]["step"] == 200
-    run(tiny(tmp_path / "a", total_steps=200), progress=False)
-    for a, b in zip(params(tmp_path / "a" / "pm" / "checkpoints" / "latest.pt"), params(path)):
+    for a, b in zip(params(straight_200 / "checkpoints" / "latest.pt"), params(path)):
         for key in a:
             assert torch.equal(a[key], b[key]), key  # as if it had never stopped
 
