@@ -165,3 +165,11 @@ def test_analyze_reads_out_a_residual_latent_as_a_change_from_its_step_start(tmp
     with torch.no_grad():
         z1, _ = wm.step(p.tr.z, p.tr.action, options=LoopOptions(loops=wm.cfg.loops))
     torch.testing.assert_close(p.run.readouts[wm.cfg.loops - 1], z1)
+
+
+def test_a_compared_model_of_other_spaces_is_refused_and_nothing_is_written(tmp_path):
+    obs, actions, _ = _data()
+    other = WorldModel.from_config(tiny_config(), *box_spaces(obs_dim=4)).eval()
+    with pytest.raises(ValueError, match="compared model was built for other spaces"):
+        analyze(_model(), obs, actions, tmp_path / "report", compare=other, settings=SMALL)
+    assert not (tmp_path / "report").exists()

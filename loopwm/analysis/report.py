@@ -81,9 +81,13 @@ def analyze(
                 "the stability report audits one shared block's fixed point; a model with model.shared=false "
                 "(a different map every loop) or model.dynamics='mlp' (no loop) has none"
             )
+    if compare is not None and compare.spec != wm.spec:
+        raise ValueError(
+            f"the compared model was built for other spaces ({compare.spec.obs_shape}, {compare.spec.action_dim} "
+            f"actions) than this one ({wm.spec.obs_shape}, {wm.spec.action_dim}): compare models of one environment"
+        )
     settings = settings or Settings()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     report: dict[str, Any] = {}
     seconds: dict[str, float] = {}
@@ -104,6 +108,7 @@ def analyze(
         "seconds": time.perf_counter() - start,
         "section_seconds": seconds,
     }
+    out.mkdir(parents=True, exist_ok=True)  # only now that every section ran: a failure leaves no empty folder
     if figures:
         report["meta"]["figures"] = {
             name: draw(report[name], out / f"{name}.png").name for name, draw in FIGURES.items()
