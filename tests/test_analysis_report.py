@@ -167,9 +167,17 @@ def test_analyze_reads_out_a_residual_latent_as_a_change_from_its_step_start(tmp
     torch.testing.assert_close(p.run.readouts[wm.cfg.loops - 1], z1)
 
 
-def test_a_compared_model_of_other_spaces_is_refused_and_nothing_is_written(tmp_path):
+def test_a_failing_report_writes_nothing_and_a_compared_model_of_other_spaces_is_refused(tmp_path, monkeypatch):
     obs, actions, _ = _data()
     other = WorldModel.from_config(tiny_config(), *box_spaces(obs_dim=4)).eval()
     with pytest.raises(ValueError, match="compared model was built for other spaces"):
         analyze(_model(), obs, actions, tmp_path / "report", compare=other, settings=SMALL)
     assert not (tmp_path / "report").exists()
+
+    def broken(probe):
+        raise RuntimeError("a section failed")
+
+    monkeypatch.setitem(SECTIONS, "certificate", broken)  # the first section: fails before any real work
+    with pytest.raises(RuntimeError, match="a section failed"):
+        analyze(_model(), obs, actions, tmp_path / "report", settings=SMALL)
+    assert not (tmp_path / "report").exists()  # no empty folder left behind

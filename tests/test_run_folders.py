@@ -427,3 +427,28 @@ def test_eval_of_a_train_run_refuses_a_dataset_file_changed_since_training(tmp_p
     for verb in ("eval", "analyze"):
         assert main([verb, str(tmp_path / "runs" / "t")]) == 2
         assert "has changed since the run trained on it" in capsys.readouterr().err, verb
+    before = files(tmp_path / "runs" / "t")
+    assert main(["train", "-q", *train_args(data, tmp_path, updates=12), "resume=true"]) == 2
+    assert "has changed since this run trained on it" in capsys.readouterr().err
+    assert files(tmp_path / "runs" / "t") == before
+
+
+def test_a_checkpoint_from_before_the_newer_keys_still_resumes(tmp_path, dataset, straight_runs):
+    from loopwm.checkpoint import atomic_torch_save, read_checkpoint
+
+    folder = copy_of(straight_runs["train"], tmp_path, "t")
+    path = folder / "checkpoints" / "latest.pt"
+    payload = read_checkpoint(path)
+    del payload["spec"]["action_starts"], payload["dataset_sha256"]  # as written before these keys existed
+    del payload["trainer"]["log_window"], payload["trainer"]["last_loops"]
+    atomic_torch_save(payload, path)
+    assert main(["train", "-q", *train_args(dataset, tmp_path, updates=10), "resume=true"]) == 0
+    assert read_checkpoint(path)["trainer"]["updates"] == 10
+
+
+def test_a_finished_vector_run_that_overshot_its_length_resumes_with_its_own_command(tmp_path, capsys):
+    args = [*run_args(tmp_path, steps=40), "env.num_envs=3"]  # three envs step together: it ends at step 42
+    assert main(["run", "-q", *args]) == 0
+    assert main(["run", "-q", *args, "resume=true"]) == 0  # a scheduler's re-queue of the same command
+    assert main(["run", "-q", *run_args(tmp_path, steps=38), "env.num_envs=3", "resume=true"]) == 2
+    assert "is at 42 already; agent.total_steps=38" in capsys.readouterr().err

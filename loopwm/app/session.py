@@ -61,6 +61,9 @@ RESUMABLE = frozenset(
 """The keys a resumed run may change: where and how fast it runs, how long it goes on and how often it reports.
 Any other difference (a learning rate, a dataset, a seed, the planner) would silently be ignored by the restored
 state or mix two settings in one run, so it is refused."""
+_COLLECTION = {"config.data.steps", "config.data.policy", "config.data.noise", "config.data.planner_checkpoint"}
+UNREAD = {"run": frozenset({*_COLLECTION, "config.data.path"}), "train": frozenset(_COLLECTION)}
+"""Per command, the keys it never reads (only `loopwm collect` does): changing them on resume changes nothing."""
 
 
 class RunFolderError(ConfigError):
@@ -233,10 +236,11 @@ class RunSession:
             diff = [
                 line.removeprefix("config.")
                 for line in differences(saved, current, "config")
-                if line.split(":")[0] not in RESUMABLE
+                if line.split(":")[0] not in RESUMABLE | UNREAD[self.kind]
             ]
             done, key, target = self._progress()
-            if target < done:
+            slack = saved["env"]["num_envs"] - 1 if self.kind == "run" else 0  # its envs step together: overshoot
+            if target + slack < done:
                 raise self._refuse(
                     f"is at {done} already; {key}={target} would end it before where it is: pass {key} >= {done} "
                     "to continue it (a shorter run is a new run: choose another name=...)"
@@ -284,7 +288,8 @@ class RunSession:
         """Check the env's spaces against the checkpoint's, leave if a signal came during start-up, then write:
         stale temp files go, a clean start cuts old logs, and the folder's kind and resolved config are saved."""
         if self.resumed is not None:
-            diff = differences(_plain(self.resumed.payload["spec"]), _plain(spec.to_dict()), "spaces")
+            saved = SpaceSpec.from_dict(self.resumed.payload["spec"])  # read as the loader does: keys added since
+            diff = differences(_plain(saved.to_dict()), _plain(spec.to_dict()), "spaces")  # take their defaults
             if diff:
                 raise self._refuse(f"was saved for other spaces: {'; '.join(diff)}")
         self.stop.exit_if_received("during start-up; nothing was written")

@@ -84,9 +84,15 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
         stats = train_data.stats()
         wm.set_obs_stats(stats["obs_mean"], stats["obs_std"])
         trainer = Trainer(wm, cfg, train_data, session.logger)
+        digest = file_digest(cfg.data.path)  # so eval and analyze notice the file changing under the run
+        saved = session.resumed.payload.get("dataset_sha256") if session.resumed is not None else None
+        if saved is not None and saved != digest:
+            raise ConfigError(
+                f"data.path={cfg.data.path!r} has changed since this run trained on it (its SHA-256 differs): "
+                "resuming would evaluate on another split; restore the file, or train a new run (another name=...)"
+            )
         session.start(wm.spec)
         session.restore(trainer, log_step=lambda payload: payload["trainer"]["updates"])
-        digest = file_digest(cfg.data.path)  # so eval and analyze notice the file changing under the run
         trainer.fit(
             progress=progress and session.main,
             on_checkpoint=lambda: session.save(trainer, dataset_sha256=digest),
