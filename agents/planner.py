@@ -10,6 +10,7 @@ subclass plus one `@register_planner("name")` line; `build_planner` makes the on
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Literal, Optional
 
 import numpy as np
@@ -24,7 +25,24 @@ from loopwm.nets import argmax_groups, group_slices
 LatentFn = Callable[[Tensor], Tensor]
 PriorFn = Callable[[Tensor, torch.Generator], Tensor]
 """A policy prior: latents [B, Z] and the planner's generator to actions [B, A] drawn with that generator, so a
-seeded planner repeats its plans."""
+seeded planner repeats its plans. A prior of latents alone (`LatentFn`) is accepted too: it draws as it likes."""
+
+
+def _with_generator(prior: Optional[Callable[..., Tensor]]) -> Optional[PriorFn]:
+    """`prior` as a `PriorFn`: one that takes no generator is called with the latents alone."""
+    if prior is None:
+        return None
+    plain_module = isinstance(prior, torch.nn.Module) and type(prior).__call__ is torch.nn.Module.__call__
+    called = prior.forward if plain_module else prior  # a Module's __call__ takes anything: read its forward
+    try:
+        inspect.signature(called).bind(None, None)
+    except TypeError:  # it takes the latents only
+        return lambda z, generator: prior(z)
+    except ValueError:  # no signature to read (a builtin): call it as documented
+        pass
+    return prior
+
+
 Params = dict[str, Tensor]
 
 
@@ -183,7 +201,7 @@ class Planner:
             raise ValueError(f"uncertainty={uncertainty!r}: expected 'bound' or 'unconverged'")
         if exploration < 0 or (wm.discrete and exploration > 1):
             raise ValueError(f"exploration={exploration}: expected a std >= 0 (Box) or a probability (Discrete)")
-        self.wm, self.cfg, self.value, self.prior, self.discount = wm, cfg, value, prior, discount
+        self.wm, self.cfg, self.value, self.prior, self.discount = wm, cfg, value, _with_generator(prior), discount
         self.uncertainty, self.exploration = uncertainty, exploration
         groups = getattr(wm, "action_groups", None) or (wm.action_dim,)
         self.sampler = CategoricalSampler(cfg, groups, min_prob) if wm.discrete else GaussianSampler(cfg, wm.action_dim)

@@ -231,6 +231,16 @@ def test_policy_prior_seeds_samples():
     without = make_planner(wm, c, seed=0).act(np.zeros(2), eval_mode=True)
     with_prior = make_planner(wm, c, prior=optimal, seed=0).act(np.zeros(2), eval_mode=True)
     assert np.abs(with_prior - TARGET.numpy()).max() < 0.02 < np.abs(without - TARGET.numpy()).max()
+    latents_only = make_planner(wm, c, prior=lambda z: TARGET - z, seed=0).act(np.zeros(2), eval_mode=True)
+    np.testing.assert_array_equal(latents_only, with_prior)  # a prior without a generator argument works too
+
+    class Module(torch.nn.Module):
+        def forward(self, z):
+            return TARGET - z
+
+    np.testing.assert_array_equal(
+        make_planner(wm, c, prior=Module(), seed=0).act(np.zeros(2), eval_mode=True), with_prior
+    )
     with pytest.raises(ValueError, match="policy_samples"):
         make_planner(wm, cfg(samples=16, elites=2, policy_samples=16), prior=optimal)
 
