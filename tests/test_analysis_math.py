@@ -185,6 +185,17 @@ def test_top_fraction_marks_largest():
     assert top_fraction([0.1, 5.0, 0.3, 2.0, 0.2, 0.0, 0.4, 0.5, 0.6, 0.7], 0.2).nonzero()[0].tolist() == [1, 3]
 
 
+def test_ties_and_non_finite_values_never_decide_a_statistic_by_position():
+    tied = [2.0, 2.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]  # the top 10% is a three-way tie
+    assert top_fraction(tied, 0.1).tolist() == [True] * 3 + [False] * 7
+    assert top_fraction([1.0] * 10, 0.1).all()  # all equal: no sample is worse than another
+    assert math.isnan(auroc(np.arange(10.0), top_fraction([1.0] * 10, 0.1)))
+    assert top_fraction([0.0, float("nan"), 1.0, 0.5], 0.25).tolist() == [False, True, False, False]
+    assert math.isnan(spearman([np.nan, np.nan, np.nan], [1, 2, 3]))
+    assert math.isnan(spearman([1, 2, np.nan], [1, 2, 3]))
+    assert math.isnan(auroc([np.nan, 1, 2, 3], [1, 0, 1, 0]))
+
+
 def test_saturating_fit_recovers_parameters():
     T = np.arange(1, 13)
     fit = fit_saturating(T, 0.1 + 2.0 * np.exp(-T / 1.5))

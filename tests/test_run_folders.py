@@ -452,3 +452,11 @@ def test_a_finished_vector_run_that_overshot_its_length_resumes_with_its_own_com
     assert main(["run", "-q", *args, "resume=true"]) == 0  # a scheduler's re-queue of the same command
     assert main(["run", "-q", *run_args(tmp_path, steps=38), "env.num_envs=3", "resume=true"]) == 2
     assert "is at 42 already; agent.total_steps=38" in capsys.readouterr().err
+
+
+def test_eval_json_is_strict_json(straight_runs):
+    def refuse(name):
+        raise AssertionError(f"eval.json holds {name}, which strict JSON forbids")
+
+    result = json.loads((straight_runs["train"] / "eval.json").read_text(), parse_constant=refuse)
+    assert result["loops_error_spearman_step1"] is None  # a fixed loop count: loops cannot correlate with errors

@@ -31,36 +31,39 @@ def rankdata(x: ArrayLike) -> np.ndarray:
 def auroc(scores: ArrayLike, labels: ArrayLike) -> float:
     """Area under the ROC curve of `scores` for binary `labels` (Mann–Whitney U); ties count one half.
 
-    NaN when one class is empty.
+    NaN when one class is empty or a score is not finite (a NaN has no rank to give it).
     """
     s = as_numpy(scores).ravel()
     y = as_numpy(labels).ravel().astype(bool)
     if s.shape != y.shape:
         raise ValueError(f"auroc: scores {s.shape} and labels {y.shape} differ in shape")
     n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_neg == 0 or not np.all(np.isfinite(s)):
         return float("nan")
     r = rankdata(s)
     return float((r[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def spearman(x: ArrayLike, y: ArrayLike) -> float:
-    """Spearman rank correlation (Pearson correlation of average ranks); NaN when either input is constant."""
+    """Spearman rank correlation (Pearson correlation of average ranks); NaN when either input is constant or
+    holds a non-finite value."""
+    x, y = as_numpy(x).ravel(), as_numpy(y).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"spearman: inputs of sizes {x.size} and {y.size} differ")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        return float("nan")
     rx, ry = rankdata(x), rankdata(y)
-    if rx.shape != ry.shape:
-        raise ValueError(f"spearman: inputs of sizes {rx.size} and {ry.size} differ")
     rx, ry = rx - rx.mean(), ry - ry.mean()
     den = np.sqrt((rx**2).sum() * (ry**2).sum())
     return float((rx * ry).sum() / den) if den > 0 else float("nan")
 
 
 def top_fraction(x: ArrayLike, fraction: float) -> np.ndarray:
-    """Boolean mask of the entries in the top `fraction` of `x` (at least one), e.g. the 10% largest true errors."""
-    x = as_numpy(x).ravel()
+    """Boolean mask of the entries in the top `fraction` of `x` (at least one), e.g. the 10% largest true errors.
+    Entries tied with the k-th largest are all in, so a tie is never split by position (all equal: all in)."""
+    x = np.where(np.isnan(x := as_numpy(x).ravel()), np.inf, x)  # a NaN error (a diverged sample) is the worst
     k = max(1, int(round(fraction * x.size)))
-    mask = np.zeros(x.size, dtype=bool)
-    mask[np.argsort(-x, kind="mergesort")[:k]] = True
-    return mask
+    return x >= np.sort(x)[::-1][k - 1]
 
 
 def quartiles(x: ArrayLike, axis: int = -1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from loopwm import distributed
 from loopwm.analysis.prediction import format_table, prediction_errors
+from loopwm.analysis.report import to_json
 from loopwm.app.session import RunSession, seed_everything
 from loopwm.config import Config, ConfigError
 from loopwm.envs.factory import check_model_fits, env_spaces
@@ -101,10 +102,10 @@ def train(cfg: Config, progress: bool = True) -> dict[str, Any]:
         session.stop.exit_if_received(f"at update {trainer.updates}; its checkpoint continues with resume=true")
         if cfg.train.val_fraction == 0 or not session.main:
             return {}
-        result = prediction_errors(
-            wm, val_data, seed=cfg.seed, obs_mean=stats["obs_mean"], obs_var=stats["obs_std"].pow(2)
-        )
-        session.write_text("eval.json", json.dumps(result, indent=2))
+        # vectors: the model's own statistics (floored as the model floors them), as `loopwm eval` reads them
+        mean, std = (stats["obs_mean"], stats["obs_std"]) if wm.spec.pixels else (wm.obs_mean, wm.obs_std)
+        result = prediction_errors(wm, val_data, seed=cfg.seed, obs_mean=mean, obs_var=std.pow(2))
+        session.write_text("eval.json", json.dumps(to_json(result), indent=2))  # NaN as null: strict JSON
     if progress:
         print(format_table(result))
     return result
