@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -21,21 +20,9 @@ from torch import Tensor
 from loopwm.analysis import sections as S
 from loopwm.analysis.figures import FIGURES
 from loopwm.analysis.sections import Settings
+from loopwm.analysis.stats import to_json
 from loopwm.replay import ReplayBuffer
 from loopwm.world_model import WorldModel
-
-
-def to_json(value: Any) -> Any:
-    """Plain JSON types, with NaN and infinities as null (strict JSON has no NaN)."""
-    if isinstance(value, dict):
-        return {str(k): to_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_json(v) for v in value]
-    if isinstance(value, (np.generic, Tensor)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 @contextlib.contextmanager

@@ -1,10 +1,14 @@
-"""Rank statistics without sklearn or scipy: average ranks, AUROC, Spearman correlation, robust summaries."""
+"""Rank statistics without sklearn or scipy: average ranks, AUROC, Spearman correlation, robust summaries; and the
+plain-JSON form of results that hold them (NaN as null)."""
 
 from __future__ import annotations
 
+import math
 import warnings
+from typing import Any
 
 import numpy as np
+import torch
 from numpy.typing import ArrayLike
 
 
@@ -72,3 +76,16 @@ def quartiles(x: ArrayLike, axis: int = -1) -> tuple[np.ndarray, np.ndarray, np.
         warnings.simplefilter("ignore", RuntimeWarning)
         q = np.nanquantile(as_numpy(x), [0.25, 0.5, 0.75], axis=axis)
     return q[0], q[1], q[2]
+
+
+def to_json(value: Any) -> Any:
+    """Plain JSON types, with NaN and infinities as null (strict JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    if isinstance(value, (np.generic, torch.Tensor)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from loopwm import distributed
 from loopwm.analysis.prediction import format_table, prediction_errors
-from loopwm.analysis.report import to_json
+from loopwm.analysis.stats import to_json
 from loopwm.app.session import RunSession, seed_everything
 from loopwm.config import Config, ConfigError
 from loopwm.envs.factory import check_model_fits, env_spaces
