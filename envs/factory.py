@@ -115,16 +115,22 @@ def check_model_fits(model: ModelConfig, obs_space: Space, act_space: Space, env
         raise ConfigError(f"{what}, but {'; '.join(fixes)}")
 
 
+def agent_step_limit(cfg: EnvConfig, env_steps: int | None = None) -> int | None:
+    """An episode's step limit in agent steps: `env_steps` (a real env's own limit), else `cfg.max_episode_steps`,
+    else the registered one, each counted in environment steps and so divided by `cfg.action_repeat`, rounded up."""
+    limit = env_steps or cfg.max_episode_steps
+    if limit is None and cfg.id in gym.registry:
+        limit = gym.spec(cfg.id).max_episode_steps
+    return -(-limit // cfg.action_repeat) if limit else None
+
+
 def check_episode_limit(cfg: Config) -> None:
     """Raise a ConfigError, before a run writes, when the env's time limit (`env.max_episode_steps`, else the
     registered one; in agent steps, after action repeat) is shorter than the training sequences
     (`train.horizon`) or longer than the replay can hold (`data.capacity`): either would only fail mid-run."""
-    limit = cfg.env.max_episode_steps
-    if limit is None and cfg.env.id in gym.registry:
-        limit = gym.spec(cfg.env.id).max_episode_steps
-    if limit is None:
+    steps = agent_step_limit(cfg.env)
+    if steps is None:
         return
-    steps = -(-limit // cfg.env.action_repeat)
     where = f"{cfg.env.id} episodes end after at most {steps} agent steps"
     if cfg.train.horizon > steps:
         raise ConfigError(

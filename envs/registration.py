@@ -17,7 +17,7 @@ import numpy as np
 
 from loopwm.checkpoint import load_run
 from loopwm.config import EnvConfig
-from loopwm.envs.factory import make_env
+from loopwm.envs.factory import agent_step_limit, make_env
 from loopwm.envs.model_io import check_compatible
 from loopwm.envs.starts import StartSource
 from loopwm.envs.vector_world_model_env import VectorWorldModelEnv
@@ -93,9 +93,7 @@ def model_env_parts(
         reset_obs = _replay_starts(run.payload, path)
     if max_episode_steps is None:  # the real env's limit counts its own steps; one model step is action_repeat of them
         limit = real.spec.max_episode_steps if real is not None and real.spec is not None else None
-        limit = limit or (cfg.env.max_episode_steps if cfg is not None else None)
-        repeat = cfg.env.action_repeat if cfg is not None else 1
-        max_episode_steps = -(-limit // repeat) if limit else 1000
+        max_episode_steps = (agent_step_limit(cfg.env, limit) if cfg is not None else limit) or 1000
     parts = {
         "wm": wm,
         "reset_obs": reset_obs if reset_obs is not None else real,
