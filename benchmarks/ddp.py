@@ -123,7 +123,7 @@ def main() -> None:
     data = WORK / "pendulum.npz"
     shutil.rmtree(WORK / "runs", ignore_errors=True)  # each variant starts a fresh run folder
     cfg = load_config(CONFIG, [f"data.path={data}", f"data.steps={args.dataset_steps}", "device=cpu"])
-    collect(cfg, progress=False)
+    collect(cfg, progress=False, overwrite=True)
     runs = {name: launch(name, p, t, args, data) for name, (p, t) in VARIANTS.items()}
     info["load_average_end"] = load_average()
     info["command"] = command()

@@ -106,7 +106,7 @@ def collect_part(
     part_cfg = load_config(config, [*base, *overrides])
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    buffer = collect(part_cfg, progress=False)
+    buffer = collect(part_cfg, progress=False, overwrite=True)
     seconds = time.perf_counter() - start
     lengths = [len(ep["rewards"]) for ep in buffer.episodes()]
     info = {

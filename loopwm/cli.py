@@ -32,7 +32,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_collect(args: argparse.Namespace) -> None:
     from loopwm.app.collect import collect
 
-    buffer = collect(_config(args), progress=not args.quiet)
+    buffer = collect(_config(args), progress=not args.quiet, overwrite=args.overwrite)
     print(f"wrote {len(buffer)} transitions in {buffer.num_episodes} episodes")
 
 
@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_config("run", "Online loop: collect, fit the world model, plan and evaluate.", cmd_run)
     with_config("train", "Fit a world model on a saved dataset (data.path).", cmd_train)
-    with_config("collect", "Write a dataset of environment transitions to data.path.", cmd_collect)
+    p = with_config("collect", "Write a dataset of environment transitions to data.path.", cmd_collect)
+    p.add_argument("--overwrite", action="store_true", help="replace data.path if it exists (refused otherwise)")
     p = sub.add_parser(
         "eval",
         help="Prediction errors of a checkpoint, planner returns with --episodes, or videos with --video.",

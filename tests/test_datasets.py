@@ -143,6 +143,17 @@ def test_collect_refuses_a_capacity_below_the_steps_it_must_hold(tmp_path, capsy
     assert not path.exists()
 
 
+def test_collect_keeps_an_existing_dataset_unless_told_to_overwrite_it(tmp_path, capsys):
+    path = tmp_path / "kept.npz"
+    assert main(["collect", "-q", CONFIG, f"data.path={path}", "data.steps=400", "seed=1"]) == 0
+    before = path.read_bytes()
+    assert main(["collect", "-q", CONFIG, f"data.path={path}", "data.steps=400", "seed=2"]) == 2
+    assert "exists already; pass --overwrite" in capsys.readouterr().err
+    assert path.read_bytes() == before
+    assert main(["collect", "-q", "--overwrite", CONFIG, f"data.path={path}", "data.steps=400", "seed=2"]) == 0
+    assert path.read_bytes() != before
+
+
 @pytest.mark.parametrize("where", ["", "."])
 def test_collect_refuses_a_data_path_that_is_no_file_before_collecting(where, capsys):
     assert main(["collect", "-q", CONFIG, f"data.path={where}", "data.steps=100000"]) == 2

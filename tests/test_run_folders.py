@@ -423,7 +423,7 @@ def test_eval_of_a_train_run_refuses_a_dataset_file_changed_since_training(tmp_p
     assert main(["train", "-q", *train_args(data, tmp_path)]) == 0
     assert main(["eval", str(tmp_path / "runs" / "t")]) == 0  # the file it trained on: its own held-out split
     capsys.readouterr()
-    assert main(["collect", "-q", CONFIG, f"data.path={data}", "data.steps=1200"]) == 0  # collected over it
+    assert main(["collect", "-q", "--overwrite", CONFIG, f"data.path={data}", "data.steps=1200"]) == 0
     for verb in ("eval", "analyze"):
         assert main([verb, str(tmp_path / "runs" / "t")]) == 2
         assert "has changed since the run trained on it" in capsys.readouterr().err, verb

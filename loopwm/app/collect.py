@@ -16,16 +16,22 @@ from loopwm.envs.factory import action_from_model, action_to_model, make_vector_
 from loopwm.replay import ReplayBuffer
 
 
-def collect(cfg: Config, progress: bool = True) -> ReplayBuffer:
+def collect(cfg: Config, progress: bool = True, overwrite: bool = False) -> ReplayBuffer:
     """Fill a dataset with at least `data.steps` transitions from vectorised envs and save it to `data.path`.
 
-    Episodes still running when the count is reached are stored as truncated there.
+    Episodes still running when the count is reached are stored as truncated there. An existing file is
+    replaced only with `overwrite=True`: a dataset that runs were trained on is never lost by accident.
     """
     from tqdm.auto import tqdm
 
     path = Path(cfg.data.path)
     if not cfg.data.path.strip() or path.is_dir():
         raise ConfigError(f"data.path={cfg.data.path!r}: expected the path of the .npz file to write")
+    if path.is_file() and not overwrite:
+        raise ConfigError(
+            f"data.path={cfg.data.path!r} exists already; pass --overwrite to replace it (runs trained on it "
+            "then refuse to evaluate or resume on the new file), or choose another data.path"
+        )
     if path.parent.exists() and not os.access(path.parent, os.W_OK):
         raise ConfigError(f"data.path={cfg.data.path!r}: its folder {str(path.parent)!r} is not writable")
     if cfg.data.capacity < cfg.data.steps:
