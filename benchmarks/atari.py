@@ -6,7 +6,8 @@ uniformly random policy on the same seeds. Scores are raw game scores; human-nor
 reference random and human scores of `loopwm.envs.atari_games`. Held-out episodes, played by the agent's
 training policy, give the next-frame error of the newest frame at 1 and 10 steps open loop (pixel MSE on a
 0-1 scale) against copying the last observed frame, and the sign accuracy of 1-step reward predictions on
-non-zero (clipped) rewards. Wall-clock time and peak RSS are the run's own, summed over its sittings. Games
+non-zero (clipped) rewards. Wall-clock time and peak RSS are the run's own, summed over its sittings, less any
+time the run spent suspended (`--paused GAME=SECONDS`, e.g. while the machine ran something else alone). Games
 measured by an earlier invocation into the same --out are kept, each with the command that measured it, unless this
 invocation measures them again from a checkpoint.
 
@@ -162,6 +163,8 @@ def measure_game(stem: str, args: argparse.Namespace) -> dict[str, Any]:
         return {"game": game.name, "run": str(path), "status": "not run"}
     run = load_run(path)
     progress = run.payload["progress"]
+    paused = args.paused.get(stem, 0.0)
+    elapsed = progress["elapsed_s"] - paused if progress.get("elapsed_s") else None
     agent = saved_agent(path, args.override)
     start = time.perf_counter()
     result = evaluate(agent, args.episodes, seed=EVAL_SEED)
@@ -184,10 +187,9 @@ def measure_game(stem: str, args: argparse.Namespace) -> dict[str, Any]:
         "ms_per_decision": result["ms_per_decision"],
         "eval_s": eval_s,
         "elapsed_s": progress.get("elapsed_s"),
-        "hours_per_100k": progress["elapsed_s"] / 3600 * 100_000 / max(progress["step"], 1)
-        if progress.get("elapsed_s")
-        else None,
-        "steps_per_s": progress["step"] / progress["elapsed_s"] if progress.get("elapsed_s") else None,
+        "paused_s": paused,
+        "hours_per_100k": elapsed / 3600 * 100_000 / max(progress["step"], 1) if elapsed else None,
+        "steps_per_s": progress["step"] / elapsed if elapsed else None,
         "peak_rss_mib": progress.get("peak_rss_mib"),
         "replay_mib": agent_replay_mib(run.payload),
     }
@@ -316,6 +318,13 @@ def markdown(payload: dict[str, Any]) -> str:
                 ],
             ),
         ]
+    paused = [g for g in done if g.get("paused_s")]
+    if paused:
+        parts.append(
+            "Hours per 100k are net of the time a run was suspended: "
+            + "; ".join(f"{g['game']} {g['paused_s']:.0f} s of {g['elapsed_s']:.0f} s" for g in paused)
+            + "."
+        )
     if missing:
         parts.append(f"Not run yet: {', '.join(missing)}.")
     parts += ["## Machine (this invocation)", machine_md(payload["machine"])]
@@ -346,6 +355,21 @@ def kept_games(path: Path, measured: list[dict[str, Any]]) -> list[dict[str, Any
     return kept
 
 
+def parse_paused(parser: argparse.ArgumentParser, items: list[str], games: list[str]) -> dict[str, float]:
+    """`--paused pong=2265 ...` as {stem: seconds}, refusing games not measured and negative or unparsable times."""
+    paused = {}
+    for item in items:
+        stem, _, seconds = item.partition("=")
+        try:
+            value = float(seconds)
+        except ValueError:
+            value = -1.0
+        if stem not in games or not value >= 0:
+            parser.error(f"--paused {item!r}: expected GAME=SECONDS with GAME one of --games and SECONDS >= 0")
+        paused[stem] = value
+    return paused
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -361,8 +385,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--planner", action="store_true", help="also evaluate the latent planner")
     parser.add_argument("--planner-episodes", type=int, default=3)
     parser.add_argument("--override", nargs="*", default=[], help="config overrides for evaluation")
+    parser.add_argument(
+        "--paused",
+        nargs="*",
+        default=[],
+        metavar="GAME=SECONDS",
+        help="seconds a run spent suspended, subtracted from its wall-clock time",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
+    args.paused = parse_paused(parser, args.paused, args.games)
     if args.episodes < 2 or args.held_out < 1 or args.planner_episodes < 1 or args.held_out_steps < HORIZON:
         parser.error(f"--episodes must be >= 2, --held-out and --planner-episodes >= 1, --held-out-steps >= {HORIZON}")
     torch.set_num_threads(1)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from loopwm.app.run import run
+from loopwm.checkpoint import load_run
 from loopwm.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,8 +53,10 @@ def test_atari_benchmark_reports_a_tiny_boxing_run(tmp_path):
         ],
     )
     run(cfg, progress=False)
+    elapsed = load_run(tmp_path / "runs" / "boxing").payload["progress"]["elapsed_s"]
     args = ["--games", "boxing", "--runs", str(tmp_path / "runs"), "--episodes", "2", "--held-out", "1"]
     args += ["--held-out-steps", "30", "--planner", "--planner-episodes", "1", "--out", str(tmp_path)]
+    args += ["--paused", f"boxing={elapsed / 4}"]
     payload = load_script().main([*args, "--override", *short])
     saved = json.loads((tmp_path / "atari.json").read_text())
     assert saved == json.loads(json.dumps(payload))
@@ -62,13 +65,16 @@ def test_atari_benchmark_reports_a_tiny_boxing_run(tmp_path):
     assert len(game["returns"]) == len(game["random_returns"]) == 2
     assert game["hns"] == pytest.approx((game["score"]["mean"] - 0.1) / 12.0)
     assert game["reference"] == {"random": 0.1, "human": 12.1, "dreamerv3": 79.4}
-    assert game["elapsed_s"] > 0 and game["peak_rss_mib"] > 0 and game["replay_mib"] > 0
+    assert game["elapsed_s"] == elapsed and game["peak_rss_mib"] > 0 and game["replay_mib"] > 0
+    assert game["steps_per_s"] == pytest.approx(180 / (0.75 * elapsed))  # net of the time it was suspended
+    assert game["hours_per_100k"] == pytest.approx(0.75 * elapsed / 3600 * 100_000 / 180)
     frame = game["model"]["frame_mse"]
     assert set(frame) == {"1", "10"} and all(0 <= v <= 1 for h in frame.values() for v in h.values())
     assert game["model"]["predictions"] == len(range(0, 30 - 10 + 1, 2))
     assert len(game["planner"]["returns"]) == 1 and game["planner"]["ms_per_decision"] > game["ms_per_decision"]
     md = (tmp_path / "atari.md").read_text()
     assert "| Boxing | 180 | 2 |" in md and "Not run yet" not in md and "Actor against the latent planner" in md
+    assert f"net of the time a run was suspended: Boxing {elapsed / 4:.0f} s of {elapsed:.0f} s" in md
     assert game["command"] == saved["machine"]["command"] and f"- Boxing: `{game['command']}`" in md
 
     # a later invocation for another game, and one whose Boxing run folder is gone, keep the Boxing result; a report
@@ -113,6 +119,13 @@ def test_atari_benchmark_refuses_held_out_episodes_shorter_than_the_horizon(tmp_
     with pytest.raises(ValueError, match=r"\[9\] steps\) is shorter than the 10-step horizon"):
         script.model_errors(CopyLastModel(), [short], horizon=10)
     assert script.model_errors(CopyLastModel(), [short, two_reward_episode(256)], horizon=10)["predictions"] == 11
+
+
+@pytest.mark.parametrize("paused", ["pong=10", "boxing=-1", "boxing=abc", "boxing"])
+def test_atari_benchmark_refuses_a_pause_of_a_game_it_does_not_measure_or_not_a_time(tmp_path, paused, capsys):
+    with pytest.raises(SystemExit):
+        load_script().main(["--games", "boxing", "--paused", paused, "--runs", str(tmp_path), "--out", str(tmp_path)])
+    assert f"--paused {paused!r}" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
 
 
 class CopyLastModel:
