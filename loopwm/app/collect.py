@@ -29,8 +29,8 @@ def collect(cfg: Config, progress: bool = True, overwrite: bool = False) -> Repl
         raise ConfigError(f"data.path={cfg.data.path!r}: expected the path of the .npz file to write")
     if path.is_file() and not overwrite:
         raise ConfigError(
-            f"data.path={cfg.data.path!r} exists already; pass --overwrite to replace it (runs trained on it "
-            "then refuse to evaluate or resume on the new file), or choose another data.path"
+            f"data.path={cfg.data.path!r} exists already; pass --overwrite (overwrite=True from Python) to replace "
+            "it (runs trained on it then refuse to evaluate or resume on the new file), or choose another data.path"
         )
     if path.parent.exists() and not os.access(path.parent, os.W_OK):
         raise ConfigError(f"data.path={cfg.data.path!r}: its folder {str(path.parent)!r} is not writable")
