@@ -78,7 +78,9 @@ class Agent:
                 }
             )
         if self.prior is not None:
-            starts = latents[0]  # one start latent per sequence keeps the actor update cheap
+            # backpropagating through the model: one start per sequence keeps the update cheap; the reinforce
+            # rollout runs without gradients, so every replay latent starts one
+            starts = latents[:-1] if self.prior.gradient == "reinforce" else latents[0]
             out.update({f"prior/{k}": v for k, v in self.prior.update(self.wm, starts, self.value).items()})
         return out
 

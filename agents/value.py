@@ -136,8 +136,12 @@ class ValueFunction:
 class PolicyPrior:
     """A stochastic actor π(a|z): tanh-Gaussian for Box (actions in [-1, 1]), categorical for Discrete (one-hot).
 
-    Trained by backpropagating the imagined return Σ γ^k Πc r_k + γ^H Πc V(z_H) of its own rollouts
-    through the world model (straight-through one-hot samples for Discrete), plus an entropy bonus.
+    Trained on the imagined return of its own rollouts, plus an entropy bonus, in one of two ways
+    (`agent.prior_gradient`):
+    - "dynamics": backpropagate Σ γ^k Πc r_k + γ^H Πc V(z_H) through the world model;
+    - "reinforce": roll out without gradients and weigh log π(a_k|z_k) by the advantage G^λ_k − V(z_k),
+      with G^λ the λ-returns of the rollout. Categorical actions default to it: a straight-through one-hot
+      sample gives a biased gradient, and through a model of sparse rewards an almost vanishing one.
     Returns are divided by a running scale, max(1, EMA of the 5-95 percentile range), so the entropy
     coefficient means the same for any reward scale. Only the actor's parameters are updated.
     """
@@ -160,6 +164,7 @@ class PolicyPrior:
         if discrete and self.slices[-1].stop != action_dim:
             raise ValueError(f"action groups {groups} do not add up to action_dim={action_dim}")
         self.horizon, self.entropy_coef = cfg.prior_horizon, cfg.prior_entropy
+        self.gradient = prior_gradient(cfg.prior_gradient, discrete)
         self.grad_clip, self.scale_decay = grad_clip, scale_decay
         self.net = _mlp(latent_dim, cfg.hidden_dim, action_dim if discrete else 2 * action_dim).to(device)
         self.optim = torch.optim.Adam(self.net.parameters(), lr=lr if lr is not None else cfg.value_lr)
@@ -171,17 +176,28 @@ class PolicyPrior:
         out = self.net(z)
         if self.discrete:  # a straight-through one-hot sample and the exact entropy, per group
             actions, entropy = [], 0.0
-            for sl in self.slices:
-                logits = out[..., sl].log_softmax(-1)
+            for logits in self._group_log_probs(out):
                 probs = logits.exp()
                 idx = torch.multinomial(probs.detach(), 1, generator=generator)[:, 0]
-                actions.append(F.one_hot(idx, sl.stop - sl.start).to(probs.dtype) + probs - probs.detach())
+                actions.append(F.one_hot(idx, logits.shape[-1]).to(probs.dtype) + probs - probs.detach())
                 entropy = entropy - (probs * logits).sum(-1)
             return torch.cat(actions, -1), entropy
         action, eps, log_std = self._box_sample(out, generator)
         log_prob = (-0.5 * eps**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
         log_prob = log_prob - torch.log((1 - action**2).clamp_min(1e-6)).sum(-1)
         return action, -log_prob
+
+    def _group_log_probs(self, out: Tensor) -> list[Tensor]:
+        """Log-probabilities of each categorical group, from the network's output."""
+        return [out[..., sl].log_softmax(-1) for sl in self.slices]
+
+    def log_prob(self, z: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
+        """log π(a|z) and the exact entropy of π(·|z), both [...], for one-hot categorical actions [..., A]."""
+        log_prob, entropy = 0.0, 0.0
+        for logits, sl in zip(self._group_log_probs(self.net(z)), self.slices):
+            log_prob = log_prob + (logits * actions[..., sl]).sum(-1)
+            entropy = entropy - (logits.exp() * logits).sum(-1)
+        return log_prob, entropy
 
     def _box_sample(self, out: Tensor, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor, Tensor]:
         """A tanh-Gaussian action from the network's output, with the noise and log-std that drew it."""
@@ -220,14 +236,48 @@ class PolicyPrior:
         ret = discounted_return(torch.stack(rewards), torch.stack(continues), self.cfg.discount, terminal)
         return ret, torch.stack(entropy).mean(0)
 
-    def update(self, wm: Any, latents: Tensor, value: Optional[LatentFn] = None) -> dict[str, float]:
-        """One actor step from start latents [..., Z] (e.g. all replay latents flattened); `wm.imagine` must be
-        differentiable in z and actions. Neither `wm` nor `value` receives gradients."""
-        ret, entropy = self.imagined_return(wm, latents.detach().reshape(-1, latents.shape[-1]), value)
+    def reinforce_terms(
+        self, wm: Any, z: Tensor, value: Optional[LatentFn] = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Roll the actor `horizon` steps through `wm` from latents [B, Z] without gradients, then score it.
+
+        Returns the λ-returns G^λ [H, B] (bootstrapped from `value`, 0 without one), and, differentiable in
+        the actor only, log π(a_k|z_k) [H, B], the entropies [H, B] and the advantages G^λ_k − V(z_k) [H, B],
+        each weighted by γ^k Π_{j<k} c_j, the chance that step k is reached.
+        """
         with torch.no_grad():
-            lo, hi = torch.quantile(ret.detach(), torch.tensor([0.05, 0.95], device=ret.device, dtype=ret.dtype))
-            self.scale.lerp_((hi - lo).to(self.scale.dtype), 1 - self.scale_decay)
-        loss = -(ret / self.scale.clamp_min(1.0)).mean() - self.entropy_coef * entropy.mean()
+            states, actions, rewards, continues = [z], [], [], []
+            for _ in range(self.horizon):
+                action = self.sample(z)[0]
+                out = wm.imagine(z, action[None], decode="none")
+                z = out.latents[-1]
+                states.append(z)
+                actions.append(action)
+                rewards.append(out.rewards[0])
+                continues.append(out.continues[0])
+            states, rewards, continues = torch.stack(states), torch.stack(rewards), torch.stack(continues)
+            values = value(states) if value is not None else torch.zeros_like(states[..., 0])
+            returns = lambda_returns(rewards, continues, values[1:], self.cfg.discount, self.cfg.value_lambda)
+            reach = torch.cat([torch.ones_like(continues[:1]), (self.cfg.discount * continues[:-1]).cumprod(0)])
+            advantage = reach * (returns - values[:-1])
+        log_prob, entropy = self.log_prob(states[:-1], torch.stack(actions))
+        return returns, log_prob, reach * entropy, advantage
+
+    def update(self, wm: Any, latents: Tensor, value: Optional[LatentFn] = None) -> dict[str, float]:
+        """One actor step from start latents [..., Z] (e.g. all replay latents flattened). With the "dynamics"
+        gradient `wm.imagine` must be differentiable in z and actions. Neither `wm` nor `value` receives
+        gradients."""
+        starts = latents.detach().reshape(-1, latents.shape[-1])
+        if self.gradient == "reinforce":
+            returns, log_prob, entropy, advantage = self.reinforce_terms(wm, starts, value)
+            ret = returns[0]
+            self._rescale(returns)
+            objective = log_prob * advantage / self.scale.clamp_min(1.0)  # its gradient: E[∇ log π · advantage]
+        else:
+            ret, entropy = self.imagined_return(wm, starts, value)
+            self._rescale(ret)
+            objective = ret / self.scale.clamp_min(1.0)
+        loss = -objective.mean() - self.entropy_coef * entropy.mean()
         params = list(self.net.parameters())
         norm = _step(self.optim, params, torch.autograd.grad(loss, params), self.grad_clip)
         return {
@@ -236,6 +286,13 @@ class PolicyPrior:
             "prior_entropy": entropy.mean().item(),
             "prior_grad_norm": norm,
         }
+
+    @torch.no_grad()
+    def _rescale(self, returns: Tensor) -> None:
+        """Move the running return scale towards the 5-95 percentile range of `returns`."""
+        flat = returns.detach().flatten()
+        lo, hi = torch.quantile(flat, torch.tensor([0.05, 0.95], device=flat.device, dtype=flat.dtype))
+        self.scale.lerp_((hi - lo).to(self.scale.dtype), 1 - self.scale_decay)
 
     def state_dict(self) -> dict[str, Any]:
         """Network, optimiser state and the running return scale."""
@@ -246,3 +303,18 @@ class PolicyPrior:
         self.net.load_state_dict(state["net"])
         self.optim.load_state_dict(state["optim"])
         self.scale.copy_(state["scale"])
+
+
+def prior_gradient(name: str, discrete: bool) -> str:
+    """Resolve `agent.prior_gradient` for an action space: "auto" is reinforce for categorical actions and
+    dynamics for Box ones; reinforce with Box actions is refused."""
+    if name == "auto":
+        return "reinforce" if discrete else "dynamics"
+    if name == "reinforce" and not discrete:
+        raise ValueError(
+            "agent.prior_gradient='reinforce' needs categorical actions (Discrete, MultiDiscrete, MultiBinary); "
+            "Box actions use 'dynamics' (or 'auto')"
+        )
+    if name not in ("dynamics", "reinforce"):
+        raise ValueError(f"agent.prior_gradient={name!r}: expected 'auto', 'dynamics' or 'reinforce'")
+    return name

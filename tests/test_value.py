@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from loopwm.agents import MPPIPlanner, PolicyPrior, ValueFunction
-from loopwm.agents.value import lambda_returns
+from loopwm.agents.value import lambda_returns, prior_gradient
 from loopwm.config import AgentConfig, PlannerConfig
 
 TARGET = torch.tensor([0.5, -0.3])
@@ -124,13 +124,29 @@ def test_value_state_dict_round_trip():
     torch.testing.assert_close(a(latents[:, 0]), b(latents[:, 0]), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("discrete", [False, True])
-def test_prior_improves_imagined_return(discrete):
+class DelayedArmModel(PointModel):
+    """The first action is remembered (z = its one-hot) and paid for only at the last step of the horizon, by a
+    lookup that no gradient passes through: only the score-function (reinforce) gradient can learn it."""
+
+    def __init__(self, horizon: int):
+        super().__init__(discrete=True)
+        self.horizon, self.steps = horizon, 0
+
+    def imagine(self, z: Tensor, actions: Tensor, decode: str = "none") -> SimpleNamespace:
+        self.steps = self.steps % self.horizon + 1  # the prior imagines one step per call
+        z = actions[0].detach() if self.steps == 1 else z
+        paid = self.arms[z.argmax(-1)] if self.steps == self.horizon else torch.zeros(z.shape[0])
+        out = super().imagine(z, actions)
+        out.latents, out.rewards = torch.stack([z, z]), paid[None]
+        return out
+
+
+@pytest.mark.parametrize(("discrete", "gradient"), [(False, "dynamics"), (True, "dynamics"), (True, "reinforce")])
+def test_prior_improves_imagined_return(discrete, gradient):
     torch.manual_seed(0)
     wm = PointModel(discrete)
-    prior = PolicyPrior(
-        wm.latent_dim, wm.action_dim, discrete, AgentConfig(discount=0.9, prior_horizon=3, hidden_dim=32), lr=3e-3
-    )
+    cfg = AgentConfig(discount=0.9, prior_horizon=3, hidden_dim=32, prior_gradient=gradient)
+    prior = PolicyPrior(wm.latent_dim, wm.action_dim, discrete, cfg, lr=3e-3)
     starts = torch.rand(128, wm.latent_dim) * 2 - 1
 
     def imagined() -> float:
@@ -149,6 +165,28 @@ def test_prior_improves_imagined_return(discrete):
         assert (mode.argmax(-1) == 1).float().mean() > 0.95
     else:
         assert (mode - (TARGET - starts).clamp(-1, 1)).abs().mean() < 0.15
+
+
+def test_reinforce_prior_learns_a_delayed_reward_no_gradient_reaches():
+    torch.manual_seed(0)
+    horizon = 4
+    wm = DelayedArmModel(horizon)
+    cfg = AgentConfig(discount=0.9, value_lambda=1.0, prior_horizon=horizon, hidden_dim=32, prior_entropy=1e-4)
+    prior = PolicyPrior(wm.latent_dim, wm.action_dim, True, cfg, lr=3e-3)
+    assert prior.gradient == "reinforce"  # "auto" for categorical actions
+    starts = torch.zeros(64, wm.latent_dim)
+    for _ in range(150):
+        stats = prior.update(wm, starts)
+    assert (prior.mode(starts).argmax(-1) == 1).float().mean() > 0.95  # arm 1 pays 1.0, the others 0.2 and 0.5
+    assert stats["prior_return"] > 0.9 * 0.9 ** (horizon - 1)
+
+
+def test_prior_gradient_follows_the_action_space():
+    assert prior_gradient("auto", discrete=False) == "dynamics"
+    assert prior_gradient("auto", discrete=True) == "reinforce"
+    assert prior_gradient("dynamics", discrete=True) == "dynamics"
+    with pytest.raises(ValueError, match="needs categorical actions.*'dynamics'"):
+        PolicyPrior(2, 2, False, AgentConfig(prior_gradient="reinforce"))
 
 
 def test_prior_backprops_through_value_without_updating_it():
