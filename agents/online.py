@@ -62,12 +62,18 @@ class Agent:
         with torch.no_grad():
             latents = self.wm.encode(batch["obs"].to(device))
         continues = 1.0 - batch["terminated"].float().to(device)
+        starts = latents[:-1].reshape(-1, latents.shape[-1])  # every replay latent but each sequence's last
+        rollout = None  # the reinforce actor's imagined rollout: it trains the actor and gives the value a target
+        if self.prior is not None and self.prior.gradient == "reinforce":
+            rollout = self.prior.rollout(self.wm, starts, self.value.target_value if self.value is not None else None)
         if self.value is not None:
-            imagined = None
-            if self.prior is not None:  # value of the improving prior, from its imagined rollouts
+            imagined = None  # value of the improving prior, from its imagined rollouts
+            if rollout is not None:
+                imagined = rollout.returns[0]
+            elif self.prior is not None:
                 with torch.no_grad():
-                    starts = latents[:-1].reshape(-1, latents.shape[-1])
-                    imagined, _ = self.prior.imagined_return(self.wm, starts, self.value.target_value)
+                    imagined = self.prior.imagined_return(self.wm, starts, self.value.target_value)[0]
+            if imagined is not None:
                 imagined = imagined.view(latents.shape[0] - 1, -1)
             out.update(
                 {
@@ -78,10 +84,11 @@ class Agent:
                 }
             )
         if self.prior is not None:
-            # backpropagating through the model: one start per sequence keeps the update cheap; the reinforce
-            # rollout runs without gradients, so every replay latent starts one
-            starts = latents[:-1] if self.prior.gradient == "reinforce" else latents[0]
-            out.update({f"prior/{k}": v for k, v in self.prior.update(self.wm, starts, self.value).items()})
+            # backpropagating through the model, one start per sequence keeps the update cheap; the reinforce
+            # rollout, without gradients, starts from every replay latent
+            actor_starts = starts if rollout is not None else latents[0]
+            stats = self.prior.update(self.wm, actor_starts, self.value, rollout=rollout)
+            out.update({f"prior/{k}": v for k, v in stats.items()})
         return out
 
     def state_dict(self) -> dict[str, Any]:

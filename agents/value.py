@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -64,6 +65,22 @@ def lambda_returns(
             ahead = (1 - follow) * next_values[t] + follow * returns[t + 1]
         returns[t] = rewards[t] + discount * continues[t] * ahead
     return returns
+
+
+@dataclass
+class ImaginedRollout:
+    """The actor's imagined rollout, without gradients: latents [H+1, B, Z], one-hot actions [H, B, A],
+    λ-returns [H, B], values [H+1, B] and reach [H, B] = γ^k Π_{j<k} c_j, the chance that step k is reached."""
+
+    states: Tensor
+    actions: Tensor
+    returns: Tensor
+    values: Tensor
+    reach: Tensor
+
+    def advantage(self) -> Tensor:
+        """(G^λ_k − V(z_k)) weighed by reach, [H, B]."""
+        return self.reach * (self.returns - self.values[:-1])
 
 
 class ValueFunction:
@@ -236,43 +253,45 @@ class PolicyPrior:
         ret = discounted_return(torch.stack(rewards), torch.stack(continues), self.cfg.discount, terminal)
         return ret, torch.stack(entropy).mean(0)
 
-    def reinforce_terms(
-        self, wm: Any, z: Tensor, value: Optional[LatentFn] = None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Roll the actor `horizon` steps through `wm` from latents [B, Z] without gradients, then score it.
+    @torch.no_grad()
+    def rollout(self, wm: Any, z: Tensor, value: Optional[LatentFn] = None) -> "ImaginedRollout":
+        """Roll the actor `horizon` steps through `wm` from latents [B, Z] without gradients, and score every
+        step with its λ-return, bootstrapped from `value` (0 without one)."""
+        states, actions, rewards, continues = [z], [], [], []
+        for _ in range(self.horizon):
+            action = self.sample(z)[0]
+            out = wm.imagine(z, action[None], decode="none")
+            z = out.latents[-1]
+            states.append(z)
+            actions.append(action)
+            rewards.append(out.rewards[0])
+            continues.append(out.continues[0])
+        states, rewards, continues = torch.stack(states), torch.stack(rewards), torch.stack(continues)
+        values = value(states) if value is not None else torch.zeros_like(states[..., 0])
+        returns = lambda_returns(rewards, continues, values[1:], self.cfg.discount, self.cfg.value_lambda)
+        reach = torch.cat([torch.ones_like(continues[:1]), (self.cfg.discount * continues[:-1]).cumprod(0)])
+        return ImaginedRollout(states, torch.stack(actions), returns, values, reach)
 
-        Returns the λ-returns G^λ [H, B] (bootstrapped from `value`, 0 without one), and, differentiable in
-        the actor only, log π(a_k|z_k) [H, B], the entropies [H, B] and the advantages G^λ_k − V(z_k) [H, B],
-        each weighted by γ^k Π_{j<k} c_j, the chance that step k is reached.
-        """
-        with torch.no_grad():
-            states, actions, rewards, continues = [z], [], [], []
-            for _ in range(self.horizon):
-                action = self.sample(z)[0]
-                out = wm.imagine(z, action[None], decode="none")
-                z = out.latents[-1]
-                states.append(z)
-                actions.append(action)
-                rewards.append(out.rewards[0])
-                continues.append(out.continues[0])
-            states, rewards, continues = torch.stack(states), torch.stack(rewards), torch.stack(continues)
-            values = value(states) if value is not None else torch.zeros_like(states[..., 0])
-            returns = lambda_returns(rewards, continues, values[1:], self.cfg.discount, self.cfg.value_lambda)
-            reach = torch.cat([torch.ones_like(continues[:1]), (self.cfg.discount * continues[:-1]).cumprod(0)])
-            advantage = reach * (returns - values[:-1])
-        log_prob, entropy = self.log_prob(states[:-1], torch.stack(actions))
-        return returns, log_prob, reach * entropy, advantage
-
-    def update(self, wm: Any, latents: Tensor, value: Optional[LatentFn] = None) -> dict[str, float]:
+    def update(
+        self,
+        wm: Any,
+        latents: Tensor,
+        value: Optional[LatentFn] = None,
+        rollout: Optional["ImaginedRollout"] = None,
+    ) -> dict[str, float]:
         """One actor step from start latents [..., Z] (e.g. all replay latents flattened). With the "dynamics"
-        gradient `wm.imagine` must be differentiable in z and actions. Neither `wm` nor `value` receives
-        gradients."""
+        gradient `wm.imagine` must be differentiable in z and actions; with "reinforce", `rollout` may be
+        one `rollout` already made from these latents (the agent also fits its value to it). Neither `wm` nor
+        `value` receives gradients."""
         starts = latents.detach().reshape(-1, latents.shape[-1])
         if self.gradient == "reinforce":
-            returns, log_prob, entropy, advantage = self.reinforce_terms(wm, starts, value)
-            ret = returns[0]
-            self._rescale(returns)
-            objective = log_prob * advantage / self.scale.clamp_min(1.0)  # its gradient: E[∇ log π · advantage]
+            rollout = rollout if rollout is not None else self.rollout(wm, starts, value)
+            ret = rollout.returns[0]
+            self._rescale(rollout.returns)
+            log_prob, entropy = self.log_prob(rollout.states[:-1], rollout.actions)
+            entropy = rollout.reach * entropy
+            # its gradient is E[∇ log π(a_k|z_k) · advantage_k], each step weighed by the chance it is reached
+            objective = log_prob * rollout.advantage() / self.scale.clamp_min(1.0)
         else:
             ret, entropy = self.imagined_return(wm, starts, value)
             self._rescale(ret)

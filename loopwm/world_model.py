@@ -118,8 +118,8 @@ class WorldModel(nn.Module):
         shape = tuple(self.spec.obs_shape)
         if obs.dim() < len(shape) or tuple(obs.shape[-len(shape) :]) != shape:
             raise ValueError(f"obs has shape {tuple(obs.shape)}; expected (..., {', '.join(map(str, shape))})")
-        if self.spec.pixels:
-            return obs.float() / 255.0 - 0.5
+        if self.spec.pixels:  # in place on the float copy: a replay batch of frames is tens of MB
+            return obs.to(torch.float32, copy=True).div_(255.0).sub_(0.5)
         obs = obs.float()
         if not torch.isfinite(obs).all():
             raise ValueError("obs contains NaN or infinite values")

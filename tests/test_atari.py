@@ -78,6 +78,18 @@ def test_the_atari_cnn_is_sized_for_a_cpu():
     assert 2.5e6 < macs < 3.0e6
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_pixel_normalisation_maps_0_255_to_minus_half_half_and_leaves_its_input_alone(dtype):
+    _, wm, _ = pixel_agent()
+    frames = torch.randint(0, 256, (2, 4, 40, 40)).to(dtype)
+    frames[0, 0, 0, :2] = torch.tensor([0, 255])
+    kept = frames.clone()
+    x = wm.normalize_obs(frames)
+    assert x.dtype == torch.float32 and x[0, 0, 0, :2].tolist() == [-0.5, 0.5]
+    torch.testing.assert_close(wm.denormalize_obs(x), frames.float(), rtol=0, atol=1e-4)
+    assert torch.equal(frames, kept)  # the caller's frames (and the replay's) are not scaled in place
+
+
 def pixel_agent(**planner):
     cfg = from_dict(
         {
