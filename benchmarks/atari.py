@@ -164,6 +164,11 @@ def measure_game(stem: str, args: argparse.Namespace) -> dict[str, Any]:
     run = load_run(path)
     progress = run.payload["progress"]
     paused = args.paused.get(stem, 0.0)
+    if paused and paused >= progress.get("elapsed_s", 0.0):
+        raise SystemExit(
+            f"--paused {stem}={paused:g}: the run's whole wall-clock time is {progress.get('elapsed_s', 0.0):.0f} s; "
+            "a pause must be shorter than that"
+        )
     elapsed = progress["elapsed_s"] - paused if progress.get("elapsed_s") else None
     agent = saved_agent(path, args.override)
     start = time.perf_counter()

@@ -89,6 +89,10 @@ def test_atari_benchmark_reports_a_tiny_boxing_run(tmp_path):
     assert "Not run yet: Breakout." in md and "- Boxing: `the earlier command`" in md
     gone = load_script().main(["--games", "boxing", "--runs", str(tmp_path / "none"), "--out", str(tmp_path)])
     assert gone["games"] == later["games"]  # Breakout's "not run" stays listed, as this invocation does not name it
+    longer = ["--games", "boxing", "--runs", str(tmp_path / "runs"), "--paused", f"boxing={2 * elapsed}"]
+    with pytest.raises(SystemExit, match="--paused boxing=.* must be shorter"):  # than the run's whole time
+        load_script().main([*longer, "--out", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()
 
 
 def test_kept_games_yield_to_a_fresh_measurement_and_to_a_game_named_again(tmp_path):
