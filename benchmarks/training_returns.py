@@ -70,20 +70,26 @@ def summarize(returns: list[float]) -> dict[str, Any]:
     return {"episodes": n, "mean": mean, "se": se}
 
 
-def windows(rows: list[dict[str, Any]], window: int, total: int) -> list[dict[str, Any]]:
-    """Training-episode returns by window of `window` agent steps up to `total`; a window the run has not
-    reached the end of is marked incomplete."""
+def windows(rows: list[dict[str, Any]], window: int, total: int, scalars: list[str]) -> list[dict[str, Any]]:
+    """Training-episode returns by window of `window` agent steps up to `total`, with the window's mean of each
+    logged scalar in `scalars` (None where the run logged none); a window the run has not reached the end of
+    is marked incomplete."""
     episodes = [(r["step"], r["episode/return"]) for r in rows if "episode/return" in r]
     reached = max((r["step"] for r in rows), default=0)
     out = []
     for lo in range(0, total, window):
         hi = min(lo + window, total)
+        inside = [r for r in rows if lo < r["step"] <= hi]
         returns = [ret for step, ret in episodes if lo < step <= hi]
-        out.append({"from": lo, "to": hi, "complete": reached >= hi, **summarize(returns)})
+        means = {}
+        for key in scalars:
+            values = [r[key] for r in inside if key in r]
+            means[key] = statistics.fmean(values) if values else None
+        out.append({"from": lo, "to": hi, "complete": reached >= hi, **summarize(returns), "scalars": means})
     return out
 
 
-def measure_run(folder: Path, window: int, total: int) -> dict[str, Any]:
+def measure_run(folder: Path, window: int, total: int, scalars: list[str]) -> dict[str, Any]:
     """One run's windows, evaluations, last step and wall-clock time so far."""
     rows = read_metrics(folder)
     timed = [r for r in rows if "perf/elapsed_s" in r]
@@ -97,7 +103,7 @@ def measure_run(folder: Path, window: int, total: int) -> dict[str, Any]:
             for r in rows
             if "eval/return_mean" in r
         ],
-        "windows": windows(rows, window, total),
+        "windows": windows(rows, window, total, scalars),
     }
 
 
@@ -111,6 +117,11 @@ def cell(w: dict[str, Any]) -> str:
         return ""
     se = f" ± {w['se']:.1f}" if w["se"] is not None else ""
     return f"{w['mean']:.1f}{se} ({w['episodes']}{'' if w['complete'] else ', so far'})"
+
+
+def scalar_cell(w: dict[str, Any], key: str) -> str:
+    value = w["scalars"][key]
+    return "" if value is None else f"{value:.3g}{'' if w['complete'] else ' (so far)'}"
 
 
 def report(args: argparse.Namespace, runs: dict[str, dict[str, Any]], diffs: dict, info: dict) -> str:
@@ -145,6 +156,16 @@ def report(args: argparse.Namespace, runs: dict[str, dict[str, Any]], diffs: dic
         if any(runs[lb]["windows"][i]["episodes"] for lb in labels)
     ]
     lines += [md_table(["agent steps", *labels], table), ""]
+    for key in args.scalars:
+        values = [[f"{w['from']:,}–{w['to']:,}", *(scalar_cell(runs[lb]["windows"][i], key) for lb in labels)]
+                  for i, w in enumerate(next(iter(runs.values()))["windows"])]  # fmt: skip
+        if any(any(v for v in row[1:]) for row in values):
+            lines += [
+                f"## `{key}`, mean of the logged values per window",
+                "",
+                md_table(["agent steps", *labels], values),
+            ]
+            lines += [""]
     evals = [[lb, e["step"], f"{e['mean']:.1f}", f"{e['std']:.1f}"] for lb, r in runs.items() for e in r["evaluations"]]
     if evals:
         lines += ["## Evaluations", "", md_table(["run", "step", "mean return", "std"], evals), ""]
@@ -165,6 +186,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--run", action="append", required=True, help="LABEL=RUN_FOLDER, two or more")
     parser.add_argument("--window", type=int, default=10_000, help="agent steps per window")
     parser.add_argument("--total", type=int, default=100_000, help="agent steps the windows cover")
+    parser.add_argument(
+        "--scalars",
+        nargs="*",
+        default=["prior/prior_entropy", "prior/prior_grad_norm"],
+        help="metrics.jsonl keys averaged per window (default: the actor's entropy and gradient norm)",
+    )
     parser.add_argument("--name", default="training_returns", help="output file stem")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
@@ -174,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.window < 1 or args.total < args.window:
         parser.error(f"--window {args.window} --total {args.total}: expected 1 <= window <= total")
     info = machine_info()
-    runs = {label: measure_run(folder, args.window, args.total) for label, folder in folders.items()}
+    runs = {label: measure_run(folder, args.window, args.total, args.scalars) for label, folder in folders.items()}
     diffs = config_differences(folders)
     info.update(load_average_end=load_average(), command=command())
     payload = {"machine": info, "window": args.window, "total": args.total, "config_differences": diffs, "runs": runs}

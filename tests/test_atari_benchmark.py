@@ -243,25 +243,29 @@ def test_pixel_loss_benchmark_rejects_an_output_name_with_a_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def write_run(folder: Path, agent: dict, episodes: list[tuple[int, float]]) -> Path:
-    """A run folder with a config.yaml and training-episode rows, as `loopwm run` writes them."""
+def write_run(folder: Path, agent: dict, episodes: list[tuple[int, float]], entropies: tuple = ()) -> Path:
+    """A run folder with a config.yaml, training-episode rows and actor entropies, as `loopwm run` writes them."""
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(json.dumps({"name": folder.name, "seed": 0, "agent": agent}))
     rows = [{"step": 0, "eval/return_mean": -20.0, "eval/return_std": 1.0, "perf/elapsed_s": 5.0}]
     rows += [{"step": s, "episode/return": r} for s, r in episodes]
+    rows += [{"step": s, "prior/prior_entropy": h} for s, h in entropies]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 9')  # torn tail
     return folder
 
 
 def test_training_returns_compares_runs_window_by_window(tmp_path):
     script = load_benchmark("training_returns", "training_returns.py")
-    old = write_run(tmp_path / "a" / "pong", {"prior_horizon": 5}, [(900, -21.0), (1000, -19.0), (1500, -20.0)])
+    episodes, entropies = [(900, -21.0), (1000, -19.0), (1500, -20.0)], [(500, 1.0), (700, 2.0), (1200, 0.5)]
+    old = write_run(tmp_path / "a" / "pong", {"prior_horizon": 5}, episodes, entropies)
     new = write_run(tmp_path / "b" / "pong", {"prior_horizon": 15, "prior_gradient": "reinforce"}, [(800, -15.0)])
     out = script.main(["--run", f"old={old}", "--run", f"new={new}", "--window", "1000", "--total", "2000",
                        "--out", str(tmp_path / "out"), "--name", "t"])  # fmt: skip
     first, second = out["runs"]["old"]["windows"]
     assert (first["episodes"], first["mean"], first["complete"]) == (2, -20.0, True)  # step 1000 ends window one
     assert (second["episodes"], second["mean"], second["se"]) == (1, -20.0, None)
+    assert first["scalars"]["prior/prior_entropy"] == 1.5 and second["scalars"]["prior/prior_entropy"] == 0.5
+    assert out["runs"]["new"]["windows"][0]["scalars"] == {"prior/prior_entropy": None, "prior/prior_grad_norm": None}
     assert not out["runs"]["new"]["windows"][0]["complete"] and out["runs"]["new"]["windows"][1]["mean"] is None
     assert out["config_differences"] == {
         "agent.prior_gradient": {"old": None, "new": "reinforce"},
