@@ -52,7 +52,12 @@ class Agent:
         return self.planner.model_action(obs, eval_mode=eval_mode, t0=t0, batched=batched)
 
     def update(self) -> dict[str, float]:
-        """One world-model update, then value and prior updates on fresh replay latents."""
+        """One world-model update, then value and prior updates on fresh replay latents.
+
+        The value regresses on the replay λ-returns and on the prior's imagined return from each latent: with the
+        reinforce actor the λ-return of the rollout the actor learns from (bootstrapped from the target value
+        along the way, DreamerV3's critic target), otherwise the H-step discounted return bootstrapped at its end.
+        """
         out = self.trainer.update()
         if self.value is None and self.prior is None:
             return out

@@ -79,7 +79,7 @@ class ImaginedRollout:
     reach: Tensor
 
     def advantage(self) -> Tensor:
-        """(G^λ_k − V(z_k)) weighed by reach, [H, B]."""
+        """(G^λ_k − V(z_k)) weighted by reach, [H, B]."""
         return self.reach * (self.returns - self.values[:-1])
 
 
@@ -151,12 +151,13 @@ class ValueFunction:
 
 
 class PolicyPrior:
-    """A stochastic actor π(a|z): tanh-Gaussian for Box (actions in [-1, 1]), categorical for Discrete (one-hot).
+    """A stochastic actor π(a|z): tanh-Gaussian for Box (actions in [-1, 1]), one categorical per action group for
+    Discrete, MultiDiscrete and MultiBinary (concatenated one-hots).
 
     Trained on the imagined return of its own rollouts, plus an entropy bonus, in one of two ways
     (`agent.prior_gradient`):
     - "dynamics": backpropagate Σ γ^k Πc r_k + γ^H Πc V(z_H) through the world model;
-    - "reinforce": roll out without gradients and weigh log π(a_k|z_k) by the advantage G^λ_k − V(z_k),
+    - "reinforce": roll out without gradients and weight log π(a_k|z_k) by the advantage G^λ_k − V(z_k),
       with G^λ the λ-returns of the rollout. Categorical actions default to it: a straight-through one-hot
       sample gives a biased gradient, and through a model of sparse rewards an almost vanishing one.
     Returns are divided by a running scale, max(1, EMA of the 5-95 percentile range), so the entropy
@@ -254,12 +255,13 @@ class PolicyPrior:
         return ret, torch.stack(entropy).mean(0)
 
     @torch.no_grad()
-    def rollout(self, wm: Any, z: Tensor, value: Optional[LatentFn] = None) -> "ImaginedRollout":
+    def rollout(self, wm: Any, z: Tensor, value: Optional[LatentFn] = None) -> ImaginedRollout:
         """Roll the actor `horizon` steps through `wm` from latents [B, Z] without gradients, and score every
-        step with its λ-return, bootstrapped from `value` (0 without one)."""
+        step with its λ-return bootstrapped from `value`. Without a value there is nothing to bootstrap from
+        on the way, so the return is the plain discounted sum of the rewards (λ = 1)."""
         states, actions, rewards, continues = [z], [], [], []
         for _ in range(self.horizon):
-            action = self.sample(z)[0]
+            action = self.sample(z)[0].round()  # exact one-hots: the straight-through sum is off by an ulp
             out = wm.imagine(z, action[None], decode="none")
             z = out.latents[-1]
             states.append(z)
@@ -268,7 +270,8 @@ class PolicyPrior:
             continues.append(out.continues[0])
         states, rewards, continues = torch.stack(states), torch.stack(rewards), torch.stack(continues)
         values = value(states) if value is not None else torch.zeros_like(states[..., 0])
-        returns = lambda_returns(rewards, continues, values[1:], self.cfg.discount, self.cfg.value_lambda)
+        lam = self.cfg.value_lambda if value is not None else 1.0
+        returns = lambda_returns(rewards, continues, values[1:], self.cfg.discount, lam)
         reach = torch.cat([torch.ones_like(continues[:1]), (self.cfg.discount * continues[:-1]).cumprod(0)])
         return ImaginedRollout(states, torch.stack(actions), returns, values, reach)
 
@@ -277,20 +280,22 @@ class PolicyPrior:
         wm: Any,
         latents: Tensor,
         value: Optional[LatentFn] = None,
-        rollout: Optional["ImaginedRollout"] = None,
+        rollout: Optional[ImaginedRollout] = None,
     ) -> dict[str, float]:
         """One actor step from start latents [..., Z] (e.g. all replay latents flattened). With the "dynamics"
         gradient `wm.imagine` must be differentiable in z and actions; with "reinforce", `rollout` may be
-        one `rollout` already made from these latents (the agent also fits its value to it). Neither `wm` nor
-        `value` receives gradients."""
+        one `rollout` already made from these latents (the agent also fits its value to it), and is then what
+        the step learns from. Neither `wm` nor `value` receives gradients."""
         starts = latents.detach().reshape(-1, latents.shape[-1])
         if self.gradient == "reinforce":
+            if rollout is not None and rollout.states.shape[1] != starts.shape[0]:
+                raise ValueError(f"rollout has {rollout.states.shape[1]} starts; latents give {starts.shape[0]}")
             rollout = rollout if rollout is not None else self.rollout(wm, starts, value)
             ret = rollout.returns[0]
             self._rescale(rollout.returns)
             log_prob, entropy = self.log_prob(rollout.states[:-1], rollout.actions)
             entropy = rollout.reach * entropy
-            # its gradient is E[∇ log π(a_k|z_k) · advantage_k], each step weighed by the chance it is reached
+            # its gradient is E[∇ log π(a_k|z_k) · advantage_k], each step weighted by the chance it is reached
             objective = log_prob * rollout.advantage() / self.scale.clamp_min(1.0)
         else:
             ret, entropy = self.imagined_return(wm, starts, value)

@@ -82,12 +82,21 @@ def model_from_payload(payload: dict, path: str | Path = "<memory>") -> WorldMod
     return wm
 
 
+EARLIER_BEHAVIOUR = {("agent", "prior_gradient"): "dynamics"}
+"""Config keys added after runs had been saved, with the value that gives what those runs did; a saved config
+without such a key gets this value rather than the key's default, so it resumes and evaluates unchanged."""
+
+
 def config_from_payload(payload: dict, path: str | Path = "<memory>") -> Config | None:
     """The run config a checkpoint was saved with, or None for a bare model checkpoint."""
     if "config" not in payload:
         return None
+    saved = dict(payload["config"])
+    for (section, key), value in EARLIER_BEHAVIOUR.items():
+        if isinstance(saved.get(section), dict) and key not in saved[section]:
+            saved[section] = {**saved[section], key: value}
     try:
-        return build_dataclass(Config, payload["config"], "")
+        return build_dataclass(Config, saved, "")
     except (TypeError, ConfigError) as exc:
         raise CheckpointError(f"checkpoint {str(path)!r} has an invalid config section: {exc}") from None
 

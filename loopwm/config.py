@@ -278,7 +278,7 @@ class AgentConfig(Section):
     prior_horizon: int = field(default=3, metadata=bounds(1, 64))
     prior_entropy: float = field(default=1e-3, metadata=bounds(0.0))
     # how the prior's imagined return reaches its parameters: "dynamics" backpropagates it through the
-    # world model, "reinforce" weighs log π(a|z) by the λ-return advantage; "auto" uses dynamics for Box
+    # world model, "reinforce" weights log π(a|z) by the λ-return advantage; "auto" uses dynamics for Box
     # actions and reinforce for categorical ones, whose straight-through gradient is biased (as DreamerV3 does)
     prior_gradient: Literal["auto", "dynamics", "reinforce"] = "auto"
     exploration_std: float = field(default=0.1, metadata=bounds(0.0))

@@ -112,3 +112,16 @@ def test_load_run_reads_a_run_folder_or_a_file_and_never_invents_a_config(tmp_pa
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match=r"run folder .*empty.* has no checkpoint \(checkpoints/latest\.pt\)"):
         load_run(tmp_path / "empty")
+
+
+def test_a_config_saved_before_the_actor_gradient_option_reads_back_as_the_actor_it_trained():
+    from loopwm.checkpoint import config_from_payload
+    from loopwm.config import to_dict
+    from tests.helpers import tiny_config
+
+    saved = to_dict(tiny_config())
+    assert saved["agent"]["prior_gradient"] == "auto"
+    assert config_from_payload({"config": saved}).agent.prior_gradient == "auto"  # a newer checkpoint keeps its own
+    del saved["agent"]["prior_gradient"]
+    assert config_from_payload({"config": saved}).agent.prior_gradient == "dynamics"  # the one actor there was then
+    assert "prior_gradient" not in saved["agent"]  # the payload itself is left as it was read

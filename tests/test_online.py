@@ -196,6 +196,41 @@ def test_evaluation_does_not_perturb_training_randomness(tmp_path):
     assert torch.equal(torch.get_rng_state(), torch_state)
 
 
+def test_the_reinforce_actor_and_the_value_learn_from_one_rollout(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path, prior_horizon=4)
+    agent = Agent(cfg, PointMass.observation_space, gym.spaces.Discrete(3))
+    assert agent.prior.gradient == "reinforce"  # "auto" with categorical actions
+    for net in (agent.value.net, agent.value.target):  # values that differ from latent to latent
+        torch.nn.init.normal_(net[-1].weight)
+    t, b = cfg.train.horizon, 5
+    batch = {"obs": torch.randn(t + 1, b, 1), "rewards": torch.randn(t, b), "terminated": torch.zeros(t, b)}
+    monkeypatch.setattr(agent.trainer, "update", lambda: {})
+    monkeypatch.setattr(agent.replay, "sample", lambda *args: batch)
+    seen = {}
+
+    def spy(owner, name):
+        method = getattr(owner, name)
+
+        def wrapped(*args, **kwargs):
+            seen[owner, name] = (kwargs, method(*args, **kwargs))
+            return seen[owner, name][1]
+
+        monkeypatch.setattr(owner, name, wrapped)
+
+    for owner, name in ((agent.prior, "rollout"), (agent.prior, "update"), (agent.value, "update")):
+        spy(owner, name)
+    out = agent.update()
+    rollout = seen[agent.prior, "rollout"][1]
+    assert seen[agent.prior, "update"][0]["rollout"] is rollout  # the actor learns from the rollout made once
+    assert rollout.states.shape[:2] == (5, t * b)  # horizon 4 from every latent but each sequence's last
+    latents = agent.wm.encode(batch["obs"])
+    torch.testing.assert_close(rollout.states[0], latents[:-1].reshape(t * b, -1))
+    imagined = seen[agent.value, "update"][0]["imagined"]
+    assert rollout.returns[0].std() > 0.1
+    torch.testing.assert_close(imagined, rollout.returns[0].view(t, b))  # time-major, as the replay latents
+    assert {"value/value_loss", "prior/prior_loss"} <= set(out)
+
+
 def test_a_decaying_schedule_spans_the_online_runs_updates_not_train_updates(tmp_path):
     raw = to_dict(tiny(tmp_path))  # 300 steps at 0.5 updates per step: 150 planned updates
     cfg = from_dict({**raw, "train": {**raw["train"], "updates": 10, "lr_schedule": "cosine"}})

@@ -181,6 +181,76 @@ def test_reinforce_prior_learns_a_delayed_reward_no_gradient_reaches():
     assert stats["prior_return"] > 0.9 * 0.9 ** (horizon - 1)
 
 
+class ChainModel(nn.Module):
+    """z' = z/2 + a·M, r = 3·Σz', continue 0.8: differentiable in the action, ending with probability 0.2."""
+
+    def __init__(self, latent_dim: int, action_dim: int):
+        super().__init__()
+        self.latent_dim, self.action_dim = latent_dim, action_dim
+        self.mix = torch.randn(action_dim, latent_dim)
+
+    def next_latent(self, z: Tensor, a: Tensor) -> Tensor:
+        return 0.5 * z + a @ self.mix
+
+    def imagine(self, z: Tensor, actions: Tensor, decode: str = "none") -> SimpleNamespace:
+        z_next = self.next_latent(z, actions[0])
+        rewards = 3.0 * z_next.sum(-1, keepdim=True).T
+        return SimpleNamespace(
+            latents=torch.stack([z, z_next]), rewards=rewards, continues=torch.full_like(rewards, 0.8)
+        )
+
+
+def chain_value(z: Tensor) -> Tensor:
+    return 0.1 * z.sum(-1) + 1.0
+
+
+def test_reinforce_rollout_scores_each_step_with_its_lambda_return():
+    torch.manual_seed(0)
+    wm, groups = ChainModel(4, 5), (3, 2)  # a MultiDiscrete-like actor: one categorical of 3 and one of 2
+    cfg = AgentConfig(discount=0.9, value_lambda=0.5, prior_horizon=3, hidden_dim=16)
+    prior = PolicyPrior(4, 5, True, cfg, groups=groups)
+    starts = torch.randn(6, 4)
+    out = prior.rollout(wm, starts, chain_value)
+    assert not any(t.requires_grad for t in (out.states, out.returns, out.advantage()))  # no gradient reaches wm
+    assert set(out.actions.unique().tolist()) == {0.0, 1.0} and (out.actions[..., :3].sum(-1) == 1).all()
+    torch.testing.assert_close(out.states[1:], wm.next_latent(out.states[:-1], out.actions))
+    # the λ-return by hand, backwards: G_k = r_k + γc((1 − λ)V(z_{k+1}) + λ G_{k+1}), G_2 = r_2 + γcV(z_3)
+    for b in range(6):
+        ahead = 0.0  # G_{k+1}, not read at k = 2
+        for k in reversed(range(3)):
+            r, v_next = 3.0 * float(out.states[k + 1, b].sum()), float(chain_value(out.states[k + 1, b]))
+            ahead = r + 0.9 * 0.8 * ((1 - 0.5) * v_next + 0.5 * ahead) if k < 2 else r + 0.9 * 0.8 * v_next
+            assert float(out.returns[k, b]) == pytest.approx(ahead, rel=1e-5)
+            reach = (0.9 * 0.8) ** k
+            assert float(out.reach[k, b]) == pytest.approx(reach, rel=1e-6)
+            advantage = reach * (ahead - float(chain_value(out.states[k, b])))
+            assert float(out.advantage()[k, b]) == pytest.approx(advantage, rel=1e-4, abs=1e-5)
+    plain = prior.rollout(wm, starts)  # no value: the plain discounted reward sum, not shrunk by λ at every step
+    rewards = 3.0 * plain.states[1:].sum(-1)
+    torch.testing.assert_close(plain.returns[0], rewards[0] + 0.72 * rewards[1] + 0.72**2 * rewards[2])
+
+
+def test_reinforce_loss_is_the_score_function_surrogate_with_entropy():
+    torch.manual_seed(0)
+    wm, groups = ChainModel(4, 5), (3, 2)
+    cfg = AgentConfig(discount=0.9, value_lambda=0.5, prior_horizon=3, hidden_dim=16, prior_entropy=0.1)
+    prior = PolicyPrior(4, 5, True, cfg, groups=groups)
+    out = prior.rollout(wm, torch.randn(32, 4), chain_value)
+    with torch.no_grad():  # log π and entropy from torch's own categoricals, one per group
+        logits = prior.net(out.states[:-1])
+        dists = [torch.distributions.Categorical(logits=logits[..., sl]) for sl in (slice(0, 3), slice(3, 5))]
+        log_prob = sum(d.log_prob(out.actions[..., sl].argmax(-1)) for d, sl in zip(dists, (slice(0, 3), slice(3, 5))))
+        entropy = sum(d.entropy() for d in dists)
+        lo, hi = torch.quantile(out.returns.flatten(), torch.tensor([0.05, 0.95]))
+        scale = max(1.0, float(1.0 + 0.01 * (hi - lo - 1.0)))  # the running scale's first step from 1
+    assert scale > 1.05  # the division by the scale is visible in the loss
+    expected = -(log_prob * out.advantage()).mean() / scale - 0.1 * (out.reach * entropy).mean()
+    stats = prior.update(wm, out.states[0], chain_value, rollout=out)
+    assert stats["prior_loss"] == pytest.approx(float(expected), rel=1e-5)
+    with pytest.raises(ValueError, match="rollout has 32 starts; latents give 4"):
+        prior.update(wm, out.states[0, :4], chain_value, rollout=out)
+
+
 def test_prior_gradient_follows_the_action_space():
     assert prior_gradient("auto", discrete=False) == "dynamics"
     assert prior_gradient("auto", discrete=True) == "reinforce"
