@@ -8,12 +8,15 @@ it never saw; `split(0.1, seed=0)` for a bare checkpoint; errors normalised by t
 - the agreement exit (`exit=agreement`: stop once the readout moved by at most tol in the last loop) at `--agreement`
   tolerances;
 - the certified exit (`exit=certified`: stop once the certified distance to the fixed point is at most tol) at
-  `--certified` tolerances.
+  `--certified` tolerances;
+- for a model with an error head (`model.error_head`, trained by `train.w_error`), the relative exit
+  (`exit=relative`: stop once that distance is at most tol × the error the head predicts for the sample) at
+  `--relative` tolerances.
 Per setting: mean loops per imagined step over the first 10 steps, the 1- and 10-step errors, Spearman(loops used,
-error) at step 1, and the AUROC with which readout disagreement (under the agreement exit) and the certified bound
-flag the top-10% step-1 errors. The summary takes the cheapest adaptive setting whose 1- and 10-step errors are
-within 1% of the best that any fixed count reaches, and the loops it saves against the cheapest fixed count within
-that 1% (and against the fixed count with the lowest 1-step error).
+error) at step 1, and the AUROC with which readout disagreement (under the agreement exit), the certified bound and
+the error head's prediction flag the top-10% step-1 errors. The summary takes the cheapest adaptive setting whose 1-
+and 10-step errors are within 1% of the best that any fixed count reaches, and the loops it saves against the
+cheapest fixed count within that 1% (and against the fixed count with the lowest 1-step error).
 
     .venv/bin/python benchmarks/exit_rules.py --data benchmarks/out/param_efficiency/pendulum-random-20000-s0.npz \
         --model s0=benchmarks/out/control/pendulum-s0-recipe --name exit_rules_pendulum
@@ -42,11 +45,16 @@ HORIZONS = (1, 10)
 SLACK = 0.01  # "at most 1% higher error"
 
 
-def settings(args: argparse.Namespace) -> list[tuple[str, float, LoopOptions]]:
-    """(rule, setting, options) for every fixed count and tolerance asked for."""
+def settings(args: argparse.Namespace, head: bool = True) -> list[tuple[str, float, LoopOptions]]:
+    """(rule, setting, options) for every fixed count and tolerance asked for; the relative exit only with
+    an error `head`."""
     out = [("fixed", float(t), LoopOptions(exit="fixed", loops=t)) for t in args.fixed]
     for rule, tols in (("agreement", args.agreement), ("certified", args.certified)):
         out += [(rule, tol, LoopOptions(exit=rule, tol=tol, max_loops=args.max_loops)) for tol in tols]
+    if head:
+        out += [
+            ("relative", t, LoopOptions(exit="relative", rel_tol=t, max_loops=args.max_loops)) for t in args.relative
+        ]
     return out
 
 
@@ -54,7 +62,7 @@ def score(wm: WorldModel, val: ReplayBuffer, train: ReplayBuffer, args: argparse
     """One row per setting: loops, errors and depth statistics on the same held-out sequences."""
     stats = train.stats()
     rows = []
-    for rule, setting, options in settings(args):
+    for rule, setting, options in settings(args, head=wm.core.error_head is not None):
         with torch.no_grad():
             res = prediction_errors(
                 wm,
@@ -76,6 +84,7 @@ def score(wm: WorldModel, val: ReplayBuffer, train: ReplayBuffer, args: argparse
                 "spearman_loops_error": depth["spearman_loops_error"],
                 "auroc_agreement": depth.get("auroc_agreement"),
                 "auroc_bound": depth.get("auroc_bound"),
+                "auroc_head": depth.get("auroc_head"),
             }
         )
     return rows
@@ -113,7 +122,8 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def smoke_model(out: Path) -> tuple[Path, Path]:
-    """A tiny untrained model and a small dataset of a stable linear system, saved under `out`."""
+    """A tiny untrained model, with a random error head, and a small dataset of a stable linear system, saved
+    under `out`."""
     import gymnasium as gym
 
     from loopwm.config import from_dict
@@ -130,10 +140,13 @@ def smoke_model(out: Path) -> tuple[Path, Path]:
         done = np.eye(12, dtype=bool)[-1]
         data.add_episode(np.array(obs, np.float32), np.array(actions, np.float32), np.zeros(12, np.float32),
                          np.zeros(12, bool), done)  # fmt: skip
-    cfg = from_dict({"model": {"latent_dim": 16, "hidden_dim": 32, "inject_dim": 32, "mlp_dim": 64}})
+    dims = {"latent_dim": 16, "hidden_dim": 32, "inject_dim": 32, "mlp_dim": 64, "error_head": True}
+    cfg = from_dict({"model": dims, "train": {"w_error": 0.1}})
     spaces = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32), gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
     torch.manual_seed(0)
-    loopwm.save(out / "smoke.pt", WorldModel.from_config(cfg, *spaces))
+    wm = WorldModel.from_config(cfg, *spaces)
+    torch.nn.init.normal_(wm.core.error_head.weight)  # an untrained head is constant: nothing to rank
+    loopwm.save(out / "smoke.pt", wm)
     data.save(out / "smoke.npz")
     return out / "smoke.pt", out / "smoke.npz"
 
@@ -150,6 +163,7 @@ def markdown(payload: dict[str, Any]) -> str:
     ]
     for name, model in payload["models"].items():
         s = model["summary"]
+        head = ("auroc_head",) if any(r.get("auroc_head") is not None for r in model["rows"]) else ()
         rows = [
             [
                 r["rule"],
@@ -157,8 +171,10 @@ def markdown(payload: dict[str, Any]) -> str:
                 f"{r['mean_loops']:.2f}",
                 f"{r['errors']['1']:.5g}",
                 f"{r['errors']['10']:.5g}",
-                *("-" if r[k] is None else f"{r[k]:.2f}" for k in ("spearman_loops_error", "auroc_agreement")),
-                "-" if r["auroc_bound"] is None else f"{r['auroc_bound']:.2f}",
+                *(
+                    "-" if r.get(k) is None else f"{r[k]:.2f}"
+                    for k in ("spearman_loops_error", "auroc_agreement", "auroc_bound", *head)
+                ),
             ]
             for r in model["rows"]
         ]
@@ -178,7 +194,8 @@ def markdown(payload: dict[str, Any]) -> str:
             f"`{model['path']}`, κ = {model['kappa']:.3f}, held out: {model['split']['held_out_transitions']} "
             f"transitions (split seed {model['split']['seed']}). {verdict}.",
             md_table(
-                ["rule", "setting", "mean loops", "1 step", "10 steps", "Spearman", "AUROC agreement", "AUROC bound"],
+                ["rule", "setting", "mean loops", "1 step", "10 steps", "Spearman", "AUROC agreement", "AUROC bound"]
+                + ["AUROC head"] * len(head),
                 rows,
             ),
         ]
@@ -193,6 +210,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--fixed", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 8])
     parser.add_argument("--agreement", type=float, nargs="*", default=[1e-3, 3e-3, 1e-2, 2e-2, 3e-2])
     parser.add_argument("--certified", type=float, nargs="*", default=[1e-2, 0.1, 0.3, 1.0])
+    parser.add_argument("--relative", type=float, nargs="*", default=[0.03, 0.1, 0.3, 1.0])
     parser.add_argument("--max-loops", type=int, default=16)
     parser.add_argument("--sequences", type=int, default=256)
     parser.add_argument("--smoke", action="store_true", help="a tiny model and dataset (numbers mean nothing)")

@@ -20,9 +20,17 @@ def test_smoke_run_scores_every_setting_on_the_same_sequences(tmp_path):
     # a larger agreement tolerance fires no later for any sample, so the mean loop count cannot grow
     agreement = [r["mean_loops"] for r in rows if r["rule"] == "agreement"]
     assert agreement == sorted(agreement, reverse=True) and all(1 <= x <= 16 for x in agreement)
+    # the relative exit runs on a model with an error head, looser tolerances never loop longer, and the
+    # head's prediction is ranked against the errors under every setting
+    relative = [r for r in rows if r["rule"] == "relative"]
+    assert [r["setting"] for r in relative] == [0.03, 0.1, 0.3, 1.0]
+    loops = [r["mean_loops"] for r in relative]
+    assert loops == sorted(loops, reverse=True) and loops[0] > loops[-1]
+    assert all(0 <= r["auroc_head"] <= 1 for r in rows)
     best = min(fixed, key=lambda r: r["errors"]["1"])
     assert payload["models"]["smoke"]["summary"]["lowest_fixed"] == best["setting"]
-    assert "| agreement | 0.01 |" in (tmp_path / "exit_rules.md").read_text()
+    text = (tmp_path / "exit_rules.md").read_text()
+    assert "| agreement | 0.01 |" in text and "| relative | 0.3 |" in text and "AUROC head |" in text
 
 
 def row(rule, setting, loops, e1, e10):
