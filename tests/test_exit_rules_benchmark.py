@@ -33,8 +33,24 @@ def test_smoke_run_scores_every_setting_on_the_same_sequences(tmp_path):
     assert "| agreement | 0.01 |" in text and "| relative | 0.3 |" in text and "AUROC head |" in text
 
 
-def row(rule, setting, loops, e1, e10):
-    return {"rule": rule, "setting": setting, "mean_loops": loops, "errors": {"1": e1, "10": e10}}
+def test_a_warm_start_changes_later_steps_only(tmp_path):
+    args = ["--smoke", "--fixed", "1", "8", "--agreement", "--certified", "0.01", "--relative"]
+    rows = exit_rules.main([*args, "--starts", "cold", "warm", "--out", str(tmp_path)])["models"]["smoke"]["rows"]
+    by = {(r["start"], r["rule"], r["setting"]): r for r in rows}
+    assert len(by) == len(rows) == 6
+    for key in (("fixed", 1.0), ("fixed", 8.0), ("certified", 0.01)):
+        cold, warm = by[("cold", *key)], by[("warm", *key)]
+        assert warm["errors"]["1"] == cold["errors"]["1"]  # the first step starts from zeros either way
+    # one loop from the previous step's state is not one loop from zeros
+    assert by[("warm", "fixed", 1.0)]["errors"]["10"] != by[("cold", "fixed", 1.0)]["errors"]["10"]
+    # near the fixed point the start matters little: after 8 loops at κ < 1 the errors agree within 5%
+    assert by[("warm", "fixed", 8.0)]["errors"]["10"] == pytest.approx(
+        by[("cold", "fixed", 8.0)]["errors"]["10"], rel=0.05
+    )
+
+
+def row(rule, setting, loops, e1, e10, start="cold"):
+    return {"start": start, "rule": rule, "setting": setting, "mean_loops": loops, "errors": {"1": e1, "10": e10}}
 
 
 def test_summary_compares_the_cheapest_settings_that_clear_the_same_bar():
@@ -48,7 +64,7 @@ def test_summary_compares_the_cheapest_settings_that_clear_the_same_bar():
     ]
     s = exit_rules.summary(rows)
     assert s["lowest_fixed"] == 8 and s["cheapest_fixed"] == 4
-    assert s["best_adaptive"] == {"rule": "agreement", "setting": 0.01, "mean_loops": 2.2}
+    assert s["best_adaptive"] == {"start": "cold", "rule": "agreement", "setting": 0.01, "mean_loops": 2.2}
     assert s["saving_vs_cheapest"] == pytest.approx(0.45) and s["saving_vs_lowest"] == pytest.approx(0.725)
     assert s["saving_target_met"]
     rows[1] = row("fixed", 4, 4.0, 0.01005, 0.203)  # now 1.5% off at 10 steps: the cheapest good count is 8

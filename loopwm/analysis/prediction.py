@@ -33,12 +33,14 @@ def prediction_errors(
     obs_var: Optional[torch.Tensor] = None,
     obs_mean: Optional[torch.Tensor] = None,
     options: Optional[LoopOptions] = None,
+    chain: bool = False,
 ) -> dict[str, Any]:
     """1/10/50-step open-loop errors of the model and both baselines, plus reward, continue and loop stats.
 
     Rolls out from z₀ = E(o₀) with the logged actions, decoding every step (a delta decoder starts from
     o₀). Horizons longer than the longest stored episode are dropped. `options` overrides the model's
-    loop options (e.g. the certified exit). `depth_step1` holds the first step's `depth_stats`: loops used
+    loop options (e.g. the certified exit); `chain` starts each step's loop from the previous step's exit
+    state (a warm start, `WorldModel.imagine`) instead of zeros. `depth_step1` holds the first step's `depth_stats`: loops used
     against the true observation error, and the AUROC of the bound and the error head at flagging its top 10%.
     """
     wm.eval()
@@ -62,6 +64,7 @@ def prediction_errors(
         keep_traces=True,
         options=options,
         obs=obs[0],
+        chain=chain,
     )
     true = obs[1:]
     model_err = _norm_sq_error(out.obs, true, var)  # [H, B]
