@@ -40,8 +40,9 @@ def prediction_errors(
     Rolls out from z₀ = E(o₀) with the logged actions, decoding every step (a delta decoder starts from
     o₀). Horizons longer than the longest stored episode are dropped. `options` overrides the model's
     loop options (e.g. the certified exit); `chain` starts each step's loop from the previous step's exit
-    state (a warm start, `WorldModel.imagine`) instead of zeros. `depth_step1` holds the first step's `depth_stats`: loops used
-    against the true observation error, and the AUROC of the bound and the error head at flagging its top 10%.
+    state (a warm start, `WorldModel.imagine`) instead of zeros. `depth_step1` holds the first step's
+    `depth_stats`: loops used against the true observation error, and the AUROC of the bound and the error head
+    at flagging its top 10%.
     """
     wm.eval()
     longest = max(len(ep["rewards"]) for ep in data.episodes())
