@@ -152,7 +152,8 @@ def smoke_model(out: Path) -> tuple[Path, Path]:
     spaces = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32), gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
     torch.manual_seed(0)
     wm = WorldModel.from_config(cfg, *spaces)
-    torch.nn.init.normal_(wm.core.error_head.weight)  # an untrained head is constant: nothing to rank
+    for p in wm.core.error_head.parameters():  # an untrained head is constant: nothing to rank
+        torch.nn.init.normal_(p)
     loopwm.save(out / "smoke.pt", wm)
     data.save(out / "smoke.npz")
     return out / "smoke.pt", out / "smoke.npz"

@@ -74,7 +74,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def model_from_payload(payload: dict, path: str | Path = "<memory>") -> WorldModel:
     """Rebuild the world model stored in a checkpoint payload."""
     try:
-        cfg = build_dataclass(ModelConfig, payload["model_config"], "model")
+        cfg = build_dataclass(ModelConfig, with_earlier_behaviour({"model": payload["model_config"]})["model"], "model")
         wm = WorldModel(cfg, SpaceSpec.from_dict(payload["spec"]))
         wm.load_state_dict(payload["model"])
     except (KeyError, TypeError, ConfigError, RuntimeError) as exc:
@@ -82,19 +82,29 @@ def model_from_payload(payload: dict, path: str | Path = "<memory>") -> WorldMod
     return wm
 
 
-EARLIER_BEHAVIOUR = {("agent", "prior_gradient"): "dynamics"}
+EARLIER_BEHAVIOUR = {
+    ("agent", "prior_gradient"): "dynamics",
+    ("model", "error_head_hidden"): 0,
+    ("train", "error_target"): "latent",
+}
 """Config keys added after runs had been saved, with the value that gives what those runs did; a saved config
 without such a key gets this value rather than the key's default, so it resumes and evaluates unchanged."""
+
+
+def with_earlier_behaviour(saved: dict) -> dict:
+    """A saved config (sections of plain dicts) with every `EARLIER_BEHAVIOUR` key it lacks filled in."""
+    saved = dict(saved)
+    for (section, key), value in EARLIER_BEHAVIOUR.items():
+        if isinstance(saved.get(section), dict) and key not in saved[section]:
+            saved[section] = {**saved[section], key: value}
+    return saved
 
 
 def config_from_payload(payload: dict, path: str | Path = "<memory>") -> Config | None:
     """The run config a checkpoint was saved with, or None for a bare model checkpoint."""
     if "config" not in payload:
         return None
-    saved = dict(payload["config"])
-    for (section, key), value in EARLIER_BEHAVIOUR.items():
-        if isinstance(saved.get(section), dict) and key not in saved[section]:
-            saved[section] = {**saved[section], key: value}
+    saved = with_earlier_behaviour(payload["config"])
     try:
         return build_dataclass(Config, saved, "")
     except (TypeError, ConfigError) as exc:

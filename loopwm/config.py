@@ -77,6 +77,7 @@ class ModelConfig(Section):
     gate_threshold: float = field(default=0.5, metadata=bounds(0.0, 1.0))
     exit_rel_tol: float = field(default=0.1, metadata=bounds(0.0, lo_open=True))  # "relative": × predicted error
     error_head: bool = False  # a head predicting each step's log error (train.w_error trains it; exit=relative)
+    error_head_hidden: int = field(default=64, metadata=bounds(0))  # its SiLU layer's width (0: a linear head)
     reward_head: Literal["symlog", "twohot"] = "symlog"
     reward_bins: int = field(default=101, metadata=bounds(3))
     encoder: Literal["auto", "mlp", "cnn"] = "auto"
@@ -156,6 +157,9 @@ class TrainConfig(Section):
     w_delta: float = field(default=1.0, metadata=bounds(0.0))  # chained delta-decoder loss (model.obs_decoder=delta)
     w_recon: float = field(default=0.0, metadata=bounds(0.0))  # decode(E(o)) against o, gradients into the encoder
     w_error: float = field(default=0.0, metadata=bounds(0.0))  # the error head's log-error regression (exit=relative)
+    # what the error head predicts: each step's observation error (what rollouts are scored on) or the latent
+    # consistency error
+    error_target: Literal["obs", "latent"] = "obs"
     loop_sampling: Literal["poisson", "fixed"] = "poisson"  # per-sequence 1 + Poisson(loop_mean − 1), or model.loops
     loop_mean: float = field(default=4.0, metadata=bounds(0.0))
     bptt_loops: int = field(default=4, metadata=bounds(1))

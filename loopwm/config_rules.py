@@ -37,6 +37,18 @@ def check_error_head(cfg: Config) -> None:
         )
 
 
+def inert_keys(cfg: Config) -> frozenset[str]:
+    """The keys (as `config.section.key`) that change nothing under `cfg`: the error head's width when the model
+    has no head, and its target when nothing trains it. A run resumed with a different value of a key that is
+    inert in both configs runs exactly as it would have."""
+    inert = set()
+    if not cfg.model.error_head:
+        inert.add("config.model.error_head_hidden")
+    if cfg.train.w_error == 0:
+        inert.add("config.train.error_target")
+    return frozenset(inert)
+
+
 def check_planner_loops(cfg: Config) -> None:
     """A loop-free core has no loop for the planner to shorten, stop early or warm-start; an unshared stack
     plans with the loop options it was trained with, from zero, since it has no fixed point to start near."""

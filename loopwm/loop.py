@@ -31,6 +31,24 @@ from loopwm.lipschitz import Certified, CertifiedLinear, round_up
 from loopwm.loop_state import LoopParams, LoopTrace, StepContext
 
 
+def build_error_head(dim: int, hidden: int) -> nn.Module:
+    """The error head on a loop state of size `dim`: linear (`hidden` = 0) or one SiLU layer of `hidden` units.
+
+    Its output layer starts at zero, a constant prediction; its hidden layer is drawn from a generator of its own,
+    seeded from the global seed without advancing the global RNG, so a model with the head initialises every
+    other weight exactly as one without it (the two compare under the same seed)."""
+    out = nn.utils.skip_init(nn.Linear, hidden or dim, 1)
+    nn.init.zeros_(out.weight)
+    nn.init.zeros_(out.bias)
+    if hidden == 0:
+        return out
+    first = nn.utils.skip_init(nn.Linear, dim, hidden)
+    gen = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
+    nn.init.kaiming_uniform_(first.weight, a=math.sqrt(5), generator=gen)
+    nn.init.zeros_(first.bias)
+    return nn.Sequential(first, nn.SiLU(), out)
+
+
 class LoopCore(nn.Module):
     """Retention, injection drive, shared block and exit policies: the part that loops."""
 
@@ -50,12 +68,10 @@ class LoopCore(nn.Module):
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, -2.0)
         # model.error_head: a log-error prediction around `error_offset`, a running mean of the training targets,
-        # so its linear part learns only the ranking; it starts at zero without drawing from the global RNG
-        self.error_head: Optional[nn.Linear] = None
+        # so the head itself learns only the ranking
+        self.error_head: Optional[nn.Module] = None
         if cfg.error_head:
-            self.error_head = nn.utils.skip_init(nn.Linear, h, 1)
-            nn.init.zeros_(self.error_head.weight)
-            nn.init.zeros_(self.error_head.bias)
+            self.error_head = build_error_head(h, cfg.error_head_hidden)
             self.register_buffer("error_offset", torch.zeros(()))
         self.default_options = LoopOptions.from_config(cfg)
         self._scope: Optional[LoopParams] = None
@@ -181,8 +197,9 @@ class LoopCore(nn.Module):
         return torch.sigmoid(self.gate(feats)).squeeze(-1)
 
     def predicted_log_error(self, h: Tensor) -> Tensor:
-        """The error head: log of the consistency error (`objective.consistency_loss`) predicted for the readout
-        of loop state h, [B]; trained by the "error" term (`train.w_error`), 0 (an error of 1) untrained."""
+        """The error head: log of the error predicted for the readout of loop state h, [B] (the step's observation
+        or latent consistency error, `train.error_target`); trained by the "error" term (`train.w_error`), 0 (an
+        error of 1) untrained."""
         if self.error_head is None:
             raise ValueError("this model has no error head: build it with model.error_head=true")
         return self.error_offset + self.error_head(h).squeeze(-1)
@@ -195,7 +212,8 @@ class LoopCore(nn.Module):
                 self.error_offset.mul_(decay).add_((1.0 - decay) * mean)
 
     def predicted_distance(self, h: Tensor) -> Tensor:
-        """The predicted error as a distance ‖z − z_target‖ = √(latent_dim · error), the units of the exit's bound."""
+        """The predicted error as a distance √(latent_dim · error): ‖z − z_target‖ for the latent target, and the
+        same scaling of the observation error (per dimension, normalised units) for the observation target."""
         return torch.exp(0.5 * self.predicted_log_error(h)) * math.sqrt(self.cfg.latent_dim)
 
     def certified_bound(

@@ -8,7 +8,8 @@ Huginn-style; or fixed at model.loops) with backprop through the last k loops; i
 supervision; the steps whose error is in the running top quantile get extra loops and their
 deeper readout a loss; and the exit gate learns, from the real per-loop losses, whether one more
 loop still helps (Ouro-style improvement targets). An error head on the loop state can learn, by regression on
-the detached log consistency error of each step's prediction, how wrong the model expects to be (off by default).
+the detached log error of each step's prediction (its decoded observation's, or its latent's), how wrong the model
+expects to be (off by default).
 """
 
 from __future__ import annotations
@@ -155,10 +156,22 @@ def gate_loss(wm: WorldModel, trace: LoopTrace, per_loop: Tensor) -> Tensor:
     return (bce * valid).sum() / valid.sum().clamp_min(1)
 
 
+@torch.no_grad()
+def step_obs_error(wm: WorldModel, z: Tensor, z_next: Tensor, obs: Tensor, target_obs: Tensor) -> Tensor:
+    """Per-sample squared error (normalised units, mean over dimensions) of the observation one step decodes: the
+    delta decoder's change added to the true previous observation `obs`, or the decoder's output. Anchored at the
+    true observation, it is the error this step adds, whatever the steps before it got wrong."""
+    if wm.delta_decoder is None:
+        pred = wm.decoder(z_next)
+    else:
+        pred = wm.normalize_obs(obs) + wm.decode_delta(z, z_next)
+    return (pred - target_obs).pow(2).flatten(1).mean(-1)
+
+
 def error_loss(wm: WorldModel, h: Tensor, err: Tensor) -> Tensor:
     """Squared error of the error head's log prediction at exit state h against the detached log of `err`, the
-    per-sample consistency error of that state's readout; neither the loop nor the readout gets its gradient.
-    Moves the head's offset towards the targets' running mean (`LoopCore.track_error`)."""
+    per-sample error of that state's readout (`train.error_target`); neither the loop nor the readout gets its
+    gradient. Moves the head's offset towards the targets' running mean (`LoopCore.track_error`)."""
     target = torch.log(err.detach() + 1e-8)
     wm.core.track_error(target)
     return (wm.core.predicted_log_error(h.detach()) - target).pow(2).mean()
@@ -233,7 +246,9 @@ def sequence_loss(
             z_next = wm.readout(h, z)
             err = consistency_loss(z_next, target_z[k])
             if weights["error"] > 0:
-                terms["error"] = terms["error"] + w * error_loss(wm, h, err)
+                latent = cfg.error_target == "latent"
+                target = err if latent else step_obs_error(wm, z, z_next, obs[k], target_obs[k])
+                terms["error"] = terms["error"] + w * error_loss(wm, h, target)
             used = trace.loops_used
             if deepen:
                 z_next, extra, hard = deepen_hard(wm, ctx, h, z, z_next, err, target_z[k], cfg, tracker)

@@ -125,3 +125,6 @@ def test_a_config_saved_before_the_actor_gradient_option_reads_back_as_the_actor
     del saved["agent"]["prior_gradient"]
     assert config_from_payload({"config": saved}).agent.prior_gradient == "dynamics"  # the one actor there was then
     assert "prior_gradient" not in saved["agent"]  # the payload itself is left as it was read
+    del saved["model"]["error_head_hidden"], saved["train"]["error_target"]
+    cfg = config_from_payload({"config": saved})
+    assert cfg.model.error_head_hidden == 0 and cfg.train.error_target == "latent"  # the linear, latent head of then

@@ -193,11 +193,81 @@ def test_the_head_exists_only_when_asked_so_default_checkpoints_keep_their_layou
     assert plain.core.error_head is None and not any("error" in k for k in plain.state_dict())
     wm = tiny_model(error_head=True)
     with torch.no_grad():
-        wm.core.error_head.weight.normal_()
+        for p in wm.core.error_head.parameters():
+            p.normal_()
         wm.core.error_offset.fill_(-3.0)
     loopwm.save(tmp_path / "head.pt", wm)
     loaded = loopwm.load(tmp_path / "head.pt")
-    assert torch.equal(loaded.core.error_head.weight, wm.core.error_head.weight)
+    h = torch.randn(5, 32)
+    assert torch.equal(loaded.core.predicted_log_error(h), wm.core.predicted_log_error(h))
     assert float(loaded.core.error_offset) == -3.0
     with pytest.raises(ValueError, match="model.error_head=true"):
         plain.core.predicted_log_error(torch.zeros(2, 32))
+
+
+def test_the_head_is_linear_or_one_silu_layer_starts_constant_and_leaves_the_rest_of_the_model_as_it_was():
+    torch.manual_seed(7)
+    plain = tiny_model()
+    after_plain = torch.get_rng_state()
+    h = torch.randn(6, 32)
+    for hidden, kind in ((0, torch.nn.Linear), (64, torch.nn.Sequential)):
+        torch.manual_seed(7)
+        wm = tiny_model(error_head=True, error_head_hidden=hidden)
+        assert torch.equal(torch.get_rng_state(), after_plain)  # building the head drew nothing from the global RNG
+        assert isinstance(wm.core.error_head, kind)
+        shared = {k: v for k, v in wm.state_dict().items() if "error" not in k}
+        assert shared.keys() == plain.state_dict().keys()
+        assert all(torch.equal(v, plain.state_dict()[k]) for k, v in shared.items())
+        assert torch.equal(wm.core.predicted_log_error(h), torch.zeros(6))  # untrained: one constant, an error of 1
+    assert wm.core.error_head[0].weight.abs().sum() > 0  # the hidden layer itself is not zero
+
+
+def test_a_checkpoint_saved_with_the_linear_head_loads_as_one(tmp_path):
+    import loopwm
+    from loopwm.checkpoint import read_checkpoint
+
+    wm = tiny_model(error_head=True, error_head_hidden=0)
+    loopwm.save(tmp_path / "old.pt", wm)
+    payload = read_checkpoint(tmp_path / "old.pt")
+    del payload["model_config"]["error_head_hidden"]  # written before the key existed
+    torch.save(payload, tmp_path / "old.pt")
+    assert isinstance(loopwm.load(tmp_path / "old.pt").core.error_head, torch.nn.Linear)
+
+
+@pytest.mark.parametrize("decoder", ["absolute", "delta"])
+def test_the_error_term_regresses_the_head_on_each_steps_own_observation_error(decoder):
+    from loopwm.objective import step_obs_error
+
+    data = split_dataset()
+    for target in ("obs", "latent"):
+        cfg = config({"error_head": True, "obs_decoder": decoder}, horizon=1, batch_size=8, w_error=1.0,
+                     error_target=target, loop_sampling="fixed")  # fmt: skip
+        wm = new_model(cfg, data)
+        with torch.no_grad():
+            for p in wm.core.error_head.parameters():
+                p.normal_(std=0.1)
+        batch = data.sample(8, 1, np.random.default_rng(0))
+        _, terms, _ = sequence_loss(wm, batch, cfg.train, torch.Generator().manual_seed(3), QuantileTracker(0.9))
+        obs, action = batch["obs"], batch["actions"][0].float()
+        z = wm.encode(obs[0])
+        z1, trace = wm.step(z, action)
+        true = wm.normalize_obs(obs[1])
+        if target == "latent":
+            err = (z1 - wm.encode(obs[1])).pow(2).mean(-1)
+        elif decoder == "delta":  # the step's change on the true previous observation
+            err = (wm.normalize_obs(obs[0]) + wm.decode_delta(z, z1) - true).pow(2).mean(-1)
+        else:
+            err = (wm.decoder(z1) - true).pow(2).mean(-1)
+        if target == "obs":
+            assert torch.allclose(step_obs_error(wm, z, z1, obs[0], true), err)
+        expected = (wm.core.predicted_log_error(trace.final_state) - torch.log(err + 1e-8)).pow(2).mean()
+        assert float(terms["error"]) == pytest.approx(float(expected.detach()), rel=1e-5)
+
+
+def test_the_heads_width_and_target_are_inert_only_while_nothing_builds_or_trains_the_head():
+    from loopwm.config_rules import inert_keys
+
+    both = {"config.model.error_head_hidden", "config.train.error_target"}
+    assert inert_keys(config()) == both
+    assert inert_keys(config({"error_head": True})) == {"config.train.error_target"}
+    assert inert_keys(config({"error_head": True}, w_error=0.1)) == set()

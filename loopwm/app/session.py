@@ -31,6 +31,7 @@ from loopwm import distributed
 from loopwm.atomic import atomic_write, remove_stale_temp_files
 from loopwm.checkpoint import LATEST, LoadedRun, load_run
 from loopwm.config import Config, ConfigError, to_dict
+from loopwm.config_rules import inert_keys
 from loopwm.logger import RunLogger, require_wandb
 from loopwm.nets import SpaceSpec
 from loopwm.train import Trainer, resolve_device, restore_run, save_run
@@ -232,11 +233,13 @@ class RunSession:
                     f"already has {self.latest.name}: pass resume=true to continue it, or choose another name=..."
                 )
             self.resumed = self.resumed or load_run(self.latest)
-            saved, current = to_dict(self.resumed.require_config("it cannot be resumed")), to_dict(self.cfg)
+            saved_cfg = self.resumed.require_config("it cannot be resumed")
+            saved, current = to_dict(saved_cfg), to_dict(self.cfg)
+            allowed = RESUMABLE | UNREAD[self.kind] | (inert_keys(saved_cfg) & inert_keys(self.cfg))
             diff = [
                 line.removeprefix("config.")
                 for line in differences(saved, current, "config")
-                if line.split(":")[0] not in RESUMABLE | UNREAD[self.kind]
+                if line.split(":")[0] not in allowed
             ]
             done, key, target = self._progress()
             slack = saved["env"]["num_envs"] - 1 if self.kind == "run" else 0  # its envs step together: overshoot
