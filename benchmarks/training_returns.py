@@ -1,10 +1,11 @@
 """Training-episode returns of `loopwm run` folders side by side, in windows of agent steps.
 
-Runs of one game and seed that differ in a few config keys (listed in the report, read from each run's
-config.yaml) are compared window by window at the same agent steps, so a run still in progress can be set
-against a finished one up to where it has got. The last window a run has finished is marked. Returns are
-those of the episodes the agent played while learning (its `episode/return` rows), the quantity DreamerV3
-reports for Atari 100k; evaluation returns (`eval/return_mean`) are listed where the run has them.
+One run gets its learning curve in windows. Runs of one game and seed that differ in a few config keys (listed
+in the report, read from each run's config.yaml) are compared window by window at the same agent steps, so a run
+still in progress can be set against a finished one up to where it has got. The last window a run has finished
+is marked. Returns are those of the episodes the agent played while learning (its `episode/return` rows), the
+quantity DreamerV3 reports for Atari 100k; evaluation returns (`eval/return_mean`) are listed where the run has
+them.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/training_returns.py \
         --run dynamics=runs/pong --run reinforce=runs/reinforce/pong --window 10000 --name atari_actor_pong
@@ -183,7 +184,7 @@ def parse_run(parser: argparse.ArgumentParser, text: str) -> tuple[str, Path]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", action="append", required=True, help="LABEL=RUN_FOLDER, two or more")
+    parser.add_argument("--run", action="append", required=True, help="LABEL=RUN_FOLDER, once per run")
     parser.add_argument("--window", type=int, default=10_000, help="agent steps per window")
     parser.add_argument("--total", type=int, default=100_000, help="agent steps the windows cover")
     parser.add_argument(
@@ -196,8 +197,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     folders = dict(parse_run(parser, text) for text in args.run)
-    if len(folders) < 2:
-        parser.error("--run: give two or more runs (distinct labels) to compare")
+    if len(folders) < len(args.run):
+        parser.error("--run: give each run a label of its own")
     if args.window < 1 or args.total < args.window:
         parser.error(f"--window {args.window} --total {args.total}: expected 1 <= window <= total")
     info = machine_info()

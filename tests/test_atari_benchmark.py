@@ -273,5 +273,7 @@ def test_training_returns_compares_runs_window_by_window(tmp_path):
     }
     md = (tmp_path / "out" / "t.md").read_text()
     assert "-20.0 ± 1.0 (2)" in md and "-15.0 (1, so far)" in md and "(absent)" in md
-    with pytest.raises(SystemExit):
-        script.main(["--run", f"old={old}", "--out", str(tmp_path / "out")])  # one run: nothing to compare
+    with pytest.raises(SystemExit):  # two runs under one label would silently become one
+        script.main(["--run", f"old={old}", "--run", f"old={new}", "--out", str(tmp_path / "out")])
+    alone = script.main(["--run", f"old={old}", "--window", "1000", "--total", "2000", "--out", str(tmp_path / "out")])
+    assert alone["runs"]["old"]["windows"] == out["runs"]["old"]["windows"] and alone["config_differences"] == {}
