@@ -81,6 +81,9 @@ class Trainer:
             )
         self.world.broadcast_parameters(wm)
         self.opt = build_optimizer(t.optimizer, wm.parameters(), t.lr, t.weight_decay, t.lookahead)
+        head = getattr(wm.core, "error_head", None)
+        head_params = [] if head is None else list(head.parameters())
+        self._clip_groups = ([p for p in wm.parameters() if all(p is not q for q in head_params)], head_params)
         self.schedule = build_schedule(
             self.opt, t.lr_schedule, t.updates if planned_updates is None else planned_updates, t.warmup
         )
@@ -117,7 +120,11 @@ class Trainer:
         loss.backward()
         self.world.average_gradients(self.wm.parameters())
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.wm.parameters(), clip)
+        # the error head is clipped on its own: it watches the model, and its gradients never rescale the model's
+        model, head = self._clip_groups
+        grad_norm = torch.nn.utils.clip_grad_norm_(model, clip)
+        if head:
+            torch.nn.utils.clip_grad_norm_(head, clip)
         if not torch.isfinite(grad_norm):
             self.opt.zero_grad(set_to_none=True)
             return self._skip()

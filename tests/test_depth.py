@@ -271,3 +271,20 @@ def test_the_heads_width_and_target_are_inert_only_while_nothing_builds_or_train
     assert inert_keys(config()) == both
     assert inert_keys(config({"error_head": True})) == {"config.train.error_target"}
     assert inert_keys(config({"error_head": True}, w_error=0.1)) == set()
+
+
+def test_the_head_watches_without_changing_the_model_it_learns_from():
+    torch.set_num_threads(1)
+    data = split_dataset()
+    trained = {}
+    for head in (False, True):
+        # a tight clip, so that head gradients folded into the model's norm would rescale the model's updates
+        cfg = config({"error_head": head}, updates=6, batch_size=16, horizon=2, w_error=10.0 if head else 0.0,
+                     grad_clip=0.05, log_every=1000)  # fmt: skip
+        trainer = Trainer(new_model(cfg, data), cfg, data)
+        for _ in range(cfg.train.updates):
+            trainer.update()
+        trained[head] = trainer.wm.state_dict()
+    with_head = {k: v for k, v in trained[True].items() if "error" not in k}
+    assert with_head.keys() == trained[False].keys()
+    assert all(torch.equal(v, trained[False][k]) for k, v in with_head.items())
