@@ -288,3 +288,18 @@ def test_the_head_watches_without_changing_the_model_it_learns_from():
     with_head = {k: v for k, v in trained[True].items() if "error" not in k}
     assert with_head.keys() == trained[False].keys()
     assert all(torch.equal(v, trained[False][k]) for k, v in with_head.items())
+
+
+def test_the_terminal_table_shows_each_confidence_signal_it_has():
+    from loopwm.analysis.prediction import format_table, prediction_errors
+
+    data = split_dataset()
+    wm = tiny_model(error_head=True)
+    with torch.no_grad():
+        for p in wm.core.error_head.parameters():
+            p.normal_()
+    text = format_table(prediction_errors(wm, data, horizons=(1, 5), sequences=32))
+    line = text.splitlines()[-1]
+    assert line.startswith("AUROC flagging the top-10% step-1 errors: error head 0.") and "certified bound 0." in line
+    plain = format_table(prediction_errors(tiny_model(), data, horizons=(1,), sequences=32))
+    assert "error head" not in plain and "certified bound" in plain

@@ -105,4 +105,12 @@ def format_table(result: dict[str, Any]) -> str:
             f"{r['reward_mse']:10.4f} | {r['continue_accuracy']:8.3f} | {r['loops_mean']:5.2f}"
         )
     rows.append(f"certified kappa = {result['kappa']:.4f}; errors are MSE / per-dimension variance")
+    signals = [(name, result["depth_step1"].get(f"auroc_{key}")) for key, name in CONFIDENCE_NAMES.items()]
+    shown = [f"{name} {value:.2f}" for name, value in signals if value is not None]
+    if shown:
+        rows.append(f"AUROC flagging the top-10% step-1 errors: {', '.join(shown)} (0.5 is chance)")
     return "\n".join(rows)
+
+
+CONFIDENCE_NAMES = {"head": "error head", "agreement": "readout disagreement", "bound": "certified bound"}
+"""The confidence signals of `depth.confidence_signals`, as the terminal table names them."""
