@@ -64,7 +64,8 @@ def score(wm: WorldModel, val: ReplayBuffer, train: ReplayBuffer, args: argparse
     """One row per setting: loops, errors and depth statistics on the same held-out sequences."""
     stats = train.stats()
     rows = []
-    runs = [(start, *s) for start in args.starts for s in settings(args, head=wm.core.error_head is not None)]
+    head = getattr(wm.core, "error_head", None) is not None  # a loop-free core (model.dynamics=mlp) has none
+    runs = [(start, *s) for start in dict.fromkeys(args.starts) for s in settings(args, head=head)]
     for start, rule, setting, options in runs:
         with torch.no_grad():
             res = prediction_errors(

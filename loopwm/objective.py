@@ -159,8 +159,9 @@ def gate_loss(wm: WorldModel, trace: LoopTrace, per_loop: Tensor) -> Tensor:
 @torch.no_grad()
 def step_obs_error(wm: WorldModel, z: Tensor, z_next: Tensor, obs: Tensor, target_obs: Tensor) -> Tensor:
     """Per-sample squared error (normalised units, mean over dimensions) of the observation one step decodes: the
-    delta decoder's change added to the true previous observation `obs`, or the decoder's output. Anchored at the
-    true observation, it is the error this step adds, whatever the steps before it got wrong."""
+    delta decoder's change added to the true previous observation `obs`, or the decoder's output. With the delta
+    decoder the decoded observations carry no error from earlier steps, though the latents `z`, `z_next` of a
+    rollout still do; the absolute decoder's error is the open-loop error of the step's latent."""
     if wm.delta_decoder is None:
         pred = wm.decoder(z_next)
     else:
@@ -225,6 +226,7 @@ def sequence_loss(
     options = LoopOptions(exit="fixed", loops=loops, bptt=cfg.bptt_loops)
     want_readouts = weights["deep"] > 0 or weights["gate"] > 0
     deepen = cfg.extra_loops > 0 and weights["extra"] > 0
+    latent_error = cfg.error_target == "latent"
     terms = {name: torch.zeros(()) for name in TERMS}
     stats = StepStats()
     hard_total = 0
@@ -246,8 +248,7 @@ def sequence_loss(
             z_next = wm.readout(h, z)
             err = consistency_loss(z_next, target_z[k])
             if weights["error"] > 0:
-                latent = cfg.error_target == "latent"
-                target = err if latent else step_obs_error(wm, z, z_next, obs[k], target_obs[k])
+                target = err if latent_error else step_obs_error(wm, z, z_next, obs[k], target_obs[k])
                 terms["error"] = terms["error"] + w * error_loss(wm, h, target)
             used = trace.loops_used
             if deepen:

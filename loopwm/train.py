@@ -83,7 +83,8 @@ class Trainer:
         self.opt = build_optimizer(t.optimizer, wm.parameters(), t.lr, t.weight_decay, t.lookahead)
         head = getattr(wm.core, "error_head", None)
         head_params = [] if head is None else list(head.parameters())
-        self._clip_groups = ([p for p in wm.parameters() if all(p is not q for q in head_params)], head_params)
+        in_head = {id(p) for p in head_params}
+        self._clip_groups = ([p for p in wm.parameters() if id(p) not in in_head], head_params)
         self.schedule = build_schedule(
             self.opt, t.lr_schedule, t.updates if planned_updates is None else planned_updates, t.warmup
         )
@@ -123,9 +124,8 @@ class Trainer:
         # the error head is clipped on its own: it watches the model, and its gradients never rescale the model's
         model, head = self._clip_groups
         grad_norm = torch.nn.utils.clip_grad_norm_(model, clip)
-        if head:
-            torch.nn.utils.clip_grad_norm_(head, clip)
-        if not torch.isfinite(grad_norm):
+        head_norm = torch.nn.utils.clip_grad_norm_(head, clip) if head else None
+        if not torch.isfinite(grad_norm) or (head_norm is not None and not torch.isfinite(head_norm)):
             self.opt.zero_grad(set_to_none=True)
             return self._skip()
         self._nonfinite_run = 0
@@ -138,7 +138,8 @@ class Trainer:
         out.update(
             {
                 "loss/total": float(scalars[0]),
-                "train/grad_norm": float(grad_norm),
+                "train/grad_norm": float(grad_norm),  # the model's, the error head's apart
+                **({} if head_norm is None else {"train/error_head_grad_norm": float(head_norm)}),
                 "train/latent_spread": stats.latent_spread,
                 "train/lr": self.schedule.get_last_lr()[0],
                 "loops/mean": float(loops.mean()),

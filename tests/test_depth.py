@@ -303,3 +303,37 @@ def test_the_terminal_table_shows_each_confidence_signal_it_has():
     assert line.startswith("AUROC flagging the top-10% step-1 errors: error head 0.") and "certified bound 0." in line
     plain = format_table(prediction_errors(tiny_model(), data, horizons=(1,), sequences=32))
     assert "error head" not in plain and "certified bound" in plain
+
+
+def test_a_non_finite_gradient_in_the_head_skips_the_step_like_one_in_the_model():
+    data = split_dataset()
+    cfg = config({"error_head": True}, updates=4, batch_size=8, horizon=2, w_error=1.0, log_every=1000)
+    trainer = Trainer(new_model(cfg, data), cfg, data)
+    head = trainer.wm.core.error_head
+    before = {k: v.clone() for k, v in trainer.wm.state_dict().items()}
+    hook = head[-1].weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    assert trainer.update() == {} and trainer.nonfinite_skipped == 1
+    assert all(torch.equal(v, before[k]) for k, v in trainer.wm.state_dict().items() if "error_offset" not in k)
+    hook.remove()
+    assert trainer.update() and all(torch.isfinite(p).all() for p in head.parameters())
+
+
+def test_the_observation_target_of_each_step_is_anchored_at_that_steps_true_observation(monkeypatch):
+    import loopwm.objective as objective
+
+    data = split_dataset()
+    cfg = config({"error_head": True, "obs_decoder": "delta"}, horizon=3, batch_size=8, w_error=1.0,
+                 loop_sampling="fixed", w_deep=0.0, w_gate=0.0, extra_loops=0)  # fmt: skip
+    wm = new_model(cfg, data)
+    calls, real = [], objective.step_obs_error
+    monkeypatch.setattr(objective, "step_obs_error", lambda *a: calls.append(a) or real(*a))
+    batch = data.sample(8, 3, np.random.default_rng(0))
+    objective.sequence_loss(wm, batch, cfg.train, torch.Generator().manual_seed(3), QuantileTracker(0.9))
+    assert len(calls) == 3
+    with torch.no_grad():
+        z = wm.encode(batch["obs"][0])
+        for k, (_, z_in, z_out, obs, target) in enumerate(calls):
+            assert torch.equal(obs, batch["obs"][k]) and torch.equal(target, wm.normalize_obs(batch["obs"][k + 1]))
+            assert torch.allclose(z_in, z)  # the open-loop latent, not the encoding of the true observation
+            z, _ = wm.step(z, batch["actions"][k].float())
+            assert torch.allclose(z_out, z)

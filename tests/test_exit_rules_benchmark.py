@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -93,3 +94,20 @@ def test_a_trained_run_is_scored_on_its_own_held_out_split(tmp_path):
                                "--out", str(tmp_path)])  # fmt: skip
     assert payload["models"]["run"]["split"] == {"val_fraction": 0.25, "seed": 3, "held_out_transitions": 60}
     assert payload["models"]["bare"]["split"]["seed"] == 0
+
+
+def test_a_loop_free_model_is_scored_at_its_one_evaluation(tmp_path):
+    import gymnasium as gym
+
+    import loopwm
+    from loopwm.config import from_dict
+    from loopwm.world_model import WorldModel
+
+    _, data = exit_rules.smoke_model(tmp_path)
+    dims = {"latent_dim": 16, "hidden_dim": 32, "inject_dim": 32, "mlp_dim": 64, "dynamics": "mlp"}
+    cfg = from_dict({"model": dims, "train": {"extra_loops": 0, "w_deep": 0, "w_gate": 0}})
+    spaces = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32), gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+    loopwm.save(tmp_path / "mlp.pt", WorldModel.from_config(cfg, *spaces))
+    args = ["--data", str(data), "--model", f"mlp={tmp_path / 'mlp.pt'}", "--fixed", "1", "--agreement", "--certified"]
+    rows = exit_rules.main([*args, "--sequences", "8", "--out", str(tmp_path)])["models"]["mlp"]["rows"]
+    assert [(r["rule"], r["auroc_head"]) for r in rows] == [("fixed", None)]  # no relative rows: it has no head

@@ -7,7 +7,8 @@ TensorBoard events), `checkpoints/latest.pt` and `summary.json` or `eval.json`.
 
 Opening a session checks everything before anything is written: the name stays inside `run_dir`; no other
 process writes there; the folder was made by the same command; a checkpoint is only continued with
-`resume=true`, and only with the config (but for `RESUMABLE` keys) and spaces it was saved with; logs without a
+`resume=true`, and only with the config (but for `RESUMABLE` keys, and keys inert in both configs,
+`config_rules.inert_keys`) and spaces it was saved with; logs without a
 checkpoint (a run killed before its first save) are only cut, for a clean start, with `resume=true`. Writing starts with
 `start`; a run killed at any point after that resumes from its last checkpoint as if it had not stopped.
 """
