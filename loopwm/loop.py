@@ -30,24 +30,21 @@ from loopwm.exits import EXIT_RULES, LoopOptions, LoopStep
 from loopwm.lipschitz import Certified, CertifiedLinear, round_up
 from loopwm.loop_state import LoopParams, LoopTrace, StepContext
 
-HEAD_SEED_MIX = 0x9E3779B97F4A7C15
-"""XOR-ed into the global seed for the error head's own generator: a stream apart from the model's."""
-
 
 def build_error_head(dim: int, hidden: int) -> nn.Module:
     """The error head on a loop state of size `dim`: linear (`hidden` = 0) or one SiLU layer of `hidden` units.
 
     Its output layer starts at zero, a constant prediction; its hidden layer is drawn from a generator of its own,
-    seeded from the global seed (mixed with a constant, so its draws are not the model's first ones) without
-    advancing the global RNG, so a model with the head initialises every other weight exactly as one without it
-    (the two compare under the same seed)."""
+    seeded with the global seed without advancing the global RNG, so a model with the head initialises every other
+    weight exactly as one without it (the two compare under the same seed). That generator repeats the global
+    stream's first draws, rescaled; for a readout of detached states that correlation is harmless."""
     out = nn.utils.skip_init(nn.Linear, hidden or dim, 1)
     nn.init.zeros_(out.weight)
     nn.init.zeros_(out.bias)
     if hidden == 0:
         return out
     first = nn.utils.skip_init(nn.Linear, dim, hidden)
-    gen = torch.Generator().manual_seed(torch.initial_seed() ^ HEAD_SEED_MIX)
+    gen = torch.Generator().manual_seed(torch.initial_seed())
     nn.init.kaiming_uniform_(first.weight, a=math.sqrt(5), generator=gen)
     nn.init.zeros_(first.bias)
     return nn.Sequential(first, nn.SiLU(), out)
