@@ -241,6 +241,14 @@ class WorldModel(nn.Module):
         """Probability that the episode goes on after reaching latent z."""
         return torch.sigmoid(self.continue_head(z).squeeze(-1))
 
+    def predict_error(self, trace: LoopTrace) -> Tensor:
+        """The error the model expects its step to have made, per sample [B], from the error head on the loop's exit
+        state: a mean squared observation error in normalised units (`train.error_target=obs`) or the latent
+        consistency error (`latent`). A confidence signal: it ranks which predictions not to trust."""
+        if getattr(self.core, "error_head", None) is None:
+            raise ValueError("this model has no error head: build it with model.error_head=true (train.w_error > 0)")
+        return self.core.predicted_log_error(trace.final_state).exp()
+
     def decode(self, z: Tensor) -> Tensor:
         """Latents -> observations in the environment's units (the absolute decoder, no anchor needed)."""
         return self.denormalize_obs(self.decoder(z))

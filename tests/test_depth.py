@@ -337,3 +337,17 @@ def test_the_observation_target_of_each_step_is_anchored_at_that_steps_true_obse
             assert torch.allclose(z_in, z)  # the open-loop latent, not the encoding of the true observation
             z, _ = wm.step(z, batch["actions"][k].float())
             assert torch.allclose(z_out, z)
+
+
+def test_predict_error_is_the_heads_prediction_and_refused_without_a_head():
+    wm = tiny_model(error_head=True)
+    with torch.no_grad():
+        for p in wm.core.error_head.parameters():
+            p.normal_()
+        wm.core.error_offset.fill_(-2.0)
+    z = wm.encode(torch.randn(4, 3))
+    _, trace = wm.step(z, torch.zeros(4, 1))
+    expected = torch.exp(wm.core.predicted_log_error(trace.final_state))
+    assert torch.equal(wm.predict_error(trace), expected) and expected.shape == (4,)
+    with pytest.raises(ValueError, match="model.error_head=true"):
+        tiny_model().predict_error(trace)

@@ -20,6 +20,7 @@ def test_the_page_covers_the_plug_in_surface():
         "wm.encode",
         "wm.step",
         "wm.imagine",
+        "predict_error",
         "WorldModelEnv(",
         "VectorWorldModelEnv(",
         "gym.make(",
