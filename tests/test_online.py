@@ -92,38 +92,42 @@ def params(agent_path):
     return payload["model"], payload["agent"]["value"]["net"], payload["agent"]["prior"]["net"]
 
 
+STRAIGHT = {"total_steps": 160, "eval_episodes": 1}
+"""The uninterrupted run every interrupted one must end as: 100 random steps, then 60 planned ones."""
+
+
 @pytest.fixture(scope="module")
-def straight_200(tmp_path_factory):
-    """An uninterrupted 200-step run, the reference every interrupted one must end as: its run folder."""
+def straight(tmp_path_factory):
+    """The uninterrupted `STRAIGHT` run's folder."""
     root = tmp_path_factory.mktemp("straight")
-    run(tiny(root, total_steps=200), progress=False)
+    run(tiny(root, **STRAIGHT), progress=False)
     return root / "pm"
 
 
-def test_run_resumes_after_interruption(tmp_path, straight_200):
-    first = tiny(tmp_path / "b", total_steps=120)
+def test_run_resumes_after_interruption(tmp_path, straight):
+    first = tiny(tmp_path / "b", total_steps=120, eval_episodes=1)
     run(first, progress=False)
     metrics = tmp_path / "b" / "pm" / "metrics.jsonl"
     with metrics.open("a") as f:  # what a killed run logged after its last checkpoint
         f.write(json.dumps({"step": 130, "episode/return": 12345.0}) + "\n")
-    resumed = tiny(tmp_path / "b", total_steps=200)
+    resumed = tiny(tmp_path / "b", **STRAIGHT)
     resumed.resume = True
     run(resumed, progress=False)
     for a, b in zip(
-        params(straight_200 / "checkpoints" / "latest.pt"),
+        params(straight / "checkpoints" / "latest.pt"),
         params(tmp_path / "b" / "pm" / "checkpoints" / "latest.pt"),
     ):
         for key in a:
             assert torch.equal(a[key], b[key]), key
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    straight_rows = [json.loads(line) for line in (straight_200 / "metrics.jsonl").read_text().splitlines()]
+    straight_rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert 12345.0 not in [r.get("episode/return") for r in rows]
 
     def training_rows(rows):  # the interrupted run also evaluated at its last step, 120
         return [(r["step"], sorted(r)) for r in rows if "eval/return_mean" not in r]
 
     assert training_rows(rows) == training_rows(straight_rows)
-    assert [r["step"] for r in rows if "eval/return_mean" in r] == [0, 120, 200]
+    assert [r["step"] for r in rows if "eval/return_mean" in r] == [0, 120, 160]
 
 
 def test_logger_rewind_purges_what_came_after_the_checkpoint(tmp_path):
@@ -154,7 +158,7 @@ def test_logger_rewind_purges_what_came_after_the_checkpoint(tmp_path):
         resumed.rewind(3)
 
 
-def test_a_stopped_run_keeps_its_episode_end_checkpoint_and_resumes_exactly(tmp_path, monkeypatch, straight_200):
+def test_a_stopped_run_keeps_its_episode_end_checkpoint_and_resumes_exactly(tmp_path, monkeypatch, straight):
     import os
     import signal
 
@@ -170,7 +174,7 @@ def test_a_stopped_run_keeps_its_episode_end_checkpoint_and_resumes_exactly(tmp_
         return planned(self, obs, **kw)
 
     monkeypatch.setattr(Agent, "planned_action", plan_then_kill)
-    cfg = tiny(tmp_path / "b", total_steps=200)
+    cfg = tiny(tmp_path / "b", **STRAIGHT)
     with pytest.raises(SystemExit) as exited:
         run(cfg, progress=False)
     assert exited.value.code == 128 + signal.SIGTERM
@@ -178,9 +182,9 @@ def test_a_stopped_run_keeps_its_episode_end_checkpoint_and_resumes_exactly(tmp_
     assert read_checkpoint(path)["progress"]["step"] == 140  # not 150: that state's open episode would be lost
     monkeypatch.setattr(Agent, "planned_action", planned)
     cfg.resume = True
-    assert run(cfg, progress=False)["curve"][-1][0] == 200
-    assert read_checkpoint(path)["progress"]["step"] == 200
-    for a, b in zip(params(straight_200 / "checkpoints" / "latest.pt"), params(path)):
+    assert run(cfg, progress=False)["curve"][-1][0] == 160
+    assert read_checkpoint(path)["progress"]["step"] == 160
+    for a, b in zip(params(straight / "checkpoints" / "latest.pt"), params(path)):
         for key in a:
             assert torch.equal(a[key], b[key]), key  # as if it had never stopped
 
