@@ -11,7 +11,7 @@ subclass plus one `@register_planner("name")` line; `build_planner` makes the on
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -171,10 +171,11 @@ def _device_of(wm: Any) -> torch.device:
 class Planner:
     """Plans in the world model's latent space; one `imagine` call per iteration over all samples and envs.
 
-    Scores are G = Σ γ^k Πc r_k + γ^H Πc V(z_H) − λ Σ γ^k u_k with λ = cfg.uncertainty_penalty and
-    u_k the loop's certified distance to its fixed point (`uncertainty="bound"`) or 1 − converged
-    (`"unconverged"`). Subclasses set the elite weights (`weights`). The mean/std (or probabilities)
-    move to the refit with new = momentum · old + (1 − momentum) · fit.
+    Scores are G = Σ γ^k Πc r_k + γ^H Πc V(z_H) − λ Σ γ^k u_k with λ = cfg.uncertainty_penalty and u_k
+    as `cfg.uncertainty` picks: the loop's certified distance to its fixed point ("bound"), 1 − converged
+    ("unconverged"), or the error head's predicted error over a typical step's ("error",
+    `WorldModel.predict_error(states, relative=True)`). Subclasses set the elite weights (`weights`). The
+    mean/std (or probabilities) move to the refit with new = momentum · old + (1 − momentum) · fit.
 
     Imagined steps loop with the model's own options unless `cfg` sets loop options or a warm start
     (`PlannerConfig`); those need a `WorldModel` (its `cfg` and `imagine(h0=, chain=)`).
@@ -188,7 +189,6 @@ class Planner:
         prior: Optional[PriorFn] = None,
         *,
         discount: float = 0.99,
-        uncertainty: Literal["bound", "unconverged"] = "bound",
         exploration: float = 0.0,
         min_prob: float = 0.01,
         seed: Optional[int] = None,
@@ -197,12 +197,15 @@ class Planner:
         self.policy_samples = cfg.policy_samples if prior is not None else 0
         if not 0.0 <= discount <= 1.0:
             raise ValueError(f"discount={discount}: expected a value in [0, 1]")
-        if uncertainty not in ("bound", "unconverged"):
-            raise ValueError(f"uncertainty={uncertainty!r}: expected 'bound' or 'unconverged'")
+        if cfg.uncertainty_penalty > 0 and cfg.uncertainty == "error" and not getattr(wm, "has_error_head", False):
+            raise ValueError(
+                "planner.uncertainty='error' penalises the error head's prediction, and this model has none: "
+                "build it with model.error_head=true (train.w_error > 0), or set planner.uncertainty=bound"
+            )
         if exploration < 0 or (wm.discrete and exploration > 1):
             raise ValueError(f"exploration={exploration}: expected a std >= 0 (Box) or a probability (Discrete)")
         self.wm, self.cfg, self.value, self.prior, self.discount = wm, cfg, value, _with_generator(prior), discount
-        self.uncertainty, self.exploration = uncertainty, exploration
+        self.exploration = exploration
         groups = getattr(wm, "action_groups", None) or (wm.action_dim,)
         self.sampler = CategoricalSampler(cfg, groups, min_prob) if wm.discrete else GaussianSampler(cfg, wm.action_dim)
         self.device = torch.device(device) if device is not None else _device_of(wm)
@@ -300,9 +303,17 @@ class Planner:
         terminal = self.value(out.latents[-1]) if self.value is not None else None
         ret = discounted_return(out.rewards, out.continues, self.discount, terminal)
         if self.cfg.uncertainty_penalty > 0:
-            unc = out.bound if self.uncertainty == "bound" else (~out.converged).to(ret.dtype)
+            unc = self.step_uncertainty(out).to(ret.dtype)
             ret = ret - self.cfg.uncertainty_penalty * discounted_return(unc, torch.ones_like(unc), self.discount)
         return ret, out
+
+    def step_uncertainty(self, out: Any) -> Tensor:
+        """u_k [H, B] of a rollout, as `cfg.uncertainty` picks (see the class docstring)."""
+        if self.cfg.uncertainty == "bound":
+            return out.bound
+        if self.cfg.uncertainty == "unconverged":
+            return (~out.converged).float()
+        return self.wm.predict_error(out.states, relative=True)
 
     def _prior_rollout(self, z: Tensor) -> Optional[Tensor]:
         """Roll the policy prior through the model from each env's latent: [H, N, P, A], or None."""

@@ -223,6 +223,10 @@ class PlannerConfig(Section):
     min_std: float = field(default=0.05, metadata=bounds(0.0))
     max_std: float = field(default=2.0, metadata=bounds(0.0, lo_open=True))
     uncertainty_penalty: float = field(default=0.0, metadata=bounds(0.0))
+    # what the penalty charges each imagined step: the certified distance to the fixed point ("bound"), 1 where
+    # the loop has not converged ("unconverged"), or the error head's predicted error relative to a typical
+    # step's ("error", needs model.error_head)
+    uncertainty: Literal["bound", "unconverged", "error"] = "bound"
     momentum: float = field(default=0.1, metadata=bounds(0.0, 1.0))
     policy_eval: Literal["mode", "sample"] = "mode"  # method=policy: evaluate with π's mode, or a sample of π
     warm_start: Literal["none", "iteration", "time", "elite"] = "none"

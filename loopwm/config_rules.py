@@ -24,28 +24,34 @@ def check_combinations(cfg: Config) -> None:
 
 
 def check_error_head(cfg: Config) -> None:
-    """The relative exit scales its tolerance by the error head's prediction, which only `train.w_error` trains."""
+    """The relative exit scales its tolerance by the error head's prediction, and the planner's error penalty
+    charges it; only `train.w_error` trains it."""
     rules = {"model.exit": cfg.model.exit, "planner.exit": cfg.planner.exit}
-    uses = [key for key, rule in rules.items() if rule == "relative"]
+    uses = [f"{key}='relative'" for key, rule in rules.items() if rule == "relative"]
+    if cfg.planner.uncertainty == "error" and cfg.planner.uncertainty_penalty > 0:
+        uses.append("planner.uncertainty='error'")
     if (uses or cfg.train.w_error > 0) and not cfg.model.error_head:
-        what = f"{uses[0]}='relative'" if uses else f"train.w_error={cfg.train.w_error}"
+        what = uses[0] if uses else f"train.w_error={cfg.train.w_error}"
         raise ConfigError(f"{what} needs the error head: set model.error_head=true")
     if uses and cfg.train.w_error == 0:
         raise ConfigError(
-            f"{uses[0]}='relative' scales the exit tolerance by the error head's prediction, which "
-            "train.w_error=0 leaves untrained: set train.w_error > 0 (e.g. 0.1)"
+            f"{uses[0]} uses the error head's prediction, which train.w_error=0 leaves untrained: "
+            "set train.w_error > 0 (e.g. 0.1)"
         )
 
 
 def inert_keys(cfg: Config) -> frozenset[str]:
     """The keys (as `config.section.key`) that change nothing under `cfg`: the error head's width when the model
-    has no head, and its target when nothing trains it. A run resumed with a different value of a key that is
+    has no head, its target when nothing trains it, and what the planner's uncertainty penalty charges when
+    the penalty is 0. A run resumed with a different value of a key that is
     inert in both configs runs exactly as it would have."""
     inert = set()
     if not cfg.model.error_head:
         inert.add("config.model.error_head_hidden")
     if cfg.train.w_error == 0:
         inert.add("config.train.error_target")
+    if cfg.planner.uncertainty_penalty == 0:
+        inert.add("config.planner.uncertainty")
     return frozenset(inert)
 
 
@@ -105,8 +111,9 @@ def check_dynamics(cfg: Config) -> None:
             f"model.loops={m.loops} unshared blocks (model.shared=false): set model.max_loops<={m.loops} "
             "or train.loop_sampling=fixed"
         )
-    if cfg.planner.uncertainty_penalty > 0:
+    if cfg.planner.uncertainty_penalty > 0 and cfg.planner.uncertainty != "error":
         raise ConfigError(
-            "planner.uncertainty_penalty penalises the certified distance to the loop's fixed point, which an "
-            "unshared stack (model.shared=false) does not have: set planner.uncertainty_penalty=0"
+            f"planner.uncertainty={cfg.planner.uncertainty!r} penalises the loop's distance to its fixed point, "
+            "which an unshared stack (model.shared=false) does not have: set planner.uncertainty=error (with "
+            "model.error_head=true) or planner.uncertainty_penalty=0"
         )

@@ -241,13 +241,21 @@ class WorldModel(nn.Module):
         """Probability that the episode goes on after reaching latent z."""
         return torch.sigmoid(self.continue_head(z).squeeze(-1))
 
-    def predict_error(self, trace: LoopTrace) -> Tensor:
-        """The error the model expects its step to have made, per sample [B], from the error head on the loop's exit
-        state: a mean squared observation error in normalised units (`train.error_target=obs`) or the latent
-        consistency error (`latent`). A confidence signal: it ranks which predictions not to trust."""
-        if getattr(self.core, "error_head", None) is None:
+    @property
+    def has_error_head(self) -> bool:
+        """Whether the model predicts its own step errors (`model.error_head`), for `predict_error`."""
+        return getattr(self.core, "error_head", None) is not None
+
+    def predict_error(self, source: LoopTrace | Tensor, *, relative: bool = False) -> Tensor:
+        """The error the model expects its step to have made, from the error head on the loop's exit state: per
+        sample [B] of a `LoopTrace`, or per exit state [..., hidden] such as `ImagineOutput.states` [H, B]. It is
+        a mean squared observation error in normalised units (`train.error_target=obs`) or the latent
+        consistency error (`latent`); `relative` divides it by the geometric mean of the errors the head was
+        trained on, so 1 is a typical step. A confidence signal: it ranks which predictions not to trust."""
+        if not self.has_error_head:
             raise ValueError("this model has no error head: build it with model.error_head=true (train.w_error > 0)")
-        return self.core.predicted_log_error(trace.final_state).exp()
+        log_error = self.core.predicted_log_error(source.final_state if isinstance(source, LoopTrace) else source)
+        return (log_error - self.core.error_offset if relative else log_error).exp()
 
     def decode(self, z: Tensor) -> Tensor:
         """Latents -> observations in the environment's units (the absolute decoder, no anchor needed)."""

@@ -267,10 +267,15 @@ def test_the_error_term_regresses_the_head_on_each_steps_own_observation_error(d
 def test_the_heads_width_and_target_are_inert_only_while_nothing_builds_or_trains_the_head():
     from loopwm.config_rules import inert_keys
 
-    both = {"config.model.error_head_hidden", "config.train.error_target"}
+    charge = "config.planner.uncertainty"  # what the planner's penalty charges, inert while the penalty is 0
+    both = {"config.model.error_head_hidden", "config.train.error_target", charge}
     assert inert_keys(config()) == both
-    assert inert_keys(config({"error_head": True})) == {"config.train.error_target"}
-    assert inert_keys(config({"error_head": True}, w_error=0.1)) == set()
+    assert inert_keys(config({"error_head": True})) == {"config.train.error_target", charge}
+    assert inert_keys(config({"error_head": True}, w_error=0.1)) == {charge}
+    penalised = from_dict(
+        {"model": {**TINY, "error_head": True}, "train": {"w_error": 0.1}, "planner": {"uncertainty_penalty": 1.0}}
+    )
+    assert inert_keys(penalised) == set()
 
 
 def test_the_head_watches_without_changing_the_model_it_learns_from():

@@ -26,11 +26,15 @@ class Imagined:
     bound: Tensor
     converged: Tensor
     loops: Tensor
+    states: Tensor
     obs: Optional[Tensor] = None
 
 
 class Analytic:
-    """A world model given by closed forms: z' = step(z, a), r = reward(z, a, z'), residual = residual(z, a)."""
+    """A world model given by closed forms: z' = step(z, a), r = reward(z, a, z'), residual = residual(z, a),
+    and the error it predicts for its step (relative to a typical step's) = error(z, a), kept as the exit state."""
+
+    has_error_head = True
 
     def __init__(
         self,
@@ -40,10 +44,12 @@ class Analytic:
         reward: Callable,
         residual: Optional[Callable] = None,
         discrete: bool = False,
+        error: Optional[Callable] = None,
     ):
         self.action_dim, self.latent_dim, self.discrete = action_dim, latent_dim, discrete
         self.step, self.reward = step, reward
         self.residual = residual or (lambda z, a: torch.zeros(z.shape[0]))
+        self.error = error or (lambda z, a: torch.zeros(z.shape[0]))
         self.calls = 0
 
     def encode(self, obs: Tensor) -> Tensor:
@@ -52,18 +58,29 @@ class Analytic:
     def imagine(self, z: Tensor, actions: Tensor, decode: str = "none") -> Imagined:
         assert decode == "none" and actions.shape[1] == z.shape[0]
         self.calls += 1
-        latents, rewards, residuals = [z], [], []
+        latents, rewards, residuals, errors = [z], [], [], []
         for a in actions:
             nxt = self.step(z, a)
             rewards.append(self.reward(z, a, nxt))
             residuals.append(self.residual(z, a))
+            errors.append(self.error(z, a))
             z = nxt
             latents.append(z)
         rewards, residual = torch.stack(rewards), torch.stack(residuals)
         converged = residual < 1e-3
         return Imagined(
-            torch.stack(latents), rewards, torch.ones_like(rewards), residual, converged, torch.where(converged, 2, 16)
+            torch.stack(latents),
+            rewards,
+            torch.ones_like(rewards),
+            residual,
+            converged,
+            torch.where(converged, 2, 16),
+            torch.stack(errors).unsqueeze(-1),
         )
+
+    def predict_error(self, states: Tensor, *, relative: bool = False) -> Tensor:
+        assert relative  # the planner charges errors relative to a typical step's
+        return states[..., 0]
 
 
 def point_model() -> Analytic:
@@ -71,12 +88,20 @@ def point_model() -> Analytic:
     return Analytic(2, 2, lambda z, a: z + a, lambda z, a, n: -((n - TARGET) ** 2).sum(-1))
 
 
-def bandit(values: list[float], residuals: Optional[list[float]] = None) -> Analytic:
-    """Discrete arms with fixed rewards; the latent records the last arm pulled (one-hot)."""
-    vals = torch.tensor(values)
-    res = torch.tensor(residuals or [0.0] * len(values))
+def bandit(
+    values: list[float], residuals: Optional[list[float]] = None, errors: Optional[list[float]] = None
+) -> Analytic:
+    """Discrete arms with fixed rewards, residuals and predicted errors; the latent records the last arm pulled
+    (one-hot)."""
+    vals, res, err = (torch.tensor(x or [0.0] * len(values)) for x in (values, residuals, errors))
     return Analytic(
-        len(values), len(values), lambda z, a: a, lambda z, a, n: a @ vals, lambda z, a: a @ res, discrete=True
+        len(values),
+        len(values),
+        lambda z, a: a,
+        lambda z, a, n: a @ vals,
+        lambda z, a: a @ res,
+        discrete=True,
+        error=lambda z, a: a @ err,
     )
 
 
@@ -196,14 +221,15 @@ def test_warm_start_per_env_reset_and_discrete_shift():
     torch.testing.assert_close(start["probs"][1], torch.full((3, 4), 0.25))
 
 
-@pytest.mark.parametrize("uncertainty", ["bound", "unconverged"])
+@pytest.mark.parametrize("uncertainty", ["bound", "unconverged", "error"])
 def test_uncertainty_penalty_avoids_unconverged_arm(uncertainty):
-    wm = bandit([1.0, 0.6], residuals=[2.0, 0.0])
+    # the better arm is uncertain by the signal under test only: a planner reading another signal keeps it
+    signal = {"errors" if uncertainty == "error" else "residuals": [2.0, 0.0]}
+    wm = bandit([1.0, 0.6], **{"residuals": [0.0, 0.0], "errors": [0.0, 0.0], **signal})
 
     def act(lam):
-        return make_planner(
-            wm, cfg(uncertainty_penalty=lam, samples=32, elites=4), uncertainty=uncertainty, seed=0
-        ).act(np.zeros(2), eval_mode=True)
+        c = cfg(uncertainty_penalty=lam, uncertainty=uncertainty, samples=32, elites=4)
+        return make_planner(wm, c, seed=0).act(np.zeros(2), eval_mode=True)
 
     assert act(0.0) == 0
     assert act(1.0) == 1
