@@ -308,6 +308,10 @@ def test_the_terminal_table_shows_each_confidence_signal_it_has():
     assert line.startswith("AUROC flagging the top-10% step-1 errors: error head 0.") and "certified bound 0." in line
     plain = format_table(prediction_errors(tiny_model(), data, horizons=(1,), sequences=32))
     assert "error head" not in plain and "certified bound" in plain
+    result = prediction_errors(tiny_model(), data, horizons=(1,), sequences=32)
+    result["horizons"]["1"].update(model=3.21e-5, predict_mean=0.5, no_change=1.2e-4, reward_mse=7e-6)
+    row = format_table(result).splitlines()[2].split("|")
+    assert [c.strip() for c in row[1:5]] == ["3.21e-05", "0.5", "0.00012", "7e-06"]  # small errors are not 0
 
 
 def test_a_non_finite_gradient_in_the_head_skips_the_step_like_one_in_the_model():

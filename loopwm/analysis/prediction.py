@@ -93,7 +93,8 @@ def prediction_errors(
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """A terminal table of `prediction_errors` output."""
+    """A terminal table of `prediction_errors` output; errors to 3 significant digits, so that a small one
+    (Pendulum's 1-step error is near 1e-4) does not print as zero."""
     rows = [
         f"{'horizon':>7} | {'model':>8} | {'mean':>8} | {'no-change':>9} | {'reward mse':>10} | "
         f"{'cont acc':>8} | {'loops':>5}"
@@ -101,8 +102,8 @@ def format_table(result: dict[str, Any]) -> str:
     rows.append("-" * len(rows[0]))
     for h, r in result["horizons"].items():
         rows.append(
-            f"{h:>7} | {r['model']:8.4f} | {r['predict_mean']:8.4f} | {r['no_change']:9.4f} | "
-            f"{r['reward_mse']:10.4f} | {r['continue_accuracy']:8.3f} | {r['loops_mean']:5.2f}"
+            f"{h:>7} | {r['model']:8.3g} | {r['predict_mean']:8.3g} | {r['no_change']:9.3g} | "
+            f"{r['reward_mse']:10.3g} | {r['continue_accuracy']:8.3f} | {r['loops_mean']:5.2f}"
         )
     rows.append(f"certified kappa = {result['kappa']:.4f}; errors are MSE / per-dimension variance")
     signals = [(name, result["depth_step1"].get(f"auroc_{key}")) for key, name in CONFIDENCE_NAMES.items()]
