@@ -30,6 +30,11 @@ def check_error_head(cfg: Config) -> None:
     uses = [f"{key}='relative'" for key, rule in rules.items() if rule == "relative"]
     if cfg.planner.uncertainty == "error" and cfg.planner.uncertainty_penalty > 0:
         uses.append("planner.uncertainty='error'")
+    if uses and cfg.model.dynamics == "mlp":
+        raise ConfigError(
+            f"{uses[0]} needs the error head, which a loop-free core (model.dynamics='mlp') does not have: "
+            "use another rule or planner.uncertainty, or planner.uncertainty_penalty=0"
+        )
     if (uses or cfg.train.w_error > 0) and not cfg.model.error_head:
         what = uses[0] if uses else f"train.w_error={cfg.train.w_error}"
         raise ConfigError(f"{what} needs the error head: set model.error_head=true")

@@ -250,8 +250,9 @@ class WorldModel(nn.Module):
         """The error the model expects its step to have made, from the error head on the loop's exit state: per
         sample [B] of a `LoopTrace`, or per exit state [..., hidden] such as `ImagineOutput.states` [H, B]. It is
         a mean squared observation error in normalised units (`train.error_target=obs`) or the latent
-        consistency error (`latent`); `relative` divides it by the geometric mean of the errors the head was
-        trained on, so 1 is a typical step. A confidence signal: it ranks which predictions not to trust."""
+        consistency error (`latent`); `relative` divides it by a running geometric mean of the recent errors
+        the head was trained on (`error_offset`), so 1 is a typical step. A confidence signal: it ranks which
+        predictions not to trust."""
         if not self.has_error_head:
             raise ValueError("this model has no error head: build it with model.error_head=true (train.w_error > 0)")
         log_error = self.core.predicted_log_error(source.final_state if isinstance(source, LoopTrace) else source)

@@ -73,3 +73,6 @@ def test_the_config_rules_name_the_head_it_needs_and_let_an_unshared_stack_use_i
         from_dict({"model": {**TINY, **stack}, "train": {"extra_loops": 0}, "planner": {"uncertainty_penalty": 1.0}})
     with pytest.raises(ConfigError, match="planner.uncertainty"):
         from_dict({"planner": {"uncertainty": "residual"}})
+    loop_free = {"dynamics": "mlp"}
+    with pytest.raises(ConfigError, match="planner.uncertainty='error' needs the error head, which a loop-free"):
+        penalised(loop_free, {"extra_loops": 0, "w_deep": 0.0, "w_gate": 0.0})

@@ -85,7 +85,7 @@ def test_balance_teaches_the_head_a_rare_reward_the_plain_mean_misses():
         with torch.no_grad():
             rewards = wm.imagine(wm.encode(batch["obs"][0]), batch["actions"].float()).rewards[0]
         at_events[balance] = float(rewards[event].mean())
-        assert float(rewards[~event].abs().mean()) < 0.1  # steps without a reward stay near 0 either way
+        assert float(rewards[~event].abs().mean()) < 0.15  # steps without a reward stay near 0 either way
     # the plain mean leaves events below 0.5 (rounded, no reward at all); balanced, they read as rewards
     assert at_events[0.0] < 0.5 < at_events[0.5]
     assert at_events[0.5] > at_events[0.0] + 0.15
