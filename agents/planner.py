@@ -294,18 +294,20 @@ class Planner:
     def score(self, z: Tensor, actions: Tensor, h0: Optional[Tensor] = None) -> tuple[Tensor, Any]:
         """Score action sequences [H, B, A] from latents [B, Z], each step's loop started from `h0` [H, B, hidden]
         (zeros where None); returns (G [B], the ImagineOutput)."""
-        if self.custom_loops:
-            out = self.wm.imagine(
-                z, actions, decode="none", options=self.loop_options, h0=h0, chain=self.warm == "time"
-            )
-        else:
-            out = self.wm.imagine(z, actions, decode="none")
+        out = self.imagine(z, actions, h0)
         terminal = self.value(out.latents[-1]) if self.value is not None else None
         ret = discounted_return(out.rewards, out.continues, self.discount, terminal)
         if self.cfg.uncertainty_penalty > 0:
             unc = self.step_uncertainty(out).to(ret.dtype)
             ret = ret - self.cfg.uncertainty_penalty * discounted_return(unc, torch.ones_like(unc), self.discount)
         return ret, out
+
+    def imagine(self, z: Tensor, actions: Tensor, h0: Optional[Tensor] = None) -> Any:
+        """The model's latent rollout of `actions` [H, B, A] from z, looped with the planner's loop options and
+        warm start (the model's own options, from zero, where `cfg` sets none)."""
+        if not self.custom_loops:
+            return self.wm.imagine(z, actions, decode="none")
+        return self.wm.imagine(z, actions, decode="none", options=self.loop_options, h0=h0, chain=self.warm == "time")
 
     def step_uncertainty(self, out: Any) -> Tensor:
         """u_k [H, B] of a rollout, as `cfg.uncertainty` picks (see the class docstring)."""
@@ -316,15 +318,17 @@ class Planner:
         return self.wm.predict_error(out.states, relative=True)
 
     def _prior_rollout(self, z: Tensor) -> Optional[Tensor]:
-        """Roll the policy prior through the model from each env's latent: [H, N, P, A], or None."""
+        """Roll the policy prior through the model from each env's latent: [H, N, P, A], or None. Its steps loop
+        as the scored ones do (`imagine`); under warm_start="time" each starts from the previous one's exit state."""
         if self.policy_samples == 0:
             return None
-        zk, actions = z.repeat_interleave(self.policy_samples, 0), []
+        zk, actions, h = z.repeat_interleave(self.policy_samples, 0), [], None
         for k in range(self.cfg.horizon):
             a = self.prior(zk, self.gen) if self.wm.discrete else self.prior(zk, self.gen).clamp(-1, 1)
             actions.append(a)
             if k + 1 < self.cfg.horizon:
-                zk = self.wm.imagine(zk, a[None], decode="none").latents[-1]
+                out = self.imagine(zk, a[None], h)
+                zk, h = out.latents[-1], out.states if self.warm == "time" else None
         return torch.stack(actions).view(self.cfg.horizon, z.shape[0], self.policy_samples, -1)
 
     def weights(self, elite_scores: Tensor) -> Tensor:

@@ -308,6 +308,11 @@ def fitted():
     return trainer.wm.eval(), obs
 
 
+def tanh_prior(z: Tensor, generator: torch.Generator) -> Tensor:
+    """A deterministic policy prior for a 1-D action: its rollout loops (and warm-starts) as the scored steps do."""
+    return torch.tanh(z[:, :1])
+
+
 @pytest.mark.parametrize("warm_start", ["iteration", "time", "elite"])
 def test_a_warm_started_planner_acts_as_the_cold_one_in_fewer_loops(fitted, warm_start):
     """With the certified exit every imagined step ends within tol of its fixed point wherever its loop starts, so
@@ -315,9 +320,9 @@ def test_a_warm_started_planner_acts_as_the_cold_one_in_fewer_loops(fitted, warm
     action, over decisions that carry the warm state forward; and it gets there in fewer loops."""
     wm, obs = fitted
     loops = dict(exit="certified", exit_tol=1e-4, max_loops=200)
-    c = cfg(horizon=3, iterations=3, samples=64, elites=8, min_std=0.05)
-    cold = make_planner(wm, dataclasses.replace(c, **loops), seed=0)
-    warm = make_planner(wm, dataclasses.replace(c, warm_start=warm_start, **loops), seed=0)
+    c = cfg(horizon=3, iterations=3, samples=64, elites=8, min_std=0.05, policy_samples=4)
+    cold = make_planner(wm, dataclasses.replace(c, **loops), prior=tanh_prior, seed=0)
+    warm = make_planner(wm, dataclasses.replace(c, warm_start=warm_start, **loops), prior=tanh_prior, seed=0)
     used, actions = {"cold": [], "warm": []}, {"cold": [], "warm": []}
     for t, o in enumerate(obs):
         for name, planner in (("cold", cold), ("warm", warm)):
@@ -327,13 +332,23 @@ def test_a_warm_started_planner_acts_as_the_cold_one_in_fewer_loops(fitted, warm
     assert np.mean(used["warm"]) < 0.95 * np.mean(used["cold"])
 
 
-def test_planner_loop_options_need_a_looped_model_and_change_its_loops(fitted):
-    """`planner.loops` overrides the model's loop count in every imagined step; an analytic model without a loop
-    is refused loop options rather than silently ignoring them."""
+def test_planner_loop_options_need_a_looped_model_and_change_its_loops(fitted, monkeypatch):
+    """`planner.loops` overrides the model's loop count in every imagined step, the policy prior's rollout
+    included; an analytic model without a loop is refused loop options rather than silently ignoring them."""
     wm, obs = fitted
-    planner = make_planner(wm, cfg(horizon=2, iterations=2, samples=32, elites=4, loops=2), seed=0)
+    loops, imagine = [], wm.imagine
+
+    def spy(*args, **kwargs):
+        out = imagine(*args, **kwargs)
+        loops.append(out.loops.unique().tolist())
+        return out
+
+    monkeypatch.setattr(wm, "imagine", spy)
+    c = cfg(horizon=3, iterations=2, samples=32, elites=4, loops=2, policy_samples=4)
+    planner = make_planner(wm, c, prior=lambda z, gen: torch.zeros(z.shape[0], 1), seed=0)
     planner.act(obs[0])
-    assert planner.last_stats["loops"] == 2.0
+    assert wm.cfg.loops == 4 and planner.last_stats["loops"] == 2.0
+    assert loops == [[2]] * 4  # two prior steps, then two scored iterations
     with pytest.raises(ValueError, match="warm_start='time' need a looped WorldModel"):
         make_planner(point_model(), cfg(warm_start="time"))
 
