@@ -22,9 +22,9 @@ from loopwm.flops import linear_macs, step_macs
 
 from common import interleaved, md_table, median, paired_ratio
 
-CERTIFIED = ["planner.exit=certified", "planner.exit_tol=1.0", "planner.max_loops=4"]
-VARIANTS = {  # label -> planner overrides, for (c)
-    "default": [],
+CERTIFIED = ["planner.loops=null", "planner.exit=certified", "planner.exit_tol=1.0", "planner.max_loops=4"]
+VARIANTS = {  # label -> planner overrides, for (c); "default" is the model's own loops, whatever the config plans with
+    "default": ["planner.loops=null"],
     "planner.loops=3": ["planner.loops=3"],
     "planner.loops=2": ["planner.loops=2"],
     "planner.loops=1": ["planner.loops=1"],

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from loopwm.agents import build_planner
-from loopwm.config import from_dict
+from loopwm.config import from_dict, load_config
 from loopwm.envs.factory import make_env
 from loopwm.world_model import WorldModel
 from tests.helpers import TINY_PENDULUM_RUN, save_pendulum_run
@@ -34,6 +34,17 @@ def test_planner_loops_study_writes_every_option(tmp_path):
     assert data["rollouts"]["planner.loops=1"]["loops"] == 1.0 and data["rollouts"]["default"]["loops"] == 2.0
     assert "warm_start=elite, loops=1" not in data["rollouts"]  # needs a planner
     assert "Loop options for planning" in (tmp_path / "planner_loops.md").read_text()
+
+
+def test_every_loop_option_compared_loads_over_the_shipped_configs():
+    """Each option overrides what a config plans with: configs/pendulum.yaml sets planner.loops, which an exit
+    rule that picks its own loop count must clear."""
+    from planner_loops import STUDY
+
+    for config in ("configs/pendulum.yaml", "configs/halfcheetah.yaml"):
+        for label, overrides in STUDY.items():
+            cfg = load_config(REPO / config, overrides)
+            assert (cfg.planner.loops is None) == (label == "default" or "certified" in label), (config, label)
 
 
 def test_the_plain_model_plans_through_the_same_planner_next_to_loopwm():
