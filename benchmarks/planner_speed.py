@@ -68,6 +68,7 @@ TDMPC2_OVERRIDES = [
     "model.latent_dim=128",
     "model.mlp_dim=384",
     "model.hidden_dim=384",
+    "planner.loops=null",  # the model's own 4 loops, not the 2 configs/pendulum.yaml plans with
 ]
 
 
