@@ -45,6 +45,9 @@ def test_every_loop_option_compared_loads_over_the_shipped_configs():
         for label, overrides in STUDY.items():
             cfg = load_config(REPO / config, overrides)
             assert (cfg.planner.loops is None) == (label == "default" or "certified" in label), (config, label)
+    from planner_speed import CONFIG, TDMPC2_OVERRIDES
+
+    assert load_config(CONFIG, TDMPC2_OVERRIDES).planner.loops is None  # TD-MPC2's config at the model's 4 loops
 
 
 def test_the_plain_model_plans_through_the_same_planner_next_to_loopwm():
