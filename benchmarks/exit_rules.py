@@ -35,7 +35,6 @@ import numpy as np
 import torch
 
 import loopwm
-from loopwm.analysis.depth import usable_rules
 from loopwm.analysis.prediction import prediction_errors
 from loopwm.checkpoint import load_run
 from loopwm.exits import LoopOptions
@@ -65,8 +64,7 @@ def score(wm: WorldModel, val: ReplayBuffer, train: ReplayBuffer, args: argparse
     """One row per setting: loops, errors and depth statistics on the same held-out sequences."""
     stats = train.stats()
     rows = []
-    head = "relative" in usable_rules(wm)  # the relative exit reads the error head, which a model may lack
-    runs = [(start, *s) for start in dict.fromkeys(args.starts) for s in settings(args, head=head)]
+    runs = [(start, *s) for start in dict.fromkeys(args.starts) for s in settings(args, head=wm.has_error_head)]
     for start, rule, setting, options in runs:
         with torch.no_grad():
             res = prediction_errors(

@@ -8,12 +8,13 @@ import numpy as np
 from loopwm.config import Config, from_dict
 from loopwm.world_model import WorldModel
 
+TINY = {"latent_dim": 16, "hidden_dim": 32, "inject_dim": 32, "mlp_dim": 64}
+"""Model sizes small enough for second-long tests."""
+
 
 def tiny_config(**model) -> Config:
-    """A config whose model is small enough for second-long tests."""
-    base = {"latent_dim": 16, "hidden_dim": 32, "inject_dim": 32, "mlp_dim": 64}
-    base.update(model)
-    return from_dict({"model": base})
+    """A config with the `TINY` model (and `model` overrides)."""
+    return from_dict({"model": {**TINY, **model}})
 
 
 def box_spaces(obs_dim: int = 3, act_dim: int = 1) -> tuple[gym.spaces.Box, gym.spaces.Box]:

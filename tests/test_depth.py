@@ -12,9 +12,7 @@ from loopwm.objective import TERMS, QuantileTracker, sequence_loss, term_weights
 from loopwm.replay import ReplayBuffer
 from loopwm.train import Trainer
 from loopwm.world_model import WorldModel
-from tests.helpers import box_spaces, tiny_model
-
-TINY = {"latent_dim": 16, "hidden_dim": 32, "inject_dim": 32, "mlp_dim": 64}
+from tests.helpers import TINY, box_spaces, tiny_model
 
 
 def split_dataset(episodes: int = 16, steps: int = 16, seed: int = 0) -> ReplayBuffer:

@@ -17,10 +17,9 @@ from loopwm.lipschitz import exact_spectral_norm
 from loopwm.objective import QuantileTracker, sequence_loss
 from loopwm.plain import PlainCore
 from loopwm.world_model import WorldModel
-from tests.helpers import box_spaces, tiny_model
+from tests.helpers import TINY, box_spaces, tiny_model
 from tests.test_training import linear_dataset
 
-TINY = {"latent_dim": 16, "hidden_dim": 32, "inject_dim": 32, "mlp_dim": 64}
 STACK = {"shared": False, "loops": 3, "max_loops": 3}
 PLAIN = {"dynamics": "mlp", "dynamics_width": 24, "dynamics_depth": 2}
 NO_LOOP_TRAINING = {"extra_loops": 0, "w_deep": 0.0, "w_gate": 0.0}

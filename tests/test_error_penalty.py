@@ -5,9 +5,8 @@ import torch
 
 from loopwm.agents.planner import MPPIPlanner, discounted_return
 from loopwm.config import ConfigError, PlannerConfig, from_dict
-from tests.helpers import tiny_model
+from tests.helpers import TINY, tiny_model
 
-TINY = {"latent_dim": 16, "hidden_dim": 32, "inject_dim": 32, "mlp_dim": 64}
 PLAN = {"horizon": 3, "iterations": 1, "samples": 8, "elites": 2, "policy_samples": 0}
 
 

@@ -20,9 +20,7 @@ from loopwm.objective import QuantileTracker, gate_targets, hard_mask, sample_lo
 from loopwm.replay import ReplayBuffer
 from loopwm.train import Trainer, restore_run, save_run
 from loopwm.world_model import WorldModel
-from tests.helpers import box_spaces
-
-TINY = {"latent_dim": 16, "hidden_dim": 32, "inject_dim": 32, "mlp_dim": 64}
+from tests.helpers import TINY, box_spaces
 
 
 def config(model=None, **train):

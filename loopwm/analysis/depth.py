@@ -25,7 +25,7 @@ def confidence_signals(wm: WorldModel, trace: LoopTrace) -> dict[str, Tensor]:
     signals = {"bound": trace.bound}
     if trace.readouts is not None and len(trace.readouts) >= 2:
         signals["agreement"] = -agreement_score(trace.readouts)
-    if getattr(wm.core, "error_head", None) is not None:  # a model built with model.error_head=true
+    if wm.has_error_head:
         signals["head"] = wm.core.predicted_log_error(trace.final_state)
     return signals
 
@@ -69,8 +69,7 @@ def exit_rule_options(wm: WorldModel, loops: int) -> dict[str, LoopOptions]:
 
 def usable_rules(wm: WorldModel) -> list[str]:
     """The exit rules `wm` can run: the relative exit needs an error head (`model.error_head`)."""
-    has_head = getattr(wm.core, "error_head", None) is not None
-    return [name for name, rule in EXIT_RULES.items() if has_head or not rule.needs_error_head]
+    return [name for name, rule in EXIT_RULES.items() if wm.has_error_head or not rule.needs_error_head]
 
 
 def exits_section(p: "Probe") -> dict[str, Any]:
