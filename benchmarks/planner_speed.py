@@ -83,8 +83,11 @@ def bound_flops(wm: WorldModel) -> int:
 
 
 def decision_flops(wm: WorldModel, planner: Planner) -> dict[str, float]:
-    """Analytic FLOPs of one decision for one environment, split into useful work and weight overhead."""
-    cfg, loops = planner.cfg, wm.cfg.loops
+    """Analytic FLOPs of one decision for one environment, split into useful work and weight overhead; each
+    imagined step counts the loops the planner runs (its fixed `planner.loops`, else the model's own)."""
+    cfg, options = planner.cfg, planner.loop_options
+    fixed = options is not None and options.exit == "fixed" and isinstance(options.loops, int)
+    loops = options.loops if fixed else wm.cfg.loops
     step = step_macs(wm, loops)["total"]
     value = linear_macs(planner.value.net) if planner.value is not None else 0
     total = linear_macs(wm.encoder) + cfg.iterations * cfg.samples * (cfg.horizon * step + value)
@@ -96,6 +99,7 @@ def decision_flops(wm: WorldModel, planner: Planner) -> dict[str, float]:
     return {
         "useful_gflop": 2 * total / 1e9,
         "model_step_mflop_per_sample": 2 * step / 1e6,
+        "loops_per_step": loops,
         "weights_gflop": imagine_calls * bound_flops(wm) / 1e9,
         "imagine_calls": imagine_calls,
     }

@@ -45,7 +45,8 @@ def markdown(payload: dict[str, Any]) -> str:
         f"{a['planner']['samples']} samples, {a['planner']['elites']} elites, {a['planner']['policy_samples']} "
         f"policy samples from a PolicyPrior, ValueFunction at the horizon. Useful work "
         f"{a['flops']['useful_gflop']:.2f} GFLOP per decision "
-        f"({a['flops']['model_step_mflop_per_sample']:.2f} MFLOP per model step and sample); recomputing the certified "
+        f"({a['flops']['model_step_mflop_per_sample']:.2f} MFLOP per model step and sample at "
+        f"{a['flops']['loops_per_step']} loops); recomputing the certified "
         f"weights would add {a['flops']['weights_gflop']:.2f} GFLOP over {a['flops']['imagine_calls']} imagine calls, "
         "but under no_grad they come from a cache keyed on the parameters' versions (the 'of which weights' column).",
         "",
@@ -107,7 +108,8 @@ def markdown(payload: dict[str, Any]) -> str:
         "512 samples, horizon 3, 6 iterations, 64 elites; model.latent_dim = 128, model.mlp_dim = 384, "
         "model.hidden_dim = 384 (loop block 384 → 768 → 384, inject_dim 128), model.loops = 4; no policy prior, "
         f"no value. Useful work {b['flops']['useful_gflop']:.1f} GFLOP per decision "
-        f"({b['flops']['model_step_mflop_per_sample']:.2f} MFLOP per model step and sample); the certified weights "
+        f"({b['flops']['model_step_mflop_per_sample']:.2f} MFLOP per model step and sample at "
+        f"{b['flops']['loops_per_step']} loops); the certified weights "
         f"would add {b['flops']['weights_gflop']:.1f} GFLOP if recomputed (cached under no_grad). Reference: "
         "TD-MPC2's planner on this CPU, 255–268 ms per "
         f"decision, about 50 GFLOP/s = {TDMPC2_FRACTION:.0%} of a ~170 GFLOP/s peak; target ≥ {target:.0%} of peak.",

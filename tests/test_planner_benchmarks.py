@@ -50,6 +50,26 @@ def test_every_loop_option_compared_loads_over_the_shipped_configs():
     assert load_config(CONFIG, TDMPC2_OVERRIDES).planner.loops is None  # TD-MPC2's config at the model's 4 loops
 
 
+def test_decision_flops_count_the_loops_the_planner_runs():
+    """Pendulum's planner runs 2 of the model's 4 loops per imagined step: the useful FLOPs count 2, and at the
+    model's own loops (planner.loops=null) the extra 2 loops per step appear in full for every imagined step."""
+    from planner_speed import CONFIG, build, decision_flops
+
+    from loopwm.flops import step_macs
+
+    counts = {}
+    for overrides in ([], ["planner.loops=null"]):
+        cfg = load_config(CONFIG, [*overrides, "model.latent_dim=8", "model.hidden_dim=16", "model.mlp_dim=16"])
+        _, wm, planner = build(cfg, True, 0)
+        counts[len(overrides)] = decision_flops(wm, planner)
+    assert counts[0]["loops_per_step"] == 2 and counts[1]["loops_per_step"] == 4
+    p = cfg.planner
+    steps = p.iterations * p.samples * p.horizon + (p.horizon - 1) * p.policy_samples
+    per_step = step_macs(wm, 4)["total"] - step_macs(wm, 2)["total"]
+    extra = 2 * steps * per_step / 1e9
+    assert abs(counts[1]["useful_gflop"] - counts[0]["useful_gflop"] - extra) < 1e-12
+
+
 def test_the_plain_model_plans_through_the_same_planner_next_to_loopwm():
     """The TD-MPC2-sized baseline gives the planner what a WorldModel gives it, so the same MPPI plans with it
     (no loops), and the side-by-side timer times both in one run."""
