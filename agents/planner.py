@@ -178,7 +178,9 @@ class Planner:
     mean/std (or probabilities) move to the refit with new = momentum · old + (1 − momentum) · fit.
 
     Imagined steps loop with the model's own options unless `cfg` sets loop options or a warm start
-    (`PlannerConfig`); those need a `WorldModel` (its `cfg` and `imagine(h0=, chain=)`).
+    (`PlannerConfig`); those need a `WorldModel` (its `cfg` and `imagine(h0=, chain=)`). The certified bound
+    of each imagined step is computed only where the score charges it or the exit rule needs it, and only
+    then does `last_stats` report its mean ("bound") and the converged share ("converged").
     """
 
     def __init__(
@@ -218,6 +220,9 @@ class Planner:
         if self.custom_loops and not hasattr(wm, "core"):
             raise ValueError(f"planner loop options and warm_start={self.warm!r} need a looped WorldModel")
         self.loop_options = planner_loop_options(wm.cfg, cfg) if self.custom_loops else None
+        # a looped model certifies an imagined step only where the score charges its bound (the exit rule may too)
+        charged = cfg.uncertainty_penalty > 0 and cfg.uncertainty in ("bound", "unconverged")
+        self.certify: dict[str, bool] = {"certify": charged} if hasattr(wm, "core") else {}
         self.prev: Optional[Params] = None
         self.prev_states: Optional[Tensor] = None  # the last decision's elite exit states [H, N, hidden]
         self.last_stats: dict[str, float] = {}
@@ -306,8 +311,10 @@ class Planner:
         """The model's latent rollout of `actions` [H, B, A] from z, looped with the planner's loop options and
         warm start (the model's own options, from zero, where `cfg` sets none)."""
         if not self.custom_loops:
-            return self.wm.imagine(z, actions, decode="none")
-        return self.wm.imagine(z, actions, decode="none", options=self.loop_options, h0=h0, chain=self.warm == "time")
+            return self.wm.imagine(z, actions, decode="none", **self.certify)
+        return self.wm.imagine(
+            z, actions, decode="none", options=self.loop_options, h0=h0, chain=self.warm == "time", **self.certify
+        )
 
     def step_uncertainty(self, out: Any) -> Tensor:
         """u_k [H, B] of a rollout, as `cfg.uncertainty` picks (see the class docstring)."""
@@ -365,8 +372,9 @@ class Planner:
             elif self.warm in ("elite", "time"):
                 elite = self.elite_states(out.states, idx, weights)
             loops = loops + out.loops.float().mean()
-            bound = bound + out.bound.float().mean()
-            converged = converged + out.converged.float().mean()
+            if out.bound is not None:
+                bound = bound + out.bound.float().mean()
+                converged = converged + out.converged.float().mean()
         self.prev, self.prev_states = params, elite
         action = self.sampler.first(params, eval_mode, self.exploration, self.gen)
         self.last_stats = {
@@ -374,9 +382,9 @@ class Planner:
             "elite_max": elite_scores[:, 0].mean().item(),
             "spread": self.sampler.spread(params).mean().item(),
             "loops": float(loops) / cfg.iterations,
-            "bound": float(bound) / cfg.iterations,
-            "converged": float(converged) / cfg.iterations,
         }
+        if out.bound is not None:  # certified rollouts only (`certify`)
+            self.last_stats.update(bound=float(bound) / cfg.iterations, converged=float(converged) / cfg.iterations)
         return action[0] if single else action
 
 

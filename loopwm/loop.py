@@ -255,12 +255,14 @@ class LoopCore(nn.Module):
         *,
         keep_states: bool = False,
         readout: Optional[Callable[[Tensor], Tensor]] = None,
+        certify: bool = True,
     ) -> tuple[Tensor, LoopTrace]:
         """Iterate the loop map from h0 (zeros by default) until each sample's exit rule fires.
 
         `options` (default: the model config's) chooses the exit rule; `keep_states` keeps h(0..T) and
         `readout` is applied after every loop, for intermediate predictions (and for the agreement exit,
-        which needs it).
+        which needs it). `certify=False` skips the certified bound at exit where the exit rule does not need
+        it: the trace's `bound` and `converged` are then None, and a rollout costs only its loops.
         """
         opts = self.default_options if options is None else options
         rule = EXIT_RULES[opts.exit]
@@ -304,12 +306,12 @@ class LoopCore(nn.Module):
             if not uniform and not bool(active.any()):
                 break
         if not rule.uses_bound:  # exited samples keep their last step norm and state, so this is their bound at exit
-            bound = self.certified_bound(last, h, ctx)
+            bound = self.certified_bound(last, h, ctx) if certify else None
         trace = LoopTrace(
             step_norms=torch.stack(norms),
             loops_used=used,
             bound=bound,
-            converged=bound <= opts.tol,
+            converged=None if bound is None else bound <= opts.tol,
             kappa=float(ctx.kappa.detach()),
             states=states,
             readouts=readouts,

@@ -72,8 +72,8 @@ class LoopTrace:
 
     step_norms: Tensor  # [T, B] ‖h(t) − h(t−1)‖, zero after a sample has exited
     loops_used: Tensor  # [B] loops actually run per sample
-    bound: Tensor  # [B] certified distance to h* at exit (`LoopCore.certified_bound`)
-    converged: Tensor  # [B] whether the bound met the exit tolerance
+    bound: Optional[Tensor]  # [B] certified distance to h* at exit (`LoopCore.certified_bound`); None uncertified
+    converged: Optional[Tensor]  # [B] whether the bound met the exit tolerance; None uncertified
     kappa: float
     states: Optional[list[Tensor]] = None  # h(0..T) when asked for
     readouts: Optional[list[Tensor]] = None  # readout(h(t)) for t = 1..T when asked for

@@ -42,8 +42,8 @@ class ImagineOutput:
     latents: Tensor  # [H+1, B, Z], latents[0] is the start
     rewards: Tensor  # [H, B]
     continues: Tensor  # [H, B] probability the episode continues after step k
-    bound: Tensor  # [H, B] certified distance to the fixed point at exit
-    converged: Tensor  # [H, B] bool
+    bound: Optional[Tensor]  # [H, B] certified distance to the fixed point at exit; None when not certified
+    converged: Optional[Tensor]  # [H, B] bool; None when not certified
     loops: Tensor  # [H, B] loops used
     obs: Optional[Tensor] = None  # [B, ...] ("final") or [H, B, ...] ("all")
     traces: Optional[list[LoopTrace]] = None
@@ -227,11 +227,17 @@ class WorldModel(nn.Module):
             raise ValueError("h0 contains NaN or infinite values")
 
     def _step(
-        self, z: Tensor, e: Tensor, h0: Optional[Tensor], options: Optional[LoopOptions], readouts: bool = False
+        self,
+        z: Tensor,
+        e: Tensor,
+        h0: Optional[Tensor],
+        options: Optional[LoopOptions],
+        readouts: bool = False,
+        certify: bool = True,
     ) -> tuple[Tensor, LoopTrace]:
         exit_rule = EXIT_RULES[(options.exit if options is not None else self.cfg.exit)]
         readout = self.readout_for(z) if readouts or exit_rule.needs_readout else None
-        h, trace = self.core.run(self.core.prepare(e), h0, options, readout=readout)
+        h, trace = self.core.run(self.core.prepare(e), h0, options, readout=readout, certify=certify)
         return self.readout(h, z), trace
 
     def predict_reward(self, z: Tensor) -> Tensor:
@@ -299,12 +305,15 @@ class WorldModel(nn.Module):
         obs: Optional[Tensor] = None,
         h0: Optional[Tensor] = None,
         chain: bool = False,
+        certify: bool = True,
     ) -> ImagineOutput:
         """Roll out `actions` [H, B, A] from z in latent space only; decode observations only where asked.
 
         `obs`, the observation z was encoded from, anchors the delta decoder (`decode_rollout`). Each step's
         loop starts from `h0[k]` ([H, B, hidden_dim] warm states; zeros by default) or, with `chain`, from
         the previous step's exit state (step 0 from `h0[0]` or zeros); `options` sets how it exits.
+        `certify=False` skips each step's certified bound where the exit rule does not need it (`bound` and
+        `converged` are then None): a planner that does not read the bound pays only for the loops.
         Inputs are checked once here, not at every step.
         """
         if decode not in ("final", "all", "none"):
@@ -324,7 +333,7 @@ class WorldModel(nn.Module):
             for k, a in enumerate(inputs):
                 if k > 0:
                     h = traces[-1].final_state if chain else None if h0 is None else h0[k]
-                z, trace = self._step(z, self._injection(z, a, None), h, options)
+                z, trace = self._step(z, self._injection(z, a, None), h, options, certify=certify)
                 latents.append(z)
                 traces.append(trace)
         lat = torch.stack(latents)
@@ -337,8 +346,8 @@ class WorldModel(nn.Module):
             latents=lat,
             rewards=self.predict_reward(lat[1:]),
             continues=self.predict_continue(lat[1:]),
-            bound=torch.stack([t.bound for t in traces]),
-            converged=torch.stack([t.converged for t in traces]),
+            bound=None if traces[0].bound is None else torch.stack([t.bound for t in traces]),
+            converged=None if traces[0].converged is None else torch.stack([t.converged for t in traces]),
             loops=torch.stack([t.loops_used for t in traces]),
             obs=decoded,
             traces=traces if keep_traces else None,

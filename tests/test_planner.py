@@ -361,3 +361,29 @@ def test_elite_states_are_the_weighted_mean_of_each_envs_elites(fitted):
     idx, weights = torch.tensor([[3, 1], [0, 2]]), torch.tensor([[0.75, 0.25], [0.5, 0.5]])
     expected = torch.tensor([[0.75 * 3 + 0.25 * 1, 0.5 * 4 + 0.5 * 6], [0.75 * 11 + 0.25 * 9, 0.5 * 12 + 0.5 * 14]])
     torch.testing.assert_close(planner.elite_states(states, idx, weights), expected[..., None].expand(2, 2, 3))
+
+
+def test_a_planner_certifies_its_rollouts_only_where_the_score_or_the_exit_reads_the_bound(fitted, monkeypatch):
+    """Without a bound penalty the imagined steps skip the certified bound, and the actions are those of a planner
+    that computes it; a bound penalty or the certified exit computes it at every imagined step."""
+    wm, obs = fitted
+    calls = []
+    bound = type(wm.core).certified_bound
+    monkeypatch.setattr(type(wm.core), "certified_bound", lambda *a, **k: calls.append(1) or bound(*a, **k))
+    c = cfg(horizon=3, iterations=2, samples=32, elites=4, loops=2, policy_samples=4)
+    plain = make_planner(wm, c, prior=tanh_prior, seed=0)
+    action = plain.model_action(obs[0], eval_mode=True)
+    assert not calls and "bound" not in plain.last_stats and plain.last_stats["loops"] == 2.0
+    certified = make_planner(wm, c, prior=tanh_prior, seed=0)
+    certified.certify = {"certify": True}
+    np.testing.assert_array_equal(certified.model_action(obs[0], eval_mode=True), action)
+    assert len(calls) == 2 * 3 + 2 and 0 < certified.last_stats["bound"] < float("inf")  # scored + prior steps
+    for options in (dict(uncertainty="unconverged", uncertainty_penalty=0.1), dict(exit="certified", loops=None)):
+        calls.clear()
+        planner = make_planner(wm, dataclasses.replace(c, **options), prior=tanh_prior, seed=0)
+        planner.model_action(obs[0], eval_mode=True)
+        assert len(calls) >= 2 * 3 and "converged" in planner.last_stats, options
+    out = wm.imagine(wm.encode(torch.as_tensor(obs)), torch.zeros(3, 4, 1), decode="none", certify=False)
+    ref = wm.imagine(wm.encode(torch.as_tensor(obs)), torch.zeros(3, 4, 1), decode="none")
+    assert out.bound is None and out.converged is None and ref.bound.shape == (3, 4)
+    torch.testing.assert_close(out.latents, ref.latents, rtol=0, atol=0)
