@@ -178,9 +178,10 @@ class Planner:
     mean/std (or probabilities) move to the refit with new = momentum · old + (1 − momentum) · fit.
 
     Imagined steps loop with the model's own options unless `cfg` sets loop options or a warm start
-    (`PlannerConfig`); those need a `WorldModel` (its `cfg` and `imagine(h0=, chain=)`). The certified bound
-    of each imagined step is computed only where the score charges it or the exit rule needs it, and only
-    then does `last_stats` report its mean ("bound") and the converged share ("converged").
+    (`PlannerConfig`); those need a `WorldModel` (its `cfg` and `imagine(h0=, chain=)`). A looped model
+    computes each imagined step's certified bound only where the score charges it, the exit rule needs it or
+    `certify=True` asks for it, and only then does `last_stats` report its mean ("bound") and the converged
+    share ("converged"); the actions are the same either way.
     """
 
     def __init__(
@@ -195,6 +196,7 @@ class Planner:
         min_prob: float = 0.01,
         seed: Optional[int] = None,
         device: Optional[torch.device | str] = None,
+        certify: Optional[bool] = None,
     ):
         self.policy_samples = cfg.policy_samples if prior is not None else 0
         if not 0.0 <= discount <= 1.0:
@@ -220,9 +222,10 @@ class Planner:
         if self.custom_loops and not hasattr(wm, "core"):
             raise ValueError(f"planner loop options and warm_start={self.warm!r} need a looped WorldModel")
         self.loop_options = planner_loop_options(wm.cfg, cfg) if self.custom_loops else None
-        # a looped model certifies an imagined step only where the score charges its bound (the exit rule may too)
         charged = cfg.uncertainty_penalty > 0 and cfg.uncertainty in ("bound", "unconverged")
-        self.certify: dict[str, bool] = {"certify": charged} if hasattr(wm, "core") else {}
+        if certify is False and charged:
+            raise ValueError(f"certify=False: planner.uncertainty={cfg.uncertainty!r} charges the certified bound")
+        self.certify = {"certify": charged if certify is None else certify} if hasattr(wm, "core") else {}
         self.prev: Optional[Params] = None
         self.prev_states: Optional[Tensor] = None  # the last decision's elite exit states [H, N, hidden]
         self.last_stats: dict[str, float] = {}

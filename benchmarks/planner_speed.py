@@ -105,8 +105,8 @@ def decision_flops(wm: WorldModel, planner: Planner) -> dict[str, float]:
     }
 
 
-def build(cfg: Config, with_prior_value: bool, seed: int) -> tuple[Any, WorldModel, Planner]:
-    """Environment, untrained world model and planner for `cfg`."""
+def build(cfg: Config, with_prior_value: bool, seed: int, **planner_kwargs: Any) -> tuple[Any, WorldModel, Planner]:
+    """Environment, untrained world model and planner for `cfg` (`planner_kwargs` go to the planner)."""
     torch.manual_seed(seed)
     env = make_env(cfg.env, seed)
     wm = WorldModel.from_config(cfg, env.observation_space, env.action_space).eval()
@@ -114,7 +114,9 @@ def build(cfg: Config, with_prior_value: bool, seed: int) -> tuple[Any, WorldMod
     if with_prior_value:
         value = ValueFunction(wm.latent_dim, cfg.agent)
         prior = PolicyPrior(wm.latent_dim, wm.action_dim, wm.discrete, cfg.agent)
-    planner = build_planner(cfg, wm, value=value, prior=prior, seed=seed, exploration=cfg.agent.exploration_std)
+    planner = build_planner(
+        cfg, wm, value=value, prior=prior, seed=seed, exploration=cfg.agent.exploration_std, **planner_kwargs
+    )
     return env, wm, planner
 
 

@@ -31,6 +31,9 @@ VARIANTS = {  # label -> planner overrides, for (c); "default" is the model's ow
     "warm_start=time, loops=1": ["planner.warm_start=time", "planner.loops=1"],
     "warm_start=time, certified": ["planner.warm_start=time", *CERTIFIED],
 }
+CERTIFIED_STEPS = {  # label -> overrides, planned with `Planner(certify=True)`: the cost of every step's bound
+    "planner.loops=2, every step certified": ["planner.loops=2"],
+}
 PLAIN = "plain MLP, TD-MPC2 size"
 
 
@@ -104,11 +107,14 @@ def plain_planner(cfg: Config, seed: int) -> tuple[Any, PlainWorldModel, Planner
 def run_variants(
     config: Path, base: list[str], with_prior_value: bool, with_plain: bool, args: argparse.Namespace, build: Callable
 ) -> dict[str, Any]:
-    """Every loop option in `VARIANTS` on `config` with overrides `base` (and the plain model) timed in turn, at
-    each of `args.threads`; `build(cfg, with_prior_value, seed)` makes (env, model, planner)."""
+    """Every loop option in `VARIANTS` and `CERTIFIED_STEPS` on `config` with overrides `base` (and the plain
+    model) timed in turn, at each of `args.threads`; `build(cfg, with_prior_value, seed, **planner_kwargs)`
+    makes (env, model, planner)."""
     contenders, models = [], []
-    for label, overrides in VARIANTS.items():
-        env, wm, planner = build(load_config(config, base + overrides), with_prior_value, 0)
+    options = [(label, overrides, {}) for label, overrides in VARIANTS.items()]
+    options += [(label, overrides, {"certify": True}) for label, overrides in CERTIFIED_STEPS.items()]
+    for label, overrides, kwargs in options:
+        env, wm, planner = build(load_config(config, base + overrides), with_prior_value, 0, **kwargs)
         contenders.append(Contender(label, env, planner, overrides))
         models.append(wm)
     one_loop = step_macs(models[0], 1)  # multiply-adds per imagined step and sample at one loop from zero, by part
@@ -142,7 +148,9 @@ def variants_section(payload: dict[str, Any], target_ms: float) -> list[str]:
         "in rotating order, so the machine's load falls on all alike; ratios are per-round medians against the "
         "default (the model's own 4 loops from zero). `planner.loops=L`: L loops from zero; `warm_start=time`: each "
         "imagined step's loop starts from the previous step's exit state (the first from the elites' mean); "
-        f"certified: {', '.join(CERTIFIED)}. The certified rows' loop counts are those of untrained models; see "
+        f"certified: {', '.join(CERTIFIED)}; 'every step certified': the planner also computes each imagined "
+        "step's certified bound, which it otherwise skips where nothing reads it (the actions are the same). "
+        "The certified rows' loop counts are those of untrained models; see "
         "[planner_loops.md](planner_loops.md) for trained ones and for what each option does to predictions "
         "and actions.",
         "",

@@ -374,8 +374,7 @@ def test_a_planner_certifies_its_rollouts_only_where_the_score_or_the_exit_reads
     plain = make_planner(wm, c, prior=tanh_prior, seed=0)
     action = plain.model_action(obs[0], eval_mode=True)
     assert not calls and "bound" not in plain.last_stats and plain.last_stats["loops"] == 2.0
-    certified = make_planner(wm, c, prior=tanh_prior, seed=0)
-    certified.certify = {"certify": True}
+    certified = make_planner(wm, c, prior=tanh_prior, seed=0, certify=True)
     np.testing.assert_array_equal(certified.model_action(obs[0], eval_mode=True), action)
     assert len(calls) == 2 * 3 + 2 and 0 < certified.last_stats["bound"] < float("inf")  # scored + prior steps
     for options in (dict(uncertainty="unconverged", uncertainty_penalty=0.1), dict(exit="certified", loops=None)):
@@ -383,6 +382,8 @@ def test_a_planner_certifies_its_rollouts_only_where_the_score_or_the_exit_reads
         planner = make_planner(wm, dataclasses.replace(c, **options), prior=tanh_prior, seed=0)
         planner.model_action(obs[0], eval_mode=True)
         assert len(calls) >= 2 * 3 and "converged" in planner.last_stats, options
+    with pytest.raises(ValueError, match="certify=False: planner.uncertainty='unconverged' charges"):
+        make_planner(wm, dataclasses.replace(c, uncertainty="unconverged", uncertainty_penalty=0.1), certify=False)
     out = wm.imagine(wm.encode(torch.as_tensor(obs)), torch.zeros(3, 4, 1), decode="none", certify=False)
     ref = wm.imagine(wm.encode(torch.as_tensor(obs)), torch.zeros(3, 4, 1), decode="none")
     assert out.bound is None and out.converged is None and ref.bound.shape == (3, 4)
