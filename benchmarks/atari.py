@@ -398,6 +398,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         help="seconds a run spent suspended, subtracted from its wall-clock time",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--name", default="atari", help="stem of the JSON and markdown written to --out")
     args = parser.parse_args(argv)
     args.paused = parse_paused(parser, args.paused, args.games)
     if args.episodes < 2 or args.held_out < 1 or args.planner_episodes < 1 or args.held_out_steps < HORIZON:
@@ -409,12 +410,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     for game in games:
         if game["status"] != "not run":
             game["command"] = info["command"]
-    kept = kept_games(args.out / "atari.json", games)
+    kept = kept_games(args.out / f"{args.name}.json", games)
     replaced = {g["game"] for g in kept}
     games = sorted([g for g in games if g["game"] not in replaced] + kept, key=lambda g: g["game"])
     info["load_average_end"] = load_average()
     payload = {"machine": info, "episodes": args.episodes, "games": games}
-    write_outputs(args.out, "atari", payload, markdown(payload))
+    write_outputs(args.out, args.name, payload, markdown(payload))
     return payload
 
 

@@ -43,8 +43,8 @@ def loopwm_curve(
 ) -> dict:
     """One online run to max(steps), evaluated at every budget; returns {budget: (mean, std)} and timing.
 
-    With `resume`, a run interrupted earlier continues from its last checkpoint (the wall time then
-    counts this invocation only)."""
+    With `resume`, a run interrupted earlier continues from its last checkpoint; its wall time is the run's own,
+    summed over the invocations that ran it (`elapsed_s`), so a finished run reloaded keeps its time."""
     every = int(np.gcd.reduce(steps))
     name = f"{env}-s{seed}" + (f"-{tag}" if tag else "")
     cfg = load_config(
@@ -61,12 +61,11 @@ def loopwm_curve(
             *overrides,
         ],
     )
-    start = time.perf_counter()
     summary = run(cfg, progress=False)
     curve = {int(s): (m, sd) for s, m, sd in summary["curve"]}
     return {
         "curve": {s: curve[s] for s in steps if s in curve},
-        "seconds": time.perf_counter() - start,
+        "seconds": summary["elapsed_s"],
         "kappa": summary["kappa"],
     }
 

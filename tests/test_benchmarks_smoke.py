@@ -138,3 +138,17 @@ def test_world_model_benchmark_smoke_scores_the_default_and_every_certified_tole
         assert set(r["horizons"]) == {"1", "10", "50"}
         assert all(np.isfinite(h["model"]) and h["model"] >= 0 for h in r["horizons"].values())
     assert "| 50 |" in (docs / "world_model.md").read_text()
+
+
+def test_a_finished_control_run_reloaded_keeps_its_curve_and_wall_time(tmp_path):
+    """`benchmarks/control.py --resume` over a run that already finished reports what it ran with, including its
+    wall time, not the second or so the reload took."""
+    from control import loopwm_curve
+
+    from tests.helpers import TINY
+
+    tiny = [f"model.{key}={value}" for key, value in TINY.items()]
+    tiny += ["agent.seed_steps=20", "env.max_episode_steps=20", "planner.samples=16", "planner.policy_samples=4"]
+    first = loopwm_curve("pendulum", 0, [40], 1, tmp_path, 1, tiny, resume=False)
+    again = loopwm_curve("pendulum", 0, [40], 1, tmp_path, 1, tiny, resume=True)
+    assert again == first and set(first["curve"]) == {40} and first["seconds"] > 0

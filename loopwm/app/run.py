@@ -83,6 +83,8 @@ def _loop(
     from tqdm.auto import tqdm
 
     a, logger, stop = cfg.agent, session.logger, session.stop
+    if state.step >= a.total_steps and session.latest.is_file():
+        return  # a finished run resumed: its checkpoint, and the wall-clock time it ran for, stand as they are
     sitting_start, elapsed_before = time.monotonic(), state.elapsed_s
 
     def clock() -> None:  # the time and memory counters, brought up to now
