@@ -181,7 +181,7 @@ class Planner:
     (`PlannerConfig`); those need a `WorldModel` (its `cfg` and `imagine(h0=, chain=)`). A looped model
     computes each imagined step's certified bound only where the score charges it, the exit rule needs it or
     `certify=True` asks for it, and only then does `last_stats` report its mean ("bound") and the converged
-    share ("converged"); the actions are the same either way.
+    share ("converged"); the actions are the same either way. (Models without a loop always report them.)
     """
 
     def __init__(
@@ -196,7 +196,7 @@ class Planner:
         min_prob: float = 0.01,
         seed: Optional[int] = None,
         device: Optional[torch.device | str] = None,
-        certify: Optional[bool] = None,
+        certify: bool = False,
     ):
         self.policy_samples = cfg.policy_samples if prior is not None else 0
         if not 0.0 <= discount <= 1.0:
@@ -222,10 +222,7 @@ class Planner:
         if self.custom_loops and not hasattr(wm, "core"):
             raise ValueError(f"planner loop options and warm_start={self.warm!r} need a looped WorldModel")
         self.loop_options = planner_loop_options(wm.cfg, cfg) if self.custom_loops else None
-        charged = cfg.uncertainty_penalty > 0 and cfg.uncertainty in ("bound", "unconverged")
-        if certify is False and charged:
-            raise ValueError(f"certify=False: planner.uncertainty={cfg.uncertainty!r} charges the certified bound")
-        self.certify = {"certify": charged if certify is None else certify} if hasattr(wm, "core") else {}
+        self.looped, self.certify_always = hasattr(wm, "core"), certify
         self.prev: Optional[Params] = None
         self.prev_states: Optional[Tensor] = None  # the last decision's elite exit states [H, N, hidden]
         self.last_stats: dict[str, float] = {}
@@ -312,11 +309,14 @@ class Planner:
 
     def imagine(self, z: Tensor, actions: Tensor, h0: Optional[Tensor] = None) -> Any:
         """The model's latent rollout of `actions` [H, B, A] from z, looped with the planner's loop options and
-        warm start (the model's own options, from zero, where `cfg` sets none)."""
+        warm start (the model's own options, from zero, where `cfg` sets none); a looped model certifies its
+        steps where the score charges the bound or `certify` was asked for."""
+        charged = self.cfg.uncertainty_penalty > 0 and self.cfg.uncertainty in ("bound", "unconverged")
+        certify = {"certify": charged or self.certify_always} if self.looped else {}
         if not self.custom_loops:
-            return self.wm.imagine(z, actions, decode="none", **self.certify)
+            return self.wm.imagine(z, actions, decode="none", **certify)
         return self.wm.imagine(
-            z, actions, decode="none", options=self.loop_options, h0=h0, chain=self.warm == "time", **self.certify
+            z, actions, decode="none", options=self.loop_options, h0=h0, chain=self.warm == "time", **certify
         )
 
     def step_uncertainty(self, out: Any) -> Tensor:

@@ -53,6 +53,13 @@ def planner_with(cfg: Config, text: str) -> PlannerConfig:
     overrides = [item for item in text.split(",") if item]
     if any(not item.startswith("planner.") for item in overrides):
         raise SystemExit(f"{text!r}: only planner.* settings can change between variants")
+    fixed = [
+        item for item in overrides if item.split("=")[0].split(".")[-1] in (*PlannerConfig.LOOP_OPTIONS, "warm_start")
+    ]
+    if fixed:
+        raise SystemExit(
+            f"{text!r}: {', '.join(fixed)} cannot change between variants (the planner sets its loops once)"
+        )
     return from_dict(apply_overrides(to_dict(cfg), overrides)).planner
 
 

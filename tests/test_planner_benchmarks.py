@@ -86,3 +86,16 @@ def test_the_plain_model_plans_through_the_same_planner_next_to_loopwm():
     rows = compare(contenders, repeats=2, warmup=1, baseline="plain")
     assert rows["plain"]["loops_per_step"] == 0.0 and rows["loopwm"]["loops_per_step"] == 2.0
     assert rows["plain"]["wall_ratio"] == 1.0 and np.isfinite(rows["loopwm"]["cpu_ratio"])
+
+
+def test_flip_variants_change_only_what_a_built_planner_reads_each_decision():
+    """benchmarks/halfcheetah_flips.py swaps planner settings on a built planner: a penalty or the sample count
+    take effect, loop options and warm starts (set once, when the planner is built) are refused."""
+    import pytest
+    from halfcheetah_flips import planner_with
+
+    cfg = load_config(REPO / "configs" / "halfcheetah.yaml")
+    assert planner_with(cfg, "planner.uncertainty_penalty=0.1,planner.samples=64").samples == 64
+    for text in ("planner.loops=1", "planner.warm_start=time", "planner.exit=certified"):
+        with pytest.raises(SystemExit, match="cannot change between variants"):
+            planner_with(cfg, text)
