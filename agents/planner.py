@@ -219,10 +219,10 @@ class Planner:
         else:
             self.gen.manual_seed(seed)
         self.warm, self.custom_loops = cfg.warm_start, bool(cfg.loop_overrides()) or cfg.warm_start != "none"
-        if self.custom_loops and not hasattr(wm, "core"):
+        self.looped, self.certify_always = hasattr(wm, "core"), certify
+        if self.custom_loops and not self.looped:
             raise ValueError(f"planner loop options and warm_start={self.warm!r} need a looped WorldModel")
         self.loop_options = planner_loop_options(wm.cfg, cfg) if self.custom_loops else None
-        self.looped, self.certify_always = hasattr(wm, "core"), certify
         self.prev: Optional[Params] = None
         self.prev_states: Optional[Tensor] = None  # the last decision's elite exit states [H, N, hidden]
         self.last_stats: dict[str, float] = {}

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from loopwm.agents import build_planner
@@ -91,7 +92,6 @@ def test_the_plain_model_plans_through_the_same_planner_next_to_loopwm():
 def test_flip_variants_change_only_what_a_built_planner_reads_each_decision():
     """benchmarks/halfcheetah_flips.py swaps planner settings on a built planner: a penalty or the sample count
     take effect, loop options and warm starts (set once, when the planner is built) are refused."""
-    import pytest
     from halfcheetah_flips import planner_with
 
     cfg = load_config(REPO / "configs" / "halfcheetah.yaml")
